@@ -1,0 +1,182 @@
+"""The library API: `engine.load(source)` returns an LLM with tokenizer, logits, generate, stream and chat.
+
+The library never prints; errors are PocketInferError subclasses with one-line messages.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from engine.errors import ContextLengthError, ModelFormatError
+from engine.generate import Chunk, Response, stream_generate
+from engine.model import Transformer
+from engine.sampling import SamplingParams, make_sampler
+from engine.threads import set_threads
+from engine.tokenizer import Tokenizer
+
+_SAMPLING_KEYS = ("temperature", "top_k", "top_p", "min_p", "repeat_penalty", "repeat_last_n", "seed")
+DEFAULT_MAX_TOKENS = 256
+
+
+class LLM:
+    def __init__(self, model: Transformer, tokenizer: Tokenizer, *, source: str, n_ctx: int, threads: int,
+                 file_bytes: int = 0):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.config = model.config
+        self.source = source
+        self.n_ctx = n_ctx
+        self.threads = threads
+        self.file_bytes = file_bytes
+        self._cache = None
+        self._cache_ids: list[int] = []   # the token ids whose K/V the cache holds, for prefix reuse
+
+    # ------------------------------------------------------------------ low level
+
+    def logits(self, ids: Sequence[int]) -> np.ndarray:
+        """(len(ids), vocab) float32 logits computed from an empty cache."""
+        ids = self._check_ids(ids)
+        if len(ids) > self.n_ctx:
+            raise ContextLengthError(f"{len(ids)} tokens do not fit the context of {self.n_ctx}; pass fewer "
+                                     "tokens or load with a larger n_ctx")
+        cache = self.model.new_cache(max(1, len(ids)))
+        return self.model.forward(np.asarray(ids), cache, all_logits=True)
+
+    @property
+    def weight_bytes(self) -> int:
+        return self.model.weights.nbytes
+
+    # ------------------------------------------------------------------ generation
+
+    def stream(self, prompt: str | Sequence[int], *, max_tokens: int | None = DEFAULT_MAX_TOKENS,
+               stop: Sequence[str] | str | None = None, **sampling) -> Iterator[Chunk]:
+        """Yield Chunks of new text; the last one has finish_reason "stop" or "length" and the final stats.
+        Sampling: temperature, top_k, top_p, min_p, repeat_penalty, repeat_last_n, seed."""
+        unknown = set(sampling) - set(_SAMPLING_KEYS)
+        if unknown:
+            raise TypeError(f"unknown sampling argument(s): {', '.join(sorted(unknown))} "
+                            f"(known: max_tokens, stop, {', '.join(_SAMPLING_KEYS)})")
+        params = SamplingParams(**sampling)
+        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else self._check_ids(prompt)
+        if not ids:
+            raise ValueError("the prompt is empty: give some text or token ids")
+        if len(ids) >= self.n_ctx:
+            raise ContextLengthError(f"the prompt has {len(ids)} tokens but the context holds {self.n_ctx}; "
+                                     "shorten it or load with a larger n_ctx")
+        room = self.n_ctx - len(ids)
+        max_tokens = room if max_tokens is None else min(int(max_tokens), room)
+        if max_tokens < 1:
+            raise ValueError(f"max_tokens must be at least 1, got {max_tokens}")
+        if isinstance(stop, str):
+            stop = [stop]
+        reuse = self._prepare_cache(ids)
+        generated: list[int] = []
+        try:
+            for chunk in stream_generate(self.model, self._cache, ids, reuse, make_sampler(params), max_tokens,
+                                         set(self.tokenizer.eos_token_ids), stop or (), self.tokenizer.decode):
+                if chunk.token is not None:
+                    generated.append(chunk.token)
+                yield chunk
+        finally:
+            # What the cache now holds: the prompt and every generated token that was fed back.
+            self._cache_ids = (ids + generated)[: self._cache.length]
+
+    def generate(self, prompt: str | Sequence[int], **kwargs) -> Response:
+        text, tokens, last = [], [], None
+        for chunk in self.stream(prompt, **kwargs):
+            text.append(chunk.text)
+            if chunk.token is not None:
+                tokens.append(chunk.token)
+            last = chunk
+        s = last.stats
+        return Response(text="".join(text), tokens=tokens, finish_reason=last.finish_reason,
+                        prompt_tokens=s.prompt_tokens, prompt_tps=s.prompt_tps, generation_tps=s.generation_tps,
+                        ttft_s=s.ttft_s, peak_rss_mb=s.peak_rss_mb, stats=s)
+
+    def chat(self, messages: list[dict], stream: bool = False, **kwargs):
+        """Render the model's chat template and generate the assistant's reply (a Response, or an
+        iterator of Chunks with stream=True). max_tokens defaults to the rest of the context."""
+        prompt = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        kwargs.setdefault("max_tokens", None)
+        return self.stream(prompt, **kwargs) if stream else self.generate(prompt, **kwargs)
+
+    def reset(self) -> None:
+        """Forget the cached conversation (the next call prefills from scratch)."""
+        self._cache_ids = []
+        if self._cache is not None:
+            self._cache.reset()
+
+    # ------------------------------------------------------------------ helpers
+
+    def _prepare_cache(self, ids: list[int]) -> int:
+        """Reuse the longest common prefix with what the cache holds; return how many ids it covers."""
+        if self._cache is None:
+            self._cache = self.model.new_cache(self.n_ctx)
+        common = 0
+        for a, b in zip(self._cache_ids, ids):
+            if a != b:
+                break
+            common += 1
+        common = min(common, len(ids) - 1)   # at least one token must be evaluated to get logits
+        self._cache.truncate(common)
+        self._cache_ids = self._cache_ids[:common]
+        return common
+
+    def _check_ids(self, ids) -> list[int]:
+        ids = [int(i) for i in ids]
+        vocab = self.config.vocab_size
+        bad = [i for i in ids if not 0 <= i < vocab]
+        if bad:
+            raise ValueError(f"token id {bad[0]} is out of range for a vocabulary of {vocab}")
+        return ids
+
+
+def load(source: str | os.PathLike = "smollm2-135m-instruct", *, threads: int | None = None, plan=None,
+         n_ctx: int | None = None, progress=None) -> LLM:
+    """Load a model: an HF directory, a .gguf file, a deploy directory or a registry alias (pulled on
+    first use). threads defaults to the physical core count; n_ctx to min(model context, 4096)."""
+    from engine import registry
+
+    threads = set_threads(threads)
+    path = registry.resolve(source)
+    if plan is not None or (path.is_dir() and (path / "plan.json").exists()):
+        raise ModelFormatError(f"{path}: deploy directories and plans come with the planner, which this "
+                               "version of pocketinfer does not have yet; load the original model instead")
+    if path.is_dir():
+        from engine import hf_loader
+        from engine.tokenizer import from_hf_dir
+
+        config = hf_loader.load_config(path)
+        weights = hf_loader.load_weights(path, config, progress)
+        tokenizer = from_hf_dir(path, config.eos_ids, config.bos_token_id)
+        file_bytes = sum(f.stat().st_size for f in path.glob("*.safetensors"))
+    elif path.suffix.lower() == ".gguf" or _is_gguf(path):
+        from engine import gguf_loader
+        from engine.gguf_file import GGUFFile
+        from engine.tokenizer import from_gguf
+
+        g = GGUFFile(path)
+        config = gguf_loader.config_from_gguf(g)
+        tokenizer = from_gguf(g.meta, str(path))
+        weights = gguf_loader.load_weights(g, config, progress)
+        file_bytes = path.stat().st_size
+        del g  # drop the file mapping: the weights were copied into their own layout
+    else:
+        raise ModelFormatError(f"{path}: not a model (expected an HF directory with config.json or a .gguf file)")
+    ctx = min(config.max_position_embeddings, 4096) if n_ctx is None else int(n_ctx)
+    if ctx < 2:
+        raise ValueError(f"n_ctx must be at least 2, got {ctx}")
+    return LLM(Transformer(config, weights), tokenizer, source=str(path), n_ctx=ctx, threads=threads,
+               file_bytes=file_bytes)
+
+
+def _is_gguf(path: Path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) == b"GGUF"
+    except OSError:
+        return False

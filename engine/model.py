@@ -1,0 +1,110 @@
+"""The Llama-family layer stack and its forward pass (Llama, Mistral, Qwen2, Bamboo/dReLU).
+
+forward(ids, cache) runs n new tokens at positions cache.length.. and returns their logits; it does
+nothing else (no sampling, no I/O). One token takes the matvec kernels; several take tiled matmuls.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from engine.config import ModelConfig
+from engine.kv_cache import KVCache
+from engine.rope import cos_sin, inv_freq, position_scale
+from engine.weights import Weight
+from kernels.activation import glu
+from kernels.attention import attention, attention_numpy
+from kernels.norm import rmsnorm
+from kernels.rope import rope
+
+
+@dataclass
+class LayerWeights:
+    attn_norm: np.ndarray          # (hidden,) f32
+    wq: Weight                     # (heads*head_dim, hidden)
+    wk: Weight                     # (kv_heads*head_dim, hidden)
+    wv: Weight                     # (kv_heads*head_dim, hidden)
+    wo: Weight                     # (hidden, heads*head_dim)
+    ffn_norm: np.ndarray           # (hidden,) f32
+    w_gate: Weight                 # (ffn, hidden)
+    w_up: Weight                   # (ffn, hidden)
+    w_down: Weight                 # (hidden, ffn)
+    bq: np.ndarray | None = None   # (heads*head_dim,) f32, Qwen2 / attention_bias
+    bk: np.ndarray | None = None
+    bv: np.ndarray | None = None
+    bo: np.ndarray | None = None   # (hidden,) f32, attention_bias only
+
+
+@dataclass
+class ModelWeights:
+    embed: Weight                  # (vocab, hidden)
+    layers: list[LayerWeights]
+    norm: np.ndarray               # (hidden,) f32
+    lm_head: Weight                # (vocab, hidden); the same object as embed when tied
+    rope_freq_factors: np.ndarray | None = None  # (head_dim/2,) GGUF Llama-3 divisors
+
+    @property
+    def nbytes(self) -> int:
+        seen, total = set(), 0
+        mats = [self.embed, self.lm_head] + [getattr(lw, f) for lw in self.layers
+                                              for f in ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")]
+        for w in mats:
+            if id(w) not in seen:
+                seen.add(id(w))
+                total += w.nbytes
+        return total
+
+
+class Transformer:
+    def __init__(self, config: ModelConfig, weights: ModelWeights):
+        self.config = config
+        self.weights = weights
+        self._freqs = inv_freq(config, weights.rope_freq_factors)
+        self._pos_scale = position_scale(config)
+
+    def new_cache(self, max_seq: int) -> KVCache:
+        c = self.config
+        return KVCache(c.num_hidden_layers, c.num_key_value_heads, max_seq, c.head_dim)
+
+    def forward(self, ids: np.ndarray, cache: KVCache, all_logits: bool = True) -> np.ndarray:
+        """ids (n,) int token ids at positions cache.length..; returns (n, vocab) f32 logits, or
+        (1, vocab) for the last token only when all_logits is False. Appends to the cache."""
+        c = self.config
+        ids = np.asarray(ids, dtype=np.int64)
+        n = len(ids)
+        start = cache.length
+        assert start + n <= cache.max_seq, "caller checks the context length"
+        cos, sin = cos_sin(np.arange(start, start + n), self._freqs, self._pos_scale)
+        x = self.weights.embed.rows_f32(ids)                                # (n, hidden) f32
+        h = np.empty_like(x)
+        attn = np.empty((n, c.num_attention_heads, c.head_dim), dtype=np.float32)
+        attend = attention if n == 1 else attention_numpy                   # BLAS wins for many queries
+        for i, lw in enumerate(self.weights.layers):
+            rmsnorm(x, lw.attn_norm, c.rms_norm_eps, h)
+            q = _linear(lw.wq, h, lw.bq).reshape(n, c.num_attention_heads, c.head_dim)
+            k = _linear(lw.wk, h, lw.bk).reshape(n, c.num_key_value_heads, c.head_dim)
+            v = _linear(lw.wv, h, lw.bv).reshape(n, c.num_key_value_heads, c.head_dim)
+            rope(q, cos, sin, q)
+            rope(k, cos, sin, k)
+            cache.write(i, start, k, v)
+            attend(q, cache.k[i], cache.v[i], start, c.window, attn)
+            x += _linear(lw.wo, attn.reshape(n, -1), lw.bo)
+            rmsnorm(x, lw.ffn_norm, c.rms_norm_eps, h)
+            gate = lw.w_gate.matmul(h)                                       # (n, ffn) f32
+            up = lw.w_up.matmul(h)
+            glu(gate, up, c.act_kind, gate)
+            x += lw.w_down.matmul(gate)
+        cache.length = start + n
+        if not all_logits:
+            x = x[-1:]
+        rmsnorm(x, self.weights.norm, c.rms_norm_eps, x)
+        return self.weights.lm_head.matmul(np.ascontiguousarray(x))
+
+
+def _linear(w: Weight, x: np.ndarray, bias: np.ndarray | None) -> np.ndarray:
+    y = w.matmul(x)
+    if bias is not None:
+        y += bias
+    return y

@@ -1,0 +1,195 @@
+"""Weight matrices in their storage precision, repacked into the layouts the kernels read.
+
+A weight is (rows, cols) = (out_features, in_features). Layouts are documented in kernels/layouts.md.
+Nothing here expands a whole quantized matrix to float32: decode reads it through a matvec kernel, and
+prefill dequantizes one tile of rows at a time into a small scratch buffer fed to BLAS.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from kernels import dequant, matvec
+from kernels.convert import bf16_bits_to_f32, f16_bits_to_f32
+
+# Rows per prefill tile are chosen so a tile is about this many float32 elements (4 MiB): large enough
+# for BLAS to run well, small enough that the transient float32 copy stays negligible.
+_TILE_ELEMS = 1 << 20
+
+
+class Weight:
+    """Common behaviour; subclasses hold the arrays of one layout."""
+
+    shape: tuple[int, int]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self._arrays())
+
+    def matvec(self, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """x (cols,) f32 -> (rows,) f32."""
+        if out is None:
+            out = np.empty(self.shape[0], dtype=np.float32)
+        return self._matvec(x, out)
+
+    def matmul(self, x: np.ndarray) -> np.ndarray:
+        """x (n, cols) f32 -> (n, rows) f32; one token goes through the matvec kernel."""
+        n = x.shape[0]
+        rows, cols = self.shape
+        if n == 1:
+            return self._matvec(np.ascontiguousarray(x[0]), np.empty(rows, dtype=np.float32))[None, :]
+        out = np.empty((n, rows), dtype=np.float32)
+        tile = max(16, _TILE_ELEMS // cols)
+        scratch = np.empty((min(tile, rows), cols), dtype=np.float32)
+        for r0 in range(0, rows, tile):
+            r1 = min(rows, r0 + tile)
+            w = self.dequantize(r0, r1, scratch[: r1 - r0])
+            np.matmul(x, w.T, out=out[:, r0:r1])
+        return out
+
+    def rows_f32(self, ids: np.ndarray) -> np.ndarray:
+        """ids (n,) int -> (n, cols) f32: embedding lookup without expanding the table."""
+        ids = np.asarray(ids, dtype=np.int64)
+        out = np.empty((len(ids), self.shape[1]), dtype=np.float32)
+        for i, r in enumerate(ids):
+            self.dequantize(int(r), int(r) + 1, out[i : i + 1])
+        return out
+
+    def to_float32(self) -> np.ndarray:
+        """The whole matrix as (rows, cols) f32: for tests and small tensors only."""
+        return self.dequantize(0, self.shape[0], np.empty(self.shape, dtype=np.float32))
+
+    def take_rows(self, order: np.ndarray) -> "Weight":
+        """A weight whose row i is this weight's row order[i] (used to undo GGUF's Q/K row order)."""
+        return type(self)(*[a[order] for a in self._arrays()])
+
+    # layout-specific
+    def _arrays(self) -> tuple[np.ndarray, ...]:
+        raise NotImplementedError
+
+    def _matvec(self, x, out):
+        raise NotImplementedError
+
+    def dequantize(self, r0: int, r1: int, out: np.ndarray) -> np.ndarray:
+        """Rows r0..r1 into out (r1-r0, cols) f32."""
+        raise NotImplementedError
+
+
+@dataclass(frozen=True, eq=False)
+class F32Weight(Weight):
+    w: np.ndarray  # (rows, cols) float32
+
+    @property
+    def shape(self):
+        return self.w.shape
+
+    def _arrays(self):
+        return (self.w,)
+
+    def _matvec(self, x, out):
+        return matvec.matvec_f32(self.w, x, out)
+
+    def matmul(self, x):
+        return x @ self.w.T
+
+    def dequantize(self, r0, r1, out):
+        out[:] = self.w[r0:r1]
+        return out
+
+
+@dataclass(frozen=True, eq=False)
+class F16Weight(Weight):
+    bits: np.ndarray  # (rows, cols) uint16, IEEE half bit patterns
+
+    @property
+    def shape(self):
+        return self.bits.shape
+
+    def _arrays(self):
+        return (self.bits,)
+
+    def _matvec(self, x, out):
+        return matvec.matvec_f16(self.bits, x, out)
+
+    def dequantize(self, r0, r1, out):
+        return dequant.dequant_f16(self.bits[r0:r1], out)
+
+
+@dataclass(frozen=True, eq=False)
+class BF16Weight(Weight):
+    bits: np.ndarray  # (rows, cols) uint16, bfloat16 bit patterns
+
+    @property
+    def shape(self):
+        return self.bits.shape
+
+    def _arrays(self):
+        return (self.bits,)
+
+    def _matvec(self, x, out):
+        return matvec.matvec_bf16(self.bits, x, out)
+
+    def dequantize(self, r0, r1, out):
+        return dequant.dequant_bf16(self.bits[r0:r1], out)
+
+
+@dataclass(frozen=True, eq=False)
+class Q4Weight(Weight):
+    qs: np.ndarray  # (rows, cols/2) uint8, GGUF Q4_0 nibble order per 32-block (kernels/layouts.md)
+    d: np.ndarray   # (rows, cols/32) float32 block scale
+    m: np.ndarray   # (rows, cols/32) float32 block offset (Q4_0: -8*d)
+
+    @property
+    def shape(self):
+        return (self.qs.shape[0], self.qs.shape[1] * 2)
+
+    def _arrays(self):
+        return (self.qs, self.d, self.m)
+
+    def _matvec(self, x, out):
+        return matvec.matvec_q4(self.qs, self.d, self.m, x, out)
+
+    def dequantize(self, r0, r1, out):
+        return dequant.dequant_q4(self.qs[r0:r1], self.d[r0:r1], self.m[r0:r1], out)
+
+
+@dataclass(frozen=True, eq=False)
+class I8Weight(Weight):
+    q: np.ndarray  # (rows, cols) int8
+    d: np.ndarray  # (rows, cols/B) float32 block scale, B in {16, 32}
+    m: np.ndarray  # (rows, cols/B) float32 block offset, or (rows, 0) when the format has none
+
+    @property
+    def shape(self):
+        return self.q.shape
+
+    def _arrays(self):
+        return (self.q, self.d, self.m)
+
+    def _matvec(self, x, out):
+        return matvec.matvec_i8(self.q, self.d, self.m, x, out)
+
+    def dequantize(self, r0, r1, out):
+        return dequant.dequant_i8(self.q[r0:r1], self.d[r0:r1], self.m[r0:r1], out)
+
+
+def dense_from_numpy(a: np.ndarray, dtype: str) -> Weight:
+    """A 2-D safetensors/GGUF array in F32, F16 or BF16 (the latter two as uint16 bits) -> Weight."""
+    if dtype == "F32":
+        return F32Weight(np.ascontiguousarray(a, dtype=np.float32))
+    if dtype == "F16":
+        return F16Weight(np.ascontiguousarray(a.view(np.uint16)))
+    if dtype == "BF16":
+        return BF16Weight(np.ascontiguousarray(a.view(np.uint16)))
+    raise ValueError(f"no dense layout for dtype {dtype}")
+
+
+def vector_f32(a: np.ndarray, dtype: str) -> np.ndarray:
+    """Norm weights and biases: small, so always float32."""
+    if dtype == "F16":
+        return f16_bits_to_f32(a.view(np.uint16)).astype(np.float32)
+    if dtype == "BF16":
+        return bf16_bits_to_f32(a.view(np.uint16)).astype(np.float32)
+    return np.asarray(a, dtype=np.float32).copy()

@@ -1,0 +1,45 @@
+"""Chooses numba or the plain-numpy twins, once, at import.
+
+numba is used when it imports and POCKETINFER_NO_NUMBA is not set. On Termux (no numba wheel) or with
+POCKETINFER_NO_NUMBA=1 every kernel falls back to its numpy twin of the same signature: slower, same
+results within float rounding.
+"""
+
+import os
+
+_disabled = os.environ.get("POCKETINFER_NO_NUMBA", "").strip().lower() in ("1", "true", "yes", "on")
+
+numba = None
+if not _disabled:
+    try:
+        import numba  # noqa: F811
+    except ImportError:  # numba is optional at run time (phones)
+        numba = None
+
+NUMBA = numba is not None
+
+
+def jit(parallel: bool = False):
+    """njit with the project's defaults, or None when numba is off.
+
+    fastmath lets LLVM reorder float sums, which it needs to vectorize the dot-product loops; the numpy
+    twin tests use a tolerance for exactly that reason. cache=True keeps the second start-up cheap.
+    """
+    if not NUMBA:
+        return lambda fn: None
+    return numba.njit(cache=True, nogil=True, fastmath=True, parallel=parallel)
+
+
+def prange(*args):
+    return numba.prange(*args) if NUMBA else range(*args)
+
+
+def pick(numba_fn, numpy_fn):
+    """The kernel to run: the numba version when available, else the numpy twin."""
+    return numba_fn if numba_fn is not None else numpy_fn
+
+
+def set_threads(n: int) -> None:
+    """Numba's thread count (BLAS threads are set by the engine through threadpoolctl-like env)."""
+    if NUMBA:
+        numba.set_num_threads(max(1, min(n, numba.config.NUMBA_NUM_THREADS)))
