@@ -38,6 +38,7 @@ DEFAULT_REGEXES = [r"[\p{P}\$\+<=>\^~\|]+", GPT2_REGEX, r"\p{N}+", r"[0-9][0-9][
 _DIGITS_THEN_GPT2 = [r"\p{N}", GPT2_REGEX]  # digits one by one (HF SmolLM2: Digits(individual_digits))
 PRE_REGEXES: dict[str, list[str]] = {
     "default": DEFAULT_REGEXES,
+    # llama.cpp knows only "gpt-2"; "gpt2" is accepted as the obvious misspelling
     "gpt-2": [GPT2_REGEX], "gpt2": [GPT2_REGEX], "mpt": [GPT2_REGEX], "olmo": [GPT2_REGEX],
     "smollm": _DIGITS_THEN_GPT2, "starcoder": _DIGITS_THEN_GPT2, "refact": _DIGITS_THEN_GPT2,
     "codeshell": _DIGITS_THEN_GPT2, "command-r": _DIGITS_THEN_GPT2,
@@ -56,7 +57,7 @@ def tokenizer_from_gguf(meta: Mapping[str, object], source: str) -> Tokenizer:
     kind = meta.get("tokenizer.ggml.model")
     if kind not in ("gpt2", "llama"):
         raise ModelFormatError(
-            f"{source}: tokenizer.ggml.model = {kind!r} is not supported (pocketinfer reads 'gpt2' and "
+            f"{source}: tokenizer.ggml.model = {kind if kind is None else repr(kind)} is not supported (pocketinfer reads 'gpt2' and "
             f"'llama' vocabularies); use a Llama-family GGUF, or the model's HF folder with tokenizer.json")
     tokens = _require(meta, "tokenizer.ggml.tokens", source)  # list[str], n_vocab
     n_vocab = len(tokens)

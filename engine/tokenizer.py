@@ -84,14 +84,14 @@ def from_hf_dir(directory: Path, eos_ids: tuple[int, ...], bos_id: int | None) -
 
 
 def from_gguf(meta: dict, source: str) -> Tokenizer:
-    from engine.gguf_tokenizer import tokenizer_from_gguf
+    from engine.gguf_tokenizer import gguf_add_bos, tokenizer_from_gguf
 
     tk = tokenizer_from_gguf(meta, source)
     eos = [meta.get(k) for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id",
                                   "tokenizer.ggml.eom_token_id")]
-    # The GGUF tokenizer's post-processor already adds BOS when the metadata asks for it (llama.cpp's
-    # default when the key is absent: yes for SentencePiece vocabularies, no for BPE ones).
-    add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", meta.get("tokenizer.ggml.model") == "llama"))
+    # The GGUF tokenizer's post-processor already adds BOS when the metadata (or llama.cpp's default for
+    # that vocabulary) asks for it; add_bos here only informs chat-template and perplexity handling.
+    add_bos = gguf_add_bos(meta)
     return Tokenizer(tk, bos_token_id=_int(meta.get("tokenizer.ggml.bos_token_id")),
                      eos_token_ids=tuple(_int(e) for e in eos if e is not None), add_bos=add_bos,
                      chat_template=meta.get("tokenizer.chat_template"), source=source)

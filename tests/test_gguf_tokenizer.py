@@ -162,8 +162,9 @@ def mismatches(tok: tokenizers.Tokenizer, cases: list[dict]) -> list[tuple]:
 def smollm2_meta() -> dict:
     path = smollm2_path()
     if path is None or not path.is_file():
-        pytest.skip(f"SmolLM2 GGUF not found: set POCKETINFER_TEST_GGUF, or run `pocketinfer pull default` "
-                    f"(tried the pocketinfer cache and {SMOLLM2_DEV_PATH})")
+        tried = path or f"the pocketinfer cache and {SMOLLM2_DEV_PATH}"
+        pytest.skip(f"SmolLM2 GGUF not found (tried {tried}): set POCKETINFER_TEST_GGUF to the file, "
+                    f"or run `pocketinfer pull default`")
     return gguf_meta(path)
 
 
@@ -251,7 +252,9 @@ def test_stories_through_a_real_gguf_file(stories, tmp_path):
 
 
 def tiny_llama_meta(**extra) -> dict:
-    tokens = ["<unk>", "<s>", "</s>", "<tool>"] + [f"<0x{b:02X}>" for b in range(256)] + ["▁", "h", "i", "▁h", "▁hi"]
+    # ids: 0 <unk>, 1 <s>, 2 </s>, 3 <tool>, 4..259 <0x00>..<0xFF>, 260 ▁, 261 h, 262 i, 263 ▁h, 264 ▁hi
+    tokens = ["<unk>", "<s>", "</s>", "<tool>"] + [f"<0x{b:02X}>" for b in range(256)]
+    tokens += ["▁", "h", "i", "▁h", "▁hi"]
     types = [2, 3, 3, 4] + [6] * 256 + [1] * 5
     scores = [0.0] * 260 + [-1.0, -2.0, -3.0, -4.0, -5.0]
     return {"tokenizer.ggml.model": "llama", "tokenizer.ggml.tokens": tokens,

@@ -72,6 +72,14 @@ GREEDY_PROMPTS = [
 
 N_GREEDY = 32
 
+# llama.cpp quantizes activations to 8 bits inside its Q4_1 matmuls, so its logits sit about 0.1
+# (std; p99 0.3, max 1.5) away from an exact float32 forward pass over the same dequantized weights,
+# and it picks a different argmax than that exact pass at ~3.5% of positions. A greedy
+# disagreement where llama.cpp's own choice leads ours by less than TIE_MARGIN logits is therefore
+# a near-tie, not a bug.
+TIE_MARGIN = 0.5
+PPL_TOL = 0.01  # relative
+
 
 # ---------------------------------------------------------------------------------------------
 # the llama.cpp side (subprocess)
@@ -185,7 +193,8 @@ def window_nlls(logits_fn, tokens: list[int], ctx: int, max_windows: int | None)
     return out
 
 
-def pocketinfer_side(model: Path, ref: dict, threads: int, ctx: int, max_windows: int | None) -> dict:
+def pocketinfer_side(model: Path, ref: dict, threads: int, ctx: int, max_windows: int | None,
+                     tie_margin: float) -> dict:
     sys.path.insert(0, str(REPO))
     import engine
 
@@ -200,6 +209,7 @@ def pocketinfer_side(model: Path, ref: dict, threads: int, ctx: int, max_windows
             ours.setdefault("prompt_ids", {})[p["name"]] = llm.tokenizer.encode(p["prompt_text"])
         resp = llm.generate(p["prompt_ids"], max_tokens=ref["greedy"]["n_tokens"], temperature=0.0)
         ours["greedy"].append(list(map(int, resp.tokens)))
+        ours.setdefault("teacher_forced", []).append(teacher_forced_check(llm.logits, p, tie_margin))
     text = PPL_TEXT.read_text(encoding="utf-8")
     tokens = llm.tokenizer.encode(text)
     ours["ppl_tokens_equal"] = tokens == ref["perplexity"].get("tokens", tokens)
@@ -235,6 +245,45 @@ def first_divergence(a: list[int], b: list[int]) -> int:
     return min(len(a), len(b))
 
 
+def llamacpp_gap(prompt: dict, k: int, token: int) -> float | None:
+    """llama.cpp's logit lead of its own step-k token over `token`; None when `token` is not in its top 5."""
+    ids, logits = prompt["top_ids"][k], prompt["top_logits"][k]
+    return logits[0] - logits[ids.index(token)] if token in ids else None
+
+
+def greedy_check(prompt: dict, got: list[int], tie_margin: float) -> tuple[int, str | None]:
+    """Where free-running greedy tokens first leave llama.cpp's, and why that is wrong (None if it's not).
+
+    Leaving is accepted only at a near-tie: llama.cpp's own token leads ours by less than tie_margin.
+    """
+    n = len(prompt["tokens"])
+    k = first_divergence(prompt["tokens"], got)
+    if k >= n:
+        return n, None
+    if k >= len(got):
+        return k, f"only {len(got)} of {n} tokens generated"
+    gap = llamacpp_gap(prompt, k, got[k])
+    if gap is not None and gap < tie_margin:
+        return k, None
+    lead = "not in its top 5" if gap is None else f"{gap:.3f} logits behind"
+    return k, f"step {k}: llama.cpp {prompt['tokens'][k]}, ours {got[k]} ({lead})"
+
+
+def teacher_forced_check(logits_fn, prompt: dict, tie_margin: float) -> list[str]:
+    """Feed the prompt plus llama.cpp's tokens; at every step our argmax must be llama.cpp's token,
+    unless the two are within tie_margin in llama.cpp's logits. Checks all steps, even past a tie."""
+    n0 = len(prompt["prompt_ids"])
+    logits = np.asarray(logits_fn(prompt["prompt_ids"] + prompt["tokens"]))[n0 - 1:-1]
+    problems = []
+    for k, row in enumerate(logits):
+        ours, theirs = int(np.argmax(row)), prompt["tokens"][k]
+        gap = llamacpp_gap(prompt, k, ours)
+        if ours != theirs and (gap is None or gap >= tie_margin):
+            lead = "not in its top 5" if gap is None else f"{gap:.3f} logits behind"
+            problems.append(f"step {k}: llama.cpp {theirs}, ours {ours} ({lead})")
+    return problems
+
+
 def report(ref: dict, ours: dict, tie_margin: float, ppl_tol: float, max_windows: int | None,
            cli_ppl: float | None) -> bool:
     ok = True
@@ -253,18 +302,21 @@ def report(ref: dict, ours: dict, tie_margin: float, ppl_tol: float, max_windows
             print(f"  DIFF prompt {name!r}: ours {ids} vs llama.cpp {p['prompt_ids']}")
 
     n = ref["greedy"]["n_tokens"]
-    print(f"\n== greedy, {n} tokens from identical prompt ids")
-    for p, got in zip(ref["greedy"]["prompts"], ours["greedy"]):
-        k = first_divergence(p["tokens"], got)
-        if k >= n and len(got) >= n:
-            print(f"  ok   {p['name']:10s} {n}/{n}")
-            continue
-        margin = p["top2_margins"][k] if k < len(p["top2_margins"]) else float("nan")
-        tie = margin < tie_margin
-        ok &= tie
-        print(f"  {'tie ' if tie else 'DIFF'} {p['name']:10s} equal up to step {k}/{n}; llama.cpp's "
-              f"top-2 logit gap there {margin:.4f}" + (" (near-tie)" if tie else ""))
-        print(f"       llama.cpp {p['tokens'][k:k + 8]}  ours {got[k:k + 8]}")
+    print(f"\n== greedy, {n} tokens from identical prompt ids (near-tie: llama.cpp's lead < {tie_margin})")
+    for p, got, forced in zip(ref["greedy"]["prompts"], ours["greedy"], ours["teacher_forced"]):
+        k, problem = greedy_check(p, got, tie_margin)
+        ok &= problem is None and not forced
+        if k >= n:
+            verdict = "ok  "
+        else:
+            verdict = "tie " if problem is None else "DIFF"
+        print(f"  {verdict} {p['name']:10s} equal for {k}/{n} steps", end="")
+        if k < n and problem is None:
+            gap = llamacpp_gap(p, k, got[k])
+            print(f"; then a near-tie (llama.cpp {p['tokens'][k]} leads ours {got[k]} by {gap:.3f})", end="")
+        print(f"; teacher-forced: {n - len(forced)}/{n} steps agree or tie")
+        for line in ([problem] if problem else []) + forced:
+            print(f"       {line}")
 
     ppl = ref["perplexity"]
     w = len(ours["window_mean_nll"])
@@ -289,7 +341,8 @@ def print_llamacpp(ref: dict) -> None:
     print(f"llama-cpp-python {info['llama_cpp_python_version']}, add_bos={info['add_bos']}, "
           f"pre={info['tokenizer.ggml.pre']}")
     for p in ref["greedy"]["prompts"]:
-        print(f"  greedy {p['name']:10s} min top-2 gap {min(p['top2_margins']):.3f}  {p['text'][:60]!r}")
+        gaps = [lg[0] - lg[1] for lg in p["top_logits"]]
+        print(f"  greedy {p['name']:10s} smallest top-2 gap {min(gaps):.3f}  {p['text'][:60]!r}")
     ppl = ref["perplexity"]
     print(f"  perplexity ctx {ppl['ctx']} x {ppl['n_windows']} windows: {ppl['ppl']:.4f} "
           f"(llama-perplexity convention {ppl['llamacpp_tool_ppl']:.4f}) in {ppl['seconds']:.1f} s")
@@ -315,9 +368,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="take llama.cpp's side from the golden file instead of running it")
     ap.add_argument("--write-fixture", action="store_true", help=f"write {FIXTURE.relative_to(REPO)}")
     ap.add_argument("--cli", action="store_true", help="also run `pocketinfer perplexity --json`")
-    ap.add_argument("--tie-margin", type=float, default=0.05,
+    ap.add_argument("--tie-margin", type=float, default=TIE_MARGIN,
                     help="a greedy divergence where llama.cpp's top-2 logit gap is below this is a near-tie")
-    ap.add_argument("--ppl-tol", type=float, default=0.01, help="relative perplexity tolerance")
+    ap.add_argument("--ppl-tol", type=float, default=PPL_TOL, help="relative perplexity tolerance")
     args = ap.parse_args(argv)
 
     if args.install:
@@ -336,7 +389,7 @@ def main(argv: list[str] | None = None) -> int:
     print_llamacpp(ref)
     if args.llamacpp_only:
         return 0
-    ours = pocketinfer_side(model, ref, args.threads, args.ctx, args.max_windows)
+    ours = pocketinfer_side(model, ref, args.threads, args.ctx, args.max_windows, args.tie_margin)
     print(f"pocketinfer: load {ours['load_seconds']:.1f} s")
     cli_ppl = cli_perplexity(model, args.ctx) if args.cli else None
     return 0 if report(ref, ours, args.tie_margin, args.ppl_tol, args.max_windows, cli_ppl) else 1

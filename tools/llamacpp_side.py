@@ -21,8 +21,8 @@ Every section is optional. The answer is JSON on stdout (or in --out). What it c
   model's default add_bos, and the detokenized text of the former.
 - greedy: the prompt ids (given, or tokenized from text, or rendered with the GGUF chat template),
   then n_tokens argmax steps computed here from the raw logits, with no sampler, penalty or
-  stop token. Each step also records the logit gap between the best and the second-best token, so
-  a later disagreement can be told apart from a numerical near-tie.
+  stop token. Each step also records the 5 best token ids and their logits, so that a later
+  disagreement can be told apart from a numerical near-tie.
 - perplexity: the text tokenized with the model's default add_bos and cut into non-overlapping
   windows of ctx tokens (a trailing partial window is dropped). Each window is evaluated from an
   empty cache. "ppl" is exp of the mean NLL of predicting tokens 1..ctx-1 of every window from the
@@ -134,18 +134,20 @@ def prompt_ids(llm, prompt: dict) -> tuple[list[int], str | None]:
     return list(map(int, llm.tokenize(text.encode("utf-8"), add_bos=True, special=True))), text
 
 
-def greedy(llm, ids: list[int], n_tokens: int) -> tuple[list[int], list[float]]:
+def greedy(llm, ids: list[int], n_tokens: int, top: int = 5) -> dict:
+    """n_tokens argmax steps; at each step also the `top` best ids and their logits, best first."""
     llm.reset()
     llm.eval(ids)
-    tokens, margins = [], []
+    tokens, top_ids, top_logits = [], [], []
     for _ in range(n_tokens):
         row = np.asarray(llm.scores[llm.n_tokens - 1], dtype=np.float32)
         best = int(np.argmax(row))
-        top2 = np.partition(row, -2)[-2:]
+        order = np.argsort(-row, kind="stable")[:top]
         tokens.append(best)
-        margins.append(float(top2[1] - top2[0]))
+        top_ids.append([int(i) for i in order])
+        top_logits.append([round(float(row[i]), 4) for i in order])
         llm.eval([best])
-    return tokens, margins
+    return {"tokens": tokens, "top_ids": top_ids, "top_logits": top_logits}
 
 
 def nll_of_targets(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
@@ -212,9 +214,8 @@ def run(model: str, request: dict) -> dict:
             ids, text = prompt_ids(llm, p)
             if len(ids) + n > n_ctx:
                 raise SystemExit(f"prompt {p.get('name')!r}: {len(ids)} + {n} tokens exceed n_ctx {n_ctx}")
-            tokens, margins = greedy(llm, ids, n)
-            row = {"name": p.get("name"), "prompt_ids": ids, "tokens": tokens, "top2_margins": margins,
-                   "text": llm.detokenize(tokens, special=True).decode("utf-8", errors="replace")}
+            row = {"name": p.get("name"), "prompt_ids": ids, **greedy(llm, ids, n)}
+            row["text"] = llm.detokenize(row["tokens"], special=True).decode("utf-8", errors="replace")
             if text is not None:
                 row["prompt_text"] = text
             rows.append(row)

@@ -86,8 +86,8 @@ def main() -> None:
             for name in variants:
                 fixture["llama_cpp_python_version"], fixture["variants"][name] = llamacpp_ids(
                     args.llamacpp_python, variant_of(meta, name), strings, tmp)
-            (Path(__file__).parent / out_name).write_text(json.dumps(fixture, ensure_ascii=False, separators=(",", ":")) + "\n",
-                                                          encoding="utf-8")
+            text = json.dumps(fixture, ensure_ascii=False, separators=(",", ":")) + "\n"
+            (Path(__file__).parent / out_name).write_text(text, encoding="utf-8")
 
 
 if __name__ == "__main__":

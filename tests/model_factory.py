@@ -1,0 +1,178 @@
+"""Makes test models inside the tests: random-weight HF checkpoints (transformers + torch, test-only
+dependencies) and GGUF files written from an HF directory with the `gguf` package, the way llama.cpp's
+converter lays them out (Q/K rows permuted, dims reversed)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+# Small but not degenerate: GQA (4 query heads over 2 KV heads), two layers, 16-dim heads.
+BASE = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-5, rope_theta=10000.0,
+            bos_token_id=1, eos_token_id=2)
+
+VARIANTS = {
+    "llama": ("LlamaForCausalLM", {}),
+    "llama-tied": ("LlamaForCausalLM", {"tie_word_embeddings": True}),
+    "llama3-rope": ("LlamaForCausalLM", {"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                                          "high_freq_factor": 4.0, "original_max_position_embeddings": 32}}),
+    "mistral": ("MistralForCausalLM", {"sliding_window": 8}),
+    "qwen2": ("Qwen2ForCausalLM", {"tie_word_embeddings": True}),
+    "llama-relu": ("LlamaForCausalLM", {"hidden_act": "relu"}),
+    "llama-gelu": ("LlamaForCausalLM", {"hidden_act": "gelu"}),
+    "bamboo-drelu": ("LlamaForCausalLM", {"hidden_act": "relu"}),   # rewritten as BambooForCausalLM below
+}
+
+
+def make_hf_model(name: str, directory: Path, seed: int = 0, dtype: str = "float32", shard_size: str | None = None):
+    """Write a random-weight checkpoint to `directory`; returns the float32 torch reference model."""
+    import torch
+    import transformers
+
+    arch, extra = VARIANTS[name]
+    cfg_cls = getattr(transformers, arch.replace("ForCausalLM", "Config"))
+    config = cfg_cls(**{**BASE, **extra})
+    if hasattr(config, "_attn_implementation"):
+        config._attn_implementation = "eager"
+    torch.manual_seed(seed)
+    model = getattr(transformers, arch)(config).eval()
+    # Larger weights than HF's 0.02 init, so the logits spread widely and a 1e-4 tolerance means something.
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if p.dim() == 2:
+                p.normal_(0.0, 0.15)
+            elif "bias" in n:
+                p.normal_(0.0, 0.5)
+            else:
+                p.uniform_(0.5, 1.5)
+    if name == "bamboo-drelu":
+        _make_drelu(model)
+    save = model.to(getattr(torch, dtype)) if dtype != "float32" else model
+    save.save_pretrained(directory, safe_serialization=True, **({"max_shard_size": shard_size} if shard_size else {}))
+    model = model.float()
+    write_word_tokenizer(directory, config.vocab_size)
+    if name == "bamboo-drelu":
+        cfg_path = directory / "config.json"
+        d = json.loads(cfg_path.read_text())
+        d.update(architectures=["BambooForCausalLM"], model_type="bamboo")
+        cfg_path.write_text(json.dumps(d))
+    return model
+
+
+def write_word_tokenizer(directory: Path, vocab_size: int) -> None:
+    """A word-level tokenizer.json ("w3 w17 ...") so random checkpoints load like real ones."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, vocab_size)}}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tk.save(str(directory / "tokenizer.json"))
+    (directory / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>"}))
+
+
+def _make_drelu(model):
+    """TurboSparse / Bamboo's dReLU FFN: down(relu(gate(x)) * relu(up(x)))."""
+    import torch
+
+    for layer in model.model.layers:
+        mlp = layer.mlp
+        mlp.forward = (lambda m: lambda x: m.down_proj(torch.relu(m.gate_proj(x)) * torch.relu(m.up_proj(x))))(mlp)
+
+
+def torch_logits(model, ids) -> np.ndarray:
+    import torch
+
+    with torch.no_grad():
+        return model(torch.tensor([list(ids)])).logits[0].float().numpy()
+
+
+def torch_cached_steps(model, prompt, steps):
+    """Prefill `prompt`, then feed `steps` tokens one at a time through the KV cache; returns each
+    step's logits (vocab,) float32."""
+    import torch
+
+    with torch.no_grad():
+        out = model(torch.tensor([list(prompt)]), use_cache=True)
+        past, per_step = out.past_key_values, []
+        for t in steps:
+            out = model(torch.tensor([[t]]), past_key_values=past, use_cache=True)
+            past = out.past_key_values
+            per_step.append(out.logits[0, -1].float().numpy())
+    return per_step
+
+
+# ------------------------------------------------------------------ GGUF writer (llama arch)
+
+def _permute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """HF rows -> llama.cpp's interleaved RoPE row order, as llama.cpp's converter does."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def hf_to_gguf(hf_dir: Path, out: Path, qtype: str = "F32", vocab_meta: dict | None = None,
+               arch: str = "llama") -> Path:
+    """Convert a float32 HF llama checkpoint into a GGUF file with 2-D weights in `qtype`."""
+    import gguf
+    from safetensors.numpy import load_file
+
+    cfg = json.loads((hf_dir / "config.json").read_text())
+    tensors = load_file(str(hf_dir / "model.safetensors"))
+    heads, kv = cfg["num_attention_heads"], cfg.get("num_key_value_heads", cfg["num_attention_heads"])
+    w = gguf.GGUFWriter(str(out), arch)
+    w.add_context_length(cfg["max_position_embeddings"])
+    w.add_embedding_length(cfg["hidden_size"])
+    w.add_block_count(cfg["num_hidden_layers"])
+    w.add_feed_forward_length(cfg["intermediate_size"])
+    w.add_head_count(heads)
+    w.add_head_count_kv(kv)
+    w.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
+    w.add_rope_freq_base(cfg.get("rope_theta", 10000.0))
+    if "head_dim" in cfg:
+        w.add_key_length(cfg["head_dim"])
+        w.add_value_length(cfg["head_dim"])
+    meta = vocab_meta or {}
+    w.add_tokenizer_model(meta.get("model", "llama"))
+    if "tokens" in meta:
+        w.add_token_list(meta["tokens"])
+        w.add_token_scores(meta["scores"])
+        w.add_token_types(meta["types"])
+        w.add_bos_token_id(cfg.get("bos_token_id", 1))
+        w.add_eos_token_id(cfg.get("eos_token_id", 2))
+    names = {
+        "model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+        "lm_head.weight": "output.weight",
+    }
+    layer_names = {
+        "input_layernorm.weight": "attn_norm.weight", "self_attn.q_proj.weight": "attn_q.weight",
+        "self_attn.k_proj.weight": "attn_k.weight", "self_attn.v_proj.weight": "attn_v.weight",
+        "self_attn.o_proj.weight": "attn_output.weight", "post_attention_layernorm.weight": "ffn_norm.weight",
+        "mlp.gate_proj.weight": "ffn_gate.weight", "mlp.up_proj.weight": "ffn_up.weight",
+        "mlp.down_proj.weight": "ffn_down.weight",
+    }
+    qt = getattr(gguf.GGMLQuantizationType, qtype)
+    for hf_name, arr in tensors.items():
+        if hf_name in names:
+            name = names[hf_name]
+        else:
+            parts = hf_name.split(".")  # model.layers.{i}.rest
+            name = f"blk.{parts[2]}." + layer_names[".".join(parts[3:])]
+        arr = arr.astype(np.float32)
+        if name.endswith("attn_q.weight"):
+            arr = _permute(arr, heads)
+        elif name.endswith("attn_k.weight"):
+            arr = _permute(arr, kv)
+        block = gguf.GGML_QUANT_SIZES[qt][0]
+        # Like llama.cpp's quantizer, rows whose length is not a multiple of the block stay F32.
+        if arr.ndim == 2 and qtype != "F32" and arr.shape[1] % block == 0:
+            data = gguf.quants.quantize(arr, qt) if qtype != "F16" else arr.astype(np.float16)
+            # add_tensor derives the logical shape from the quantized byte shape and raw_dtype.
+            w.add_tensor(name, data, raw_dtype=qt if qtype != "F16" else None)
+        else:
+            w.add_tensor(name, arr)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return out

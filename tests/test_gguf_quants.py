@@ -1,0 +1,236 @@
+"""GGUF tensor bytes -> repacked weights, checked against gguf-py's own dequantizer.
+
+Blocks are random bytes (every nibble, bit and 6-bit scale pattern) with the float16 scale fields
+overwritten by finite moderate values, so the reference stays finite.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T
+from gguf.quants import dequantize
+from hypothesis import given, settings, strategies as st
+
+from engine import gguf_quants as gq
+from engine.errors import ModelFormatError
+from engine.gguf_quants import GGML_TYPE_NAMES, tensor_nbytes, vector_from_gguf, weight_from_gguf
+from engine.weights import BF16Weight, F16Weight, F32Weight, I8Weight, Q4Weight
+
+# type -> (expected layout, block B of its scales or None, byte offsets of its float16 scale fields)
+TYPES = {
+    T.F32: (F32Weight, None, ()),
+    T.F16: (F16Weight, None, ()),
+    T.BF16: (BF16Weight, None, ()),
+    T.Q4_0: (Q4Weight, 32, (0,)),
+    T.Q4_1: (Q4Weight, 32, (0, 2)),
+    T.Q5_0: (I8Weight, 32, (0,)),
+    T.Q5_1: (I8Weight, 32, (0, 2)),
+    T.Q8_0: (I8Weight, 32, (0,)),
+    T.Q4_K: (Q4Weight, 32, (0, 2)),
+    T.Q5_K: (I8Weight, 32, (0, 2)),
+    T.Q6_K: (I8Weight, 16, (208,)),
+}
+WITH_MIN = {T.Q4_0, T.Q4_1, T.Q4_K, T.Q5_1, T.Q5_K}  # Q4_0's min is -8d, stored like the others
+
+# Resident bytes / file bytes: float32 scales cost this much (kernels/layouts.md); Q4_1 is the
+# default model's type, for which the issue asks resident memory within ~1.3x the file.
+MEMORY_RATIO = {
+    T.F32: 1.0, T.F16: 1.0, T.BF16: 1.0, T.Q4_0: 24 / 18, T.Q4_1: 24 / 20, T.Q5_0: 36 / 22,
+    T.Q5_1: 40 / 24, T.Q8_0: 36 / 34, T.Q4_K: 192 / 144, T.Q5_K: 320 / 176, T.Q6_K: 320 / 210,
+}
+
+
+def random_tensor(qtype, rows, cols, rng):
+    """(rows, row bytes) uint8 of valid blocks of `qtype`."""
+    block, size = GGML_QUANT_SIZES[qtype]
+    n = rows * cols // block
+    if qtype == T.F32:
+        raw = rng.standard_normal(n).astype(np.float32).view(np.uint8)
+    elif qtype == T.F16:
+        raw = rng.uniform(-3, 3, n).astype(np.float16).view(np.uint8)
+    elif qtype == T.BF16:
+        raw = (rng.standard_normal(n).astype(np.float32).view(np.uint32) >> 16).astype(np.uint16).view(np.uint8)
+    else:
+        raw = rng.integers(0, 256, (n, size), dtype=np.uint8)
+        for off in TYPES[qtype][2]:
+            # both signs, a wide range of magnitudes, and some exact zeros
+            h = (rng.choice([-1, 1], n) * 10.0 ** rng.uniform(-4, 0, n)).astype(np.float16)
+            h[rng.random(n) < 0.05] = 0
+            raw[:, off : off + 2] = h.view(np.uint8).reshape(n, 2)
+    return raw.reshape(rows, -1)
+
+
+def reference(qtype, raw, rows, cols):
+    return dequantize(raw, qtype).reshape(rows, cols).astype(np.float64)
+
+
+def _x(rng, cols, n=None):
+    x = rng.standard_normal(cols if n is None else (n, cols)).astype(np.float32)
+    x[..., ::7] = 0.0
+    return x
+
+
+def _cols(qtype, n_blocks):
+    return max(GGML_QUANT_SIZES[qtype][0], 32) * n_blocks
+
+
+# ---------------------------------------------------------------- values
+
+@pytest.mark.parametrize("qtype", list(TYPES), ids=lambda t: t.name)
+@pytest.mark.parametrize("rows,n_blocks", [(1, 1), (3, 2), (33, 1), (64, 4)])
+def test_values_match_gguf(qtype, rows, n_blocks):
+    rng = np.random.default_rng(int(qtype) * 100 + rows + n_blocks)
+    cols = _cols(qtype, n_blocks)
+    raw = random_tensor(qtype, rows, cols, rng)
+    want = reference(qtype, raw, rows, cols)
+    w = weight_from_gguf(int(qtype), raw, (rows, cols), "blk.0.ffn_up.weight", "model.gguf")
+
+    layout, block, _ = TYPES[qtype]
+    assert type(w) is layout and w.shape == (rows, cols)
+    if block is not None:
+        assert w.d.shape == (rows, cols // block)
+        assert w.m.shape == ((rows, cols // block) if qtype in WITH_MIN else (rows, 0))
+
+    got = w.to_float32()
+    tol = 1e-6 * np.abs(want).max() + 1e-30
+    assert np.abs(got - want).max() <= tol
+
+    x = _x(rng, cols)
+    scale = np.abs(want) @ np.abs(x.astype(np.float64)) + 1e-30
+    assert (np.abs(w.matvec(x) - want @ x) / scale).max() < 1e-5
+
+    X = _x(rng, cols, n=5)
+    scale = np.abs(X.astype(np.float64)) @ np.abs(want).T + 1e-30
+    assert (np.abs(w.matmul(X) - X @ want.T) / scale).max() < 1e-5
+
+
+@pytest.mark.parametrize("qtype", list(TYPES), ids=lambda t: t.name)
+def test_arrays_are_owned_and_contiguous(qtype, tmp_path):
+    """The converter copies out of the (memmapped) file: no result may alias it."""
+    rng = np.random.default_rng(int(qtype))
+    rows, cols = 9, _cols(qtype, 2)
+    raw = random_tensor(qtype, rows, cols, rng)
+    want = reference(qtype, raw, rows, cols)
+    path = tmp_path / "t.bin"
+    raw.tofile(path)
+    mm = np.memmap(path, dtype=np.uint8, mode="r")
+    w = weight_from_gguf(int(qtype), mm, (rows, cols), "t", str(path))
+    for a in w._arrays():
+        assert a.flags.c_contiguous
+        assert not np.shares_memory(a, mm)
+        assert not isinstance(a, np.memmap)
+    del mm
+    path.unlink()
+    np.testing.assert_allclose(w.to_float32(), want, rtol=1e-6, atol=1e-30)
+
+
+@pytest.mark.parametrize("qtype", [T.Q5_0, T.Q5_1, T.Q4_K, T.Q5_K, T.Q6_K], ids=lambda t: t.name)
+@pytest.mark.parametrize("chunk", [256, 512, 4096])
+def test_chunking(qtype, chunk, monkeypatch):
+    """Many chunks, a partial last chunk, and rows longer than a chunk give the same values."""
+    monkeypatch.setattr(gq, "_CHUNK_ELEMS", chunk)
+    rng = np.random.default_rng(chunk + int(qtype))
+    rows, cols = 13, 1024
+    raw = random_tensor(qtype, rows, cols, rng)
+    w = weight_from_gguf(int(qtype), raw, (rows, cols), "t", "f.gguf")
+    assert np.array_equal(w.to_float32(), reference(qtype, raw, rows, cols).astype(np.float32))
+
+
+@settings(max_examples=40, deadline=None, database=None)
+@given(st.sampled_from(list(TYPES)), st.integers(1, 12), st.integers(1, 3), st.integers(0, 2**32 - 1))
+def test_values_property(qtype, rows, n_blocks, seed):
+    rng = np.random.default_rng(seed)
+    cols = _cols(qtype, n_blocks)
+    raw = random_tensor(qtype, rows, cols, rng)
+    got = weight_from_gguf(int(qtype), raw.reshape(-1), (rows, cols), "t", "f.gguf").to_float32()
+    want = reference(qtype, raw, rows, cols)
+    assert np.abs(got - want).max() <= 1e-6 * np.abs(want).max() + 1e-30
+
+
+@pytest.mark.parametrize("qtype", list(TYPES), ids=lambda t: t.name)
+def test_vector(qtype):
+    rng = np.random.default_rng(int(qtype) + 7)
+    n = _cols(qtype, 2)
+    raw = random_tensor(qtype, 1, n, rng)
+    v = vector_from_gguf(int(qtype), raw.reshape(-1), n, "output_norm.weight", "m.gguf")
+    assert v.dtype == np.float32 and v.shape == (n,) and v.flags.c_contiguous
+    np.testing.assert_allclose(v, reference(qtype, raw, 1, n)[0], rtol=1e-6, atol=1e-30)
+    assert not np.shares_memory(v, raw)
+
+
+# ---------------------------------------------------------------- memory
+
+@pytest.mark.parametrize("qtype", list(TYPES), ids=lambda t: t.name)
+def test_memory_ratio(qtype):
+    rows, cols = 16, _cols(qtype, 4)
+    raw = random_tensor(qtype, rows, cols, np.random.default_rng(0))
+    w = weight_from_gguf(int(qtype), raw, (rows, cols), "t", "f.gguf")
+    ratio = w.nbytes / raw.nbytes
+    assert ratio == pytest.approx(MEMORY_RATIO[qtype])
+    if qtype == T.Q4_1:
+        assert ratio <= 1.25
+
+
+# ---------------------------------------------------------------- errors
+
+def _one_line(err):
+    msg = str(err.value)
+    assert "\n" not in msg
+    return msg
+
+
+@pytest.mark.parametrize("qtype", [T.Q2_K, T.Q3_K, T.IQ4_XS, T.Q8_1])
+def test_unsupported_type(qtype):
+    block, size = GGML_QUANT_SIZES[qtype]
+    raw = np.zeros(2 * size, np.uint8)
+    with pytest.raises(ModelFormatError) as err:
+        weight_from_gguf(int(qtype), raw, (1, 2 * block), "blk.3.attn_q.weight", "/models/x.gguf")
+    msg = _one_line(err)
+    for part in ("/models/x.gguf", "blk.3.attn_q.weight", qtype.name, "llama-quantize"):
+        assert part in msg
+    with pytest.raises(ModelFormatError):
+        vector_from_gguf(int(qtype), raw, 2 * block, "n", "/models/x.gguf")
+
+
+def test_unknown_type_id():
+    with pytest.raises(ModelFormatError) as err:
+        weight_from_gguf(99, np.zeros(64, np.uint8), (1, 32), "tok_embd.weight", "x.gguf")
+    msg = _one_line(err)
+    assert "99" in msg and "tok_embd.weight" in msg and "x.gguf" in msg
+    with pytest.raises(ModelFormatError):
+        tensor_nbytes(99, 32)
+
+
+@pytest.mark.parametrize("qtype", list(TYPES), ids=lambda t: t.name)
+@pytest.mark.parametrize("delta", [-1, 1, -64])
+def test_wrong_byte_count(qtype, delta):
+    rows, cols = 2, _cols(qtype, 1)
+    raw = random_tensor(qtype, rows, cols, np.random.default_rng(1)).reshape(-1)
+    bad = np.concatenate([raw, np.zeros(max(delta, 0), np.uint8)])[: len(raw) + delta]
+    with pytest.raises(ModelFormatError) as err:
+        weight_from_gguf(int(qtype), bad, (rows, cols), "blk.0.ffn_down.weight", "m.gguf")
+    msg = _one_line(err)
+    assert "truncated or corrupt" in msg and "blk.0.ffn_down.weight" in msg and "m.gguf" in msg
+
+
+@pytest.mark.parametrize("qtype,cols", [(T.Q4_0, 48), (T.Q8_0, 16), (T.Q4_K, 128), (T.Q6_K, 512 + 32)],
+                         ids=lambda v: getattr(v, "name", str(v)))
+def test_partial_block(qtype, cols):
+    with pytest.raises(ModelFormatError) as err:
+        weight_from_gguf(int(qtype), np.zeros(10_000, np.uint8), (2, cols), "w", "m.gguf")
+    msg = _one_line(err)
+    assert qtype.name in msg and "w" in msg and "m.gguf" in msg
+
+
+# ---------------------------------------------------------------- sizes and names
+
+def test_tensor_nbytes_and_names():
+    for qtype, (block, size) in GGML_QUANT_SIZES.items():
+        if int(qtype) in GGML_TYPE_NAMES:
+            assert GGML_TYPE_NAMES[int(qtype)] == qtype.name
+            assert tensor_nbytes(int(qtype), 4 * block) == 4 * size
+    for qtype in TYPES:
+        assert int(qtype) in GGML_TYPE_NAMES
+    with pytest.raises(ModelFormatError):
+        tensor_nbytes(int(T.Q4_K), 100)

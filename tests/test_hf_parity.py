@@ -1,0 +1,69 @@
+"""Exact parity with transformers (fp32) on random-weight checkpoints made inside the test."""
+
+import numpy as np
+import pytest
+
+from model_factory import VARIANTS, make_hf_model, torch_cached_steps, torch_logits
+
+pytest.importorskip("torch", reason="parity tests need the [test] extra (torch==2.13.0)")
+pytest.importorskip("transformers", reason="parity tests need the [test] extra (transformers)")
+
+import engine  # noqa: E402
+
+TOL = 1e-4
+PROMPT = [1, 17, 93, 5, 64, 33, 120, 7, 45, 88]
+STEPS = [3, 99, 14, 51, 76, 20, 8, 111, 42, 60, 27, 9, 101, 36, 70, 12]   # 16 cached decode steps
+
+
+@pytest.fixture(scope="module", params=sorted(VARIANTS))
+def pair(request, tmp_path_factory):
+    d = tmp_path_factory.mktemp(request.param)
+    ref = make_hf_model(request.param, d)
+    return request.param, ref, engine.load(str(d), threads=2)
+
+
+def test_prefill_logits_match(pair):
+    name, ref, llm = pair
+    want = torch_logits(ref, PROMPT)
+    got = llm.logits(PROMPT)
+    assert got.shape == want.shape and got.dtype == np.float32
+    assert want.std() > 0.3, "logits too flat for the tolerance to mean anything"
+    assert np.abs(got - want).max() < TOL, name
+
+
+def test_cached_decode_matches_transformers_and_uncached(pair):
+    name, ref, llm = pair
+    want = torch_cached_steps(ref, PROMPT, STEPS)
+    cache = llm.model.new_cache(64)
+    llm.model.forward(np.array(PROMPT), cache)
+    uncached = llm.logits(PROMPT + STEPS)
+    for i, t in enumerate(STEPS):
+        got = llm.model.forward(np.array([t]), cache, all_logits=False)[0]
+        assert np.abs(got - want[i]).max() < TOL, f"{name}: step {i} differs from transformers"
+        assert np.abs(got - uncached[len(PROMPT) + i]).max() < TOL, f"{name}: step {i} cached != uncached"
+
+
+def test_mistral_window_is_exercised():
+    # 10 prompt + 16 steps against a window of 8: later steps must not see the early tokens.
+    assert VARIANTS["mistral"][1]["sliding_window"] < len(PROMPT) + len(STEPS)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_half_precision_checkpoints(tmp_path, dtype):
+    import torch
+    import transformers
+
+    make_hf_model("llama", tmp_path, dtype=dtype)
+    # Reload in fp32: the reference then sees exactly the rounded weights, while its RoPE buffers stay
+    # fp32 (casting a live model to half would round inv_freq too).
+    ref = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    llm = engine.load(str(tmp_path), threads=2)
+    assert type(llm.model.weights.layers[0].wq).__name__ == ("F16Weight" if dtype == "float16" else "BF16Weight")
+    assert np.abs(llm.logits(PROMPT) - torch_logits(ref, PROMPT)).max() < TOL
+
+
+def test_sharded_checkpoint(tmp_path):
+    ref = make_hf_model("llama", tmp_path, shard_size="40KB")
+    assert (tmp_path / "model.safetensors.index.json").exists()
+    llm = engine.load(str(tmp_path), threads=2)
+    assert np.abs(llm.logits(PROMPT) - torch_logits(ref, PROMPT)).max() < TOL

@@ -1,0 +1,222 @@
+"""Every matvec/dequant kernel against its plain-numpy twin and against a float64 reference.
+
+The reference is built here straight from the layout table in kernels/layouts.md, so the numpy twins
+are checked too (this matters under POCKETINFER_NO_NUMBA=1, where the selected kernel *is* the twin;
+test_numpy_only_mode runs this whole file that way in a subprocess).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from kernels import backend, dequant, matvec
+
+REPO = Path(__file__).resolve().parent.parent
+
+# numba runs with fastmath (reassociated float32 sums); errors are measured against sum |w|*|x|.
+RTOL = 1e-5
+
+SHAPES_32 = [(1, 32), (3, 32), (1, 64), (33, 64), (7, 96), (5, 576), (1536, 576)]
+SHAPES_16 = [(1, 16), (3, 16), (33, 48), (1536, 576)]
+
+
+# ---------------------------------------------------------------- random layouts and their float64 meaning
+
+def _x(rng, cols):
+    """Activations with exact zeros and both signs."""
+    x = rng.standard_normal(cols).astype(np.float32)
+    x[rng.random(cols) < 0.2] = 0.0
+    x[0] = 0.0
+    return x
+
+
+def _halves(rng, shape):
+    return rng.uniform(-2, 2, shape).astype(np.float16).view(np.uint16)
+
+
+def _bf16s(rng, shape):
+    return (rng.standard_normal(shape).astype(np.float32).view(np.uint32) >> 16).astype(np.uint16)
+
+
+def _q4(rng, rows, cols):
+    qs = rng.integers(0, 256, (rows, cols // 2), dtype=np.uint8)
+    d = rng.uniform(0.001, 0.1, (rows, cols // 32)).astype(np.float32)
+    m = rng.uniform(-0.5, 0.5, (rows, cols // 32)).astype(np.float32)
+    return qs, d, m
+
+
+def _i8(rng, rows, cols, block, with_min):
+    q = rng.integers(-128, 128, (rows, cols), dtype=np.int8)
+    d = rng.uniform(0.001, 0.1, (rows, cols // block)).astype(np.float32)
+    nm = cols // block if with_min else 0
+    m = rng.uniform(-0.5, 0.5, (rows, nm)).astype(np.float32)
+    return q, d, m
+
+
+def ref_f16(bits):
+    return bits.view(np.float16).astype(np.float64)
+
+
+def ref_bf16(bits):
+    return (bits.astype(np.uint32) << 16).view(np.float32).astype(np.float64)
+
+
+def ref_q4(qs, d, m):
+    """Element 32b+j is the low nibble of qs[16b+j], element 32b+16+j its high nibble (layouts.md)."""
+    rows, half = qs.shape
+    q = np.empty((rows, half * 2), dtype=np.float64)
+    for b in range(half // 16):
+        byte = qs[:, 16 * b : 16 * b + 16]
+        q[:, 32 * b : 32 * b + 16] = byte & 15
+        q[:, 32 * b + 16 : 32 * b + 32] = byte >> 4
+    block = np.arange(half * 2) // 32
+    return q * d[:, block] + m[:, block]
+
+
+def ref_i8(q, d, m):
+    block = np.arange(q.shape[1]) // (q.shape[1] // d.shape[1])
+    w = q.astype(np.float64) * d[:, block]
+    if m.shape[1]:
+        w += m[:, block]
+    return w
+
+
+def _check_matvec(kernel, twin, args, w64, x):
+    rows = w64.shape[0]
+    want = w64 @ x.astype(np.float64)
+    scale = np.abs(w64) @ np.abs(x.astype(np.float64)) + 1e-30
+    for fn in (kernel, twin):
+        out = np.full(rows, np.nan, dtype=np.float32)
+        got = fn(*args, x, out)
+        assert got is out
+        assert got.dtype == np.float32 and got.shape == (rows,)
+        err = np.abs(got - want) / scale
+        assert err.max() < RTOL, f"{getattr(fn, '__name__', fn)}: max relative error {err.max():.2e}"
+    a = kernel(*args, x, np.empty(rows, np.float32))
+    b = twin(*args, x, np.empty(rows, np.float32))
+    assert (np.abs(a - b) / scale).max() < RTOL
+
+
+def _check_dequant(kernel, twin, args, w64):
+    scale = np.abs(w64) + 1.0
+    for fn in (kernel, twin):
+        out = np.full(w64.shape, np.nan, dtype=np.float32)
+        got = fn(*args, out)
+        assert got is out
+        assert (np.abs(got - w64) / scale).max() < 1e-6, getattr(fn, "__name__", fn)
+
+
+# ---------------------------------------------------------------- matvec
+
+@pytest.mark.parametrize("rows,cols", SHAPES_32 + [(2, 16)])
+def test_matvec_f16(rows, cols):
+    rng = np.random.default_rng(rows * 1000 + cols)
+    bits = _halves(rng, (rows, cols))
+    _check_matvec(matvec.matvec_f16, matvec.matvec_f16_numpy, (bits,), ref_f16(bits), _x(rng, cols))
+
+
+@pytest.mark.parametrize("rows,cols", SHAPES_32 + [(2, 16)])
+def test_matvec_bf16(rows, cols):
+    rng = np.random.default_rng(rows * 1000 + cols + 1)
+    bits = _bf16s(rng, (rows, cols))
+    _check_matvec(matvec.matvec_bf16, matvec.matvec_bf16_numpy, (bits,), ref_bf16(bits), _x(rng, cols))
+
+
+@pytest.mark.parametrize("rows,cols", SHAPES_32)
+def test_matvec_q4(rows, cols):
+    rng = np.random.default_rng(rows * 1000 + cols + 2)
+    args = _q4(rng, rows, cols)
+    _check_matvec(matvec.matvec_q4, matvec.matvec_q4_numpy, args, ref_q4(*args), _x(rng, cols))
+
+
+@pytest.mark.parametrize("with_min", [False, True])
+@pytest.mark.parametrize("block,rows,cols", [(32, r, c) for r, c in SHAPES_32] + [(16, r, c) for r, c in SHAPES_16])
+def test_matvec_i8(block, rows, cols, with_min):
+    rng = np.random.default_rng(rows * 1000 + cols + block + with_min)
+    args = _i8(rng, rows, cols, block, with_min)
+    _check_matvec(matvec.matvec_i8, matvec.matvec_i8_numpy, args, ref_i8(*args), _x(rng, cols))
+
+
+def test_matvec_f32():
+    rng = np.random.default_rng(5)
+    w = rng.standard_normal((33, 64)).astype(np.float32)
+    x = _x(rng, 64)
+    out = np.empty(33, np.float32)
+    assert matvec.matvec_f32(w, x, out) is out
+    np.testing.assert_allclose(out, w.astype(np.float64) @ x, rtol=1e-5, atol=1e-5)
+
+
+def test_matvec_all_zero_x():
+    rng = np.random.default_rng(6)
+    args = _q4(rng, 3, 64)
+    x = np.zeros(64, np.float32)
+    for fn in (matvec.matvec_q4, matvec.matvec_q4_numpy):
+        assert not fn(*args, x, np.full(3, np.nan, np.float32)).any()
+
+
+# ---------------------------------------------------------------- dequant
+
+@pytest.mark.parametrize("rows,cols", [(1, 16), (3, 32), (33, 64), (1536, 576)])
+def test_dequant_f16(rows, cols):
+    rng = np.random.default_rng(rows + cols)
+    bits = _halves(rng, (rows, cols))
+    _check_dequant(dequant.dequant_f16, dequant.dequant_f16_numpy, (bits,), ref_f16(bits))
+
+
+@pytest.mark.parametrize("rows,cols", [(1, 16), (3, 32), (33, 64), (1536, 576)])
+def test_dequant_bf16(rows, cols):
+    rng = np.random.default_rng(rows + cols + 1)
+    bits = _bf16s(rng, (rows, cols))
+    _check_dequant(dequant.dequant_bf16, dequant.dequant_bf16_numpy, (bits,), ref_bf16(bits))
+
+
+@pytest.mark.parametrize("rows,cols", SHAPES_32)
+def test_dequant_q4(rows, cols):
+    rng = np.random.default_rng(rows + cols + 2)
+    args = _q4(rng, rows, cols)
+    _check_dequant(dequant.dequant_q4, dequant.dequant_q4_numpy, args, ref_q4(*args))
+
+
+@pytest.mark.parametrize("with_min", [False, True])
+@pytest.mark.parametrize("block,rows,cols", [(32, r, c) for r, c in SHAPES_32] + [(16, r, c) for r, c in SHAPES_16])
+def test_dequant_i8(block, rows, cols, with_min):
+    rng = np.random.default_rng(rows + cols + block + with_min)
+    args = _i8(rng, rows, cols, block, with_min)
+    _check_dequant(dequant.dequant_i8, dequant.dequant_i8_numpy, args, ref_i8(*args))
+
+
+def test_dequant_row_slices():
+    """Weights dequantize row tiles from sliced arrays (weights.py): slices must work too."""
+    rng = np.random.default_rng(7)
+    qs, d, m = _q4(rng, 40, 64)
+    w64 = ref_q4(qs, d, m)
+    out = np.empty((7, 64), np.float32)
+    for fn in (dequant.dequant_q4, dequant.dequant_q4_numpy):
+        fn(qs[30:37], d[30:37], m[30:37], out)
+        np.testing.assert_allclose(out, w64[30:37], rtol=1e-6, atol=1e-6)
+
+
+# ---------------------------------------------------------------- numpy-only mode
+
+def test_numpy_only_mode():
+    """This file again with POCKETINFER_NO_NUMBA=1, as on Termux where numba has no wheel."""
+    if not backend.NUMBA:
+        pytest.skip("already running without numba: this run is the numpy-only check")
+    env = dict(os.environ, POCKETINFER_NO_NUMBA="1")
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", str(Path(__file__)), "-q", "-p", "no:cacheprovider",
+         "-x", "-k", "not numpy_only_mode"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    probe = subprocess.run(
+        [sys.executable, "-c", "from kernels import backend, matvec; "
+         "print(backend.NUMBA, matvec.matvec_q4 is matvec.matvec_q4_numpy)"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert probe.stdout.split() == ["False", "True"], probe.stdout + probe.stderr
