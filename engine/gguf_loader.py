@@ -3,7 +3,7 @@ tokenizer and chat template from the `tokenizer.*` keys."""
 
 from __future__ import annotations
 
-from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 
@@ -15,12 +15,6 @@ from engine.gguf_file import GGUFFile
 from engine.gguf_quants import vector_from_gguf, weight_from_gguf
 from engine.model import ModelWeights
 from engine.weights import Weight
-from kernels import actquant
-
-# ggml type -> the type ggml-cpu quantizes activations to before the dot product (its vec_dot_type).
-# Types not listed (F32) multiply float32 activations.
-_GGML_ACT = {1: actquant.F16, 30: actquant.BF16, 2: actquant.Q8_0, 3: actquant.Q8_1, 6: actquant.Q8_0,
-             7: actquant.Q8_1, 8: actquant.Q8_0, 12: actquant.Q8_K, 13: actquant.Q8_K, 14: actquant.Q8_K}
 
 SUPPORTED_ARCHS = ("llama",)
 
@@ -92,8 +86,7 @@ def load_weights(g: GGUFFile, config: ModelConfig, progress=None) -> ModelWeight
         t = g.tensors[name]
         if len(t.shape) != 2:
             raise ModelFormatError(f"{src}: tensor {name!r} has shape {t.shape}, expected a matrix")
-        w = weight_from_gguf(t.ggml_type, g.raw(name), t.shape, name, src)
-        return replace(w, act=_GGML_ACT.get(t.ggml_type, actquant.NONE))
+        return weight_from_gguf(t.ggml_type, g.raw(name), t.shape, name, src)
 
     def vector(name) -> np.ndarray:
         t = g.tensors[name]

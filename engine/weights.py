@@ -7,12 +7,11 @@ prefill dequantizes one tile of rows at a time into a small scratch buffer fed t
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass
 
 import numpy as np
 
 from kernels import dequant, matvec
-from kernels.actquant import NONE, Q8_1, q8_1_block_sums, quantize_activations
 from kernels.convert import bf16_bits_to_f32, f16_bits_to_f32
 
 # Rows per prefill tile are chosen so a tile is about this many float32 elements (4 MiB): large enough
@@ -21,12 +20,9 @@ _TILE_ELEMS = 1 << 20
 
 
 class Weight:
-    """Common behaviour; subclasses hold the arrays of one layout, plus `act`: how activations are
-    rounded before they meet this weight (kernels/actquant.py). GGUF weights get ggml's rounding so
-    results match llama.cpp; Hugging Face weights keep exact float32 activations (act NONE)."""
+    """Common behaviour; subclasses hold the arrays of one layout."""
 
     shape: tuple[int, int]
-    act: int
 
     @property
     def nbytes(self) -> int:
@@ -36,20 +32,10 @@ class Weight:
         """x (cols,) f32 -> (rows,) f32."""
         if out is None:
             out = np.empty(self.shape[0], dtype=np.float32)
-        xr = self._round_input(x[None, :])
-        self._matvec(xr[0], out)
-        self._q8_1_min_correction(x[None, :], xr, out[None, :])
-        return out
+        return self._matvec(x, out)
 
     def matmul(self, x: np.ndarray) -> np.ndarray:
         """x (n, cols) f32 -> (n, rows) f32; one token goes through the matvec kernel."""
-        n = x.shape[0]
-        xr = self._round_input(x)
-        out = self._matmul_rounded(xr)
-        self._q8_1_min_correction(x, xr, out)
-        return out
-
-    def _matmul_rounded(self, x: np.ndarray) -> np.ndarray:
         n = x.shape[0]
         rows, cols = self.shape
         if n == 1:
@@ -62,24 +48,6 @@ class Weight:
             w = self.dequantize(r0, r1, scratch[: r1 - r0])
             np.matmul(x, w.T, out=out[:, r0:r1])
         return out
-
-    def _q8_1_min_correction(self, x: np.ndarray, xr: np.ndarray, out: np.ndarray) -> None:
-        """ggml's Q8_1 dot uses fp16(d*sum(q)) as the block sum in the min term m*s, where the kernels
-        used the exact sum of the rounded values: add m @ (s - exact) so results match llama.cpp's."""
-        if self.act != Q8_1:
-            return
-        m = self._arrays()[-1]                      # (rows, cols/32) block offsets
-        if m.shape[1] == 0:
-            return
-        exact = xr.reshape(xr.shape[0], -1, 32).sum(axis=2, dtype=np.float32)
-        out += (q8_1_block_sums(np.ascontiguousarray(x, dtype=np.float32)) - exact) @ m.T
-
-    def _round_input(self, x: np.ndarray) -> np.ndarray:
-        """x (n, cols) f32 -> the values ggml would multiply (a new array), or x itself for act NONE."""
-        if self.act == NONE:
-            return x
-        x = np.ascontiguousarray(x, dtype=np.float32)
-        return quantize_activations(x, self.act, np.empty_like(x))
 
     def rows_f32(self, ids: np.ndarray) -> np.ndarray:
         """ids (n,) int -> (n, cols) f32: embedding lookup without expanding the table."""
@@ -95,7 +63,7 @@ class Weight:
 
     def take_rows(self, order: np.ndarray) -> "Weight":
         """A weight whose row i is this weight's row order[i] (used to undo GGUF's Q/K row order)."""
-        return replace(self, **{f.name: getattr(self, f.name)[order] for f in fields(self) if f.name != "act"})
+        return type(self)(*[a[order] for a in self._arrays()])
 
     # layout-specific
     def _arrays(self) -> tuple[np.ndarray, ...]:
@@ -112,7 +80,6 @@ class Weight:
 @dataclass(frozen=True, eq=False)
 class F32Weight(Weight):
     w: np.ndarray  # (rows, cols) float32
-    act: int = NONE
 
     @property
     def shape(self):
@@ -124,7 +91,7 @@ class F32Weight(Weight):
     def _matvec(self, x, out):
         return matvec.matvec_f32(self.w, x, out)
 
-    def _matmul_rounded(self, x):
+    def matmul(self, x):
         return x @ self.w.T
 
     def dequantize(self, r0, r1, out):
@@ -135,7 +102,6 @@ class F32Weight(Weight):
 @dataclass(frozen=True, eq=False)
 class F16Weight(Weight):
     bits: np.ndarray  # (rows, cols) uint16, IEEE half bit patterns
-    act: int = NONE
 
     @property
     def shape(self):
@@ -154,7 +120,6 @@ class F16Weight(Weight):
 @dataclass(frozen=True, eq=False)
 class BF16Weight(Weight):
     bits: np.ndarray  # (rows, cols) uint16, bfloat16 bit patterns
-    act: int = NONE
 
     @property
     def shape(self):
@@ -175,7 +140,6 @@ class Q4Weight(Weight):
     qs: np.ndarray  # (rows, cols/2) uint8, GGUF Q4_0 nibble order per 32-block (kernels/layouts.md)
     d: np.ndarray   # (rows, cols/32) float32 block scale
     m: np.ndarray   # (rows, cols/32) float32 block offset (Q4_0: -8*d)
-    act: int = NONE
 
     @property
     def shape(self):
@@ -196,7 +160,6 @@ class I8Weight(Weight):
     q: np.ndarray  # (rows, cols) int8
     d: np.ndarray  # (rows, cols/B) float32 block scale, B in {16, 32}
     m: np.ndarray  # (rows, cols/B) float32 block offset, or (rows, 0) when the format has none
-    act: int = NONE
 
     @property
     def shape(self):
