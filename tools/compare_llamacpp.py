@@ -125,21 +125,21 @@ def build_request(threads: int, ctx: int, max_windows: int | None) -> dict:
 # model and fixture
 
 
+def import_from_repo() -> None:
+    """Make `import engine` work from a source checkout (an installed pocketinfer comes first)."""
+    if str(REPO) not in sys.path:
+        sys.path.append(str(REPO))
+
+
 def resolve_model(source: str) -> Path:
-    """A GGUF path as given, or a registry alias resolved (and fetched) by pocketinfer."""
-    if Path(source).is_file():
-        return Path(source).resolve()
-    sys.path.insert(0, str(REPO))
+    """A GGUF path as given, or a registry alias resolved (and fetched on first use) by pocketinfer."""
+    import_from_repo()
     from engine import registry
 
-    found = registry.resolve(source)
-    path = Path(getattr(found, "path", found))
-    if path.is_dir():
-        ggufs = sorted(path.glob("*.gguf"))
-        if len(ggufs) != 1:
-            raise SystemExit(f"{source} resolved to {path}, which holds {len(ggufs)} .gguf files")
-        path = ggufs[0]
-    return path
+    path = registry.resolve(source)
+    if not path.is_file():
+        raise SystemExit(f"{source} resolved to {path}, which is not a GGUF file")
+    return path.resolve()
 
 
 def sha256_of(path: Path) -> str:
@@ -179,64 +179,48 @@ def write_fixture(result: dict, model_source: str, model: Path, argv: list[str])
 # the pocketinfer side (in process)
 
 
-def window_nlls(logits_fn, tokens: list[int], ctx: int, max_windows: int | None) -> list[float]:
-    """Mean NLL of tokens 1..ctx-1 for each non-overlapping window (the fixture's convention)."""
-    n = len(tokens) // ctx
-    if max_windows is not None:
-        n = min(n, max_windows)
-    out = []
-    for w in range(n):
-        window = np.asarray(tokens[w * ctx:(w + 1) * ctx], dtype=np.int64)
-        logits = np.asarray(logits_fn(window.tolist()), dtype=np.float64)[:-1]
-        m = logits.max(axis=1)
-        lse = m + np.log(np.exp(logits - m[:, None]).sum(axis=1))
-        out.append(float(np.mean(lse - logits[np.arange(len(window) - 1), window[1:]])))
-    return out
-
-
 def pocketinfer_side(model: Path, ref: dict, threads: int, ctx: int, max_windows: int | None,
                      tie_margin: float) -> dict:
-    sys.path.insert(0, str(REPO))
+    import_from_repo()
     import engine
+    from engine.perplexity import perplexity
 
     t0 = time.perf_counter()
     llm = engine.load(str(model), threads=threads)
     ours = {"load_seconds": time.perf_counter() - t0}
     ours["tokenize"] = [llm.tokenizer.encode(c["text"]) for c in ref["tokenize"]]
     ours["decode"] = [llm.tokenizer.decode(c["ids"]) for c in ref["tokenize"]]
-    ours["greedy"] = []
+    ours["prompt_ids"] = {p["name"]: llm.tokenizer.encode(p["prompt_text"])
+                          for p in ref["greedy"]["prompts"] if "prompt_text" in p}
+    ours["greedy"], ours["teacher_forced"] = [], []
     for p in ref["greedy"]["prompts"]:
-        if "prompt_text" in p:
-            ours.setdefault("prompt_ids", {})[p["name"]] = llm.tokenizer.encode(p["prompt_text"])
         resp = llm.generate(p["prompt_ids"], max_tokens=ref["greedy"]["n_tokens"], temperature=0.0)
         ours["greedy"].append(list(map(int, resp.tokens)))
-        ours.setdefault("teacher_forced", []).append(teacher_forced_check(llm.logits, p, tie_margin))
-    text = PPL_TEXT.read_text(encoding="utf-8")
-    tokens = llm.tokenizer.encode(text)
-    ours["ppl_tokens_equal"] = tokens == ref["perplexity"].get("tokens", tokens)
+        ours["teacher_forced"].append(teacher_forced_check(llm.logits, p, tie_margin))
+    tokens = llm.tokenizer.encode(PPL_TEXT.read_text(encoding="utf-8"))
+    ours["ppl_tokens_equal"] = tokens == ref["perplexity"]["tokens"]
     t0 = time.perf_counter()
-    ours["window_mean_nll"] = window_nlls(llm.logits, tokens, ctx, max_windows)
+    result = perplexity(llm, tokens, ctx, max_windows)
     ours["ppl_seconds"] = time.perf_counter() - t0
+    ours["ppl"], ours["ppl_windows"] = result.ppl, result.windows
     return ours
 
 
-def cli_perplexity(model: Path, ctx: int) -> float | None:
-    """`pocketinfer perplexity --json`, for the record; None when the CLI is not there yet."""
-    cmd = [sys.executable, "-c", "import sys; from engine.cli import main; sys.exit(main())",
-           "perplexity", "-m", str(model), "-f", str(PPL_TEXT), "--ctx", str(ctx), "--json"]
+def cli_perplexity(model: Path, threads: int, ctx: int, max_windows: int | None) -> float | None:
+    """The same perplexity through `pocketinfer perplexity --json`; None (and a note) if it fails."""
+    cmd = [sys.executable, "-m", "engine", "perplexity", "-m", str(model), "-f", str(PPL_TEXT),
+           "--ctx", str(ctx), "-t", str(threads), "--json"]
+    if max_windows is not None:
+        cmd += ["--windows", str(max_windows)]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
     if proc.returncode != 0:
         print(f"  (pocketinfer perplexity CLI failed: {proc.stderr.strip().splitlines()[-1:]})")
         return None
-    data = json.loads(proc.stdout)
-    for key in ("ppl", "perplexity"):
-        if isinstance(data.get(key), (int, float)):
-            return float(data[key])
-    return None
+    return float(json.loads(proc.stdout)["ppl"])
 
 
 # ---------------------------------------------------------------------------------------------
-# report
+# checks and report
 
 
 def first_divergence(a: list[int], b: list[int]) -> int:
@@ -270,19 +254,26 @@ def greedy_check(prompt: dict, got: list[int], tie_margin: float) -> tuple[int, 
     return k, f"step {k}: llama.cpp {prompt['tokens'][k]}, ours {got[k]} ({lead})"
 
 
-def teacher_forced_check(logits_fn, prompt: dict, tie_margin: float) -> list[str]:
+def teacher_forced_check(logits_fn, prompt: dict, tie_margin: float) -> tuple[int, list[str]]:
     """Feed the prompt plus llama.cpp's tokens; at every step our argmax must be llama.cpp's token,
-    unless the two are within tie_margin in llama.cpp's logits. Checks all steps, even past a tie."""
+    unless the two are within tie_margin in llama.cpp's logits. Checks all steps, even past a tie.
+    Returns the number of steps with the same argmax, and the wrong steps."""
     n0 = len(prompt["prompt_ids"])
     logits = np.asarray(logits_fn(prompt["prompt_ids"] + prompt["tokens"]))[n0 - 1:-1]
-    problems = []
+    equal, problems = 0, []
     for k, row in enumerate(logits):
         ours, theirs = int(np.argmax(row)), prompt["tokens"][k]
         gap = llamacpp_gap(prompt, k, ours)
+        equal += ours == theirs
         if ours != theirs and (gap is None or gap >= tie_margin):
             lead = "not in its top 5" if gap is None else f"{gap:.3f} logits behind"
             problems.append(f"step {k}: llama.cpp {theirs}, ours {ours} ({lead})")
-    return problems
+    return equal, problems
+
+
+def window_ppl(ref_perplexity: dict, windows: int) -> float:
+    """llama.cpp's perplexity over its first `windows` windows (each scores ctx-1 tokens)."""
+    return float(np.exp(np.mean(ref_perplexity["window_mean_nll"][:windows])))
 
 
 def report(ref: dict, ours: dict, tie_margin: float, ppl_tol: float, max_windows: int | None,
@@ -296,7 +287,7 @@ def report(ref: dict, ours: dict, tie_margin: float, ppl_tol: float, max_windows
         print(f"  {'ok  ' if same else 'DIFF'} {len(case['ids_default']):3d} ids  {case['text'][:50]!r}{rt}")
         if not same:
             print(f"       llama.cpp {case['ids_default']}\n       ours      {got}")
-    for name, ids in ours.get("prompt_ids", {}).items():
+    for name, ids in ours["prompt_ids"].items():
         p = next(p for p in ref["greedy"]["prompts"] if p["name"] == name)
         if ids != p["prompt_ids"]:
             ok = False
@@ -306,6 +297,7 @@ def report(ref: dict, ours: dict, tie_margin: float, ppl_tol: float, max_windows
     print(f"\n== greedy, {n} tokens from identical prompt ids (near-tie: llama.cpp's lead < {tie_margin})")
     for p, got, forced in zip(ref["greedy"]["prompts"], ours["greedy"], ours["teacher_forced"]):
         k, problem = greedy_check(p, got, tie_margin)
+        forced_equal, forced = forced
         ok &= problem is None and not forced
         if k >= n:
             verdict = "ok  "
@@ -315,14 +307,13 @@ def report(ref: dict, ours: dict, tie_margin: float, ppl_tol: float, max_windows
         if k < n and problem is None:
             gap = llamacpp_gap(p, k, got[k])
             print(f"; then a near-tie (llama.cpp {p['tokens'][k]} leads ours {got[k]} by {gap:.3f})", end="")
-        print(f"; teacher-forced: {n - len(forced)}/{n} steps agree or tie")
+        print(f"; teacher-forced argmax equal at {forced_equal}/{n} steps, {len(forced)} wrong")
         for line in ([problem] if problem else []) + forced:
             print(f"       {line}")
 
     ppl = ref["perplexity"]
-    w = len(ours["window_mean_nll"])
-    ref_ppl = float(np.exp(np.mean(ppl["window_mean_nll"][:w])))
-    our_ppl = float(np.exp(np.mean(ours["window_mean_nll"])))
+    w, our_ppl = ours["ppl_windows"], ours["ppl"]
+    ref_ppl = window_ppl(ppl, w)
     rel = our_ppl / ref_ppl - 1.0
     ok &= abs(rel) <= ppl_tol and ours["ppl_tokens_equal"]
     print(f"\n== perplexity, ctx {ppl['ctx']}, {w} of {ppl['n_windows']} windows, tokens 1..ctx-1 scored")
@@ -332,7 +323,7 @@ def report(ref: dict, ours: dict, tie_margin: float, ppl_tol: float, max_windows
     print(f"  pocketinfer {our_ppl:.4f}   relative difference {rel:+.3%} (tolerance {ppl_tol:.1%}); "
           f"{ours['ppl_seconds']:.1f} s")
     if cli_ppl is not None:
-        print(f"  pocketinfer perplexity CLI (all windows): {cli_ppl:.4f}")
+        print(f"  pocketinfer perplexity CLI: {cli_ppl:.4f}")
     print("\n" + ("MATCH" if ok else "MISMATCH"))
     return ok
 
@@ -392,7 +383,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     ours = pocketinfer_side(model, ref, args.threads, args.ctx, args.max_windows, args.tie_margin)
     print(f"pocketinfer: load {ours['load_seconds']:.1f} s")
-    cli_ppl = cli_perplexity(model, args.ctx) if args.cli else None
+    cli_ppl = cli_perplexity(model, args.threads, args.ctx, args.max_windows) if args.cli else None
     return 0 if report(ref, ours, args.tie_margin, args.ppl_tol, args.max_windows, cli_ppl) else 1
 
 
