@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from engine.errors import ModelFormatError
+from engine.filemap import map_file, release
 from engine.gguf_quants import GGML_TYPE_NAMES, tensor_nbytes
 
 # GGUF value type -> (struct format, size) for scalars; 8 string, 9 array.
@@ -72,13 +73,9 @@ class _Cursor:
 class GGUFFile:
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        try:
-            size = self.path.stat().st_size
-        except FileNotFoundError:
-            raise ModelFormatError(f"{self.path}: file not found") from None
+        self._mm, size = map_file(self.path)
         if size < 24:
             raise ModelFormatError(f"{self.path}: not a GGUF file ({size} bytes); re-download it")
-        self._mm = np.memmap(self.path, dtype=np.uint8, mode="r")
         cur = _Cursor(memoryview(self._mm), self.path)
         if bytes(cur.take(4)) != b"GGUF":
             raise ModelFormatError(f"{self.path}: not a GGUF file (bad magic); check the path or re-download it")
@@ -122,3 +119,8 @@ class GGUFFile:
         """The tensor's bytes as a read-only uint8 view into the file."""
         t = self.tensors[name]
         return self._mm[t.offset:t.offset + t.nbytes]
+
+    def release(self, name: str) -> None:
+        """Call once a tensor has been copied out: its file pages leave our resident set."""
+        t = self.tensors[name]
+        release(self._mm, t.offset, t.nbytes)

@@ -86,12 +86,16 @@ def load_weights(g: GGUFFile, config: ModelConfig, progress=None) -> ModelWeight
         t = g.tensors[name]
         if len(t.shape) != 2:
             raise ModelFormatError(f"{src}: tensor {name!r} has shape {t.shape}, expected a matrix")
-        return weight_from_gguf(t.ggml_type, g.raw(name), t.shape, name, src)
+        w = weight_from_gguf(t.ggml_type, g.raw(name), t.shape, name, src)
+        g.release(name)
+        return w
 
     def vector(name) -> np.ndarray:
         t = g.tensors[name]
         n = int(np.prod(t.shape))
-        return vector_from_gguf(t.ggml_type, g.raw(name), n, name, src).reshape(t.shape)
+        v = vector_from_gguf(t.ggml_type, g.raw(name), n, name, src).reshape(t.shape)
+        g.release(name)
+        return v
 
     def fix(ours: str, w: Weight) -> Weight:
         field = ours.rsplit(".", 1)[-1]

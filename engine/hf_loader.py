@@ -62,11 +62,15 @@ def load_weights(directory: Path, config: ModelConfig, progress=None) -> ModelWe
         f = shards[name]
         if len(f.shape(name)) != 2:
             raise ModelFormatError(f"{f.path}: tensor {name!r} has shape {f.shape(name)}, expected a matrix")
-        return dense_from_numpy(f.get(name), f.dtype(name))
+        w = dense_from_numpy(f.get(name), f.dtype(name))
+        f.release(name)
+        return w
 
     def vector(name):
         f = shards[name]
-        return vector_f32(f.get(name), f.dtype(name))
+        v = vector_f32(f.get(name), f.dtype(name))
+        f.release(name)
+        return v
 
     try:
         return assemble(config, weight_map.HF, str(directory), matrix, vector, lambda n: n in shards, progress=progress)

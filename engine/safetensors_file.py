@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from engine.errors import ModelFormatError
+from engine.filemap import map_file, release
 
 # safetensors dtype -> numpy dtype used to view the bytes (F16/BF16 travel as uint16 bit patterns).
 _DTYPES = {"F32": np.float32, "F16": np.uint16, "BF16": np.uint16}
@@ -22,10 +23,7 @@ _DTYPES = {"F32": np.float32, "F16": np.uint16, "BF16": np.uint16}
 class SafetensorsFile:
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        try:
-            size = self.path.stat().st_size
-        except FileNotFoundError:
-            raise ModelFormatError(f"{self.path}: file not found") from None
+        self._mm, size = map_file(self.path)
         with open(self.path, "rb") as f:
             head = f.read(8)
             if len(head) < 8:
@@ -57,7 +55,6 @@ class SafetensorsFile:
         if self._data_start + end > size:
             raise ModelFormatError(
                 f"{self.path}: truncated: tensors need {self._data_start + end} bytes, the file has {size}; re-download it")
-        self._mm = np.memmap(self.path, dtype=np.uint8, mode="r") if size else np.zeros(0, np.uint8)
 
     def keys(self):
         return self._entries.keys()
@@ -82,3 +79,8 @@ class SafetensorsFile:
         lo, hi = e["data_offsets"]
         raw = self._mm[self._data_start + lo:self._data_start + hi]
         return raw.view(dtype).reshape(e["shape"])
+
+    def release(self, name: str) -> None:
+        """Call once a tensor has been copied out: its file pages leave our resident set."""
+        lo, hi = self._entries[name]["data_offsets"]
+        release(self._mm, self._data_start + lo, hi - lo)

@@ -100,8 +100,10 @@ class F32Weight(Weight):
 
 
 @dataclass(frozen=True, eq=False)
-class F16Weight(Weight):
-    bits: np.ndarray  # (rows, cols) uint16, IEEE half bit patterns
+class _Bits16Weight(Weight):
+    """16-bit floats kept as uint16 bit patterns (numba has no float16); subclasses pick the kernels."""
+
+    bits: np.ndarray  # (rows, cols) uint16
 
     @property
     def shape(self):
@@ -111,28 +113,24 @@ class F16Weight(Weight):
         return (self.bits,)
 
     def _matvec(self, x, out):
-        return matvec.matvec_f16(self.bits, x, out)
+        return type(self).matvec_kernel(self.bits, x, out)
 
     def dequantize(self, r0, r1, out):
-        return dequant.dequant_f16(self.bits[r0:r1], out)
+        return type(self).dequant_kernel(self.bits[r0:r1], out)
 
 
-@dataclass(frozen=True, eq=False)
-class BF16Weight(Weight):
-    bits: np.ndarray  # (rows, cols) uint16, bfloat16 bit patterns
+class F16Weight(_Bits16Weight):
+    """IEEE half bit patterns."""
 
-    @property
-    def shape(self):
-        return self.bits.shape
+    matvec_kernel = staticmethod(matvec.matvec_f16)
+    dequant_kernel = staticmethod(dequant.dequant_f16)
 
-    def _arrays(self):
-        return (self.bits,)
 
-    def _matvec(self, x, out):
-        return matvec.matvec_bf16(self.bits, x, out)
+class BF16Weight(_Bits16Weight):
+    """bfloat16 bit patterns."""
 
-    def dequantize(self, r0, r1, out):
-        return dequant.dequant_bf16(self.bits[r0:r1], out)
+    matvec_kernel = staticmethod(matvec.matvec_bf16)
+    dequant_kernel = staticmethod(dequant.dequant_bf16)
 
 
 @dataclass(frozen=True, eq=False)
@@ -176,13 +174,14 @@ class I8Weight(Weight):
 
 
 def dense_from_numpy(a: np.ndarray, dtype: str) -> Weight:
-    """A 2-D safetensors/GGUF array in F32, F16 or BF16 (the latter two as uint16 bits) -> Weight."""
+    """A 2-D safetensors/GGUF array in F32, F16 or BF16 (the latter two as uint16 bits) -> Weight.
+    Always a copy: `a` is usually a view into a file map that the loader releases afterwards."""
     if dtype == "F32":
-        return F32Weight(np.ascontiguousarray(a, dtype=np.float32))
+        return F32Weight(np.array(a, dtype=np.float32, order="C", copy=True))
     if dtype == "F16":
-        return F16Weight(np.ascontiguousarray(a.view(np.uint16)))
+        return F16Weight(np.array(a.view(np.uint16), order="C", copy=True))
     if dtype == "BF16":
-        return BF16Weight(np.ascontiguousarray(a.view(np.uint16)))
+        return BF16Weight(np.array(a.view(np.uint16), order="C", copy=True))
     raise ValueError(f"no dense layout for dtype {dtype}")
 
 
