@@ -13,7 +13,7 @@ import numpy as np
 from engine.config import ModelConfig
 from engine.kv_cache import KVCache
 from engine.rope import cos_sin, inv_freq, position_scale
-from engine.weights import Weight
+from engine.weights import Weight, concat_rows
 from kernels.activation import glu
 from kernels.attention import attention, attention_numpy
 from kernels.norm import rmsnorm
@@ -35,6 +35,10 @@ class LayerWeights:
     bk: np.ndarray | None = None
     bv: np.ndarray | None = None
     bo: np.ndarray | None = None   # (hidden,) f32, attention_bias only
+    # Set by Transformer when the layouts allow: the stacked rows of wq|wk|wv and w_gate|w_up, with
+    # the separate weights turned into views of them (no extra memory).
+    wqkv: Weight | None = None     # ((heads + 2*kv_heads)*head_dim, hidden)
+    w_gate_up: Weight | None = None  # (2*ffn, hidden)
 
 
 @dataclass
@@ -63,6 +67,15 @@ class Transformer:
         self.weights = weights
         self._freqs = inv_freq(config, weights.rope_freq_factors)
         self._pos_scale = position_scale(config)
+        self._cos = self._sin = np.zeros((0, config.head_dim // 2), dtype=np.float32)  # (positions, hd/2)
+        for lw in weights.layers:
+            _fuse(lw)
+
+    def _rope_table(self, end: int) -> tuple[np.ndarray, np.ndarray]:
+        """cos, sin (>= end, head_dim/2) f32 for positions 0.., grown by doubling and reused."""
+        if len(self._cos) < end:
+            self._cos, self._sin = cos_sin(np.arange(max(end, 2 * len(self._cos))), self._freqs, self._pos_scale)
+        return self._cos, self._sin
 
     def new_cache(self, max_seq: int) -> KVCache:
         c = self.config
@@ -76,31 +89,59 @@ class Transformer:
         n = len(ids)
         start = cache.length
         assert start + n <= cache.max_seq, "caller checks the context length"
-        cos, sin = cos_sin(np.arange(start, start + n), self._freqs, self._pos_scale)
+        cos, sin = self._rope_table(start + n)
+        cos, sin = cos[start:start + n], sin[start:start + n]
+        hq, hkv = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
         x = self.weights.embed.rows_f32(ids)                                # (n, hidden) f32
         h = np.empty_like(x)
         attn = np.empty((n, c.num_attention_heads, c.head_dim), dtype=np.float32)
         attend = attention if n == 1 else attention_numpy                   # BLAS wins for many queries
         for i, lw in enumerate(self.weights.layers):
             rmsnorm(x, lw.attn_norm, c.rms_norm_eps, h)
-            q = _linear(lw.wq, h, lw.bq).reshape(n, c.num_attention_heads, c.head_dim)
-            k = _linear(lw.wk, h, lw.bk).reshape(n, c.num_key_value_heads, c.head_dim)
-            v = _linear(lw.wv, h, lw.bv).reshape(n, c.num_key_value_heads, c.head_dim)
+            if lw.wqkv is not None:
+                qkv = lw.wqkv.matmul(h)                                      # (n, hq + 2*hkv) f32
+                q, k, v = qkv[:, :hq], qkv[:, hq:hq + hkv], qkv[:, hq + hkv:]
+                for y, b in ((q, lw.bq), (k, lw.bk), (v, lw.bv)):
+                    if b is not None:
+                        y += b
+            else:
+                q, k, v = _linear(lw.wq, h, lw.bq), _linear(lw.wk, h, lw.bk), _linear(lw.wv, h, lw.bv)
+            q = q.reshape(n, c.num_attention_heads, c.head_dim)
+            k = k.reshape(n, c.num_key_value_heads, c.head_dim)
+            v = v.reshape(n, c.num_key_value_heads, c.head_dim)
             rope(q, cos, sin, q)
             rope(k, cos, sin, k)
             cache.write(i, start, k, v)
             attend(q, cache.k[i], cache.v[i], start, c.window, attn)
             x += _linear(lw.wo, attn.reshape(n, -1), lw.bo)
             rmsnorm(x, lw.ffn_norm, c.rms_norm_eps, h)
-            gate = lw.w_gate.matmul(h)                                       # (n, ffn) f32
-            up = lw.w_up.matmul(h)
+            if lw.w_gate_up is not None:
+                gu = lw.w_gate_up.matmul(h)                                  # (n, 2*ffn) f32
+                gate, up = gu[:, :c.intermediate_size], gu[:, c.intermediate_size:]
+            else:
+                gate, up = lw.w_gate.matmul(h), lw.w_up.matmul(h)            # (n, ffn) f32 each
             glu(gate, up, c.act_kind, gate)
-            x += lw.w_down.matmul(gate)
+            x += lw.w_down.matmul(np.ascontiguousarray(gate))
         cache.length = start + n
         if not all_logits:
             x = x[-1:]
         rmsnorm(x, self.weights.norm, c.rms_norm_eps, x)
         return self.weights.lm_head.matmul(np.ascontiguousarray(x))
+
+
+def _fuse(lw: LayerWeights) -> None:
+    """Stack wq|wk|wv and w_gate|w_up into one weight each where their layouts match, and make the
+    separate weights views into the stack so memory is not duplicated."""
+    for fused_name, names in (("wqkv", ("wq", "wk", "wv")), ("w_gate_up", ("w_gate", "w_up"))):
+        parts = [getattr(lw, n) for n in names]
+        fused = concat_rows(parts)
+        if fused is None:
+            continue
+        setattr(lw, fused_name, fused)
+        r0 = 0
+        for n, w in zip(names, parts):
+            setattr(lw, n, fused.row_slice(r0, r0 + w.shape[0]))
+            r0 += w.shape[0]
 
 
 def _linear(w: Weight, x: np.ndarray, bias: np.ndarray | None) -> np.ndarray:

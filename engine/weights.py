@@ -65,6 +65,25 @@ class Weight:
         """A weight whose row i is this weight's row order[i] (used to undo GGUF's Q/K row order)."""
         return type(self)(*[a[order] for a in self._arrays()])
 
+    def row_slice(self, r0: int, r1: int) -> "Weight":
+        """Rows r0..r1 as a view (no copy)."""
+        return type(self)(*[a[r0:r1] for a in self._arrays()])
+
+
+def concat_rows(weights: list[Weight]) -> Weight | None:
+    """One weight holding the rows of all `weights`, or None when their layouts differ.
+
+    Decode runs q/k/v (and gate/up) as one matvec over the stacked rows: one kernel launch instead of
+    three, since each numba parallel launch costs ~25 us (DESIGN.md)."""
+    first = weights[0]
+    parts = [w._arrays() for w in weights]
+    if any(type(w) is not type(first) for w in weights):
+        return None
+    # Same layout also means the same number of scale blocks per row (I8's B = 16 or 32).
+    if any(tuple(a.shape[1] for a in p) != tuple(a.shape[1] for a in parts[0]) for p in parts):
+        return None
+    return type(first)(*[np.concatenate(arrs) for arrs in zip(*parts)])
+
     # layout-specific
     def _arrays(self) -> tuple[np.ndarray, ...]:
         raise NotImplementedError
