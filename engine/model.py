@@ -84,6 +84,17 @@ class Transformer:
     def forward(self, ids: np.ndarray, cache: KVCache, all_logits: bool = True) -> np.ndarray:
         """ids (n,) int token ids at positions cache.length..; returns (n, vocab) f32 logits, or
         (1, vocab) for the last token only when all_logits is False. Appends to the cache."""
+        try:
+            return self._forward(ids, cache, all_logits)
+        except SystemError as e:
+            # A Ctrl-C that lands inside a numba kernel comes back as "SystemError: CPUDispatcher(...)
+            # returned a result with an exception set", caused by the KeyboardInterrupt. Give callers the
+            # KeyboardInterrupt they expect. The cache is unchanged: its length only moves on success.
+            if isinstance(e.__cause__, KeyboardInterrupt):
+                raise KeyboardInterrupt from None
+            raise
+
+    def _forward(self, ids: np.ndarray, cache: KVCache, all_logits: bool) -> np.ndarray:
         c = self.config
         ids = np.asarray(ids, dtype=np.int64)
         n = len(ids)
