@@ -9,9 +9,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from engine.commands import chat, generate, perplexity, pull
+from engine.commands import bench, chat, generate, perplexity, pull
 
-COMMANDS = (pull, generate, chat, perplexity)
+COMMANDS = (pull, generate, chat, perplexity, bench)
 
 
 def build_parser() -> argparse.ArgumentParser:
