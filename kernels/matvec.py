@@ -2,15 +2,61 @@
 
 One function per weight layout (kernels/layouts.md). Each numba kernel has a numpy twin named *_numpy
 with the same signature; `matvec_*` is whichever backend.py picked. All write into `out` and return it.
+
+How the numba kernels are written (measured with tools/bench_kernels.py; DESIGN.md has the background):
+- one `prange` launch per call, over rows, each row one long unit-stride loop over 1-D views;
+- block scales are looked up as `d[k >> 5]` / `d[k >> 4]`: a shift by a constant lets LLVM broadcast
+  one scale per vector (a run-time shift or division makes it gather per element, ~6x slower); the
+  min term sum_b m[r,b] * sum(x in block b) is added per row from block sums of x made once per call;
+- integer -> float32 conversions go through int32 (int64 -> float32 vector conversion needs
+  AVX-512DQ); 16-bit floats convert in registers (dequant.f16_to_f32 / bf16_to_f32: no table
+  gathers, no scratch);
+- wide rows (cols > WIDE_COLS) are walked 4 at a time, so that each load of x serves 4 rows: one row
+  at a time reads 4 bytes of x per int8 weight (8 per byte of nibbles), and once x no longer stays in
+  L1 next to the weight stream that traffic, not DRAM, is the limit (4096x11008 Q8_0, 1 thread: ~10
+  GB/s row by row, ~16 GB/s 4 rows at a time). Narrower rows stay one at a time: 4 interleaved
+  streams are served worse by the hardware prefetchers (576x1536 Q8_0: ~21 against ~11 GB/s);
+- Q4 rows of at most NARROW_COLS values add the min term inside the main loop rather than in a
+  second loop per row (SmolLM2's 576-wide rows: 10-20% faster; on longer rows it costs more).
+Tried and dropped (no gain here): software prefetch of the next rows, 2-row groups, 4-row groups for
+narrow rows, and building nibble floats from bits (1 + q/16) instead of int->float conversion.
 """
 
 import numpy as np
 
+from kernels import dequant
 from kernels.backend import NUMBA, jit, pick
-from kernels.convert import F16_TO_F32
 
 if NUMBA:
     from numba import prange
+
+    from kernels.dequant import bf16_to_f32, f16_to_f32
+
+# The numpy twins dequantize this many elements at a time (1 MiB of float32, reused) and hand each
+# chunk of rows to BLAS: a whole 7B FFN matrix in float32 would be ~180 MB per call (phones).
+CHUNK_ELEMS = 1 << 18
+
+GROUP = 4           # rows walked together when x is wide (the loops below are written for exactly 4)
+WIDE_COLS = 8192    # x of 32 KiB: measured crossover between 5632 (rows one by one win) and 11008
+NARROW_COLS = 1024  # Q4 rows this short fold the min term into the main loop (see _matvec_q4_numba)
+
+
+def _chunked(dequant_fn, arrays, cols, x, out):
+    """out[r0:r1] = dequant_fn(rows r0:r1 of arrays) @ x, a chunk of rows at a time."""
+    rows = out.shape[0]
+    step = max(1, min(rows, CHUNK_ELEMS // cols))
+    w = np.empty((step, cols), dtype=np.float32)
+    for r0 in range(0, rows, step):
+        r1 = min(rows, r0 + step)
+        wc = dequant_fn(*[a[r0:r1] for a in arrays], w[: r1 - r0])
+        np.dot(wc, x, out=out[r0:r1])
+    return out
+
+
+@jit()
+def _group(cols):
+    """Rows per prange iteration."""
+    return GROUP if cols > WIDE_COLS else 1
 
 
 # ---------------------------------------------------------------- F32: BLAS already runs at bandwidth
@@ -25,48 +71,78 @@ def matvec_f32(w, x, out):
 
 def matvec_f16_numpy(bits, x, out):
     """bits (rows, cols) uint16 IEEE-half patterns, x (cols,) f32 -> out (rows,) f32."""
-    np.dot(bits.view(np.float16).astype(np.float32), x, out=out)
-    return out
+    return _chunked(dequant.dequant_f16_numpy, (bits,), bits.shape[1], x, out)
 
 
 def matvec_bf16_numpy(bits, x, out):
     """bits (rows, cols) uint16 bfloat16 patterns, x (cols,) f32 -> out (rows,) f32."""
-    w = (bits.astype(np.uint32) << 16).view(np.float32)
-    np.dot(w, x, out=out)
-    return out
+    return _chunked(dequant.dequant_bf16_numpy, (bits,), bits.shape[1], x, out)
 
 
 @jit(parallel=True)
 def _matvec_f16_numba(bits, x, out):
     rows, cols = bits.shape
-    table = F16_TO_F32
-    for r in prange(rows):
-        row = bits[r]
-        acc = np.float32(0.0)
-        for k in range(cols):
-            acc += table[row[k]] * x[k]
-        out[r] = acc
+    G = _group(cols)
+    for g in prange((rows + G - 1) // G):
+        r = g * G
+        if G == GROUP and r + GROUP <= rows:
+            w0, w1, w2, w3 = bits[r], bits[r + 1], bits[r + 2], bits[r + 3]
+            a0 = a1 = a2 = a3 = np.float32(0.0)
+            for k in range(cols):
+                xk = x[k]
+                a0 += f16_to_f32(w0[k]) * xk
+                a1 += f16_to_f32(w1[k]) * xk
+                a2 += f16_to_f32(w2[k]) * xk
+                a3 += f16_to_f32(w3[k]) * xk
+            out[r], out[r + 1], out[r + 2], out[r + 3] = a0, a1, a2, a3
+        else:
+            for r in range(g * G, min(rows, g * G + G)):
+                row = bits[r]
+                acc = np.float32(0.0)
+                for k in range(cols):
+                    acc += f16_to_f32(row[k]) * x[k]
+                out[r] = acc
     return out
 
 
 @jit(parallel=True)
 def _matvec_bf16_numba(bits, x, out):
     rows, cols = bits.shape
-    for r in prange(rows):
-        # A bf16 is the top half of a float32: widen each row into scratch, then a vectorizable dot.
-        w = np.empty(cols, dtype=np.uint32)
-        row = bits[r]
-        for k in range(cols):
-            w[k] = np.uint32(row[k]) << 16
-        wf = w.view(np.float32)
-        acc = np.float32(0.0)
-        for k in range(cols):
-            acc += wf[k] * x[k]
-        out[r] = acc
+    G = _group(cols)
+    for g in prange((rows + G - 1) // G):
+        r = g * G
+        if G == GROUP and r + GROUP <= rows:
+            w0, w1, w2, w3 = bits[r], bits[r + 1], bits[r + 2], bits[r + 3]
+            a0 = a1 = a2 = a3 = np.float32(0.0)
+            for k in range(cols):
+                xk = x[k]
+                a0 += bf16_to_f32(w0[k]) * xk
+                a1 += bf16_to_f32(w1[k]) * xk
+                a2 += bf16_to_f32(w2[k]) * xk
+                a3 += bf16_to_f32(w3[k]) * xk
+            out[r], out[r + 1], out[r + 2], out[r + 3] = a0, a1, a2, a3
+        else:
+            for r in range(g * G, min(rows, g * G + G)):
+                row = bits[r]
+                acc = np.float32(0.0)
+                for k in range(cols):
+                    acc += bf16_to_f32(row[k]) * x[k]
+                out[r] = acc
     return out
 
 
 # ---------------------------------------------------------------- Q4: 4-bit nibbles, block-32 scale and min
+
+def _q4_scaled_numpy(qs, d, out):
+    """out (rows, cols) = d * q for the rows given (the min term is added after the dot product)."""
+    rows = qs.shape[0]
+    q = qs.reshape(rows, -1, 16)
+    blocks = out.reshape(rows, -1, 2, 16)          # (rows, blocks, lo/hi, 16)
+    np.bitwise_and(q, 15, out=blocks[:, :, 0], casting="unsafe")
+    np.right_shift(q, 4, out=blocks[:, :, 1], casting="unsafe")
+    out.reshape(rows, -1, 32)[:] *= d[:, :, None]
+    return out
+
 
 def _block_sums(x, block):
     return x.reshape(-1, block).sum(axis=1, dtype=np.float32)
@@ -74,12 +150,8 @@ def _block_sums(x, block):
 
 def matvec_q4_numpy(qs, d, m, x, out):
     """qs (rows, cols/2) uint8, d and m (rows, cols/32) f32, x (cols,) f32 -> out (rows,) f32."""
-    rows, half = qs.shape
-    xb = x.reshape(-1, 2, 16)                      # (blocks, lo/hi half, 16)
-    lo = (qs & 15).reshape(rows, -1, 16).astype(np.float32)
-    hi = (qs >> 4).reshape(rows, -1, 16).astype(np.float32)
-    per_block = np.einsum("rbj,bj->rb", lo, xb[:, 0]) + np.einsum("rbj,bj->rb", hi, xb[:, 1])
-    out[:] = (per_block * d).sum(axis=1) + m @ _block_sums(x, 32)
+    _chunked(_q4_scaled_numpy, (qs, d), qs.shape[1] * 2, x, out)
+    out += m @ _block_sums(x, 32)
     return out
 
 
@@ -88,7 +160,7 @@ def _matvec_q4_numba(qs, d, m, x, out):
     rows, half = qs.shape
     nb = d.shape[1]
     # Split x per block into the halves that pair with low and high nibbles, so the inner loop is one
-    # long unit-stride walk that LLVM vectorizes (DESIGN.md).
+    # long unit-stride walk (DESIGN.md); and sum x per block for the min term.
     xlo = np.empty(half, dtype=np.float32)
     xhi = np.empty(half, dtype=np.float32)
     xsum = np.zeros(nb, dtype=np.float32)
@@ -97,33 +169,78 @@ def _matvec_q4_numba(qs, d, m, x, out):
             xlo[b * 16 + j] = x[b * 32 + j]
             xhi[b * 16 + j] = x[b * 32 + 16 + j]
             xsum[b] += x[b * 32 + j] + x[b * 32 + 16 + j]
-    for r in prange(rows):
-        row = qs[r]
-        dr = d[r]
-        acc = np.float32(0.0)
-        for k in range(half):
-            # Nibbles as int32: numba computes q & 15 in int64, and int64->float32 vector conversion
-            # needs AVX-512DQ (scalar code elsewhere); int32->float32 is one instruction on AVX2/NEON.
-            q = np.int32(row[k])
-            acc += dr[k >> 4] * (np.float32(np.int32(q & 15)) * xlo[k] + np.float32(np.int32(q >> 4)) * xhi[k])
-        mr = m[r]
-        for b in range(nb):
-            acc += mr[b] * xsum[b]
-        out[r] = acc
+    # Short rows: the min term rides in the main loop as m[k >> 4] * (xlo[k] + xhi[k]) instead of a
+    # second loop per row (1536x576: 10-20% faster); on longer rows the extra work costs more.
+    narrow = 2 * half <= NARROW_COLS
+    xs = np.empty(half if narrow else 0, dtype=np.float32)
+    for k in range(xs.shape[0]):
+        xs[k] = xlo[k] + xhi[k]
+    G = _group(2 * half)
+    for g in prange((rows + G - 1) // G):
+        r = g * G
+        if G == GROUP and r + GROUP <= rows:
+            q0, q1, q2, q3 = qs[r], qs[r + 1], qs[r + 2], qs[r + 3]
+            d0, d1, d2, d3 = d[r], d[r + 1], d[r + 2], d[r + 3]
+            a0 = a1 = a2 = a3 = np.float32(0.0)
+            for k in range(half):
+                xl = xlo[k]
+                xh = xhi[k]
+                b0 = np.int32(q0[k])
+                b1 = np.int32(q1[k])
+                b2 = np.int32(q2[k])
+                b3 = np.int32(q3[k])
+                a0 += d0[k >> 4] * (np.float32(np.int32(b0 & 15)) * xl + np.float32(np.int32(b0 >> 4)) * xh)
+                a1 += d1[k >> 4] * (np.float32(np.int32(b1 & 15)) * xl + np.float32(np.int32(b1 >> 4)) * xh)
+                a2 += d2[k >> 4] * (np.float32(np.int32(b2 & 15)) * xl + np.float32(np.int32(b2 >> 4)) * xh)
+                a3 += d3[k >> 4] * (np.float32(np.int32(b3 & 15)) * xl + np.float32(np.int32(b3 >> 4)) * xh)
+            m0, m1, m2, m3 = m[r], m[r + 1], m[r + 2], m[r + 3]
+            for b in range(nb):
+                xb = xsum[b]
+                a0 += m0[b] * xb
+                a1 += m1[b] * xb
+                a2 += m2[b] * xb
+                a3 += m3[b] * xb
+            out[r], out[r + 1], out[r + 2], out[r + 3] = a0, a1, a2, a3
+        else:
+            for r in range(g * G, min(rows, g * G + G)):
+                row = qs[r]
+                dr = d[r]
+                mr = m[r]
+                acc = np.float32(0.0)
+                # Nibbles as int32: numba computes q & 15 in int64, and int64->float32 vector
+                # conversion needs AVX-512DQ (scalar code elsewhere); int32->float32 is one
+                # instruction on AVX2/NEON.
+                if narrow:
+                    for k in range(half):
+                        b0 = np.int32(row[k])
+                        acc += dr[k >> 4] * (np.float32(np.int32(b0 & 15)) * xlo[k]
+                                             + np.float32(np.int32(b0 >> 4)) * xhi[k]) + mr[k >> 4] * xs[k]
+                else:
+                    for k in range(half):
+                        b0 = np.int32(row[k])
+                        acc += dr[k >> 4] * (np.float32(np.int32(b0 & 15)) * xlo[k]
+                                             + np.float32(np.int32(b0 >> 4)) * xhi[k])
+                    for b in range(nb):
+                        acc += mr[b] * xsum[b]
+                out[r] = acc
     return out
 
 
 # ---------------------------------------------------------------- I8: int8 values, block-B scale, optional min
 
+def _i8_scaled_numpy(q, d, out):
+    rows, cols = q.shape
+    blocks = out.reshape(rows, d.shape[1], -1)
+    blocks[:] = q.reshape(blocks.shape)
+    blocks *= d[:, :, None]
+    return out
+
+
 def matvec_i8_numpy(q, d, m, x, out):
     """q (rows, cols) int8, d (rows, cols/B) f32, m (rows, cols/B) or (rows, 0) f32 -> out (rows,) f32."""
-    rows, cols = q.shape
-    block = cols // d.shape[1]
-    xb = x.reshape(-1, block)
-    per_block = np.einsum("rbj,bj->rb", q.reshape(rows, -1, block).astype(np.float32), xb)
-    out[:] = (per_block * d).sum(axis=1)
+    _chunked(_i8_scaled_numpy, (q, d), q.shape[1], x, out)
     if m.shape[1]:
-        out += m @ _block_sums(x, block)
+        out += m @ _block_sums(x, q.shape[1] // m.shape[1])
     return out
 
 
@@ -135,28 +252,58 @@ def _matvec_i8_numba(q, d, m, x, out):
     has_min = m.shape[1] > 0
     xsum = np.zeros(nb, dtype=np.float32)
     if has_min:
-        for k in range(cols):
-            xsum[k // block] += x[k]
-    for r in prange(rows):
-        row = q[r]
-        dr = d[r]
-        acc = np.float32(0.0)
-        # The scale index must be a shift by a constant: with a run-time shift LLVM gathers d[...]
-        # per element and the loop runs ~6x slower.
-        if block == 32:
-            for k in range(cols):
-                acc += dr[k >> 5] * (np.float32(row[k]) * x[k])
-        elif block == 16:
-            for k in range(cols):
-                acc += dr[k >> 4] * (np.float32(row[k]) * x[k])
+        for b in range(nb):
+            acc = np.float32(0.0)
+            for k in range(b * block, b * block + block):
+                acc += x[k]
+            xsum[b] = acc
+    # The scale index must be a shift by a constant: with a run-time shift or division LLVM gathers
+    # d[...] per element and the loop runs ~6x slower. B = 32 (Q8_0, Q5_K...) and 16 (Q6_K) get their
+    # own loops; other block sizes take the slow general loop (no GGUF format produces them).
+    G = _group(cols) if block == 32 or block == 16 else 1
+    for g in prange((rows + G - 1) // G):
+        r = g * G
+        if G == GROUP and r + GROUP <= rows:
+            q0, q1, q2, q3 = q[r], q[r + 1], q[r + 2], q[r + 3]
+            d0, d1, d2, d3 = d[r], d[r + 1], d[r + 2], d[r + 3]
+            a0 = a1 = a2 = a3 = np.float32(0.0)
+            if block == 32:
+                for k in range(cols):
+                    xk = x[k]
+                    a0 += d0[k >> 5] * (np.float32(q0[k]) * xk)
+                    a1 += d1[k >> 5] * (np.float32(q1[k]) * xk)
+                    a2 += d2[k >> 5] * (np.float32(q2[k]) * xk)
+                    a3 += d3[k >> 5] * (np.float32(q3[k]) * xk)
+            else:
+                for k in range(cols):
+                    xk = x[k]
+                    a0 += d0[k >> 4] * (np.float32(q0[k]) * xk)
+                    a1 += d1[k >> 4] * (np.float32(q1[k]) * xk)
+                    a2 += d2[k >> 4] * (np.float32(q2[k]) * xk)
+                    a3 += d3[k >> 4] * (np.float32(q3[k]) * xk)
+            out[r], out[r + 1], out[r + 2], out[r + 3] = a0, a1, a2, a3
         else:
-            for k in range(cols):
-                acc += dr[k // block] * (np.float32(row[k]) * x[k])
+            for r in range(g * G, min(rows, g * G + G)):
+                row = q[r]
+                dr = d[r]
+                acc = np.float32(0.0)
+                if block == 32:
+                    for k in range(cols):
+                        acc += dr[k >> 5] * (np.float32(row[k]) * x[k])
+                elif block == 16:
+                    for k in range(cols):
+                        acc += dr[k >> 4] * (np.float32(row[k]) * x[k])
+                else:
+                    for k in range(cols):
+                        acc += dr[k // block] * (np.float32(row[k]) * x[k])
+                out[r] = acc
         if has_min:
-            mr = m[r]
-            for b in range(nb):
-                acc += mr[b] * xsum[b]
-        out[r] = acc
+            for r in range(g * G, min(rows, g * G + G)):
+                mr = m[r]
+                acc = out[r]
+                for b in range(nb):
+                    acc += mr[b] * xsum[b]
+                out[r] = acc
     return out
 
 

@@ -22,8 +22,12 @@ REPO = Path(__file__).resolve().parent.parent
 # numba runs with fastmath (reassociated float32 sums); errors are measured against sum |w|*|x|.
 RTOL = 1e-5
 
-SHAPES_32 = [(1, 32), (3, 32), (1, 64), (33, 64), (7, 96), (5, 576), (1536, 576)]
+SHAPES_32 = [(1, 32), (3, 32), (1, 64), (33, 64), (7, 96), (5, 576), (1536, 576), (2, 1024), (3, 1056)]
 SHAPES_16 = [(1, 16), (3, 16), (33, 48), (1536, 576)]
+# Rows wider than matvec.WIDE_COLS take the 4-rows-at-a-time loops: full groups, groups with 1-3 rows
+# left over, fewer rows than a group, and the boundary itself (still one row at a time).
+_W = matvec.WIDE_COLS
+SHAPES_WIDE = [(1, _W + 32), (3, _W + 32), (4, _W + 32), (5, _W + 64), (10, _W + 32), (7, _W)]
 
 
 # ---------------------------------------------------------------- random layouts and their float64 meaning
@@ -114,21 +118,21 @@ def _check_dequant(kernel, twin, args, w64):
 
 # ---------------------------------------------------------------- matvec
 
-@pytest.mark.parametrize("rows,cols", SHAPES_32 + [(2, 16)])
+@pytest.mark.parametrize("rows,cols", SHAPES_32 + [(2, 16)] + SHAPES_WIDE)
 def test_matvec_f16(rows, cols):
     rng = np.random.default_rng(rows * 1000 + cols)
     bits = _halves(rng, (rows, cols))
     _check_matvec(matvec.matvec_f16, matvec.matvec_f16_numpy, (bits,), ref_f16(bits), _x(rng, cols))
 
 
-@pytest.mark.parametrize("rows,cols", SHAPES_32 + [(2, 16)])
+@pytest.mark.parametrize("rows,cols", SHAPES_32 + [(2, 16)] + SHAPES_WIDE)
 def test_matvec_bf16(rows, cols):
     rng = np.random.default_rng(rows * 1000 + cols + 1)
     bits = _bf16s(rng, (rows, cols))
     _check_matvec(matvec.matvec_bf16, matvec.matvec_bf16_numpy, (bits,), ref_bf16(bits), _x(rng, cols))
 
 
-@pytest.mark.parametrize("rows,cols", SHAPES_32)
+@pytest.mark.parametrize("rows,cols", SHAPES_32 + SHAPES_WIDE)
 def test_matvec_q4(rows, cols):
     rng = np.random.default_rng(rows * 1000 + cols + 2)
     args = _q4(rng, rows, cols)
@@ -136,7 +140,9 @@ def test_matvec_q4(rows, cols):
 
 
 @pytest.mark.parametrize("with_min", [False, True])
-@pytest.mark.parametrize("block,rows,cols", [(32, r, c) for r, c in SHAPES_32] + [(16, r, c) for r, c in SHAPES_16])
+@pytest.mark.parametrize("block,rows,cols", [(32, r, c) for r, c in SHAPES_32 + SHAPES_WIDE]
+                         + [(16, r, c) for r, c in SHAPES_16 + SHAPES_WIDE]
+                         + [(64, 3, 128), (64, 5, _W + 64)])   # a block size no GGUF format has
 def test_matvec_i8(block, rows, cols, with_min):
     rng = np.random.default_rng(rows * 1000 + cols + block + with_min)
     args = _i8(rng, rows, cols, block, with_min)
@@ -184,7 +190,8 @@ def test_dequant_q4(rows, cols):
 
 
 @pytest.mark.parametrize("with_min", [False, True])
-@pytest.mark.parametrize("block,rows,cols", [(32, r, c) for r, c in SHAPES_32] + [(16, r, c) for r, c in SHAPES_16])
+@pytest.mark.parametrize("block,rows,cols", [(32, r, c) for r, c in SHAPES_32] + [(16, r, c) for r, c in SHAPES_16]
+                         + [(64, 3, 128)])
 def test_dequant_i8(block, rows, cols, with_min):
     rng = np.random.default_rng(rows + cols + block + with_min)
     args = _i8(rng, rows, cols, block, with_min)
@@ -200,6 +207,112 @@ def test_dequant_row_slices():
     for fn in (dequant.dequant_q4, dequant.dequant_q4_numpy):
         fn(qs[30:37], d[30:37], m[30:37], out)
         np.testing.assert_allclose(out, w64[30:37], rtol=1e-6, atol=1e-6)
+
+
+# ---------------------------------------------------------------- 16-bit float conversion
+
+def _all_halves():
+    return np.arange(65536, dtype=np.uint32).astype(np.uint16).reshape(256, 256)
+
+
+def _same_floats(got, want):
+    """Equal values, NaN where NaN (NaN payloads and the sign of zero may differ)."""
+    nan = np.isnan(want)
+    assert (np.isnan(got) == nan).all()
+    assert (got[~nan] == want[~nan]).all()
+
+
+def test_dequant_f16_every_pattern():
+    bits = _all_halves()
+    want = bits.view(np.float16).astype(np.float32)
+    for fn in (dequant.dequant_f16, dequant.dequant_f16_numpy):
+        _same_floats(fn(bits, np.empty((256, 256), np.float32)), want)
+
+
+def test_dequant_bf16_every_pattern():
+    bits = _all_halves()
+    want = (bits.astype(np.uint32) << 16).view(np.float32)
+    for fn in (dequant.dequant_bf16, dequant.dequant_bf16_numpy):
+        _same_floats(fn(bits, np.empty((256, 256), np.float32)), want)
+
+
+def _f16_int_kernels():
+    """The integer half conversion (used where the CPU has none) in a dequant loop and a dot loop,
+    compiled like the kernels (fastmath), whichever conversion this machine selected."""
+    import numba
+
+    conv = dequant.f16_to_f32_int
+
+    @numba.njit(fastmath=True)
+    def convert(bits, out):
+        for k in range(bits.shape[0]):
+            out[k] = conv(bits[k])
+        return out
+
+    @numba.njit(fastmath=True)
+    def dot(bits, x):
+        acc = np.float32(0.0)
+        for k in range(bits.shape[0]):
+            acc += conv(bits[k]) * x[k]
+        return acc
+
+    return convert, dot
+
+
+@pytest.mark.skipif(not backend.NUMBA, reason="numba kernels only")
+def test_f16_integer_conversion_every_pattern():
+    convert, _ = _f16_int_kernels()
+    bits = _all_halves().reshape(-1)
+    _same_floats(convert(bits, np.empty(65536, np.float32)), bits.view(np.float16).astype(np.float32))
+
+
+@pytest.mark.skipif(not backend.NUMBA, reason="numba kernels only")
+def test_f16_integer_conversion_large_activations():
+    """No rescaling constant may meet x: fastmath would fold it into x, and x * 2**112 overflows."""
+    _, dot = _f16_int_kernels()
+    rng = np.random.default_rng(8)
+    bits = _halves(rng, 4096)
+    x = (rng.standard_normal(4096) * 1e6).astype(np.float32)
+    want = ref_f16(bits) @ x.astype(np.float64)
+    scale = np.abs(ref_f16(bits)) @ np.abs(x.astype(np.float64))
+    assert abs(dot(bits, x) - want) / scale < RTOL
+
+
+def test_matvec_f16_special_values():
+    """Subnormal, zero, largest finite halves, and activations far beyond the half range."""
+    rng = np.random.default_rng(9)
+    rows, cols = 6, 256
+    vals = np.array([0.0, -0.0, 6e-8, -6e-8, 3e-5, 65504.0, -65504.0, 1.0], np.float16)
+    bits = rng.choice(vals, (rows, cols)).view(np.uint16)
+    x = _x(rng, cols) * np.float32(1e5)
+    _check_matvec(matvec.matvec_f16, matvec.matvec_f16_numpy, (bits,), ref_f16(bits), x)
+
+
+# ---------------------------------------------------------------- numpy twins work in chunks of rows
+
+@pytest.mark.parametrize("chunk", [64, 1000])
+def test_numpy_twins_in_chunks(chunk, monkeypatch):
+    """Many chunks, a partial last chunk, rows longer than a chunk: same results."""
+    monkeypatch.setattr(matvec, "CHUNK_ELEMS", chunk)
+    rng = np.random.default_rng(chunk)
+    rows, cols = 37, 256
+    x = _x(rng, cols)
+    bits = _halves(rng, (rows, cols))
+    cases = [
+        (matvec.matvec_f16_numpy, (bits,), ref_f16(bits)),
+        (matvec.matvec_bf16_numpy, (_bf16s(rng, (rows, cols)),), None),
+        (matvec.matvec_q4_numpy, _q4(rng, rows, cols), None),
+        (matvec.matvec_i8_numpy, _i8(rng, rows, cols, 32, True), None),
+        (matvec.matvec_i8_numpy, _i8(rng, rows, cols, 16, False), None),
+    ]
+    refs = {matvec.matvec_bf16_numpy: ref_bf16, matvec.matvec_q4_numpy: ref_q4, matvec.matvec_i8_numpy: ref_i8}
+    for fn, args, w64 in cases:
+        w64 = refs[fn](*args) if w64 is None else w64
+        out = np.full(rows, np.nan, np.float32)
+        assert fn(*args, x, out) is out
+        want = w64 @ x.astype(np.float64)
+        scale = np.abs(w64) @ np.abs(x.astype(np.float64)) + 1e-30
+        assert (np.abs(out - want) / scale).max() < RTOL
 
 
 # ---------------------------------------------------------------- numpy-only mode
