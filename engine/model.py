@@ -13,9 +13,10 @@ import numpy as np
 from engine.config import ModelConfig
 from engine.kv_cache import KVCache
 from engine.rope import cos_sin, inv_freq, position_scale
-from engine.weights import Weight, concat_rows
+from engine.weights import Q4Weight, Weight, concat_rows
 from kernels.activation import glu
 from kernels.attention import attention, attention_numpy
+from kernels.fused import decode_layer_q4
 from kernels.norm import rmsnorm
 from kernels.rope import rope
 
@@ -70,6 +71,9 @@ class Transformer:
         self._cos = self._sin = np.zeros((0, config.head_dim // 2), dtype=np.float32)  # (positions, hd/2)
         for lw in weights.layers:
             _fuse(lw)
+        # One compiled call per layer for decode when every layer has the Q4 layout and no biases.
+        self._fused_decode = decode_layer_q4 is not None and all(_q4_layer(lw) for lw in weights.layers)
+        self._scratch = None
 
     def _rope_table(self, end: int) -> tuple[np.ndarray, np.ndarray]:
         """cos, sin (>= end, head_dim/2) f32 for positions 0.., grown by doubling and reused."""
@@ -94,7 +98,32 @@ class Transformer:
                 raise KeyboardInterrupt from None
             raise
 
+    def _decode_fused(self, token: int, cache: KVCache) -> np.ndarray:
+        """One token through every layer with one numba call per layer; (1, vocab) f32 logits."""
+        c = self.config
+        pos = cache.length
+        if self._scratch is None:
+            hq, hkv = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
+            self._scratch = (np.empty((1, c.hidden_size), np.float32), np.empty(hq + 2 * hkv, np.float32),
+                             np.empty((1, c.num_attention_heads, c.head_dim), np.float32),
+                             np.empty(2 * c.intermediate_size, np.float32), np.empty(c.hidden_size, np.float32))
+        h, qkv, attn, gu, tmp = self._scratch
+        cos, sin = self._rope_table(pos + 1)
+        cos, sin = cos[pos:pos + 1], sin[pos:pos + 1]
+        x = self.weights.embed.rows_f32(np.array([token]))                    # (1, hidden) f32
+        for i, lw in enumerate(self.weights.layers):
+            a, o, g, d = lw.wqkv, lw.wo, lw.w_gate_up, lw.w_down
+            decode_layer_q4(x, lw.attn_norm, lw.ffn_norm, c.rms_norm_eps, a.qs, a.d, a.m, o.qs, o.d, o.m,
+                            g.qs, g.d, g.m, d.qs, d.d, d.m, cos, sin, cache.k[i], cache.v[i], pos, c.window,
+                            c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.intermediate_size,
+                            c.act_kind, h, qkv, attn, gu, tmp)
+        cache.length = pos + 1
+        rmsnorm(x, self.weights.norm, c.rms_norm_eps, x)
+        return self.weights.lm_head.matmul(x)
+
     def _forward(self, ids: np.ndarray, cache: KVCache, all_logits: bool) -> np.ndarray:
+        if len(ids) == 1 and self._fused_decode:
+            return self._decode_fused(int(ids[0]), cache)
         c = self.config
         ids = np.asarray(ids, dtype=np.int64)
         n = len(ids)
@@ -138,6 +167,11 @@ class Transformer:
             x = x[-1:]
         rmsnorm(x, self.weights.norm, c.rms_norm_eps, x)
         return self.weights.lm_head.matmul(np.ascontiguousarray(x))
+
+
+def _q4_layer(lw: LayerWeights) -> bool:
+    mats = (lw.wqkv, lw.wo, lw.w_gate_up, lw.w_down)
+    return all(isinstance(w, Q4Weight) for w in mats) and all(b is None for b in (lw.bq, lw.bk, lw.bv, lw.bo))
 
 
 def _fuse(lw: LayerWeights) -> None:
