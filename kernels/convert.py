@@ -1,10 +1,7 @@
-"""Half-precision helpers shared by kernels. numba has no float16 arrays, so halves travel as uint16."""
+"""Whole-array half-precision conversions for load time (norm weights, biases). The numba kernels
+convert in registers instead (kernels/dequant.py); numba has no float16 arrays, so halves travel as uint16."""
 
 import numpy as np
-
-# (65536,) float32: the value of every IEEE half bit pattern. 256 KiB, built once; a table lookup is
-# exact for subnormals, infinities and NaNs alike, where bit tricks need special cases.
-F16_TO_F32 = np.arange(65536, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(np.float32)
 
 
 def f16_bits_to_f32(bits: np.ndarray) -> np.ndarray:
