@@ -88,6 +88,9 @@ class Transformer:
     def forward(self, ids: np.ndarray, cache: KVCache, all_logits: bool = True) -> np.ndarray:
         """ids (n,) int token ids at positions cache.length..; returns (n, vocab) f32 logits, or
         (1, vocab) for the last token only when all_logits is False. Appends to the cache."""
+        # Internal invariant (LLM checks the context length first): the numba kernels don't bounds-check,
+        # so a write past the cache would corrupt memory rather than fail.
+        assert cache.length + len(ids) <= cache.max_seq, "caller checks the context length"
         try:
             return self._forward(ids, cache, all_logits)
         except SystemError as e:
@@ -128,7 +131,6 @@ class Transformer:
         ids = np.asarray(ids, dtype=np.int64)
         n = len(ids)
         start = cache.length
-        assert start + n <= cache.max_seq, "caller checks the context length"
         cos, sin = self._rope_table(start + n)
         cos, sin = cos[start:start + n], sin[start:start + n]
         hq, hkv = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim

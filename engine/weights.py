@@ -73,8 +73,9 @@ class Weight:
 def concat_rows(weights: list[Weight]) -> Weight | None:
     """One weight holding the rows of all `weights`, or None when their layouts differ.
 
-    Decode runs q/k/v (and gate/up) as one matvec over the stacked rows: one kernel launch instead of
-    three, since each numba parallel launch costs ~25 us (DESIGN.md)."""
+    Decode runs q/k/v (and gate/up) as one matvec over the stacked rows: one parallel kernel launch
+    instead of three (about 3 us each here, measured back to back; DESIGN.md's ~25 us is the cost on
+    a busier machine), and longer row loops for each thread."""
     first = weights[0]
     parts = [w._arrays() for w in weights]
     if any(type(w) is not type(first) for w in weights):
