@@ -163,7 +163,7 @@ class Transformer:
             else:
                 gate, up = lw.w_gate.matmul(h), lw.w_up.matmul(h)            # (n, ffn) f32 each
             glu(gate, up, c.act_kind, gate)
-            x += lw.w_down.matmul(np.ascontiguousarray(gate))
+            x += lw.w_down.matmul(gate)
         cache.length = start + n
         if not all_logits:
             x = x[-1:]
