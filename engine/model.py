@@ -7,6 +7,7 @@ nothing else (no sampling, no I/O). One token takes the matvec kernels; several 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 
@@ -74,6 +75,10 @@ class Transformer:
         # One compiled call per layer for decode when every layer has the Q4 layout and no biases.
         self._fused_decode = decode_layer_q4 is not None and all(_q4_layer(lw) for lw in weights.layers)
         self._scratch = None
+        # Called as ffn_observer(layer, h, gate, up, act) with the FFN input h (n, hidden) and the
+        # pre-activation gate, up and the activation product act (n, ffn), all f32 and read-only: how the
+        # planner measures activation statistics. Setting it routes decode through the unfused path.
+        self.ffn_observer: Callable[[int, np.ndarray, np.ndarray, np.ndarray, np.ndarray], None] | None = None
 
     def _rope_table(self, end: int) -> tuple[np.ndarray, np.ndarray]:
         """cos, sin (>= end, head_dim/2) f32 for positions 0.., grown by doubling and reused."""
@@ -125,7 +130,7 @@ class Transformer:
         return self.weights.lm_head.matmul(x)
 
     def _forward(self, ids: np.ndarray, cache: KVCache, all_logits: bool) -> np.ndarray:
-        if len(ids) == 1 and self._fused_decode:
+        if len(ids) == 1 and self._fused_decode and self.ffn_observer is None:
             return self._decode_fused(int(ids[0]), cache)
         c = self.config
         ids = np.asarray(ids, dtype=np.int64)
@@ -162,7 +167,12 @@ class Transformer:
                 gate, up = gu[:, :c.intermediate_size], gu[:, c.intermediate_size:]
             else:
                 gate, up = lw.w_gate.matmul(h), lw.w_up.matmul(h)            # (n, ffn) f32 each
-            glu(gate, up, c.act_kind, gate)
+            if self.ffn_observer is not None:
+                pre_gate = gate.copy()
+                glu(gate, up, c.act_kind, gate)
+                self.ffn_observer(i, h, pre_gate, up, gate)
+            else:
+                glu(gate, up, c.act_kind, gate)
             x += lw.w_down.matmul(gate)
         cache.length = start + n
         if not all_logits:
