@@ -18,7 +18,9 @@ Block formats (ggml, little-endian; "f16" is an IEEE half; "element j" counts wi
         bits; within each half of 128 elements, element i takes low bits from ql[i%64] (nibble i//64)
         and high bits from qh[i%32] (bit pair i//32).
 
-Scales become float32 (numba cannot read float16); 5- and 6-bit values are widened to int8.
+Scales that are f16 in the file stay f16, kept as uint16 bit patterns (numba has no float16 arrays; the
+kernels convert in registers). K-quant scales are products d*sc of an f16 and a 6- or 8-bit integer,
+which f16 cannot hold exactly: they become float32. 5- and 6-bit values are widened to int8.
 """
 
 from __future__ import annotations
@@ -187,40 +189,38 @@ _Q5_1 = np.dtype([("d", "<f2"), ("m", "<f2"), ("qh", "V4"), ("qs", "V16")])
 _Q8_0 = np.dtype([("d", "<f2"), ("qs", "V32")])
 
 
-def _f16_to(dst: np.ndarray, blocks: np.ndarray, name: str) -> None:
-    dst.reshape(-1)[:] = blocks[name]
+def _f16_bits(blocks: np.ndarray, name: str, rows: int, nb: int) -> np.ndarray:
+    """A block field of f16 scales kept as their uint16 bit patterns: (rows, nb) uint16. The kernels
+    read them through kernels.dequant.scale_f32, so the scales cost the file's bytes, not twice that."""
+    out = np.empty((rows, nb), dtype=np.uint16)
+    out.reshape(-1)[:] = blocks[name].view(np.uint16)
+    return out
 
 
 def _q4_legacy(flat, rows, cols, with_min):
     # Q4_0/Q4_1 nibbles are already in the Q4 layout's order: a strided copy, no unpacking.
     blocks = flat.view(_Q4_1 if with_min else _Q4_0)
     qs = np.empty((rows, cols // 2), dtype=np.uint8)     # (rows, cols/2)
-    d = np.empty((rows, cols // 32), dtype=np.float32)   # (rows, cols/32)
     qs.reshape(-1, 16).view("V16")[:, 0] = blocks["qs"]
-    _f16_to(d, blocks, "d")
-    if with_min:
-        m = np.empty_like(d)
-        _f16_to(m, blocks, "m")
-    else:
-        m = d * np.float32(-8.0)
+    d = _f16_bits(blocks, "d", rows, cols // 32)         # (rows, cols/32) f16 bits
+    # Q4_0 keeps no min: the layout's empty m means value = d*(q-8), as in the file.
+    m = _f16_bits(blocks, "m", rows, cols // 32) if with_min else np.empty((rows, 0), dtype=np.uint16)
     return Q4Weight(qs, d, m)
 
 
 def _q8_0(flat, rows, cols):
     blocks = flat.view(_Q8_0)
     q = np.empty((rows, cols), dtype=np.int8)
-    d = np.empty((rows, cols // 32), dtype=np.float32)
     q.reshape(-1, 32).view("V32")[:, 0] = blocks["qs"]
-    _f16_to(d, blocks, "d")
-    return I8Weight(q, d, np.empty((rows, 0), dtype=np.float32))
+    d = _f16_bits(blocks, "d", rows, cols // 32)         # (rows, cols/32) f16 bits
+    return I8Weight(q, d, np.empty((rows, 0), dtype=np.uint16))
 
 
 def _q5_legacy(flat, rows, cols, with_min):
     blocks = flat.view(_Q5_1 if with_min else _Q5_0)
     nb = cols // 32
     q = np.empty((rows, cols), dtype=np.int8)
-    d = np.empty((rows, nb), dtype=np.float32)
-    _f16_to(d, blocks, "d")
+    d = _f16_bits(blocks, "d", rows, nb)                  # (rows, nb) f16 bits
     high_table = _Q5_HIGH if with_min else _Q5_0_HIGH
     qv = q.view(np.uint8).reshape(-1, 32)                 # (blocks, elements 0-15 then 16-31)
     step = min(rows, max(1, _CHUNK_ELEMS // cols)) * nb
@@ -239,11 +239,7 @@ def _q5_legacy(flat, rows, cols, with_min):
         qh[:n].view("V4")[:, 0] = blk["qh"]
         np.take(high_table, qh[:n].reshape(-1), out=high[: 4 * n])
         f |= high[: 4 * n]
-    if with_min:
-        m = np.empty_like(d)
-        _f16_to(m, blocks, "m")
-    else:
-        m = np.empty((rows, 0), dtype=np.float32)
+    m = _f16_bits(blocks, "m", rows, nb) if with_min else np.empty((rows, 0), dtype=np.uint16)
     return I8Weight(q, d, m)
 
 

@@ -80,8 +80,9 @@ def concat_rows(weights: list[Weight]) -> Weight | None:
     parts = [w._arrays() for w in weights]
     if any(type(w) is not type(first) for w in weights):
         return None
-    # Same layout also means the same number of scale blocks per row (I8's B = 16 or 32).
-    if any(tuple(a.shape[1] for a in p) != tuple(a.shape[1] for a in parts[0]) for p in parts):
+    # Same layout also means the same number of scale blocks per row (I8's B = 16 or 32) and the same
+    # scale dtype (float32, or f16 bits), else np.concatenate would silently convert.
+    if any(tuple((a.shape[1:], a.dtype) for a in p) != tuple((a.shape[1:], a.dtype) for a in parts[0]) for p in parts):
         return None
     return type(first)(*[np.concatenate(arrs) for arrs in zip(*parts)])
 
@@ -156,8 +157,8 @@ class BF16Weight(_Bits16Weight):
 @dataclass(frozen=True, eq=False)
 class Q4Weight(Weight):
     qs: np.ndarray  # (rows, cols/2) uint8, GGUF Q4_0 nibble order per 32-block (kernels/layouts.md)
-    d: np.ndarray   # (rows, cols/32) float32 block scale
-    m: np.ndarray   # (rows, cols/32) float32 block offset (Q4_0: -8*d)
+    d: np.ndarray   # (rows, cols/32) block scale: float32, or uint16 f16 bits
+    m: np.ndarray   # (rows, cols/32) block offset like d; (rows, 0) for Q4_0, whose value is d*(q-8)
 
     @property
     def shape(self):
@@ -176,8 +177,8 @@ class Q4Weight(Weight):
 @dataclass(frozen=True, eq=False)
 class I8Weight(Weight):
     q: np.ndarray  # (rows, cols) int8
-    d: np.ndarray  # (rows, cols/B) float32 block scale, B in {16, 32}
-    m: np.ndarray  # (rows, cols/B) float32 block offset, or (rows, 0) when the format has none
+    d: np.ndarray  # (rows, cols/B) block scale, B in {16, 32}: float32, or uint16 f16 bits
+    m: np.ndarray  # (rows, cols/B) block offset like d, or (rows, 0) when the format has none
 
     @property
     def shape(self):

@@ -104,6 +104,30 @@ if NUMBA:
     NATIVE_HALF = _native_half()
     f16_to_f32 = _half_to_f32 if NATIVE_HALF else f16_to_f32_int
 
+    from numba.extending import overload
+
+
+def scale_f32(v):
+    """A block scale as float32, inside numba kernels: scale arrays are float32, or float16 kept as
+    uint16 bit patterns where that is exact (GGUF's own f16 scales). numba picks the conversion from
+    the array's dtype when the kernel compiles, so one kernel source serves both."""
+    return np.float32(v.view(np.float16) if isinstance(v, np.uint16) else v)
+
+
+def scales_f32_numpy(a: np.ndarray) -> np.ndarray:
+    """The numpy twins' version: a (..) float32 or uint16 f16 bits -> float32 (a view when already f32)."""
+    return a.view(np.float16).astype(np.float32) if a.dtype == np.uint16 else a
+
+
+if NUMBA:
+    @overload(scale_f32, jit_options={"fastmath": True})
+    def _scale_f32_ov(v):
+        if isinstance(v, types.Float):
+            return lambda v: np.float32(v)
+        if v == types.uint16:
+            return lambda v: f16_to_f32(v)
+        return None
+
 
 def dequant_f16_numpy(bits, out):
     """bits (rows, cols) uint16 -> out (rows, cols) f32."""
@@ -118,27 +142,31 @@ def dequant_bf16_numpy(bits, out):
 
 
 def dequant_q4_numpy(qs, d, m, out):
-    """qs (rows, cols/2) uint8, d and m (rows, cols/32) f32 -> out (rows, cols) f32."""
+    """qs (rows, cols/2) uint8, d (rows, cols/32) and m (rows, cols/32 or 0) f32 or f16 bits
+    -> out (rows, cols) f32; an empty m means value = d*(q-8) (Q4_0)."""
     rows = qs.shape[0]
     q = qs.reshape(rows, -1, 16)
     blocks = out.reshape(rows, -1, 2, 16)          # (rows, blocks, lo/hi, 16)
     np.bitwise_and(q, 15, out=blocks[:, :, 0], casting="unsafe")
     np.right_shift(q, 4, out=blocks[:, :, 1], casting="unsafe")
     flat = out.reshape(rows, -1, 32)
-    flat *= d[:, :, None]
-    flat += m[:, :, None]
+    if not m.shape[1]:
+        flat -= 8
+    flat *= scales_f32_numpy(d)[:, :, None]
+    if m.shape[1]:
+        flat += scales_f32_numpy(m)[:, :, None]
     return out
 
 
 def dequant_i8_numpy(q, d, m, out):
-    """q (rows, cols) int8, d (rows, cols/B) f32, m (rows, cols/B) or (rows, 0) f32 -> out (rows, cols) f32."""
+    """q (rows, cols) int8, d (rows, cols/B) and m (rows, cols/B or 0) f32 or f16 bits -> out (rows, cols) f32."""
     rows, cols = q.shape
     block = cols // d.shape[1]
     blocks = out.reshape(rows, -1, block)
     blocks[:] = q.reshape(rows, -1, block)
-    blocks *= d[:, :, None]
+    blocks *= scales_f32_numpy(d)[:, :, None]
     if m.shape[1]:
-        blocks += m[:, :, None]
+        blocks += scales_f32_numpy(m)[:, :, None]
     return out
 
 
@@ -176,14 +204,15 @@ def _dequant_q4_numba(qs, d, m, out):
     rows, half = qs.shape
     nb = d.shape[1]
     hb = half // nb                                  # 16 bytes per block
+    sym = m.shape[1] == 0                            # Q4_0: value = d*(q-8), no min array
     for r in range(rows):
         row = qs[r]
         o = out[r]
         dr = d[r]
         mr = m[r]
         for b in range(nb):
-            s = dr[b]
-            a = mr[b]
+            s = scale_f32(dr[b])
+            a = np.float32(-8.0) * s if sym else scale_f32(mr[b])
             src = row[b * hb : b * hb + hb]
             lo = o[2 * b * hb : 2 * b * hb + hb]     # elements 0-15 of the block: low nibbles
             hi = o[2 * b * hb + hb : 2 * b * hb + 2 * hb]
@@ -206,11 +235,11 @@ def _dequant_i8_numba(q, d, m, out):
         dr = d[r]
         mr = m[r]
         for b in range(nb):
-            s = dr[b]
+            s = scale_f32(dr[b])
             src = row[b * block : b * block + block]
             ob = o[b * block : b * block + block]
             if has_min:
-                a = mr[b]
+                a = scale_f32(mr[b])
                 for j in range(block):
                     ob[j] = s * np.float32(src[j]) + a
             else:

@@ -25,12 +25,13 @@ narrow rows, and building nibble floats from bits (1 + q/16) instead of int->flo
 import numpy as np
 
 from kernels import dequant
+from kernels.dequant import scales_f32_numpy
 from kernels.backend import NUMBA, jit, pick
 
 if NUMBA:
     from numba import prange
 
-    from kernels.dequant import bf16_to_f32, f16_to_f32
+    from kernels.dequant import bf16_to_f32, f16_to_f32, scale_f32
 
 # The numpy twins dequantize this many elements at a time (1 MiB of float32, reused) and hand each
 # chunk of rows to BLAS: a whole 7B FFN matrix in float32 would be ~180 MB per call (phones).
@@ -140,7 +141,7 @@ def _q4_scaled_numpy(qs, d, out):
     blocks = out.reshape(rows, -1, 2, 16)          # (rows, blocks, lo/hi, 16)
     np.bitwise_and(q, 15, out=blocks[:, :, 0], casting="unsafe")
     np.right_shift(q, 4, out=blocks[:, :, 1], casting="unsafe")
-    out.reshape(rows, -1, 32)[:] *= d[:, :, None]
+    out.reshape(rows, -1, 32)[:] *= scales_f32_numpy(d)[:, :, None]
     return out
 
 
@@ -149,16 +150,73 @@ def _block_sums(x, block):
 
 
 def matvec_q4_numpy(qs, d, m, x, out):
-    """qs (rows, cols/2) uint8, d and m (rows, cols/32) f32, x (cols,) f32 -> out (rows,) f32."""
+    """qs (rows, cols/2) uint8, d (rows, cols/32) and m (rows, cols/32 or 0) f32 or f16 bits, x (cols,) f32
+    -> out (rows,) f32. An empty m means value = d*(q-8) (Q4_0): the min is then -8*d."""
     _chunked(_q4_scaled_numpy, (qs, d), qs.shape[1] * 2, x, out)
-    out += m @ _block_sums(x, 32)
+    dm = scales_f32_numpy(m) if m.shape[1] else scales_f32_numpy(d) * np.float32(-8.0)
+    out += dm @ _block_sums(x, 32)
     return out
+
+
+@jit()
+def _q4_row(row, dr, mr, xlo, xhi, xs, xsum, sym, narrow):
+    """One row's dot product: row (cols/2,) uint8 nibbles, dr/mr its block scales and mins."""
+    half = row.shape[0]
+    acc = np.float32(0.0)
+    # Nibbles as int32: numba computes q & 15 in int64, and int64->float32 vector conversion needs
+    # AVX-512DQ (scalar code elsewhere); int32->float32 is one instruction on AVX2/NEON.
+    if sym:
+        # Q4_0: subtract 8 in the integer lanes (one vector op) instead of a min term per block.
+        for k in range(half):
+            b0 = np.int32(row[k])
+            acc += scale_f32(dr[k >> 4]) * (np.float32(np.int32(np.int32(b0 & 15) - np.int32(8))) * xlo[k]
+                                            + np.float32(np.int32(np.int32(b0 >> 4) - np.int32(8))) * xhi[k])
+    elif narrow:
+        # Short rows: the min term rides in the main loop as m[k >> 4] * (xlo[k] + xhi[k]) instead of
+        # a second loop per row (1536x576: 10-20% faster); on longer rows the extra work costs more.
+        for k in range(half):
+            b0 = np.int32(row[k])
+            acc += scale_f32(dr[k >> 4]) * (np.float32(np.int32(b0 & 15)) * xlo[k]
+                                            + np.float32(np.int32(b0 >> 4)) * xhi[k]) + scale_f32(mr[k >> 4]) * xs[k]
+    else:
+        for k in range(half):
+            b0 = np.int32(row[k])
+            acc += scale_f32(dr[k >> 4]) * (np.float32(np.int32(b0 & 15)) * xlo[k]
+                                            + np.float32(np.int32(b0 >> 4)) * xhi[k])
+        for b in range(xsum.shape[0]):
+            acc += scale_f32(mr[b]) * xsum[b]
+    return acc
+
+
+@jit()
+def _q4_rows4(q0, q1, q2, q3, d0, d1, d2, d3, xlo, xhi, sym):
+    """Four rows at once (wide rows: each load of x serves four rows); min terms not included."""
+    half = q0.shape[0]
+    a0 = a1 = a2 = a3 = np.float32(0.0)
+    off = np.int32(8) if sym else np.int32(0)
+    for k in range(half):
+        xl = xlo[k]
+        xh = xhi[k]
+        b0 = np.int32(q0[k])
+        b1 = np.int32(q1[k])
+        b2 = np.int32(q2[k])
+        b3 = np.int32(q3[k])
+        a0 += scale_f32(d0[k >> 4]) * (np.float32(np.int32(np.int32(b0 & 15) - off)) * xl
+                                       + np.float32(np.int32(np.int32(b0 >> 4) - off)) * xh)
+        a1 += scale_f32(d1[k >> 4]) * (np.float32(np.int32(np.int32(b1 & 15) - off)) * xl
+                                       + np.float32(np.int32(np.int32(b1 >> 4) - off)) * xh)
+        a2 += scale_f32(d2[k >> 4]) * (np.float32(np.int32(np.int32(b2 & 15) - off)) * xl
+                                       + np.float32(np.int32(np.int32(b2 >> 4) - off)) * xh)
+        a3 += scale_f32(d3[k >> 4]) * (np.float32(np.int32(np.int32(b3 & 15) - off)) * xl
+                                       + np.float32(np.int32(np.int32(b3 >> 4) - off)) * xh)
+    return a0, a1, a2, a3
 
 
 @jit(parallel=True)
 def _matvec_q4_numba(qs, d, m, x, out):
     rows, half = qs.shape
     nb = d.shape[1]
+    sym = m.shape[1] == 0
     # Split x per block into the halves that pair with low and high nibbles, so the inner loop is one
     # long unit-stride walk (DESIGN.md); and sum x per block for the min term.
     xlo = np.empty(half, dtype=np.float32)
@@ -169,9 +227,7 @@ def _matvec_q4_numba(qs, d, m, x, out):
             xlo[b * 16 + j] = x[b * 32 + j]
             xhi[b * 16 + j] = x[b * 32 + 16 + j]
             xsum[b] += x[b * 32 + j] + x[b * 32 + 16 + j]
-    # Short rows: the min term rides in the main loop as m[k >> 4] * (xlo[k] + xhi[k]) instead of a
-    # second loop per row (1536x576: 10-20% faster); on longer rows the extra work costs more.
-    narrow = 2 * half <= NARROW_COLS
+    narrow = 2 * half <= NARROW_COLS and not sym
     xs = np.empty(half if narrow else 0, dtype=np.float32)
     for k in range(xs.shape[0]):
         xs[k] = xlo[k] + xhi[k]
@@ -179,50 +235,20 @@ def _matvec_q4_numba(qs, d, m, x, out):
     for g in prange((rows + G - 1) // G):
         r = g * G
         if G == GROUP and r + GROUP <= rows:
-            q0, q1, q2, q3 = qs[r], qs[r + 1], qs[r + 2], qs[r + 3]
-            d0, d1, d2, d3 = d[r], d[r + 1], d[r + 2], d[r + 3]
-            a0 = a1 = a2 = a3 = np.float32(0.0)
-            for k in range(half):
-                xl = xlo[k]
-                xh = xhi[k]
-                b0 = np.int32(q0[k])
-                b1 = np.int32(q1[k])
-                b2 = np.int32(q2[k])
-                b3 = np.int32(q3[k])
-                a0 += d0[k >> 4] * (np.float32(np.int32(b0 & 15)) * xl + np.float32(np.int32(b0 >> 4)) * xh)
-                a1 += d1[k >> 4] * (np.float32(np.int32(b1 & 15)) * xl + np.float32(np.int32(b1 >> 4)) * xh)
-                a2 += d2[k >> 4] * (np.float32(np.int32(b2 & 15)) * xl + np.float32(np.int32(b2 >> 4)) * xh)
-                a3 += d3[k >> 4] * (np.float32(np.int32(b3 & 15)) * xl + np.float32(np.int32(b3 >> 4)) * xh)
-            m0, m1, m2, m3 = m[r], m[r + 1], m[r + 2], m[r + 3]
-            for b in range(nb):
-                xb = xsum[b]
-                a0 += m0[b] * xb
-                a1 += m1[b] * xb
-                a2 += m2[b] * xb
-                a3 += m3[b] * xb
+            a0, a1, a2, a3 = _q4_rows4(qs[r], qs[r + 1], qs[r + 2], qs[r + 3],
+                                       d[r], d[r + 1], d[r + 2], d[r + 3], xlo, xhi, sym)
+            if not sym:
+                m0, m1, m2, m3 = m[r], m[r + 1], m[r + 2], m[r + 3]
+                for b in range(nb):
+                    xb = xsum[b]
+                    a0 += scale_f32(m0[b]) * xb
+                    a1 += scale_f32(m1[b]) * xb
+                    a2 += scale_f32(m2[b]) * xb
+                    a3 += scale_f32(m3[b]) * xb
             out[r], out[r + 1], out[r + 2], out[r + 3] = a0, a1, a2, a3
         else:
             for r in range(g * G, min(rows, g * G + G)):
-                row = qs[r]
-                dr = d[r]
-                mr = m[r]
-                acc = np.float32(0.0)
-                # Nibbles as int32: numba computes q & 15 in int64, and int64->float32 vector
-                # conversion needs AVX-512DQ (scalar code elsewhere); int32->float32 is one
-                # instruction on AVX2/NEON.
-                if narrow:
-                    for k in range(half):
-                        b0 = np.int32(row[k])
-                        acc += dr[k >> 4] * (np.float32(np.int32(b0 & 15)) * xlo[k]
-                                             + np.float32(np.int32(b0 >> 4)) * xhi[k]) + mr[k >> 4] * xs[k]
-                else:
-                    for k in range(half):
-                        b0 = np.int32(row[k])
-                        acc += dr[k >> 4] * (np.float32(np.int32(b0 & 15)) * xlo[k]
-                                             + np.float32(np.int32(b0 >> 4)) * xhi[k])
-                    for b in range(nb):
-                        acc += mr[b] * xsum[b]
-                out[r] = acc
+                out[r] = _q4_row(qs[r], d[r], m[r], xlo, xhi, xs, xsum, sym, narrow)
     return out
 
 
@@ -232,15 +258,16 @@ def _i8_scaled_numpy(q, d, out):
     rows, cols = q.shape
     blocks = out.reshape(rows, d.shape[1], -1)
     blocks[:] = q.reshape(blocks.shape)
-    blocks *= d[:, :, None]
+    blocks *= scales_f32_numpy(d)[:, :, None]
     return out
 
 
 def matvec_i8_numpy(q, d, m, x, out):
-    """q (rows, cols) int8, d (rows, cols/B) f32, m (rows, cols/B) or (rows, 0) f32 -> out (rows,) f32."""
+    """q (rows, cols) int8, d (rows, cols/B) and m (rows, cols/B or 0) f32 or f16 bits, x (cols,) f32
+    -> out (rows,) f32."""
     _chunked(_i8_scaled_numpy, (q, d), q.shape[1], x, out)
     if m.shape[1]:
-        out += m @ _block_sums(x, q.shape[1] // m.shape[1])
+        out += scales_f32_numpy(m) @ _block_sums(x, q.shape[1] // m.shape[1])
     return out
 
 
@@ -270,17 +297,17 @@ def _matvec_i8_numba(q, d, m, x, out):
             if block == 32:
                 for k in range(cols):
                     xk = x[k]
-                    a0 += d0[k >> 5] * (np.float32(q0[k]) * xk)
-                    a1 += d1[k >> 5] * (np.float32(q1[k]) * xk)
-                    a2 += d2[k >> 5] * (np.float32(q2[k]) * xk)
-                    a3 += d3[k >> 5] * (np.float32(q3[k]) * xk)
+                    a0 += scale_f32(d0[k >> 5]) * (np.float32(q0[k]) * xk)
+                    a1 += scale_f32(d1[k >> 5]) * (np.float32(q1[k]) * xk)
+                    a2 += scale_f32(d2[k >> 5]) * (np.float32(q2[k]) * xk)
+                    a3 += scale_f32(d3[k >> 5]) * (np.float32(q3[k]) * xk)
             else:
                 for k in range(cols):
                     xk = x[k]
-                    a0 += d0[k >> 4] * (np.float32(q0[k]) * xk)
-                    a1 += d1[k >> 4] * (np.float32(q1[k]) * xk)
-                    a2 += d2[k >> 4] * (np.float32(q2[k]) * xk)
-                    a3 += d3[k >> 4] * (np.float32(q3[k]) * xk)
+                    a0 += scale_f32(d0[k >> 4]) * (np.float32(q0[k]) * xk)
+                    a1 += scale_f32(d1[k >> 4]) * (np.float32(q1[k]) * xk)
+                    a2 += scale_f32(d2[k >> 4]) * (np.float32(q2[k]) * xk)
+                    a3 += scale_f32(d3[k >> 4]) * (np.float32(q3[k]) * xk)
             out[r], out[r + 1], out[r + 2], out[r + 3] = a0, a1, a2, a3
         else:
             for r in range(g * G, min(rows, g * G + G)):
@@ -289,20 +316,20 @@ def _matvec_i8_numba(q, d, m, x, out):
                 acc = np.float32(0.0)
                 if block == 32:
                     for k in range(cols):
-                        acc += dr[k >> 5] * (np.float32(row[k]) * x[k])
+                        acc += scale_f32(dr[k >> 5]) * (np.float32(row[k]) * x[k])
                 elif block == 16:
                     for k in range(cols):
-                        acc += dr[k >> 4] * (np.float32(row[k]) * x[k])
+                        acc += scale_f32(dr[k >> 4]) * (np.float32(row[k]) * x[k])
                 else:
                     for k in range(cols):
-                        acc += dr[k // block] * (np.float32(row[k]) * x[k])
+                        acc += scale_f32(dr[k // block]) * (np.float32(row[k]) * x[k])
                 out[r] = acc
         if has_min:
             for r in range(g * G, min(rows, g * G + G)):
                 mr = m[r]
                 acc = out[r]
                 for b in range(nb):
-                    acc += mr[b] * xsum[b]
+                    acc += scale_f32(mr[b]) * xsum[b]
                 out[r] = acc
     return out
 

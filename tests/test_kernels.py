@@ -48,19 +48,30 @@ def _bf16s(rng, shape):
     return (rng.standard_normal(shape).astype(np.float32).view(np.uint32) >> 16).astype(np.uint16)
 
 
-def _q4(rng, rows, cols):
+def _scales(rng, lo, hi, shape, kind):
+    """Block scales as the layouts hold them: float32, or f16 as uint16 bits (kernels/layouts.md)."""
+    a = rng.uniform(lo, hi, shape).astype(np.float32)
+    return a.astype(np.float16).view(np.uint16) if kind == "f16" else a
+
+
+def _q4(rng, rows, cols, kind="f32", sym=False):
+    """sym: Q4_0's form, value d*(q-8) with an empty m."""
     qs = rng.integers(0, 256, (rows, cols // 2), dtype=np.uint8)
-    d = rng.uniform(0.001, 0.1, (rows, cols // 32)).astype(np.float32)
-    m = rng.uniform(-0.5, 0.5, (rows, cols // 32)).astype(np.float32)
+    d = _scales(rng, 0.001, 0.1, (rows, cols // 32), kind)
+    m = _scales(rng, -0.5, 0.5, (rows, 0 if sym else cols // 32), kind)
     return qs, d, m
 
 
-def _i8(rng, rows, cols, block, with_min):
+def _i8(rng, rows, cols, block, with_min, kind="f32"):
     q = rng.integers(-128, 128, (rows, cols), dtype=np.int8)
-    d = rng.uniform(0.001, 0.1, (rows, cols // block)).astype(np.float32)
+    d = _scales(rng, 0.001, 0.1, (rows, cols // block), kind)
     nm = cols // block if with_min else 0
-    m = rng.uniform(-0.5, 0.5, (rows, nm)).astype(np.float32)
+    m = _scales(rng, -0.5, 0.5, (rows, nm), kind)
     return q, d, m
+
+
+def _f64(a):
+    return a.view(np.float16).astype(np.float64) if a.dtype == np.uint16 else a.astype(np.float64)
 
 
 def ref_f16(bits):
@@ -80,14 +91,16 @@ def ref_q4(qs, d, m):
         q[:, 32 * b : 32 * b + 16] = byte & 15
         q[:, 32 * b + 16 : 32 * b + 32] = byte >> 4
     block = np.arange(half * 2) // 32
-    return q * d[:, block] + m[:, block]
+    if not m.shape[1]:
+        return (q - 8) * _f64(d)[:, block]
+    return q * _f64(d)[:, block] + _f64(m)[:, block]
 
 
 def ref_i8(q, d, m):
     block = np.arange(q.shape[1]) // (q.shape[1] // d.shape[1])
-    w = q.astype(np.float64) * d[:, block]
+    w = q.astype(np.float64) * _f64(d)[:, block]
     if m.shape[1]:
-        w += m[:, block]
+        w += _f64(m)[:, block]
     return w
 
 
@@ -132,20 +145,22 @@ def test_matvec_bf16(rows, cols):
     _check_matvec(matvec.matvec_bf16, matvec.matvec_bf16_numpy, (bits,), ref_bf16(bits), _x(rng, cols))
 
 
+@pytest.mark.parametrize("kind,sym", [("f32", False), ("f16", False), ("f16", True), ("f32", True)])
 @pytest.mark.parametrize("rows,cols", SHAPES_32 + SHAPES_WIDE)
-def test_matvec_q4(rows, cols):
+def test_matvec_q4(rows, cols, kind, sym):
     rng = np.random.default_rng(rows * 1000 + cols + 2)
-    args = _q4(rng, rows, cols)
+    args = _q4(rng, rows, cols, kind, sym)
     _check_matvec(matvec.matvec_q4, matvec.matvec_q4_numpy, args, ref_q4(*args), _x(rng, cols))
 
 
+@pytest.mark.parametrize("kind", ["f32", "f16"])
 @pytest.mark.parametrize("with_min", [False, True])
 @pytest.mark.parametrize("block,rows,cols", [(32, r, c) for r, c in SHAPES_32 + SHAPES_WIDE]
                          + [(16, r, c) for r, c in SHAPES_16 + SHAPES_WIDE]
                          + [(64, 3, 128), (64, 5, _W + 64)])   # a block size no GGUF format has
-def test_matvec_i8(block, rows, cols, with_min):
+def test_matvec_i8(block, rows, cols, with_min, kind):
     rng = np.random.default_rng(rows * 1000 + cols + block + with_min)
-    args = _i8(rng, rows, cols, block, with_min)
+    args = _i8(rng, rows, cols, block, with_min, kind)
     _check_matvec(matvec.matvec_i8, matvec.matvec_i8_numpy, args, ref_i8(*args), _x(rng, cols))
 
 
@@ -160,10 +175,10 @@ def test_matvec_f32():
 
 def test_matvec_all_zero_x():
     rng = np.random.default_rng(6)
-    args = _q4(rng, 3, 64)
     x = np.zeros(64, np.float32)
-    for fn in (matvec.matvec_q4, matvec.matvec_q4_numpy):
-        assert not fn(*args, x, np.full(3, np.nan, np.float32)).any()
+    for args in (_q4(rng, 3, 64), _q4(rng, 3, 64, "f16", sym=True)):
+        for fn in (matvec.matvec_q4, matvec.matvec_q4_numpy):
+            assert not fn(*args, x, np.full(3, np.nan, np.float32)).any()
 
 
 # ---------------------------------------------------------------- dequant
@@ -182,19 +197,21 @@ def test_dequant_bf16(rows, cols):
     _check_dequant(dequant.dequant_bf16, dequant.dequant_bf16_numpy, (bits,), ref_bf16(bits))
 
 
+@pytest.mark.parametrize("kind,sym", [("f32", False), ("f16", False), ("f16", True)])
 @pytest.mark.parametrize("rows,cols", SHAPES_32)
-def test_dequant_q4(rows, cols):
+def test_dequant_q4(rows, cols, kind, sym):
     rng = np.random.default_rng(rows + cols + 2)
-    args = _q4(rng, rows, cols)
+    args = _q4(rng, rows, cols, kind, sym)
     _check_dequant(dequant.dequant_q4, dequant.dequant_q4_numpy, args, ref_q4(*args))
 
 
+@pytest.mark.parametrize("kind", ["f32", "f16"])
 @pytest.mark.parametrize("with_min", [False, True])
 @pytest.mark.parametrize("block,rows,cols", [(32, r, c) for r, c in SHAPES_32] + [(16, r, c) for r, c in SHAPES_16]
                          + [(64, 3, 128)])
-def test_dequant_i8(block, rows, cols, with_min):
+def test_dequant_i8(block, rows, cols, with_min, kind):
     rng = np.random.default_rng(rows + cols + block + with_min)
-    args = _i8(rng, rows, cols, block, with_min)
+    args = _i8(rng, rows, cols, block, with_min, kind)
     _check_dequant(dequant.dequant_i8, dequant.dequant_i8_numpy, args, ref_i8(*args))
 
 
@@ -302,6 +319,7 @@ def test_numpy_twins_in_chunks(chunk, monkeypatch):
         (matvec.matvec_f16_numpy, (bits,), ref_f16(bits)),
         (matvec.matvec_bf16_numpy, (_bf16s(rng, (rows, cols)),), None),
         (matvec.matvec_q4_numpy, _q4(rng, rows, cols), None),
+        (matvec.matvec_q4_numpy, _q4(rng, rows, cols, "f16", sym=True), None),
         (matvec.matvec_i8_numpy, _i8(rng, rows, cols, 32, True), None),
         (matvec.matvec_i8_numpy, _i8(rng, rows, cols, 16, False), None),
     ]
