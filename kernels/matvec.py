@@ -16,15 +16,15 @@ How the numba kernels are written (measured with tools/bench_kernels.py; DESIGN.
   L1 next to the weight stream that traffic, not DRAM, is the limit (4096x11008 Q8_0, 1 thread: ~10
   GB/s row by row, ~16 GB/s 4 rows at a time). Narrower rows stay one at a time: 4 interleaved
   streams are served worse by the hardware prefetchers (576x1536 Q8_0: ~21 against ~11 GB/s);
-- Q4 rows of at most NARROW_COLS values add the min term inside the main loop rather than in a
-  second loop per row (SmolLM2's 576-wide rows: 10-20% faster; on longer rows it costs more).
+- Q4 multiplies x rounded to int8 per block with integer SIMD (kernels/intdot.py): the float loop
+  (kept as _q4_row for the sparse kernels) was compute-bound at 0.17-0.39x of f32 GEMV's GB/s.
 Tried and dropped (no gain here): software prefetch of the next rows, 2-row groups, 4-row groups for
 narrow rows, and building nibble floats from bits (1 + q/16) instead of int->float conversion.
 """
 
 import numpy as np
 
-from kernels import dequant
+from kernels import dequant, intdot
 from kernels.dequant import scales_f32_numpy
 from kernels.backend import NUMBA, jit, pick
 
@@ -39,7 +39,6 @@ CHUNK_ELEMS = 1 << 18
 
 GROUP = 4           # rows walked together when x is wide (the loops below are written for exactly 4)
 WIDE_COLS = 8192    # x of 32 KiB: measured crossover between 5632 (rows one by one win) and 11008
-NARROW_COLS = 1024  # Q4 rows this short fold the min term into the main loop (see _matvec_q4_numba)
 
 
 def _chunked(dequant_fn, arrays, cols, x, out):
@@ -151,16 +150,28 @@ def _block_sums(x, block):
 
 def matvec_q4_numpy(qs, d, m, x, out):
     """qs (rows, cols/2) uint8, d (rows, cols/32) and m (rows, cols/32 or 0) f32 or f16 bits, x (cols,) f32
-    -> out (rows,) f32. An empty m means value = d*(q-8) (Q4_0): the min is then -8*d."""
-    _chunked(_q4_scaled_numpy, (qs, d), qs.shape[1] * 2, x, out)
+    -> out (rows,) f32. An empty m means value = d*(q-8) (Q4_0): the min is then -8*d.
+    Like the numba kernel, the d*q part multiplies x rounded to int8 per block (kernels/intdot.py); the
+    min part uses the float32 block sums of x."""
+    cols = qs.shape[1] * 2
+    xq = np.empty(cols, dtype=np.int8)
+    dx = np.empty(cols // 32, dtype=np.float32)
+    intdot.quantize_q8_numpy(x, xq, dx)
+    xr = (xq.reshape(-1, 32) * dx[:, None]).reshape(-1)          # (cols,) f32: x as the kernel sees it
+    _chunked(_q4_scaled_numpy, (qs, d), cols, xr, out)
     dm = scales_f32_numpy(m) if m.shape[1] else scales_f32_numpy(d) * np.float32(-8.0)
     out += dm @ _block_sums(x, 32)
     return out
 
 
+NARROW_COLS = 1024  # _q4_row folds the min term into its main loop for rows this short
+
+
 @jit()
 def _q4_row(row, dr, mr, xlo, xhi, xs, xsum, sym, narrow):
-    """One row's dot product: row (cols/2,) uint8 nibbles, dr/mr its block scales and mins."""
+    """One row's dot product with float32 x (the sparse FFN kernels' gather path): row (cols/2,) uint8
+    nibbles, dr/mr its block scales and mins, xlo/xhi the halves of x that pair with low and high
+    nibbles, xs = xlo + xhi (narrow rows only), xsum the block sums of x."""
     half = row.shape[0]
     acc = np.float32(0.0)
     # Nibbles as int32: numba computes q & 15 in int64, and int64->float32 vector conversion needs
@@ -188,67 +199,34 @@ def _q4_row(row, dr, mr, xlo, xhi, xs, xsum, sym, narrow):
     return acc
 
 
-@jit()
-def _q4_rows4(q0, q1, q2, q3, d0, d1, d2, d3, xlo, xhi, sym):
-    """Four rows at once (wide rows: each load of x serves four rows); min terms not included."""
-    half = q0.shape[0]
-    a0 = a1 = a2 = a3 = np.float32(0.0)
-    off = np.int32(8) if sym else np.int32(0)
-    for k in range(half):
-        xl = xlo[k]
-        xh = xhi[k]
-        b0 = np.int32(q0[k])
-        b1 = np.int32(q1[k])
-        b2 = np.int32(q2[k])
-        b3 = np.int32(q3[k])
-        a0 += scale_f32(d0[k >> 4]) * (np.float32(np.int32(np.int32(b0 & 15) - off)) * xl
-                                       + np.float32(np.int32(np.int32(b0 >> 4) - off)) * xh)
-        a1 += scale_f32(d1[k >> 4]) * (np.float32(np.int32(np.int32(b1 & 15) - off)) * xl
-                                       + np.float32(np.int32(np.int32(b1 >> 4) - off)) * xh)
-        a2 += scale_f32(d2[k >> 4]) * (np.float32(np.int32(np.int32(b2 & 15) - off)) * xl
-                                       + np.float32(np.int32(np.int32(b2 >> 4) - off)) * xh)
-        a3 += scale_f32(d3[k >> 4]) * (np.float32(np.int32(np.int32(b3 & 15) - off)) * xl
-                                       + np.float32(np.int32(np.int32(b3 >> 4) - off)) * xh)
-    return a0, a1, a2, a3
-
-
 @jit(parallel=True)
 def _matvec_q4_numba(qs, d, m, x, out):
+    """qs, d, m C-contiguous (the weights' own arrays; q4_row_dot walks raw rows)."""
     rows, half = qs.shape
     nb = d.shape[1]
     sym = m.shape[1] == 0
-    # Split x per block into the halves that pair with low and high nibbles, so the inner loop is one
-    # long unit-stride walk (DESIGN.md); and sum x per block for the min term.
-    xlo = np.empty(half, dtype=np.float32)
-    xhi = np.empty(half, dtype=np.float32)
-    xsum = np.zeros(nb, dtype=np.float32)
+    xq = np.empty(2 * half, dtype=np.int8)       # (cols,) x rounded per block of 32
+    dx = np.empty(nb, dtype=np.float32)          # (cols/32,) its block scales
+    intdot.quantize_q8(x, xq, dx)
+    xsum = np.empty(nb, dtype=np.float32)        # (cols/32,) float32 block sums of x, for the min term
     for b in range(nb):
-        for j in range(16):
-            xlo[b * 16 + j] = x[b * 32 + j]
-            xhi[b * 16 + j] = x[b * 32 + 16 + j]
-            xsum[b] += x[b * 32 + j] + x[b * 32 + 16 + j]
-    narrow = 2 * half <= NARROW_COLS and not sym
-    xs = np.empty(half if narrow else 0, dtype=np.float32)
-    for k in range(xs.shape[0]):
-        xs[k] = xlo[k] + xhi[k]
-    G = _group(2 * half)
-    for g in prange((rows + G - 1) // G):
-        r = g * G
-        if G == GROUP and r + GROUP <= rows:
-            a0, a1, a2, a3 = _q4_rows4(qs[r], qs[r + 1], qs[r + 2], qs[r + 3],
-                                       d[r], d[r + 1], d[r + 2], d[r + 3], xlo, xhi, sym)
-            if not sym:
-                m0, m1, m2, m3 = m[r], m[r + 1], m[r + 2], m[r + 3]
-                for b in range(nb):
-                    xb = xsum[b]
-                    a0 += scale_f32(m0[b]) * xb
-                    a1 += scale_f32(m1[b]) * xb
-                    a2 += scale_f32(m2[b]) * xb
-                    a3 += scale_f32(m3[b]) * xb
-            out[r], out[r + 1], out[r + 2], out[r + 3] = a0, a1, a2, a3
+        acc = np.float32(0.0)
+        for j in range(32):
+            acc += x[b * 32 + j]
+        xsum[b] = acc
+    for r in prange(rows):
+        acc = intdot.q4_row_dot(qs, d, r, xq, dx)
+        if sym:
+            dr = d[r]
+            t = np.float32(0.0)
+            for b in range(nb):
+                t += scale_f32(dr[b]) * xsum[b]
+            acc -= np.float32(8.0) * t
         else:
-            for r in range(g * G, min(rows, g * G + G)):
-                out[r] = _q4_row(qs[r], d[r], m[r], xlo, xhi, xs, xsum, sym, narrow)
+            mr = m[r]
+            for b in range(nb):
+                acc += scale_f32(mr[b]) * xsum[b]
+        out[r] = acc
     return out
 
 
@@ -262,12 +240,47 @@ def _i8_scaled_numpy(q, d, out):
     return out
 
 
+def _int8_rounded(x):
+    """x (cols,) f32 as the integer kernels see it: rounded to int8 per block of 32 (kernels/intdot.py)."""
+    xq = np.empty(x.shape[0], dtype=np.int8)
+    dx = np.empty(x.shape[0] // 32, dtype=np.float32)
+    intdot.quantize_q8_numpy(x, xq, dx)
+    return (xq.reshape(-1, 32) * dx[:, None]).reshape(-1)
+
+
 def matvec_i8_numpy(q, d, m, x, out):
     """q (rows, cols) int8, d (rows, cols/B) and m (rows, cols/B or 0) f32 or f16 bits, x (cols,) f32
-    -> out (rows,) f32."""
-    _chunked(_i8_scaled_numpy, (q, d), q.shape[1], x, out)
+    -> out (rows,) f32. With B = 32 (Q8_0, Q5_*), like the numba kernel, the d*q part multiplies x
+    rounded to int8 per block and the min part the float32 block sums of x."""
+    xr = _int8_rounded(x) if q.shape[1] == 32 * d.shape[1] else x
+    _chunked(_i8_scaled_numpy, (q, d), q.shape[1], xr, out)
     if m.shape[1]:
         out += scales_f32_numpy(m) @ _block_sums(x, q.shape[1] // m.shape[1])
+    return out
+
+
+@jit(parallel=True)
+def _matvec_i8x32_numba(q, d, m, x, out):
+    """Blocks of 32 with x rounded to int8 per block: integer SIMD products (kernels/intdot.py)."""
+    rows, cols = q.shape
+    nb = d.shape[1]
+    xq = np.empty(cols, dtype=np.int8)           # (cols,) x rounded per block of 32
+    dx = np.empty(nb, dtype=np.float32)          # (cols/32,) its block scales
+    intdot.quantize_q8(x, xq, dx)
+    has_min = m.shape[1] > 0
+    xsum = np.zeros(nb if has_min else 0, dtype=np.float32)
+    for b in range(xsum.shape[0]):
+        acc = np.float32(0.0)
+        for j in range(32):
+            acc += x[b * 32 + j]
+        xsum[b] = acc
+    for r in prange(rows):
+        acc = intdot.i8_row_dot(q, d, r, xq, dx)
+        if has_min:
+            mr = m[r]
+            for b in range(nb):
+                acc += scale_f32(mr[b]) * xsum[b]
+        out[r] = acc
     return out
 
 
@@ -276,6 +289,12 @@ def _matvec_i8_numba(q, d, m, x, out):
     rows, cols = q.shape
     nb = d.shape[1]
     block = cols // nb
+    if block == 32:
+        return _matvec_i8x32_numba(q, d, m, x, out)
+    # Float x for the other block sizes (Q6_K's 16). The scale index must be a shift by a constant:
+    # with a run-time shift or division LLVM gathers d[...] per element and the loop runs ~6x slower,
+    # so B = 16 has its own loop and other block sizes take the slow general loop (no GGUF format
+    # produces them).
     has_min = m.shape[1] > 0
     xsum = np.zeros(nb, dtype=np.float32)
     if has_min:
@@ -284,40 +303,26 @@ def _matvec_i8_numba(q, d, m, x, out):
             for k in range(b * block, b * block + block):
                 acc += x[k]
             xsum[b] = acc
-    # The scale index must be a shift by a constant: with a run-time shift or division LLVM gathers
-    # d[...] per element and the loop runs ~6x slower. B = 32 (Q8_0, Q5_K...) and 16 (Q6_K) get their
-    # own loops; other block sizes take the slow general loop (no GGUF format produces them).
-    G = _group(cols) if block == 32 or block == 16 else 1
+    G = _group(cols) if block == 16 else 1
     for g in prange((rows + G - 1) // G):
         r = g * G
         if G == GROUP and r + GROUP <= rows:
             q0, q1, q2, q3 = q[r], q[r + 1], q[r + 2], q[r + 3]
             d0, d1, d2, d3 = d[r], d[r + 1], d[r + 2], d[r + 3]
             a0 = a1 = a2 = a3 = np.float32(0.0)
-            if block == 32:
-                for k in range(cols):
-                    xk = x[k]
-                    a0 += scale_f32(d0[k >> 5]) * (np.float32(q0[k]) * xk)
-                    a1 += scale_f32(d1[k >> 5]) * (np.float32(q1[k]) * xk)
-                    a2 += scale_f32(d2[k >> 5]) * (np.float32(q2[k]) * xk)
-                    a3 += scale_f32(d3[k >> 5]) * (np.float32(q3[k]) * xk)
-            else:
-                for k in range(cols):
-                    xk = x[k]
-                    a0 += scale_f32(d0[k >> 4]) * (np.float32(q0[k]) * xk)
-                    a1 += scale_f32(d1[k >> 4]) * (np.float32(q1[k]) * xk)
-                    a2 += scale_f32(d2[k >> 4]) * (np.float32(q2[k]) * xk)
-                    a3 += scale_f32(d3[k >> 4]) * (np.float32(q3[k]) * xk)
+            for k in range(cols):
+                xk = x[k]
+                a0 += scale_f32(d0[k >> 4]) * (np.float32(q0[k]) * xk)
+                a1 += scale_f32(d1[k >> 4]) * (np.float32(q1[k]) * xk)
+                a2 += scale_f32(d2[k >> 4]) * (np.float32(q2[k]) * xk)
+                a3 += scale_f32(d3[k >> 4]) * (np.float32(q3[k]) * xk)
             out[r], out[r + 1], out[r + 2], out[r + 3] = a0, a1, a2, a3
         else:
             for r in range(g * G, min(rows, g * G + G)):
                 row = q[r]
                 dr = d[r]
                 acc = np.float32(0.0)
-                if block == 32:
-                    for k in range(cols):
-                        acc += scale_f32(dr[k >> 5]) * (np.float32(row[k]) * x[k])
-                elif block == 16:
+                if block == 16:
                     for k in range(cols):
                         acc += scale_f32(dr[k >> 4]) * (np.float32(row[k]) * x[k])
                 else:

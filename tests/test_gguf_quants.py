@@ -101,7 +101,11 @@ def test_values_match_gguf(qtype, rows, n_blocks):
 
     x = _x(rng, cols)
     scale = np.abs(want) @ np.abs(x.astype(np.float64)) + 1e-30
-    assert (np.abs(w.matvec(x) - want @ x) / scale).max() < 1e-5
+    # The Q4 layout's matvec, and the I8 layout's with blocks of 32, multiply x rounded to int8 per
+    # block, as ggml does (kernels/intdot.py; tests/test_kernels.py checks them exactly against that
+    # rounding): within ~1/254 of each block's max |x|.
+    tol = 1e-2 if layout is Q4Weight or block == 32 else 1e-5
+    assert (np.abs(w.matvec(x) - want @ x) / scale).max() < tol
 
     X = _x(rng, cols, n=5)
     scale = np.abs(X.astype(np.float64)) @ np.abs(want).T + 1e-30

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from kernels import backend, dequant, matvec
+from kernels import backend, dequant, intdot, matvec
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -96,6 +96,18 @@ def ref_q4(qs, d, m):
     return q * _f64(d)[:, block] + _f64(m)[:, block]
 
 
+def ref_q4_int8x(qs, d, m, x):
+    """What the Q4 matvec computes: the d*q part times x rounded to int8 per block of 32
+    (kernels/intdot.py), the min part (m, or -8d for Q4_0) times float x. float64 (rows,)."""
+    xr = _int8_x(x)
+    sym = not m.shape[1]
+    scale_only = ref_q4(qs, d, np.zeros((qs.shape[0], 0 if sym else d.shape[1]), np.float32))
+    if sym:
+        scale_only += 8 * _f64(d)[:, np.arange(x.shape[0]) // 32]   # undo the -8 offset: d*q only
+    mins = ref_q4(qs, d, m) - scale_only
+    return scale_only @ xr + mins @ x.astype(np.float64)
+
+
 def ref_i8(q, d, m):
     block = np.arange(q.shape[1]) // (q.shape[1] // d.shape[1])
     w = q.astype(np.float64) * _f64(d)[:, block]
@@ -104,9 +116,13 @@ def ref_i8(q, d, m):
     return w
 
 
-def _check_matvec(kernel, twin, args, w64, x):
+def _check_matvec(kernel, twin, args, w64, x, want=None):
+    """Both backends against want (default w64 @ x) relative to sum |w||x|, and against each other.
+    Kernels that round x to int8 pass `want` computed from the rounded x, and must also stay within
+    that rounding (~1/254 of each block's max |x|) of the float product."""
     rows = w64.shape[0]
-    want = w64 @ x.astype(np.float64)
+    exact = w64 @ x.astype(np.float64)
+    want = exact if want is None else want
     scale = np.abs(w64) @ np.abs(x.astype(np.float64)) + 1e-30
     for fn in (kernel, twin):
         out = np.full(rows, np.nan, dtype=np.float32)
@@ -115,9 +131,18 @@ def _check_matvec(kernel, twin, args, w64, x):
         assert got.dtype == np.float32 and got.shape == (rows,)
         err = np.abs(got - want) / scale
         assert err.max() < RTOL, f"{getattr(fn, '__name__', fn)}: max relative error {err.max():.2e}"
+        assert (np.abs(got - exact) / scale).max() < 1e-2
     a = kernel(*args, x, np.empty(rows, np.float32))
     b = twin(*args, x, np.empty(rows, np.float32))
     assert (np.abs(a - b) / scale).max() < RTOL
+
+
+def _int8_x(x):
+    """x rounded to int8 per block of 32 as kernels/intdot.py does, float64."""
+    xq = np.empty(x.shape[0], np.int8)
+    dx = np.empty(x.shape[0] // 32, np.float32)
+    intdot.quantize_q8_numpy(x, xq, dx)
+    return (xq.reshape(-1, 32).astype(np.float64) * dx[:, None]).reshape(-1)
 
 
 def _check_dequant(kernel, twin, args, w64):
@@ -148,9 +173,76 @@ def test_matvec_bf16(rows, cols):
 @pytest.mark.parametrize("kind,sym", [("f32", False), ("f16", False), ("f16", True), ("f32", True)])
 @pytest.mark.parametrize("rows,cols", SHAPES_32 + SHAPES_WIDE)
 def test_matvec_q4(rows, cols, kind, sym):
+    """Exact to float rounding against x rounded to int8 as intdot does, and within that rounding
+    (~1/254 of each block's max |x|) of the float product."""
     rng = np.random.default_rng(rows * 1000 + cols + 2)
     args = _q4(rng, rows, cols, kind, sym)
-    _check_matvec(matvec.matvec_q4, matvec.matvec_q4_numpy, args, ref_q4(*args), _x(rng, cols))
+    x = _x(rng, cols)
+    w64 = ref_q4(*args)
+    want = ref_q4_int8x(*args, x)
+    scale = np.abs(w64) @ np.abs(x.astype(np.float64)) + 1e-30
+    outs = []
+    for fn in (matvec.matvec_q4, matvec.matvec_q4_numpy):
+        out = np.full(rows, np.nan, dtype=np.float32)
+        assert fn(*args, x, out) is out
+        assert (np.abs(out - want) / scale).max() < RTOL, getattr(fn, "__name__", fn)
+        assert (np.abs(out - w64 @ x) / scale).max() < 1e-2
+        outs.append(out)
+    assert (np.abs(outs[0] - outs[1]) / scale).max() < RTOL
+
+
+@pytest.mark.parametrize("cols", [32, 64, 96, 576, 11008])
+def test_quantize_q8(cols):
+    """int8 rounding of x per block: numba and numpy agree, and each value is within half a step."""
+    rng = np.random.default_rng(cols)
+    x = _x(rng, cols) * np.float32(3.0)
+    x[:32] = 0.0                                     # an all-zero block: scale 0, values 0
+    got = []
+    for fn in (intdot.quantize_q8, intdot.quantize_q8_numpy):
+        xq = np.empty(cols, np.int8)
+        dx = np.full(cols // 32, np.nan, np.float32)
+        fn(x, xq, dx)
+        assert np.abs(xq.astype(np.int32)).max() <= 127
+        err = np.abs(xq.reshape(-1, 32) * dx[:, None] - x.reshape(-1, 32))
+        assert (err <= dx[:, None] * 0.5001 + 1e-12).all()
+        assert dx[0] == 0 and not xq[:32].any()
+        got.append(xq)
+    assert (np.abs(got[0].astype(np.int32) - got[1]) <= 1).all()
+
+
+def test_row_dot_twins():
+    """The LLVM-IR row dot product (x86 AVX2 or generic vector IR) against its numpy twin, both scale
+    dtypes, even and odd block counts (the IR does two blocks per iteration, then a tail)."""
+    if not backend.NUMBA:
+        pytest.skip("q4_row_dot is an LLVM intrinsic: numba only (the numpy twin is tested through matvec)")
+    from numba import njit
+
+    @njit
+    def rows_dot(qs, d, xq, dx, out):
+        for r in range(qs.shape[0]):
+            out[r] = intdot.q4_row_dot(qs, d, r, xq, dx)
+        return out
+
+    @njit
+    def rows_dot_i8(q, d, xq, dx, out):
+        for r in range(q.shape[0]):
+            out[r] = intdot.i8_row_dot(q, d, r, xq, dx)
+        return out
+
+    rng = np.random.default_rng(11)
+    for nb in (1, 2, 3, 18, 49):
+        for kind in ("f32", "f16"):
+            qs, d, _ = _q4(rng, 5, 32 * nb, kind, sym=True)
+            xq = rng.integers(-127, 128, 32 * nb, dtype=np.int8)
+            dx = rng.uniform(0.001, 0.1, nb).astype(np.float32)
+            got = rows_dot(qs, d, xq, dx, np.empty(5, np.float32))
+            want = np.array([intdot.q4_row_dot_numpy(qs, d, r, xq, dx) for r in range(5)])
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+            q, d8, _ = _i8(rng, 5, 32 * nb, 32, False, kind)
+            q[0, :32] = -128                         # the extreme |w| that psign/pmaddubsw must handle
+            got = rows_dot_i8(q, d8, xq, dx, np.empty(5, np.float32))
+            want = np.array([intdot.i8_row_dot_numpy(q, d8, r, xq, dx) for r in range(5)])
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("kind", ["f32", "f16"])
@@ -159,9 +251,15 @@ def test_matvec_q4(rows, cols, kind, sym):
                          + [(16, r, c) for r, c in SHAPES_16 + SHAPES_WIDE]
                          + [(64, 3, 128), (64, 5, _W + 64)])   # a block size no GGUF format has
 def test_matvec_i8(block, rows, cols, with_min, kind):
+    """Blocks of 32 (Q8_0, Q5_*) multiply x rounded to int8 (kernels/intdot.py); others float x."""
     rng = np.random.default_rng(rows * 1000 + cols + block + with_min)
-    args = _i8(rng, rows, cols, block, with_min, kind)
-    _check_matvec(matvec.matvec_i8, matvec.matvec_i8_numpy, args, ref_i8(*args), _x(rng, cols))
+    q, d, m = args = _i8(rng, rows, cols, block, with_min, kind)
+    x = _x(rng, cols)
+    want = None
+    if block == 32:
+        mins = ref_i8(q, d, m) - ref_i8(q, d, m[:, :0])
+        want = ref_i8(q, d, m[:, :0]) @ _int8_x(x) + mins @ x.astype(np.float64)
+    _check_matvec(matvec.matvec_i8, matvec.matvec_i8_numpy, args, ref_i8(*args), x, want)
 
 
 def test_matvec_f32():
@@ -318,12 +416,10 @@ def test_numpy_twins_in_chunks(chunk, monkeypatch):
     cases = [
         (matvec.matvec_f16_numpy, (bits,), ref_f16(bits)),
         (matvec.matvec_bf16_numpy, (_bf16s(rng, (rows, cols)),), None),
-        (matvec.matvec_q4_numpy, _q4(rng, rows, cols), None),
-        (matvec.matvec_q4_numpy, _q4(rng, rows, cols, "f16", sym=True), None),
-        (matvec.matvec_i8_numpy, _i8(rng, rows, cols, 32, True), None),
+
         (matvec.matvec_i8_numpy, _i8(rng, rows, cols, 16, False), None),
     ]
-    refs = {matvec.matvec_bf16_numpy: ref_bf16, matvec.matvec_q4_numpy: ref_q4, matvec.matvec_i8_numpy: ref_i8}
+    refs = {matvec.matvec_bf16_numpy: ref_bf16, matvec.matvec_i8_numpy: ref_i8}
     for fn, args, w64 in cases:
         w64 = refs[fn](*args) if w64 is None else w64
         out = np.full(rows, np.nan, np.float32)
@@ -331,6 +427,17 @@ def test_numpy_twins_in_chunks(chunk, monkeypatch):
         want = w64 @ x.astype(np.float64)
         scale = np.abs(w64) @ np.abs(x.astype(np.float64)) + 1e-30
         assert (np.abs(out - want) / scale).max() < RTOL
+    q, d, m = _i8(rng, rows, cols, 32, True)
+    out = np.full(rows, np.nan, np.float32)
+    assert matvec.matvec_i8_numpy(q, d, m, x, out) is out
+    mins = ref_i8(q, d, m) - ref_i8(q, d, m[:, :0])
+    want = ref_i8(q, d, m[:, :0]) @ _int8_x(x) + mins @ x.astype(np.float64)
+    assert (np.abs(out - want) / (np.abs(ref_i8(q, d, m)) @ np.abs(x.astype(np.float64)))).max() < RTOL
+    for args in (_q4(rng, rows, cols), _q4(rng, rows, cols, "f16", sym=True)):
+        out = np.full(rows, np.nan, np.float32)
+        assert matvec.matvec_q4_numpy(*args, x, out) is out
+        scale = np.abs(ref_q4(*args)) @ np.abs(x.astype(np.float64)) + 1e-30
+        assert (np.abs(out - ref_q4_int8x(*args, x)) / scale).max() < RTOL
 
 
 # ---------------------------------------------------------------- numpy-only mode

@@ -1,0 +1,246 @@
+"""Integer dot products for 4-bit weights: activations quantized to int8 per block of 32, as ggml does.
+
+Why: a float kernel spends ~10 vector instructions per 32 weights unpacking nibbles, converting them
+to float and multiplying (kernels/matvec.py's float loop ran Q4 at 0.17-0.39x of f32 GEMV's GB/s,
+compute-bound, not memory-bound). With x in int8, the products of one block are two instructions on
+x86 (pmaddubsw: u8 x s8 -> pairwise i16 sums; pmaddwd by ones -> i32), then one convert and one fused
+multiply-add with the block's scale d_w * d_x: ~2.5x the float loop on SmolLM2's shapes (2 threads).
+
+numba cannot express SIMD integer multiply-adds, so `q4_row_dot` is an LLVM intrinsic that builds the
+row loop in IR with explicit vector types:
+- x86 with AVX2: llvm.x86.avx2.pmadd.ub.sw and llvm.x86.avx2.pmadd.wd (what ggml's AVX2 path uses);
+- any other target (ARM64, x86 without AVX2): the same arithmetic in generic vector IR (zext/sext,
+  mul, add), which LLVM lowers for the target. Both are exact in integers, so they agree bit for bit
+  on the integer block sums; only the float accumulation order differs.
+
+Numerics: quantizing x costs about what llama.cpp's own Q8 rounding costs (d_x = max|x|/127 per block,
+nearest integer); the min term of Q4_1/Q4_K (m * sum of x) and Q4_0's -8 offset use the float32 block
+sums of x, which is slightly more accurate than ggml. The numpy twin rounds x the same way.
+"""
+
+import platform
+
+import numpy as np
+
+from kernels.backend import NUMBA, jit
+
+AVX2 = False   # whether q4_row_dot uses x86 AVX2 intrinsics (set below when numba is on)
+
+
+def _has_avx2() -> bool:
+    """Whether numba's compile target is x86 with AVX2 (mirrors numba's own choice of CPU features)."""
+    from numba.core import codegen, config
+
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return False
+    features = config.CPU_FEATURES if config.CPU_FEATURES is not None else codegen.get_host_cpu_features()
+    return "+avx2" in str(features).split(",")
+
+
+# ---------------------------------------------------------------- activation quantization
+
+def quantize_q8_numpy(x, xq, dx):
+    """x (32*nb,) f32 -> xq (32*nb,) int8, dx (nb,) f32 with x ~ xq * dx per block of 32."""
+    blocks = x.reshape(-1, 32)
+    amax = np.abs(blocks).max(axis=1)
+    dx[:] = amax / np.float32(127.0)
+    inv = np.zeros_like(amax)
+    np.divide(np.float32(127.0), amax, out=inv, where=amax > 0)
+    xq.reshape(-1, 32)[:] = np.rint(blocks * inv[:, None])
+    return xq
+
+
+@jit()
+def _quantize_q8_numba(x, xq, dx):
+    nb = dx.shape[0]
+    for b in range(nb):
+        blk = x[b * 32 : b * 32 + 32]
+        amax = np.float32(0.0)
+        for j in range(32):
+            amax = max(amax, abs(blk[j]))
+        dx[b] = amax / np.float32(127.0)
+        inv = np.float32(127.0) / amax if amax > 0 else np.float32(0.0)
+        for j in range(32):
+            xq[b * 32 + j] = np.int8(np.int32(np.rint(blk[j] * inv)))
+    return xq
+
+
+# ---------------------------------------------------------------- the row dot product
+
+def q4_row_dot_numpy(qs, d, r, xq, dx):
+    """sum over blocks b of scale(d[r, b]) * dx[b] * sum_j q_j * xq[32b + j], q the unsigned nibbles of
+    row r of qs in the Q4 layout's order (kernels/layouts.md). float32."""
+    half = qs.shape[1]
+    row = qs[r].reshape(-1, 16).astype(np.int32)
+    x = xq.reshape(-1, 32).astype(np.int32)
+    isum = ((row & 15) * x[:, :16]).sum(axis=1) + ((row >> 4) * x[:, 16:]).sum(axis=1)   # (nb,) int32
+    dr = d[r].view(np.float16).astype(np.float32) if d.dtype == np.uint16 else d[r]
+    assert isum.shape[0] * 16 == half
+    return np.float32((isum.astype(np.float32) * (dr * dx)).sum(dtype=np.float32))
+
+
+def i8_row_dot_numpy(q, d, r, xq, dx):
+    """sum over blocks b of scale(d[r, b]) * dx[b] * sum_j q[r, 32b + j] * xq[32b + j], q int8 in
+    blocks of 32 (the I8 layout with B = 32: Q8_0, Q5_0, Q5_1, Q5_K). float32."""
+    row = q[r].reshape(-1, 32).astype(np.int32)
+    isum = (row * xq.reshape(-1, 32).astype(np.int32)).sum(axis=1)                       # (nb,) int32
+    dr = d[r].view(np.float16).astype(np.float32) if d.dtype == np.uint16 else d[r]
+    return np.float32((isum.astype(np.float32) * (dr * dx)).sum(dtype=np.float32))
+
+
+if NUMBA:
+    from llvmlite import ir
+    from numba import types
+    from numba.core.extending import intrinsic
+
+    AVX2 = _has_avx2()
+
+    _I8, _I16, _I32, _I64, _F32 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64), ir.FloatType()
+
+    def _vec(t, n):
+        return ir.VectorType(t, n)
+
+    def _splat(t, n, v):
+        return ir.Constant(_vec(t, n), [v] * n)
+
+    def _lanes(*idx):
+        return ir.Constant(_vec(_I32, len(idx)), list(idx))
+
+    def _block_isum(builder, nib, xv):
+        """nib <32 x i8> unsigned 0..15, xv <32 x i8> signed -> <8 x i32> partial sums of nib*xv."""
+        if AVX2:
+            mod = builder.module
+            ub = mod.declare_intrinsic("llvm.x86.avx2.pmadd.ub.sw",
+                                       fnty=ir.FunctionType(_vec(_I16, 16), [_vec(_I8, 32), _vec(_I8, 32)]))
+            wd = mod.declare_intrinsic("llvm.x86.avx2.pmadd.wd",
+                                       fnty=ir.FunctionType(_vec(_I32, 8), [_vec(_I16, 16), _vec(_I16, 16)]))
+            # |q*x| <= 15*127, so pmaddubsw's saturating i16 pair sums never saturate.
+            return builder.call(wd, [builder.call(ub, [nib, xv]), _splat(_I16, 16, 1)])
+        p = builder.mul(builder.zext(nib, _vec(_I32, 32)), builder.sext(xv, _vec(_I32, 32)))
+        s = builder.add(builder.shuffle_vector(p, p, _lanes(*range(16))),
+                        builder.shuffle_vector(p, p, _lanes(*range(16, 32))))
+        return builder.add(builder.shuffle_vector(s, s, _lanes(*range(8))),
+                           builder.shuffle_vector(s, s, _lanes(*range(8, 16))))
+
+    def _block_isum_i8(builder, w, xv):
+        """w, xv <32 x i8> signed -> <8 x i32> partial sums of w*xv."""
+        if AVX2:
+            # pmaddubsw wants one unsigned operand: |w| times x with w's sign (ggml's trick). |w| <= 128
+            # and |x| <= 127, so the i16 pair sums (<= 32512) never saturate.
+            mod = builder.module
+            sign = mod.declare_intrinsic("llvm.x86.avx2.psign.b",
+                                         fnty=ir.FunctionType(_vec(_I8, 32), [_vec(_I8, 32), _vec(_I8, 32)]))
+            return _block_isum(builder, builder.call(sign, [w, w]), builder.call(sign, [xv, w]))
+        p = builder.mul(builder.sext(w, _vec(_I32, 32)), builder.sext(xv, _vec(_I32, 32)))
+        s = builder.add(builder.shuffle_vector(p, p, _lanes(*range(16))),
+                        builder.shuffle_vector(p, p, _lanes(*range(16, 32))))
+        return builder.add(builder.shuffle_vector(s, s, _lanes(*range(8))),
+                           builder.shuffle_vector(s, s, _lanes(*range(8, 16))))
+
+    def _block_term(builder, qrow, drow, xq, dx, b, f16, nibbles):
+        """The float contribution of block b: <8 x float> partial sums times d[b] * dx[b]. nibbles:
+        the Q4 layout (16 bytes per block); else the I8 layout with B = 32 (32 bytes per block)."""
+        xp = builder.bitcast(builder.gep(xq, [builder.mul(b, ir.Constant(_I64, 32))]), _vec(_I8, 32).as_pointer())
+        if nibbles:
+            qp = builder.bitcast(builder.gep(qrow, [builder.mul(b, ir.Constant(_I64, 16))]),
+                                 _vec(_I8, 16).as_pointer())
+            q = builder.load(qp, align=1)
+            lo = builder.and_(q, _splat(_I8, 16, 15))           # elements 0-15 of the block
+            hi = builder.lshr(q, _splat(_I8, 16, 4))            # elements 16-31
+            nib = builder.shuffle_vector(lo, hi, _lanes(*range(32)))
+            isum = _block_isum(builder, nib, builder.load(xp, align=1))
+        else:
+            qp = builder.bitcast(builder.gep(qrow, [builder.mul(b, ir.Constant(_I64, 32))]),
+                                 _vec(_I8, 32).as_pointer())
+            isum = _block_isum_i8(builder, builder.load(qp, align=1), builder.load(xp, align=1))
+        draw = builder.load(builder.gep(drow, [b]))
+        dsc = builder.fpext(builder.bitcast(draw, ir.HalfType()), _F32) if f16 else draw
+        sc = builder.fmul(dsc, builder.load(builder.gep(dx, [b])))
+        scv = builder.insert_element(ir.Constant(_vec(_F32, 8), ir.Undefined), sc, ir.Constant(_I32, 0))
+        scv = builder.shuffle_vector(scv, scv, _lanes(*[0] * 8))
+        return builder.fmul(builder.sitofp(isum, _vec(_F32, 8)), scv, flags=("fast",))
+
+    def _row_dot_intrinsic(nibbles):
+        """The row dot product over the Q4 layout (nibbles) or the I8 layout with blocks of 32."""
+
+        def row_dot(typingctx, qs, d, r, xq, dx):
+            # The IR walks raw pointers with row stride = row length: C-contiguous arrays only.
+            wdtype = types.uint8 if nibbles else types.int8
+            if not (isinstance(qs, types.Array) and qs.dtype == wdtype and qs.layout == "C"
+                    and isinstance(d, types.Array) and d.dtype in (types.float32, types.uint16) and d.layout == "C"
+                    and isinstance(r, types.Integer)
+                    and isinstance(xq, types.Array) and xq.dtype == types.int8 and xq.layout == "C"
+                    and isinstance(dx, types.Array) and dx.dtype == types.float32 and dx.layout == "C"):
+                return None
+            f16 = d.dtype == types.uint16
+
+            def codegen(context, builder, sig, args):
+                qs_v, d_v, r_v, xq_v, dx_v = args
+                qs_a = context.make_array(sig.args[0])(context, builder, qs_v)
+                d_a = context.make_array(sig.args[1])(context, builder, d_v)
+                xq_a = context.make_array(sig.args[3])(context, builder, xq_v)
+                dx_a = context.make_array(sig.args[4])(context, builder, dx_v)
+                half = builder.extract_value(qs_a.shape, 1)
+                nb = builder.extract_value(d_a.shape, 1)
+                r64 = builder.sext(r_v, _I64) if r_v.type.width < 64 else r_v
+                qrow = builder.gep(qs_a.data, [builder.mul(r64, half)])
+                drow = builder.gep(d_a.data, [builder.mul(r64, nb)])
+                zero = ir.Constant(_vec(_F32, 8), [0.0] * 8)
+                entry = builder.block
+                loop = builder.function.append_basic_block("q4dot.loop")
+                tail = builder.function.append_basic_block("q4dot.tail")
+                done = builder.function.append_basic_block("q4dot.done")
+                pairs = builder.ashr(nb, ir.Constant(_I64, 1))
+                builder.cbranch(builder.icmp_signed(">", pairs, ir.Constant(_I64, 0)), loop, tail)
+                # Two blocks per iteration into two accumulators: one chain of dependent adds would bound
+                # the loop by the add latency rather than by throughput.
+                builder.position_at_end(loop)
+                i = builder.phi(_I64)
+                acc0 = builder.phi(_vec(_F32, 8))
+                acc1 = builder.phi(_vec(_F32, 8))
+                b0 = builder.shl(i, ir.Constant(_I64, 1))
+                b1 = builder.add(b0, ir.Constant(_I64, 1))
+                n0 = builder.fadd(acc0, _block_term(builder, qrow, drow, xq_a.data, dx_a.data, b0, f16, nibbles), flags=("fast",))
+                n1 = builder.fadd(acc1, _block_term(builder, qrow, drow, xq_a.data, dx_a.data, b1, f16, nibbles), flags=("fast",))
+                i2 = builder.add(i, ir.Constant(_I64, 1))
+                for phi, start, nxt in ((i, ir.Constant(_I64, 0), i2), (acc0, zero, n0), (acc1, zero, n1)):
+                    phi.add_incoming(start, entry)
+                    phi.add_incoming(nxt, loop)
+                builder.cbranch(builder.icmp_signed("<", i2, pairs), loop, tail)
+                # An odd block count leaves one block.
+                builder.position_at_end(tail)
+                t0 = builder.phi(_vec(_F32, 8))
+                t1 = builder.phi(_vec(_F32, 8))
+                t0.add_incoming(zero, entry)
+                t0.add_incoming(n0, loop)
+                t1.add_incoming(zero, entry)
+                t1.add_incoming(n1, loop)
+                acc = builder.fadd(t0, t1, flags=("fast",))
+                odd = builder.icmp_signed("!=", builder.and_(nb, ir.Constant(_I64, 1)), ir.Constant(_I64, 0))
+                last = builder.sub(nb, ir.Constant(_I64, 1))
+                with builder.if_then(odd):
+                    extra = builder.fadd(acc, _block_term(builder, qrow, drow, xq_a.data, dx_a.data, last, f16, nibbles),
+                                         flags=("fast",))
+                    odd_block = builder.block
+                merged = builder.phi(_vec(_F32, 8))
+                merged.add_incoming(acc, tail)
+                merged.add_incoming(extra, odd_block)
+                builder.branch(done)
+                builder.position_at_end(done)
+                total = builder.extract_element(merged, ir.Constant(_I32, 0))
+                for k in range(1, 8):
+                    total = builder.fadd(total, builder.extract_element(merged, ir.Constant(_I32, k)), flags=("fast",))
+                return total
+
+            return types.float32(qs, d, r, xq, dx), codegen
+        # Distinct names: numba keys intrinsics and their cached callers partly by name.
+        row_dot.__name__ = row_dot.__qualname__ = "q4_row_dot" if nibbles else "i8_row_dot"
+        return intrinsic(row_dot)
+
+    # q4_row_dot(qs, d, r, xq, dx): see q4_row_dot_numpy. qs (rows, cols/2) uint8, d (rows, cols/32) f32
+    # or uint16 f16 bits, r a row index, xq (cols,) int8, dx (cols/32,) f32; all C-contiguous.
+    q4_row_dot = _row_dot_intrinsic(nibbles=True)
+    # i8_row_dot(q, d, r, xq, dx): see i8_row_dot_numpy. q (rows, cols) int8, d (rows, cols/32); as above.
+    i8_row_dot = _row_dot_intrinsic(nibbles=False)
+
+quantize_q8 = _quantize_q8_numba if NUMBA else quantize_q8_numpy
