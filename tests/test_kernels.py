@@ -210,20 +210,26 @@ def test_quantize_q8(cols):
     assert (np.abs(got[0].astype(np.int32) - got[1]) <= 1).all()
 
 
-def test_row_dot_twins():
-    """The LLVM-IR row dot product (x86 AVX2 or generic vector IR) against its numpy twin, both scale
-    dtypes, even and odd block counts (the IR does two blocks per iteration, then a tail)."""
+@pytest.mark.parametrize("avx2", [True, False])
+def test_row_dot_twins(avx2, monkeypatch):
+    """The LLVM-IR row dot products against their numpy twins: the x86 AVX2 code and the generic vector
+    IR other targets get (forced here by compiling with AVX2 off), both scale dtypes, even and odd
+    block counts (the IR does two blocks per iteration, then a tail)."""
     if not backend.NUMBA:
-        pytest.skip("q4_row_dot is an LLVM intrinsic: numba only (the numpy twin is tested through matvec)")
+        pytest.skip("the row dots are LLVM intrinsics: numba only (the numpy twins are tested through matvec)")
+    if avx2 and not intdot.AVX2:
+        pytest.skip("this CPU has no AVX2")
     from numba import njit
 
-    @njit
+    monkeypatch.setattr(intdot, "AVX2", avx2)   # read when the intrinsic generates IR, i.e. at compile time
+
+    @njit(cache=False)
     def rows_dot(qs, d, xq, dx, out):
         for r in range(qs.shape[0]):
             out[r] = intdot.q4_row_dot(qs, d, r, xq, dx)
         return out
 
-    @njit
+    @njit(cache=False)
     def rows_dot_i8(q, d, xq, dx, out):
         for r in range(q.shape[0]):
             out[r] = intdot.i8_row_dot(q, d, r, xq, dx)
