@@ -13,6 +13,7 @@ import numpy as np
 
 from engine.errors import ContextLengthError, ModelFormatError
 from engine.generate import Chunk, Response, stream_generate
+from engine.memory import release_compiler_pages
 from engine.model import Transformer
 from engine.sampling import SamplingParams, make_sampler
 from engine.threads import set_threads
@@ -170,8 +171,10 @@ def load(source: str | os.PathLike = "smollm2-135m-instruct", *, threads: int | 
     ctx = min(config.max_position_embeddings, 4096) if n_ctx is None else int(n_ctx)
     if ctx < 2:
         raise ValueError(f"n_ctx must be at least 2, got {ctx}")
-    return LLM(Transformer(config, weights), tokenizer, source=str(path), n_ctx=ctx, threads=threads,
-               file_bytes=file_bytes)
+    model = Transformer(config, weights)
+    model.warm_up()
+    release_compiler_pages()
+    return LLM(model, tokenizer, source=str(path), n_ctx=ctx, threads=threads, file_bytes=file_bytes)
 
 
 def _is_gguf(path: Path) -> bool:

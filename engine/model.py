@@ -90,6 +90,14 @@ class Transformer:
         c = self.config
         return KVCache(c.num_hidden_layers, c.num_key_value_heads, max_seq, c.head_dim)
 
+    def warm_up(self) -> None:
+        """Load (or compile) every kernel prefill and decode use, with a 2-token prefill and one decode
+        step on a scratch cache, so that the first real request does not pay for it and the compiler's
+        memory can be released afterwards (engine/memory.py)."""
+        cache = self.new_cache(3)
+        self.forward(np.array([0, 1]), cache, all_logits=False)
+        self.forward(np.array([1]), cache, all_logits=False)
+
     def forward(self, ids: np.ndarray, cache: KVCache, all_logits: bool = True) -> np.ndarray:
         """ids (n,) int token ids at positions cache.length..; returns (n, vocab) f32 logits, or
         (1, vocab) for the last token only when all_logits is False. Appends to the cache."""
