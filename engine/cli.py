@@ -9,9 +9,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from engine.commands import bench, chat, generate, perplexity, pull
+from engine.commands import bench, chat, generate, perplexity, plan, profile_device, pull
 
-COMMANDS = (pull, generate, chat, perplexity, bench)
+COMMANDS = (pull, generate, chat, perplexity, bench, profile_device, plan)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -22,3 +22,8 @@ class ContextLengthError(PocketInferError, ValueError):
 
 class RegistryError(PocketInferError, ValueError):
     """An unknown alias, a failed download or a hash mismatch in the model registry."""
+
+
+class PlanError(PocketInferError, ValueError):
+    """A plan cannot be made or used: budget below the minimum, bad device profile, bad calibration
+    text, or a deploy directory that does not match its model."""

@@ -13,7 +13,7 @@ import numpy as np
 
 from engine.errors import ContextLengthError, ModelFormatError
 from engine.generate import Chunk, Response, stream_generate
-from engine.memory import release_compiler_pages
+from engine.memory import release_compiler_pages, start_compiler
 from engine.model import Transformer
 from engine.sampling import SamplingParams, make_sampler
 from engine.threads import set_threads
@@ -142,11 +142,21 @@ def load(source: str | os.PathLike = "smollm2-135m-instruct", *, threads: int | 
     first use). threads defaults to the physical core count; n_ctx to min(model context, 4096)."""
     from engine import registry
 
-    threads = set_threads(threads)
     path = registry.resolve(source)
-    if plan is not None or (path.is_dir() and (path / "plan.json").exists()):
-        raise ModelFormatError(f"{path}: deploy directories and plans come with the planner, which this "
-                               "version of pocketinfer does not have yet; load the original model instead")
+    if plan is not None:
+        raise ModelFormatError("plan= is not supported: load the deploy directory `pocketinfer plan` wrote instead")
+    deploy = None
+    if path.is_dir() and (path / "plan.json").exists():
+        # A deploy directory: its weights, checked against the plan's fingerprint. This version runs them
+        # fully resident (the flash-resident path comes with its own issue); plan.json says so.
+        from engine import deploy_dir
+
+        deploy = deploy_dir.read_plan(path)
+        if threads is None:
+            threads = deploy_dir.deploy_threads(deploy)
+        path = deploy_dir.model_path(path, deploy)
+    threads = set_threads(threads)
+    start_compiler()
     if path.is_dir():
         from engine import hf_loader
         from engine.tokenizer import from_hf_dir
@@ -163,6 +173,9 @@ def load(source: str | os.PathLike = "smollm2-135m-instruct", *, threads: int | 
         g = GGUFFile(path)
         config = gguf_loader.config_from_gguf(g)
         tokenizer = from_gguf(g.meta, str(path))
+        for key in ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.scores",
+                    "tokenizer.ggml.token_type"):
+            g.meta.pop(key, None)   # ~10 MiB of Python strings the tokenizer has copied: not in the peak
         weights = gguf_loader.load_weights(g, config, progress)
         file_bytes = path.stat().st_size
         del g  # drop the file mapping: the weights were copied into their own layout
@@ -174,7 +187,9 @@ def load(source: str | os.PathLike = "smollm2-135m-instruct", *, threads: int | 
     model = Transformer(config, weights)
     model.warm_up()
     release_compiler_pages()
-    return LLM(model, tokenizer, source=str(path), n_ctx=ctx, threads=threads, file_bytes=file_bytes)
+    llm = LLM(model, tokenizer, source=str(path), n_ctx=ctx, threads=threads, file_bytes=file_bytes)
+    llm.plan = deploy   # a deploy directory's plan.json as a dict, else None
+    return llm
 
 
 def _is_gguf(path: Path) -> bool:

@@ -1,0 +1,131 @@
+"""`pocketinfer plan` end to end: device profile, model profile, predictors, cache replay, solver,
+plan.json and the deploy directory. Cheap checks (target, calibration text, profile, budget) run
+before the expensive ones, so bad input fails in seconds.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from planner import cache_replay, deploy, plan_json
+from planner.predictors import DEFAULT_RECALL
+from planner.solver import CACHE_SHARES, H_STEPS, RECALL_SLACK, LayerEvidence
+
+Progress = Callable[[str, int, int], None]
+REPLAY_TOKENS = 512
+
+
+@dataclass(frozen=True)
+class Result:
+    path: Path
+    plan: dict
+
+
+def load_device(spec, progress: Progress | None = None):
+    """The given profile, else this machine's cached one, else a fresh measurement (then cached)."""
+    from planner import device
+
+    path = device.resolve_profile(spec)
+    if path is not None:
+        return device.load_profile(path)
+    cached = device.default_path()
+    if cached.exists():
+        return device.load_profile(cached)
+    from engine.registry import cache_dir
+    from planner.device_probe import profile_device
+
+    stages = ["cpu topology", "memory bandwidth", "storage reads", "kernels", "call overhead"]
+    prof = profile_device(cache_dir() / "models",
+                          progress=(lambda st: progress("device profile", stages.index(st) + 1, len(stages)))
+                          if progress else None)
+    device.save_profile(prof, cached)
+    return prof
+
+
+def make_deploy(source: str | os.PathLike, budget_text: str, out: str | os.PathLike, *, device_profile=None,
+                calibration=None, recall_floor: float | None = None, threads: int | None = None,
+                overwrite: bool = False, progress: Progress | None = None) -> Result:
+    from engine import registry
+    from engine.deploy_dir import fingerprint, weight_files
+    from engine.errors import PlanError
+    from engine.llm import load
+    from planner.budget import parse_budget
+    from planner.cost_model import CostModel, shape_of
+    from planner.model_profile import profile_model, read_calibration
+    from planner.predictors import train_all
+    from planner.solver import check_budget, solve
+
+    recall_floor = DEFAULT_RECALL if recall_floor is None else float(recall_floor)
+    if not 0.5 <= recall_floor <= 1.0:
+        raise PlanError(f"recall floor {recall_floor} must be between 0.5 and 1")
+    out = Path(out).expanduser()
+    deploy.check_target(out, overwrite)
+    read_calibration(calibration)                      # fail now on an empty or unreadable file
+    dev = load_device(device_profile, progress)
+    src = registry.resolve(source)
+    if src.is_dir() and (src / "plan.json").exists():
+        raise PlanError(f"{src} is a deploy directory; plan from the original model")
+    llm = load(src, threads=threads)
+    cost = CostModel(dev, shape_of(llm))
+    budget = parse_budget(budget_text, cost.shape.weight_bytes)
+    check_budget(cost, budget)
+    fp = fingerprint(weight_files(src))
+
+    profile = profile_model(llm, calibration, progress)
+    predictors, reports = train_all(profile, recall_floor, progress=progress)
+    evidence = build_evidence(profile, predictors, reports, recall_floor, progress)
+    sol = solve(cost, evidence, budget, recall_floor)
+
+    def plan_text(weights_name: str, copied: list[str]) -> str:
+        plan = plan_json.build(sol, cost=cost, device=dev, fingerprint=fp, model_name=src.name,
+                               budget_text=str(budget_text), weights_file=weights_name, copied=copied,
+                               recall_floor=recall_floor, predictor_reports=reports)
+        holder.append(plan)
+        return plan_json.dumps(plan)
+
+    holder: list[dict] = []
+    path = deploy.write(out, src, plan_text, predictors, profile.hidden, profile.ffn, overwrite, progress)
+    return Result(path=path, plan=holder[0])
+
+
+def build_evidence(profile, predictors, reports, recall_floor: float, progress: Progress | None = None
+                   ) -> list[LayerEvidence]:
+    """Per layer: may it go sparse, and the cold-cache hit rates of its predicted-active sets."""
+    F = profile.ffn
+    n = profile.n_tokens
+    replay = slice(max(0, n - REPLAY_TOKENS), n)
+    out = []
+    for i, (stats, r) in enumerate(zip(profile.layers, reports)):
+        p = predictors[i]
+        if stats.label_sparsity <= 0:
+            ok, reason = False, "no threshold keeps the dropped activation energy within the quality floor"
+        elif r.recall < recall_floor - RECALL_SLACK:
+            ok, reason = False, f"predictor test recall {r.recall:.3f} is below the floor {recall_floor:.3f}"
+        elif r.predicted_active >= 0.9:
+            ok, reason = False, f"at the recall floor the predictor marks {r.predicted_active:.0%} of neurons active"
+        else:
+            ok, reason = True, f"predictor test recall {r.recall:.3f}, {r.predicted_active:.0%} predicted active"
+        hits = {}
+        if ok:
+            masks = p.active(profile.h[i, replay].astype(np.float32))      # (tokens, ffn) bool
+            order = np.lexsort((np.arange(F), -stats.freq))                 # hot to cold, ties by id
+            for k in range(H_STEPS + 1):
+                hot_n = round(F * k / H_STEPS)
+                hot = np.zeros(F, dtype=bool)
+                hot[order[:hot_n]] = True
+                caps = [round(F * s) for s in CACHE_SHARES]
+                rates, accesses = cache_replay.lru_hit_rates(masks, hot, caps)
+                for c, rate in zip(caps, rates):
+                    hits[(hot_n, c)] = (rate, accesses)
+        out.append(LayerEvidence(layer=i, sparse_ok=ok, reason=reason, predicted_active=r.predicted_active,
+                                 recall=r.recall, precision=r.precision, predictor_bytes=r.nbytes,
+                                 predictor_threshold=p.threshold, predictor_rank=r.rank,
+                                 label_sparsity=stats.label_sparsity, hits=hits))
+        if progress:
+            progress("cache replay", i + 1, len(reports))
+    return out

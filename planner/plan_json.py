@@ -1,0 +1,97 @@
+"""plan.json: the solver's decisions as a versioned, deterministic JSON document.
+
+Same inputs give byte-identical files: keys sorted, floats rounded to 4 significant digits (the noise
+floor of what they predict), no timestamps, paths or host names beyond the device profile's name.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+from engine.deploy_dir import PLAN_SCHEMA, PLAN_SCHEMA_VERSION
+from planner.budget import format_bytes
+from planner.solver import Solution
+
+
+def build(sol: Solution, *, cost, device, fingerprint: str, model_name: str, budget_text: str, weights_file: str,
+          copied: list[str], recall_floor: float, predictor_reports: list) -> dict:
+    s = cost.shape
+    full = sol.budget_bytes >= s.weight_bytes
+    reports = {r.layer: r for r in predictor_reports}
+    layers = []
+    for ev, c in zip(sol.evidence, sol.layers):
+        r = reports.get(ev.layer)
+        layers.append({
+            "layer": ev.layer, "mode": c.mode, "hot_neurons": c.hot, "cold_cache_neurons": c.cache,
+            "cluster_size": c.cluster, "resident_bytes": c.mem, "flash_bytes_per_token": c.flash_bytes,
+            "predicted_ms": c.time_s * 1e3,
+            "predictor": {"rank": ev.predictor_rank, "threshold": ev.predictor_threshold,
+                          "recall": r.recall if r else None, "precision": r.precision if r else None,
+                          "predicted_active": ev.predicted_active, "used": c.mode == "sparse"},
+            "label_sparsity": ev.label_sparsity,
+            "rationale": _layer_reason(ev, c, s.ffn, recall_floor),
+        })
+    dense_full_s = cost.fixed_decode_s() + s.n_layers * cost.dense_ffn_s()
+    rationale = list(sol.rationale)
+    rationale.append("files: the weights are a copy of the source model (used as the resident weights); the FFN "
+                     "bundle file in the flash layout comes with the flash-resident issue")
+    plan = {
+        "schema": PLAN_SCHEMA, "schema_version": PLAN_SCHEMA_VERSION,
+        "model": {"name": model_name, "fingerprint": fingerprint, "layers": s.n_layers, "hidden": s.hidden,
+                  "ffn": s.ffn, "format": s.fmt, "weight_bytes": s.weight_bytes},
+        "device": device.summary_dict(),
+        "budget_bytes": sol.budget_bytes, "budget_request": budget_text,
+        "prefill": {"backend": sol.prefill_backend, "chunk_tokens": sol.prefill_chunk, "threads": sol.compute_threads},
+        "decode": {"layers": layers, "recall_floor": recall_floor},
+        "io": {"direct_io": sol.direct_io, "reader_threads": sol.io_threads, "prefetch_layers": sol.prefetch_layers,
+               "staging_bytes": sol.staging_bytes},
+        "threads": {"compute": sol.compute_threads, "io": sol.io_threads},
+        "memory": {"resident_bytes": sol.fixed_bytes, "hot_bytes": sum(round(c.hot * s.bundle_bytes) for c in sol.layers),
+                   "cold_cache_bytes": sum(round(c.cache * s.bundle_bytes) for c in sol.layers),
+                   "predictor_bytes": sum(ev.predictor_bytes for ev, c in zip(sol.evidence, sol.layers) if c.mode == "sparse"),
+                   "staging_bytes": sol.staging_bytes, "kv_cache_bytes": sol.kv_bytes,
+                   "runtime_overhead_bytes": sol.runtime_bytes + sol.kv_bytes},
+        "predicted": {"ttft_s": sol.ttft_s, "decode_tps": 1.0 / sol.decode_s, "peak_rss_mb": sol.peak_rss_bytes / 2**20,
+                      "flash_bytes_per_token": sol.flash_bytes_per_token},
+        "execution": {"weights": "resident" if full else "fully-resident-fallback"},
+        "files": {"weights": weights_file, "predictors": "predictors.npz", "copied": sorted(copied)},
+        "rationale": rationale,
+    }
+    if not full:
+        fb_rss = (s.weight_bytes + sol.kv_bytes + sol.runtime_bytes) / 2**20
+        plan["execution"]["fallback_reason"] = (
+            f"this version of the runtime has no flash-resident FFN path (a sibling issue), so it loads all "
+            f"{format_bytes(s.weight_bytes)} of weights and ignores the budget of {format_bytes(sol.budget_bytes)}; "
+            "`predicted` is for the plan as solved, `fallback_predicted` for what runs now")
+        plan["fallback_predicted"] = {"decode_tps": 1.0 / dense_full_s, "peak_rss_mb": fb_rss, "flash_bytes_per_token": 0,
+                                      "ttft_s": cost.prefill_s(128, device.kernels.matmul_gflops["numpy"])}
+        rationale.append(f"fallback: runs fully resident until the flash-resident path exists: predicted "
+                         f"{1.0 / dense_full_s:.1f} tok/s and {fb_rss:.0f} MiB peak RSS, above the budget")
+    elif any(c.mode == "sparse" for c in sol.layers):
+        rationale.append("sparse layers run dense until the runtime reads per-layer decode modes from plan.json")
+    return _round(plan)
+
+
+def _layer_reason(ev, c, ffn: int, floor: float) -> str:
+    if c.mode == "sparse":
+        return (f"sparse: predictor marks {ev.predicted_active:.0%} active at test recall {ev.recall:.3f}; "
+                f"{c.hot} hot + {c.cache} cached of {ffn}, clusters of {c.cluster}")
+    where = "all resident" if c.hot == ffn else f"{c.hot} of {ffn} neurons resident, the rest streamed from flash"
+    return f"dense ({where}): {ev.reason}"
+
+
+def _round(x):
+    if isinstance(x, float):
+        if not math.isfinite(x) or x == 0:
+            return x if math.isfinite(x) else None
+        return float(f"{x:.4g}")
+    if isinstance(x, dict):
+        return {k: _round(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_round(v) for v in x]
+    return x
+
+
+def dumps(plan: dict) -> str:
+    return json.dumps(plan, indent=1, sort_keys=True) + "\n"

@@ -1,0 +1,278 @@
+"""The solver: per-layer decisions that maximize predicted decode tok/s under the memory budget and the
+quality floor, plus the prefill, thread and I/O settings.
+
+Per layer the candidates are (mode, hot neurons H, cold-cache capacity C):
+- dense: H neurons resident; the other F - H are streamed from flash every token in large sequential
+  requests (a cache is useless when every neuron is needed every token);
+- sparse (only where the layer's predictor meets the recall floor): a predictor, H hot neurons and a
+  cold LRU cache of C neurons; the predicted-active cold neurons that miss the cache are read in
+  clusters, with the cluster size that gives the most useful bytes per second on this storage.
+The memory split across layers is a multiple-choice knapsack, solved with a Lagrange multiplier on
+memory (bisection), then filled greedily with the best time saved per byte. All of it is deterministic.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from engine.errors import PlanError
+from planner.budget import format_bytes
+from planner.cost_model import (IO_STAGING_BYTES, KV_TOKENS, RUNTIME_BASE_BYTES, SPARSE_EFFICIENCY, TTFT_PROMPT_TOKENS,
+                                CostModel)
+
+H_STEPS = 8                                  # hot-neuron counts tried: 0, F/8, ..., F
+CACHE_SHARES = (0.0, 1 / 16, 1 / 8, 1 / 4, 1 / 2)
+CLUSTER_SIZES = (1, 2, 4, 8, 16, 32, 64)
+SEQUENTIAL_REQUEST = 1 << 20                 # dense streaming reads a layer's cold region in 1 MiB requests
+RECALL_SLACK = 0.01                          # test recall may miss the floor by sampling noise (~300 test tokens)
+CHUNK_CHOICES = (512, 256, 128, 64)
+CHUNK_SCRATCH_BYTES = 16 << 20              # prefill activations per chunk stay below this
+FLASH_TIE_S_PER_BYTE = 1e-12                 # 1 ms per GB read: breaks ties only
+
+
+@dataclass(frozen=True)
+class LayerEvidence:
+    """What the model profile and predictor training say about one layer."""
+    layer: int
+    sparse_ok: bool
+    reason: str                      # why sparse is (not) allowed
+    predicted_active: float          # share of neurons the predictor marks active per token
+    recall: float
+    precision: float
+    predictor_bytes: int
+    predictor_threshold: float
+    predictor_rank: int
+    label_sparsity: float
+    hits: dict                       # {(H, C): (hit rate, cold accesses per token)} for sparse candidates
+
+
+@dataclass(frozen=True)
+class Candidate:
+    mode: str                        # "dense" | "sparse"
+    hot: int
+    cache: int
+    cluster: int                     # neurons per read/compute cluster; 0 for dense
+    mem: int                         # resident bytes for this layer's FFN (+ predictor)
+    time_s: float                    # predicted seconds per token for this layer's FFN
+    compute_s: float
+    io_s: float
+    flash_bytes: float               # bytes read from flash per token
+    io_threads: int
+    request_bytes: int
+
+
+@dataclass(frozen=True)
+class Solution:
+    budget_bytes: int
+    layers: tuple[Candidate, ...]
+    evidence: tuple[LayerEvidence, ...]
+    fixed_bytes: int
+    staging_bytes: int
+    decode_s: float
+    ttft_s: float
+    prefill_backend: str
+    prefill_chunk: int
+    compute_threads: int
+    io_threads: int
+    direct_io: bool
+    prefetch_layers: int
+    kv_bytes: int
+    runtime_bytes: int
+    rationale: tuple[str, ...]
+
+    @property
+    def resident_bytes(self) -> int:
+        return self.fixed_bytes + self.staging_bytes + sum(c.mem for c in self.layers)
+
+    @property
+    def flash_bytes_per_token(self) -> float:
+        return sum(c.flash_bytes for c in self.layers)
+
+    @property
+    def peak_rss_bytes(self) -> int:
+        return self.resident_bytes + self.kv_bytes + self.runtime_bytes
+
+
+def minimum_bytes(cost: CostModel) -> int:
+    """The smallest budget a plan can meet: the always-resident weights plus the I/O buffers."""
+    return cost.shape.fixed_bytes + min(IO_STAGING_BYTES, cost.shape.ffn_bytes)
+
+
+def check_budget(cost: CostModel, budget_bytes: int) -> int:
+    """The bytes left for FFN neurons and predictors; PlanError stating the minimum when there are none."""
+    s = cost.shape
+    staging = 0 if budget_bytes >= s.weight_bytes else min(IO_STAGING_BYTES, s.ffn_bytes)
+    avail = budget_bytes - s.fixed_bytes - staging
+    if avail < 0:
+        raise PlanError(f"memory budget {format_bytes(budget_bytes)} ({budget_bytes} bytes) is below the minimum "
+                        f"resident set of {format_bytes(minimum_bytes(cost))} ({minimum_bytes(cost)} bytes): "
+                        f"embeddings, lm_head, attention and norms ({format_bytes(s.fixed_bytes)}) stay in memory, "
+                        f"plus {format_bytes(staging)} of I/O buffers; give at least that")
+    return avail
+
+
+def solve(cost: CostModel, evidence: list[LayerEvidence], budget_bytes: int, recall_floor: float) -> Solution:
+    s = cost.shape
+    avail = check_budget(cost, budget_bytes)
+    staging = 0 if budget_bytes >= s.weight_bytes else min(IO_STAGING_BYTES, s.ffn_bytes)
+    cands = [layer_candidates(cost, ev) for ev in evidence]
+    chosen = _knapsack(cands, avail)
+    return _assemble(cost, evidence, chosen, budget_bytes, staging, recall_floor)
+
+
+def layer_candidates(cost: CostModel, ev: LayerEvidence) -> list[Candidate]:
+    s = cost.shape
+    F, bb = s.ffn, s.bundle_bytes
+    out = []
+    dense_c = cost.dense_ffn_s()
+    for k in range(H_STEPS + 1):
+        hot = round(F * k / H_STEPS)
+        cold_bytes = (F - hot) * bb
+        req = min(SEQUENTIAL_REQUEST, max(4096, _align(cold_bytes)))
+        io, th = cost.read_s(cold_bytes, req, "sequential")
+        out.append(Candidate("dense", hot, 0, 0, round(hot * bb), max(dense_c, io), dense_c, io, cold_bytes, th,
+                             req if cold_bytes else 0))
+    if not ev.sparse_ok:
+        return out
+    sparse_c = cost.sparse_ffn_s(ev.predicted_active, ev.predictor_bytes)
+    for k in range(H_STEPS + 1):
+        hot = round(F * k / H_STEPS)
+        for share in CACHE_SHARES:
+            cache = round(F * share)
+            if hot + cache > F or (hot == F and cache):
+                continue
+            hit, accesses = ev.hits.get((hot, cache), (1.0, 0.0))
+            misses = accesses * (1.0 - hit)
+            cluster, io, th, req, read_bytes = _cluster_io(cost, misses, F - hot - cache, bb)
+            mem = ev.predictor_bytes + round((hot + cache) * bb)
+            out.append(Candidate("sparse", hot, cache, cluster, mem, max(sparse_c, io), sparse_c, io, read_bytes, th, req))
+    return out
+
+
+def _cluster_io(cost: CostModel, misses: float, n_cold: int, bb: float):
+    """(cluster size, seconds, threads, request bytes, bytes read) for `misses` cold neurons per token."""
+    if misses <= 0 or n_cold <= 0:
+        return CLUSTER_SIZES[0], 0.0, 0, 0, 0.0
+    p = min(1.0, misses / n_cold)          # chance a cold, uncached neuron is needed this token
+    best = None
+    for c in CLUSTER_SIZES:
+        req = _align(c * bb)
+        issued = 1.0 - (1.0 - p) ** c      # a cluster is read when any of its neurons is needed
+        useful = p * c * bb / issued       # needed bytes per request issued
+        t, th = cost.read_s(misses * bb * req / useful, req)
+        key = (round(t, 12), c)
+        if best is None or key < best[0]:
+            best = (key, c, t, th, req, misses * bb * req / useful)
+    return best[1], best[2], best[3], best[4], best[5]
+
+
+def _align(n: float) -> int:
+    return int(-(-int(round(n)) // 4096) * 4096)
+
+
+def _knapsack(cands: list[list[Candidate]], avail: int) -> list[Candidate]:
+    def pick(lam: float) -> list[Candidate]:
+        return [min(cs, key=lambda c: (_cost(c) + lam * c.mem, c.mem)) for cs in cands]
+
+    if sum(c.mem for c in pick(0.0)) <= avail:
+        return pick(0.0)
+    lo, hi = 0.0, 1.0
+    while sum(c.mem for c in pick(hi)) > avail and hi < 1e6:
+        hi *= 2
+    for _ in range(100):
+        mid = (lo + hi) / 2
+        if sum(c.mem for c in pick(mid)) > avail:
+            lo = mid
+        else:
+            hi = mid
+    chosen = pick(hi)
+    # Fill the slack the multiplier leaves: repeatedly take the upgrade with the best time saved per byte.
+    while True:
+        slack = avail - sum(c.mem for c in chosen)
+        best = None
+        for i, cs in enumerate(cands):
+            for c in cs:
+                extra = c.mem - chosen[i].mem
+                gain = _cost(chosen[i]) - _cost(c)
+                if gain > 0 and 0 <= extra <= slack:
+                    key = (-gain / max(extra, 1), i, c.mem)
+                    if best is None or key < best[0]:
+                        best = (key, i, c)
+        if best is None:
+            return chosen
+        chosen[best[1]] = best[2]
+
+
+def _cost(c: Candidate) -> float:
+    """The objective: seconds per token, plus a tie-breaker against flash reads. Reads hidden under
+    compute cost no time in the model, but they take CPU time for the syscalls and wear the device;
+    at equal time, the candidate that keeps more in memory wins."""
+    return c.time_s + FLASH_TIE_S_PER_BYTE * c.flash_bytes
+
+
+def _assemble(cost, evidence, chosen, budget, staging, recall_floor) -> Solution:
+    s, dev = cost.shape, cost.dev
+    F = s.ffn
+    decode_s = cost.fixed_decode_s() + sum(c.time_s for c in chosen)
+    gflops = dev.kernels.matmul_gflops
+    # The runtime's prefill runs through numpy/BLAS; ONNX Runtime is measured but has no runtime path yet.
+    backend = "numpy"
+    cold_bytes = sum((F - c.hot - c.cache) * s.bundle_bytes for c in chosen)
+    prefill_io, _ = cost.read_s(cold_bytes, SEQUENTIAL_REQUEST, "sequential")
+    ttft = cost.prefill_s(TTFT_PROMPT_TOKENS, gflops["numpy"]) + prefill_io
+    # Prefill activations per chunk: gate|up (2F) plus a few hidden-sized buffers, f32.
+    chunk = next(ch for ch in CHUNK_CHOICES if ch * (2 * F + 4 * s.hidden) * 4 <= CHUNK_SCRATCH_BYTES or ch == 64)
+    clusters = sorted(dev.cpu.clusters, key=lambda cl: -cl.max_mhz)
+    top = clusters[0].max_mhz if clusters else 0.0
+    big = sum(len(cl.cores) for cl in clusters if top and cl.max_mhz >= 0.75 * top) if top else 0
+    threads = min(dev.cpu.physical_cores, big or dev.cpu.physical_cores)
+    uses_flash = any(c.flash_bytes > 0 for c in chosen)
+    io_threads = max((c.io_threads for c in chosen), default=0) if uses_flash else 0
+    kv = KV_TOKENS * s.kv_bytes_per_token
+    sol = Solution(budget_bytes=budget, layers=tuple(chosen), evidence=tuple(evidence), fixed_bytes=s.fixed_bytes,
+                   staging_bytes=staging, decode_s=decode_s, ttft_s=ttft, prefill_backend=backend, prefill_chunk=chunk,
+                   compute_threads=threads, io_threads=io_threads, direct_io=dev.storage.direct_io and uses_flash,
+                   prefetch_layers=1 if uses_flash else 0, kv_bytes=kv, runtime_bytes=RUNTIME_BASE_BYTES, rationale=())
+    return Solution(**{**sol.__dict__, "rationale": tuple(_rationale(cost, sol, recall_floor))})
+
+
+def _rationale(cost: CostModel, sol: Solution, recall_floor: float) -> list[str]:
+    s, dev = cost.shape, cost.dev
+    lines = []
+    modes = {c.mode for c in sol.layers}
+    n_sparse = sum(c.mode == "sparse" for c in sol.layers)
+    ok = [e for e in sol.evidence if e.sparse_ok]
+    if not ok:
+        why = sorted({e.reason for e in sol.evidence})
+        lines.append(f"decode: dense in every layer: no layer's predictor meets the recall floor {recall_floor:.3f} "
+                     f"with a useful sparsity ({'; '.join(why[:2])})")
+    else:
+        lines.append(f"decode: {n_sparse} of {s.n_layers} layers sparse; {len(ok)} had a predictor meeting the "
+                     f"recall floor {recall_floor:.3f}; sparse time assumes {SPARSE_EFFICIENCY:.0%} of the dense "
+                     "kernel's GB/s until the sparse cluster kernel is measured")
+    if sol.budget_bytes >= s.weight_bytes:
+        lines.append(f"memory: the budget {format_bytes(sol.budget_bytes)} holds all {format_bytes(s.weight_bytes)} of "
+                     "weights: every FFN neuron is resident, nothing is read from flash")
+    else:
+        hot = sum(c.hot for c in sol.layers)
+        lines.append(f"memory: {format_bytes(s.fixed_bytes)} always resident (embeddings, lm_head, attention, norms); "
+                     f"{hot} of {s.n_layers * s.ffn} FFN neurons hot in memory, the rest on flash: "
+                     f"{format_bytes(sol.flash_bytes_per_token)} read per token"
+                     + (" in large sequential requests (dense layers need every neuron)" if "sparse" not in modes else ""))
+    if sol.io_threads:
+        req = max(c.request_bytes for c in sol.layers)
+        lines.append(f"io: {sol.io_threads} reader thread(s) at up to {req >> 10} KiB requests, "
+                     f"{'O_DIRECT' if sol.direct_io else 'buffered (O_DIRECT refused by the filesystem)'}, prefetch "
+                     f"{sol.prefetch_layers} layer ahead so reads overlap compute")
+    g = dev.kernels.matmul_gflops
+    ort = {k: v for k, v in g.items() if k.startswith("onnxruntime")}
+    lines.append(f"prefill: numpy/BLAS at {g['numpy']:.0f} GFLOP/s in chunks of {sol.prefill_chunk} tokens"
+                 + (f"; onnxruntime measured {max(ort.values()):.0f} GFLOP/s but the runtime has no ONNX Runtime "
+                    "prefill path yet" if ort else ""))
+    lines.append(f"threads: {sol.compute_threads} compute threads (the fastest core clusters: "
+                 f"{'+'.join(str(len(c.cores)) for c in dev.cpu.clusters)} cores in clusters)")
+    lines.append(f"speed: decode {1 / sol.decode_s:.1f} tok/s predicted from the {dev.kernels.backend} matvec at "
+                 f"{dev.kernels.stream_gbps():.1f} GB/s streaming"
+                 + (f" and flash at {dev.storage.mbps(SEQUENTIAL_REQUEST, None, 'sequential'):.0f} MB/s sequential"
+                    if sol.flash_bytes_per_token else ""))
+    return lines

@@ -1,0 +1,95 @@
+"""Cost model and solver on a synthetic model shape and the shipped phone profile (no model needed)."""
+
+import pytest
+
+from engine.errors import PlanError
+from planner import device, plan_json
+from planner.cost_model import CostModel, ModelShape
+from planner.predictors import PredictorReport
+from planner.solver import CACHE_SHARES, H_STEPS, LayerEvidence, minimum_bytes, solve
+
+F = 1024
+
+
+def shape():
+    # 4096-wide rows at Q4 make 7.5 KiB neuron bundles, as in a 7B model: worth reading one by one.
+    return ModelShape(n_layers=4, hidden=4096, ffn=F, vocab=1000, fmt="q4_1", attn_bytes=2_000_000, ffn_bytes=3 * F * 2560,
+                      embed_bytes=5_000_000, lm_head_bytes=0, norm_bytes=9 * 1024, kv_bytes_per_token=4096,
+                      attn_matrix_bytes=700_000)
+
+
+def evidence(sparse_ok: bool, active: float = 0.2):
+    out = []
+    for i in range(4):
+        hits = {}
+        for k in range(H_STEPS + 1):
+            hot = round(F * k / H_STEPS)
+            for s in CACHE_SHARES:
+                c = round(F * s)
+                cold = F - hot
+                hits[(hot, c)] = (min(1.0, c / cold) if cold else 1.0, active * cold)
+        out.append(LayerEvidence(layer=i, sparse_ok=sparse_ok, reason="test", predicted_active=active, recall=0.99,
+                                 precision=0.8, predictor_bytes=20_000, predictor_threshold=0.5, predictor_rank=16,
+                                 label_sparsity=0.8, hits=hits if sparse_ok else {}))
+    return out
+
+
+def cost(name="snapdragon-8gen3-ufs4"):
+    return CostModel(device.load_profile(device.resolve_profile(name)), shape())
+
+
+def plan_text(c, sol):
+    reports = [PredictorReport(i, 16, 0.99, 0.8, 0.2, 0.18, 0.2, 20_000) for i in range(4)]
+    return plan_json.dumps(plan_json.build(sol, cost=c, device=c.dev, fingerprint="f" * 64, model_name="synthetic",
+                                           budget_text="x", weights_file="model.gguf", copied=["model.gguf"],
+                                           recall_floor=0.99, predictor_reports=reports))
+
+
+def test_full_budget_keeps_everything_resident_and_dense():
+    c = cost()
+    sol = solve(c, evidence(False), c.shape.weight_bytes, 0.99)
+    assert all(l.mode == "dense" and l.hot == F for l in sol.layers)
+    assert sol.flash_bytes_per_token == 0 and sol.resident_bytes == c.shape.weight_bytes
+
+
+@pytest.mark.parametrize("share", [0.95, 0.8, 0.65])
+def test_plans_fit_the_budget(share):
+    c = cost()
+    budget = int(c.shape.weight_bytes * share)
+    for ok in (False, True):
+        sol = solve(c, evidence(ok), budget, 0.99)
+        assert sol.resident_bytes <= budget
+        assert sol.flash_bytes_per_token > 0
+
+
+def test_sparse_wins_when_the_predictor_is_good():
+    c = cost()
+    budget = int(c.shape.weight_bytes * 0.7)
+    dense = solve(c, evidence(False), budget, 0.99)
+    sparse = solve(c, evidence(True, active=0.1), budget, 0.99)
+    assert any(l.mode == "sparse" for l in sparse.layers)
+    assert sparse.decode_s < dense.decode_s
+    assert sparse.flash_bytes_per_token < dense.flash_bytes_per_token
+
+
+def test_below_minimum_states_the_minimum():
+    c = cost()
+    m = minimum_bytes(c)
+    with pytest.raises(PlanError, match=f"minimum resident set of .*{m} bytes"):
+        solve(c, evidence(False), m - 1, 0.99)
+    solve(c, evidence(False), m, 0.99)   # exactly the minimum is fine
+
+
+def test_same_inputs_give_identical_plan_json():
+    c = cost()
+    budget = int(c.shape.weight_bytes * 0.7)
+    a = plan_text(c, solve(c, evidence(True), budget, 0.99))
+    b = plan_text(cost(), solve(cost(), evidence(True), budget, 0.99))
+    assert a == b
+    assert '"fallback_reason"' in a and "flash-resident" in a   # below 100% says what runs now
+
+
+def test_phone_and_laptop_profiles_give_different_speeds():
+    fast, mid = cost("snapdragon-8gen3-ufs4"), cost("snapdragon-7gen3-ufs31")
+    b = fast.shape.weight_bytes
+    assert solve(fast, evidence(False), b, 0.99).decode_s < solve(mid, evidence(False), b, 0.99).decode_s
