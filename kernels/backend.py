@@ -5,6 +5,7 @@ POCKETINFER_NO_NUMBA=1 every kernel falls back to its numpy twin of the same sig
 results within float rounding.
 """
 
+import hashlib
 import os
 
 _disabled = os.environ.get("POCKETINFER_NO_NUMBA", "").strip().lower() in ("1", "true", "yes", "on")
@@ -17,6 +18,29 @@ if not _disabled:
         numba = None
 
 NUMBA = numba is not None
+
+
+def _cache_dir() -> str:
+    """Where numba keeps compiled kernels: a directory named by a hash of every kernels/*.py source.
+
+    numba's own cache checks only the timestamp of the file that defines a jitted function, not of the
+    functions it calls: after kernels/matvec.py changed, kernels/fused.py's cached code silently kept
+    the old matvec. Keying the whole cache by the sources of all kernels makes any kernel change (or a
+    pocketinfer upgrade) start from a fresh cache. NUMBA_CACHE_DIR, if set, is the parent directory."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    h = hashlib.sha1()
+    for name in sorted(os.listdir(here)):
+        if name.endswith(".py"):
+            with open(os.path.join(here, name), "rb") as f:
+                h.update(name.encode() + b"\0" + f.read())
+    home = os.environ.get("POCKETINFER_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "pocketinfer")
+    base = os.environ.get("NUMBA_CACHE_DIR") or os.path.join(home, "numba")
+    return os.path.join(base, "kernels-" + h.hexdigest()[:16])
+
+
+if NUMBA:
+    # Read by numba when each cache=True function is decorated, so before any kernel module is imported.
+    numba.config.CACHE_DIR = _cache_dir()
 
 
 def jit(parallel: bool = False):

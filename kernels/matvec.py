@@ -151,8 +151,7 @@ def _block_sums(x, block):
 def matvec_q4_numpy(qs, d, m, x, out):
     """qs (rows, cols/2) uint8, d (rows, cols/32) and m (rows, cols/32 or 0) f32 or f16 bits, x (cols,) f32
     -> out (rows,) f32. An empty m means value = d*(q-8) (Q4_0): the min is then -8*d.
-    Like the numba kernel, the d*q part multiplies x rounded to int8 per block (kernels/intdot.py); the
-    min part uses the float32 block sums of x."""
+    Like the numba kernel, it multiplies x rounded to int8 per block (kernels/intdot.py), min part too."""
     cols = qs.shape[1] * 2
     xq = np.empty(cols, dtype=np.int8)
     dx = np.empty(cols // 32, dtype=np.float32)
@@ -160,7 +159,7 @@ def matvec_q4_numpy(qs, d, m, x, out):
     xr = (xq.reshape(-1, 32) * dx[:, None]).reshape(-1)          # (cols,) f32: x as the kernel sees it
     _chunked(_q4_scaled_numpy, (qs, d), cols, xr, out)
     dm = scales_f32_numpy(m) if m.shape[1] else scales_f32_numpy(d) * np.float32(-8.0)
-    out += dm @ _block_sums(x, 32)
+    out += dm @ _block_sums(xr, 32)
     return out
 
 
@@ -208,12 +207,15 @@ def _matvec_q4_numba(qs, d, m, x, out):
     xq = np.empty(2 * half, dtype=np.int8)       # (cols,) x rounded per block of 32
     dx = np.empty(nb, dtype=np.float32)          # (cols/32,) its block scales
     intdot.quantize_q8(x, xq, dx)
-    xsum = np.empty(nb, dtype=np.float32)        # (cols/32,) float32 block sums of x, for the min term
+    # Block sums of the rounded x for the min term (m, or -8d): the whole weight then multiplies the same
+    # rounded x, so the rounding errors meet the (centred) weights, not d*q >= 0 alone. Float sums of x
+    # instead cost SmolLM2 +2% decode perplexity (15.06 against 14.77 unrounded; 14.78 this way).
+    xsum = np.empty(nb, dtype=np.float32)        # (cols/32,)
     for b in range(nb):
-        acc = np.float32(0.0)
+        t = np.int32(0)
         for j in range(32):
-            acc += x[b * 32 + j]
-        xsum[b] = acc
+            t += np.int32(xq[b * 32 + j])
+        xsum[b] = np.float32(t) * dx[b]
     for r in prange(rows):
         acc = intdot.q4_row_dot(qs, d, r, xq, dx)
         if sym:
@@ -250,12 +252,12 @@ def _int8_rounded(x):
 
 def matvec_i8_numpy(q, d, m, x, out):
     """q (rows, cols) int8, d (rows, cols/B) and m (rows, cols/B or 0) f32 or f16 bits, x (cols,) f32
-    -> out (rows,) f32. With B = 32 (Q8_0, Q5_*), like the numba kernel, the d*q part multiplies x
-    rounded to int8 per block and the min part the float32 block sums of x."""
+    -> out (rows,) f32. With B = 32 (Q8_0, Q5_*), like the numba kernel, it multiplies x rounded to int8
+    per block."""
     xr = _int8_rounded(x) if q.shape[1] == 32 * d.shape[1] else x
     _chunked(_i8_scaled_numpy, (q, d), q.shape[1], xr, out)
     if m.shape[1]:
-        out += scales_f32_numpy(m) @ _block_sums(x, q.shape[1] // m.shape[1])
+        out += scales_f32_numpy(m) @ _block_sums(xr, q.shape[1] // m.shape[1])
     return out
 
 
@@ -268,12 +270,12 @@ def _matvec_i8x32_numba(q, d, m, x, out):
     dx = np.empty(nb, dtype=np.float32)          # (cols/32,) its block scales
     intdot.quantize_q8(x, xq, dx)
     has_min = m.shape[1] > 0
-    xsum = np.zeros(nb if has_min else 0, dtype=np.float32)
+    xsum = np.zeros(nb if has_min else 0, dtype=np.float32)   # (cols/32,) block sums of the rounded x
     for b in range(xsum.shape[0]):
-        acc = np.float32(0.0)
+        t = np.int32(0)
         for j in range(32):
-            acc += x[b * 32 + j]
-        xsum[b] = acc
+            t += np.int32(xq[b * 32 + j])
+        xsum[b] = np.float32(t) * dx[b]
     for r in prange(rows):
         acc = intdot.i8_row_dot(q, d, r, xq, dx)
         if has_min:

@@ -97,15 +97,15 @@ def ref_q4(qs, d, m):
 
 
 def ref_q4_int8x(qs, d, m, x):
-    """What the Q4 matvec computes: the d*q part times x rounded to int8 per block of 32
-    (kernels/intdot.py), the min part (m, or -8d for Q4_0) times float x. float64 (rows,)."""
+    """What the Q4 matvec computes: the weights times x rounded to int8 per block of 32
+    (kernels/intdot.py), min part (m, or -8d for Q4_0) included. float64 (rows,)."""
     xr = _int8_x(x)
     sym = not m.shape[1]
     scale_only = ref_q4(qs, d, np.zeros((qs.shape[0], 0 if sym else d.shape[1]), np.float32))
     if sym:
         scale_only += 8 * _f64(d)[:, np.arange(x.shape[0]) // 32]   # undo the -8 offset: d*q only
     mins = ref_q4(qs, d, m) - scale_only
-    return scale_only @ xr + mins @ x.astype(np.float64)
+    return scale_only @ xr + mins @ xr
 
 
 def ref_i8(q, d, m):
@@ -264,7 +264,7 @@ def test_matvec_i8(block, rows, cols, with_min, kind):
     want = None
     if block == 32:
         mins = ref_i8(q, d, m) - ref_i8(q, d, m[:, :0])
-        want = ref_i8(q, d, m[:, :0]) @ _int8_x(x) + mins @ x.astype(np.float64)
+        want = ref_i8(q, d, m[:, :0]) @ _int8_x(x) + mins @ _int8_x(x)
     _check_matvec(matvec.matvec_i8, matvec.matvec_i8_numpy, args, ref_i8(*args), x, want)
 
 
@@ -437,7 +437,7 @@ def test_numpy_twins_in_chunks(chunk, monkeypatch):
     out = np.full(rows, np.nan, np.float32)
     assert matvec.matvec_i8_numpy(q, d, m, x, out) is out
     mins = ref_i8(q, d, m) - ref_i8(q, d, m[:, :0])
-    want = ref_i8(q, d, m[:, :0]) @ _int8_x(x) + mins @ x.astype(np.float64)
+    want = ref_i8(q, d, m[:, :0]) @ _int8_x(x) + mins @ _int8_x(x)
     assert (np.abs(out - want) / (np.abs(ref_i8(q, d, m)) @ np.abs(x.astype(np.float64)))).max() < RTOL
     for args in (_q4(rng, rows, cols), _q4(rng, rows, cols, "f16", sym=True)):
         out = np.full(rows, np.nan, np.float32)
