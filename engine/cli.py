@@ -9,9 +9,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from engine.commands import bench, chat, generate, perplexity, plan, profile_device, pull
+from engine.commands import bench, chat, eval_sparsity, generate, perplexity, plan, profile_device, pull
 
-COMMANDS = (pull, generate, chat, perplexity, bench, profile_device, plan)
+COMMANDS = (pull, generate, chat, perplexity, bench, profile_device, plan, eval_sparsity)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -27,3 +27,8 @@ class RegistryError(PocketInferError, ValueError):
 class PlanError(PocketInferError, ValueError):
     """A plan cannot be made or used: budget below the minimum, bad device profile, bad calibration
     text, or a deploy directory that does not match its model."""
+
+
+class FlashReadError(PocketInferError, OSError):
+    """Reading FFN neuron bundles from flash failed (an I/O error or a short read) during a request.
+    The request fails; the engine stays usable for the next one."""

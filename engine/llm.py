@@ -152,6 +152,7 @@ def load(source: str | os.PathLike = "smollm2-135m-instruct", *, threads: int | 
         from engine import deploy_dir
 
         deploy = deploy_dir.read_plan(path)
+        deploy_root = path
         if threads is None:
             threads = deploy_dir.deploy_threads(deploy)
         path = deploy_dir.model_path(path, deploy)
@@ -185,6 +186,13 @@ def load(source: str | os.PathLike = "smollm2-135m-instruct", *, threads: int | 
     if ctx < 2:
         raise ValueError(f"n_ctx must be at least 2, got {ctx}")
     model = Transformer(config, weights)
+    from engine.sparse import attach
+    attach(model)   # the default in-RAM decode plan: relu-exact for ReLU-family models, else dense
+    if deploy is not None:
+        from engine import flash_plan
+        if flash_plan.uses_flash(deploy):   # a plan below 100%: FFNs from the bundle file (issue 6)
+            flash_plan.attach_flash(model, deploy_root, deploy)
+            del weights
     model.warm_up()
     release_compiler_pages()
     llm = LLM(model, tokenizer, source=str(path), n_ctx=ctx, threads=threads, file_bytes=file_bytes)

@@ -57,7 +57,7 @@ class ModelWeights:
         mats = [self.embed, self.lm_head] + [getattr(lw, f) for lw in self.layers
                                               for f in ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")]
         for w in mats:
-            if id(w) not in seen:
+            if w is not None and id(w) not in seen:      # FFN weights are None when they live on flash
                 seen.add(id(w))
                 total += w.nbytes
         return total
@@ -79,6 +79,12 @@ class Transformer:
         # pre-activation gate, up and the activation product act (n, ffn), all f32 and read-only: how the
         # planner measures activation statistics. Setting it routes decode through the unfused path.
         self.ffn_observer: Callable[[int, np.ndarray, np.ndarray, np.ndarray, np.ndarray], None] | None = None
+        # engine.sparse.SparseFFN or None: the FFN of single-token decode for the layers it handles
+        # (engine/sparse.py; set by engine.sparse.attach). Sparse layers route decode through the unfused path.
+        self.sparse = None
+        # engine.flash_ffn.FlashFFN or None: every FFN (decode and prefill) from the bundle file of a deploy
+        # directory whose plan is below 100% (engine/flash_plan.py); the FFN weights above are then None.
+        self.flash = None
 
     def _rope_table(self, end: int) -> tuple[np.ndarray, np.ndarray]:
         """cos, sin (>= end, head_dim/2) f32 for positions 0.., grown by doubling and reused."""
@@ -138,7 +144,8 @@ class Transformer:
         return self.weights.lm_head.matmul(x)
 
     def _forward(self, ids: np.ndarray, cache: KVCache, all_logits: bool) -> np.ndarray:
-        if len(ids) == 1 and self._fused_decode and self.ffn_observer is None:
+        if (len(ids) == 1 and self._fused_decode and self.ffn_observer is None and self.sparse is None
+                and self.flash is None):
             return self._decode_fused(int(ids[0]), cache)
         c = self.config
         ids = np.asarray(ids, dtype=np.int64)
@@ -170,6 +177,12 @@ class Transformer:
             attend(q, cache.k[i], cache.v[i], start, c.window, attn)
             x += _linear(lw.wo, attn.reshape(n, -1), lw.bo)
             rmsnorm(x, lw.ffn_norm, c.rms_norm_eps, h)
+            if self.flash is not None:
+                x += self.flash.ffn(i, h[0]) if n == 1 else self.flash.ffn_batch(i, h)
+                continue
+            if n == 1 and self.sparse is not None and self.ffn_observer is None and self.sparse.handles(i):
+                x[0] += self.sparse.ffn(i, h[0])
+                continue
             if lw.w_gate_up is not None:
                 gu = lw.w_gate_up.matmul(h)                                  # (n, 2*ffn) f32
                 gate, up = gu[:, :c.intermediate_size], gu[:, c.intermediate_size:]

@@ -41,25 +41,31 @@ def glu_numpy(gate, up, kind, out):
     return out
 
 
+@jit()
+def act_scalar(g, u, kind):
+    """act(g) * u for one neuron, in float64 then rounded like glu_numpy: shared by _glu_numba and the
+    sparse FFN kernels (kernels/sparse_ffn.py), so sparse and dense round alike."""
+    g = np.float64(g)
+    if kind == 0:
+        a = g / (1.0 + math.exp(-g))
+    elif kind == 1:
+        a = 0.5 * g * (1.0 + math.erf(g / math.sqrt(2.0)))
+    elif kind == 2:
+        a = 0.5 * g * (1.0 + math.tanh(_SQRT_2_OVER_PI * (g + 0.044715 * g * g * g)))
+    elif kind == 3:
+        a = g if g > 0.0 else 0.0
+    else:
+        a = g if g > 0.0 else 0.0
+        u = u if u > 0.0 else np.float32(0.0)
+    return np.float32(a) * u
+
+
 @jit(parallel=False)  # tiny per-token work: a parallel launch (~25 us) would cost more than it saves
 def _glu_numba(gate, up, kind, out):
     n, f = gate.shape
     for i in range(n):
         for k in range(f):
-            g = np.float64(gate[i, k])
-            u = up[i, k]
-            if kind == 0:
-                a = g / (1.0 + math.exp(-g))
-            elif kind == 1:
-                a = 0.5 * g * (1.0 + math.erf(g / math.sqrt(2.0)))
-            elif kind == 2:
-                a = 0.5 * g * (1.0 + math.tanh(_SQRT_2_OVER_PI * (g + 0.044715 * g * g * g)))
-            elif kind == 3:
-                a = g if g > 0.0 else 0.0
-            else:
-                a = g if g > 0.0 else 0.0
-                u = u if u > 0.0 else np.float32(0.0)
-            out[i, k] = np.float32(a) * u
+            out[i, k] = act_scalar(gate[i, k], up[i, k], kind)
     return out
 
 

@@ -81,15 +81,28 @@ def make_deploy(source: str | os.PathLike, budget_text: str, out: str | os.PathL
     evidence = build_evidence(profile, predictors, reports, recall_floor, progress)
     sol = solve(cost, evidence, budget, recall_floor)
 
+    bundle_header: list[dict] = []
+
+    def write_bundle_file(directory: Path) -> None:
+        # Below 100% the FFNs run from the bundle file, neurons hot to cold in the order whose first H
+        # the solver made hot (build_evidence's order).
+        from planner.bundles import hot_to_cold, write_bundles
+        orders = [hot_to_cold(st.freq) for st in profile.layers]
+        bundle_header.append(write_bundles(directory / plan_json.BUNDLE_FILE, llm.model.weights.layers, orders,
+                                           fingerprint=fp, act=llm.config.hidden_act, progress=progress))
+
     def plan_text(weights_name: str, copied: list[str]) -> str:
         plan = plan_json.build(sol, cost=cost, device=dev, fingerprint=fp, model_name=src.name,
                                budget_text=str(budget_text), weights_file=weights_name, copied=copied,
-                               recall_floor=recall_floor, predictor_reports=reports)
+                               recall_floor=recall_floor, predictor_reports=reports,
+                               bundles=bundle_header[0] if bundle_header else None)
         holder.append(plan)
         return plan_json.dumps(plan)
 
     holder: list[dict] = []
-    path = deploy.write(out, src, plan_text, predictors, profile.hidden, profile.ffn, overwrite, progress)
+    full = budget >= cost.shape.weight_bytes
+    path = deploy.write(out, src, plan_text, predictors, profile.hidden, profile.ffn, overwrite, progress,
+                        bundles_fn=None if full else write_bundle_file)
     return Result(path=path, plan=holder[0])
 
 

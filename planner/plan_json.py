@@ -13,9 +13,12 @@ from engine.deploy_dir import PLAN_SCHEMA, PLAN_SCHEMA_VERSION
 from planner.budget import format_bytes
 from planner.solver import Solution
 
+BUNDLE_FILE = "ffn.bundles"
+
 
 def build(sol: Solution, *, cost, device, fingerprint: str, model_name: str, budget_text: str, weights_file: str,
-          copied: list[str], recall_floor: float, predictor_reports: list) -> dict:
+          copied: list[str], recall_floor: float, predictor_reports: list, bundles: dict | None = None) -> dict:
+    """bundles: the header planner/bundles.py wrote (plans below 100%), else None."""
     s = cost.shape
     full = sol.budget_bytes >= s.weight_bytes
     reports = {r.layer: r for r in predictor_reports}
@@ -34,8 +37,12 @@ def build(sol: Solution, *, cost, device, fingerprint: str, model_name: str, bud
         })
     dense_full_s = cost.fixed_decode_s() + s.n_layers * cost.dense_ffn_s()
     rationale = list(sol.rationale)
-    rationale.append("files: the weights are a copy of the source model (used as the resident weights); the FFN "
-                     "bundle file in the flash layout comes with the flash-resident issue")
+    if bundles is None:
+        rationale.append("files: the weights are a copy of the source model, all resident")
+    else:
+        rationale.append(f"files: the weights are a copy of the source model (attention, embeddings and norms are "
+                         f"used from it); every FFN runs from {BUNDLE_FILE}: neuron bundles hot to cold, down "
+                         f"stored transposed as {bundles['down_format']}, {bundles['record_bytes']} bytes per bundle")
     plan = {
         "schema": PLAN_SCHEMA, "schema_version": PLAN_SCHEMA_VERSION,
         "model": {"name": model_name, "fingerprint": fingerprint, "layers": s.n_layers, "hidden": s.hidden,
@@ -58,7 +65,13 @@ def build(sol: Solution, *, cost, device, fingerprint: str, model_name: str, bud
         "files": {"weights": weights_file, "predictors": "predictors.npz", "copied": sorted(copied)},
         "rationale": rationale,
     }
-    if not full:
+    if bundles is not None:
+        plan["execution"] = {"weights": "flash"}
+        plan["files"]["bundles"] = BUNDLE_FILE
+        plan["flash"] = {"file": BUNDLE_FILE, "file_bytes": bundles["file_bytes"], "record_bytes": bundles["record_bytes"],
+                         "down_format": bundles["down_format"], "layer_offsets": [x["offset"] for x in bundles["layers"]],
+                         "cache_policy": "window"}
+    elif not full:
         fb_rss = (s.weight_bytes + sol.kv_bytes + sol.runtime_bytes) / 2**20
         plan["execution"]["fallback_reason"] = (
             f"this version of the runtime has no flash-resident FFN path (a sibling issue), so it loads all "

@@ -34,7 +34,9 @@ def format_plan(plan: dict) -> str:
         lines.append(f"  {label:<56}{format_bytes(mem[key]):>11}")
     lines += ["", f"predicted: TTFT {pred['ttft_s'] * 1000:.0f} ms (128-token prompt), decode {pred['decode_tps']:.1f} "
                   f"tok/s, peak RSS {pred['peak_rss_mb']:.0f} MiB, flash {format_bytes(pred['flash_bytes_per_token'])}/token"]
-    if ex["weights"] != "resident":
+    if ex["weights"] == "flash":
+        lines.append(f"runs with FFNs from {plan['flash']['file']} (neuron bundles on flash, segmented cache)")
+    elif ex["weights"] != "resident":
         fb = plan["fallback_predicted"]
         lines.append(f"runs now as: {ex['fallback_reason']}")
         lines.append(f"  fallback predicted: decode {fb['decode_tps']:.1f} tok/s, peak RSS {fb['peak_rss_mb']:.0f} MiB")

@@ -1,0 +1,219 @@
+"""The flash FFN executor (engine/flash_ffn.py) and the neuron cache (engine/neuron_cache.py): output from
+bundles equals the in-memory FFN for every segment split, policy and ablation switch, with the numba
+kernels and their numpy twins; injected read faults fail one call and leave the executor usable."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import engine.flash_ffn as flash_ffn
+from engine.bundle_file import open_bundles
+from engine.errors import FlashReadError
+from engine.flash_ffn import FlashFFN, LayerPlan
+from engine.neuron_cache import SegmentCache
+from kernels.activation import RELU, SILU, glu
+from kernels.sparse_ffn import sparse_ffn, sparse_ffn_numpy
+from planner.bundles import layer_arrays, write_bundles
+from tests.test_flash_bundles import FFN, HIDDEN, LAYERS, make_layers
+
+
+def reference(lw, x, neurons=None, act=SILU):
+    """The in-memory sparse FFN over the given neurons (all by default), same weight format."""
+    arrays, dscale, bits16 = layer_arrays(lw)
+    idx = np.arange(FFN, dtype=np.int32) if neurons is None else np.sort(np.asarray(neurons, np.int32))
+    out = np.empty(HIDDEN, np.float32)
+    return sparse_ffn_numpy(*arrays, dscale, bits16, x, idx, np.zeros(0, np.float32), act, 1,
+                            np.empty(len(idx), np.float32), out)
+
+
+@pytest.fixture(params=["f32", "q4"])
+def model(request, tmp_path):
+    layers, orders = make_layers(seed=1, q4=request.param == "q4")
+    path = tmp_path / "ffn.bundles"
+    write_bundles(path, layers, orders, fingerprint="x")
+    return layers, open_bundles(path)
+
+
+CONFIGS = [dict(hot=0, cache=0), dict(hot=FFN, cache=0), dict(hot=20, cache=30), dict(hot=40, cache=FFN)]
+
+
+@pytest.mark.parametrize("cfg", CONFIGS)
+@pytest.mark.parametrize("pipeline,bundled,policy", [(True, True, "lru"), (False, True, "freq"),
+                                                     (True, False, "window"), (False, False, "lru")])
+def test_dense_mode_matches_in_memory_ffn(model, cfg, pipeline, bundled, policy):
+    layers, bf = model
+    rng = np.random.default_rng(2)
+    ff = FlashFFN(bf, [LayerPlan("dense", **cfg)] * LAYERS, SILU, pipeline=pipeline, bundled=bundled,
+                  policy=policy, request_bytes=3 * 4096, io_threads=2)
+    try:
+        for _ in range(3):
+            for i, lw in enumerate(layers):
+                x = rng.standard_normal(HIDDEN).astype(np.float32)
+                np.testing.assert_allclose(ff.ffn(i, x), reference(lw, x), rtol=1e-4, atol=2e-3)
+        s = ff.stats
+        assert s.needed == 3 * LAYERS * FFN and s.hot + s.hits + s.misses == s.needed
+        assert s.misses == 0 if cfg["hot"] == FFN else s.misses > 0
+    finally:
+        ff.close()
+
+
+@pytest.mark.parametrize("policy", ["lru", "freq", "window"])
+def test_given_neurons_with_cache_and_numpy_twin(model, policy, monkeypatch):
+    layers, bf = model
+    rng = np.random.default_rng(3)
+    for kernel in (sparse_ffn, sparse_ffn_numpy):
+        monkeypatch.setattr(flash_ffn, "sparse_ffn", kernel)
+        ff = FlashFFN(bf, [LayerPlan("given", hot=10, cache=25)] * LAYERS, RELU, policy=policy, io_threads=2)
+        try:
+            for t in range(12):
+                for i, lw in enumerate(layers):
+                    x = rng.standard_normal(HIDDEN).astype(np.float32)
+                    k = [0, 1, 30, FFN][t % 4]                        # none, one, some, all neurons
+                    neurons = rng.choice(FFN, size=k, replace=False)
+                    np.testing.assert_allclose(ff.ffn(i, x, neurons), reference(lw, x, neurons, RELU),
+                                               rtol=1e-4, atol=2e-3)
+            assert ff.stats.hits > 0
+        finally:
+            ff.close()
+
+
+def float_reference(lw, x):
+    """x (n, hidden) -> (n, hidden): the same stored weights dequantized, float32 math throughout (the
+    decode kernel instead rounds x to int8 per block for Q4 rows, as the dense decode kernel does)."""
+    a, dscale, bits16 = layer_arrays(lw)
+    g, u, d = (flash_ffn._weight(*a[k:k + 3], bits16).to_float32() for k in (0, 3, 6))
+    act = glu(x @ g.T, x @ u.T, SILU, np.empty((len(x), FFN), np.float32))
+    return (act @ d) * dscale
+
+
+def test_prefill_batch_matches_float_math(model):
+    layers, bf = model
+    rng = np.random.default_rng(4)
+    ff = FlashFFN(bf, [LayerPlan("dense", hot=30, cache=10)] * LAYERS, SILU, request_bytes=2 * 4096)
+    try:
+        x = rng.standard_normal((5, HIDDEN)).astype(np.float32)
+        for i, lw in enumerate(layers):
+            np.testing.assert_allclose(ff.ffn_batch(i, x), float_reference(lw, x), rtol=1e-4, atol=2e-3)
+        assert ff.stats.prefill_bytes > 0 and ff.stats.bytes_read == 0     # prefill leaves decode counters
+    finally:
+        ff.close()
+
+
+@pytest.mark.parametrize("pipeline", [True, False])
+@pytest.mark.parametrize("fault", ["error", "short"])
+def test_read_fault_fails_one_call_and_the_next_works(model, pipeline, fault):
+    layers, bf = model
+    rng = np.random.default_rng(5)
+    ff = FlashFFN(bf, [LayerPlan("dense", hot=10, cache=20)] * LAYERS, SILU, pipeline=pipeline,
+                  request_bytes=4096, io_threads=2)
+    real = ff.reader.read
+    calls = {"n": 0}
+
+    def faulty(buf, offset):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            if fault == "error":
+                raise FlashReadError("injected: read failed")
+            real(buf, offset)
+            raise FlashReadError(f"injected: short read at offset {offset}")
+        return real(buf, offset)
+
+    ff.reader.read = faulty
+    try:
+        x = rng.standard_normal(HIDDEN).astype(np.float32)
+        with pytest.raises(FlashReadError, match="injected"):
+            ff.ffn(0, x)
+        for _ in range(3):                     # usable afterwards, and the cache holds correct bundles
+            for i, lw in enumerate(layers):
+                x = rng.standard_normal(HIDDEN).astype(np.float32)
+                np.testing.assert_allclose(ff.ffn(i, x), reference(lw, x), rtol=1e-4, atol=2e-3)
+    finally:
+        ff.close()
+
+
+# ---------------------------------------------------------------- the cache on its own
+
+def check_consistent(c: SegmentCache):
+    held = c.pos_of[c.pos_of >= 0]
+    assert len(set(held.tolist())) == len(held) <= c.capacity
+    for slot, pos in enumerate(c.pos_of):
+        if pos >= 0:
+            assert c.slot_of[pos] == slot
+    assert (c.slot_of >= 0).sum() == len(held)
+
+
+def test_lru_evicts_least_recently_used():
+    c = SegmentCache(10, 2, "lru")
+    for token in ([1], [2], [1], [3]):
+        _, _, miss = c.lookup(np.array(token))
+        c.admit(miss)
+        c.end_token()
+        check_consistent(c)
+    assert set(c.pos_of.tolist()) == {1, 3}                 # 2 was least recently used
+
+
+def test_a_token_never_evicts_its_own_neurons():
+    c = SegmentCache(10, 2, "lru")
+    hits, slots, miss = c.lookup(np.array([4, 5, 6]))
+    got = c.admit(miss)
+    assert (got >= 0).sum() == 2 and got[2] == -1           # the third does not fit
+    c.end_token()
+    check_consistent(c)
+
+
+def test_frequency_policy_keeps_the_frequent_neuron():
+    c = SegmentCache(100, 1, "freq")
+    rng = np.random.default_rng(0)
+    for t in range(50):
+        want = np.array(sorted({7, int(rng.integers(10, 100))}))
+        _, _, miss = c.lookup(want)
+        c.admit(miss)
+        c.end_token()
+        check_consistent(c)
+    assert c.pos_of[0] == 7                                 # one-off neurons lost against the regular one
+
+
+@pytest.mark.parametrize("policy", ["lru", "freq", "window"])
+def test_random_traffic_keeps_the_maps_consistent(policy):
+    c = SegmentCache(50, 12, policy)
+    rng = np.random.default_rng(1)
+    for _ in range(200):
+        want = np.unique(rng.integers(0, 50, size=rng.integers(0, 20)))
+        hits, slots, miss = c.lookup(want)
+        np.testing.assert_array_equal(c.pos_of[slots], hits)
+        got = c.admit(miss)
+        np.testing.assert_array_equal(c.pos_of[got[got >= 0]], miss[got >= 0])
+        c.end_token()
+        check_consistent(c)
+
+
+# ---------------------------------------------------------------- a deploy directory below 100%
+
+def test_deploy_below_budget_runs_ffns_from_bundles(tmp_path):
+    """A relu model planned at 90% (its minimum is ~80%): engine.load(DEPLOY) drops the FFN weights and runs every FFN from the
+    bundle file; greedy tokens equal those of the same bundles fully resident (every neuron hot)."""
+    import json
+
+    from engine.llm import load
+    from model_factory import make_hf_model
+    from planner.pipeline import make_deploy
+
+    src = tmp_path / "src"
+    make_hf_model("llama-relu", src, seed=0)
+    cal = tmp_path / "cal.txt"
+    cal.write_text(" ".join(f"w{i}" for i in np.random.default_rng(0).integers(3, 128, 600)))
+    res = make_deploy(src, "90%", tmp_path / "d", device_profile="snapdragon-8gen3-ufs4", calibration=cal, threads=1)
+    plan = json.loads((res.path / "plan.json").read_text())
+    assert plan["execution"]["weights"] == "flash"
+    llm = load(res.path, threads=1)
+    assert llm.model.flash is not None and llm.model.weights.layers[0].w_gate is None
+    got = llm.generate([5, 6, 7], max_tokens=24, temperature=0).tokens
+    assert llm.model.flash.stats.tokens > 0
+    # The same bundles, every neuron resident: same arithmetic, no flash reads.
+    for lay in plan["decode"]["layers"]:
+        lay.update(hot_neurons=plan["model"]["ffn"], cold_cache_neurons=0)
+    (res.path / "plan.json").write_text(json.dumps(plan))
+    ref = load(res.path, threads=1)
+    assert ref.generate([5, 6, 7], max_tokens=24, temperature=0).tokens == got
+    assert ref.model.flash.stats.misses == 0

@@ -1,0 +1,229 @@
+"""kernels/sparse_ffn.py: every numba kernel against its numpy twin and a float64 reference built from
+the layout table (kernels/layouts.md), on random weights in every layout, both scale dtypes, and the
+edge cases of the active set (none, one, all). test_numpy_only_mode reruns this file without numba."""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from kernels import sparse_ffn as S
+from kernels.backend import NUMBA
+
+REPO = Path(__file__).resolve().parent.parent
+RTOL = 1e-5          # fastmath reassociates f32 sums; errors are measured against sum |terms|
+
+
+def _scales(rng, lo, hi, shape, kind):
+    a = rng.uniform(lo, hi, shape).astype(np.float32)
+    return a.astype(np.float16).view(np.uint16) if kind == "f16" else a
+
+
+def _f64(a):
+    return a.view(np.float16).astype(np.float64) if a.dtype == np.uint16 else a.astype(np.float64)
+
+
+def make(rng, layout, rows, cols):
+    """(w, d, m), bits16, and the float64 meaning as (scaled, offsets, rounds_x): value (r, c) =
+    scaled[r, c] + offsets[r, c // 32]; rounds_x says the kernels multiply `scaled` by x rounded to int8
+    per block of 32 (kernels/intdot.py), offsets included (they meet the block sums of the rounded x)."""
+    e = np.zeros((rows, 0), np.float32)
+    no_off = np.zeros((rows, max(1, cols // 32)))
+    if layout == "f32":
+        w = rng.standard_normal((rows, cols)).astype(np.float32) * 0.2
+        return (w, e, e), 0, (w.astype(np.float64), no_off, False)
+    if layout == "f16":
+        w = (rng.standard_normal((rows, cols)) * 0.2).astype(np.float16)
+        return (w.view(np.uint16), e, e), 0, (w.astype(np.float64), no_off, False)
+    if layout == "bf16":
+        bits = (rng.standard_normal((rows, cols)).astype(np.float32).view(np.uint32) >> 16).astype(np.uint16)
+        ref = (bits.astype(np.uint32) << 16).view(np.float32).astype(np.float64)
+        return (bits, e, e), 1, (ref, no_off, False)
+    if layout.startswith("q4"):                      # q4-<scale kind>[-sym]
+        kind, sym = layout.split("-")[1], layout.endswith("sym")
+        qs = rng.integers(0, 256, (rows, cols // 2), dtype=np.uint8)
+        d = _scales(rng, 0.01, 0.05, (rows, cols // 32), kind)
+        m = _scales(rng, -0.3, 0.0, (rows, 0 if sym else cols // 32), kind)
+        q = np.empty((rows, cols))
+        for b in range(cols // 32):
+            byte = qs[:, 16 * b:16 * b + 16]
+            q[:, 32 * b:32 * b + 16] = byte & 15
+            q[:, 32 * b + 16:32 * b + 32] = byte >> 4
+        blk = np.arange(cols) // 32
+        off = -8 * _f64(d) if sym else _f64(m)
+        return (qs, d, m), 0, (q * _f64(d)[:, blk], off, True)
+    _, kind, block, mn = layout.split("-")            # i8-<scale kind>-<block>-<min|nomin>
+    block = int(block)
+    q = rng.integers(-127, 128, (rows, cols), dtype=np.int8)
+    d = _scales(rng, 0.001, 0.004, (rows, cols // block), kind)
+    m = _scales(rng, -0.1, 0.1, (rows, cols // block if mn == "min" else 0), kind)
+    blk = np.arange(cols) // block
+    scaled = q * _f64(d)[:, blk]
+    if block != 32:                                   # float x: fold the offsets in
+        return (q, d, m), 0, (scaled + (_f64(m)[:, blk] if mn == "min" else 0.0), no_off, False)
+    return (q, d, m), 0, (scaled, _f64(m) if mn == "min" else no_off, True)
+
+
+def full(ref):
+    scaled, off, _ = ref
+    return scaled + np.repeat(off, 32, axis=1)[:, :scaled.shape[1]]
+
+
+def x_rounded(x):
+    """x rounded to int8 per block of 32 as ggml's Q8 does it, in float32: d = max|x|/127,
+    q = nearest integer of x * (127/max|x|)."""
+    blocks = x.reshape(-1, 32)
+    amax = np.abs(blocks).max(axis=1)
+    inv = np.divide(np.float32(127), amax, out=np.zeros_like(amax), where=amax > 0)
+    q = np.rint(blocks * inv[:, None])
+    return (q.astype(np.float64) * (amax / np.float32(127)).astype(np.float64)[:, None]).reshape(-1)
+
+
+def dots(ref, x):
+    scaled, off, rounds = ref
+    xv = x_rounded(x) if rounds else x.astype(np.float64)
+    xs = xv.reshape(-1, 32).sum(axis=1) if x.shape[0] % 32 == 0 else np.zeros(1)
+    return scaled @ xv + off[:, :xs.shape[0]] @ xs
+
+
+def magnitude(ref, x):
+    """sum |terms| of each row's dot product: the scale of its float32 rounding error."""
+    return np.abs(full(ref)) @ np.abs(x.astype(np.float64))
+
+
+def act64(g, u, kind):
+    if kind == 0:
+        return g / (1 + np.exp(-g)) * u
+    if kind == 1:
+        return 0.5 * g * (1 + np.vectorize(math.erf)(g / math.sqrt(2))) * u
+    if kind == 2:
+        return 0.5 * g * (1 + np.tanh(math.sqrt(2 / math.pi) * (g + 0.044715 * g ** 3))) * u
+    if kind == 3:
+        return np.maximum(g, 0) * u
+    return np.maximum(g, 0) * np.maximum(u, 0)
+
+
+def kernels():
+    return [S.sparse_ffn, S.sparse_ffn_numpy]
+
+
+def check(rng, layout, down_layout, hidden, ffn, idx, kind, given_gate=False):
+    (gw, gd, gm), f1, gref = make(rng, layout, ffn, hidden)
+    (uw, ud, um), f2, uref = make(rng, layout, ffn, hidden)
+    (dw, dd, dm), f3, dref = make(rng, down_layout, ffn, hidden)
+    dscale = rng.uniform(0.5, 2.0, hidden).astype(np.float32)      # per-hidden-dimension output scale
+    d64 = full(dref) * dscale
+    bits16 = max(f1, f2, f3)
+    x = rng.standard_normal(hidden).astype(np.float32)
+    x[rng.random(hidden) < 0.1] = 0.0
+    g_all, u_all = dots(gref, x), dots(uref, x)
+    gate = g_all.astype(np.float32) if given_gate else np.zeros(0, np.float32)
+    if given_gate:
+        g_all = gate.astype(np.float64)
+    idx = np.asarray(idx, dtype=np.int32)
+    a = act64(g_all[idx], u_all[idx], kind)
+    want = a @ d64[idx]
+    # |g|*|u| bounds what float32 rounding of the two dot products can do to act(g, u) (|act| <= |g u|)
+    mag = magnitude(gref, x)[idx] * magnitude(uref, x)[idx] + np.abs(a)    # (n,) float64
+    scale = mag @ np.abs(d64[idx]) + 1e-30
+    outs = []
+    for fn in kernels():
+        out = np.full(hidden, np.nan, np.float32)
+        acts = np.full(len(idx), np.nan, np.float32)
+        got = fn(gw, gd, gm, uw, ud, um, dw, dd, dm, dscale, bits16, x, idx, gate, kind, 2, acts, out)
+        assert got is out and out.dtype == np.float32
+        err = np.abs(out - want) / scale
+        assert err.max() < RTOL, f"{fn.__name__}: relative error {err.max():.2e}"
+        assert (np.abs(acts - a) <= RTOL * mag).all(), fn.__name__
+        outs.append(out)
+    # numba and its twin agree more tightly than either agrees with float64
+    assert (np.abs(outs[0] - outs[1]) / scale).max() < RTOL
+    return outs[0]
+
+
+LAYOUTS = [("f32", "f32"), ("f16", "f16"), ("bf16", "bf16"), ("q4-f16-sym", "i8-f16-32-nomin"),
+           ("q4-f32", "q4-f16"), ("q4-f16", "i8-f16-32-nomin"), ("i8-f16-32-nomin", "i8-f16-32-nomin"),
+           ("i8-f32-16-min", "i8-f32-32-min"), ("f32", "q4-f32-sym")]
+
+
+@pytest.mark.parametrize("layout,down", LAYOUTS)
+@pytest.mark.parametrize("hidden,ffn", [(64, 96), (1088, 40)])    # narrow and wide Q4 rows
+def test_layouts_random_subset(layout, down, hidden, ffn):
+    rng = np.random.default_rng(hidden + ffn + len(layout))
+    idx = np.sort(rng.choice(ffn, ffn // 3, replace=False))
+    check(rng, layout, down, hidden, ffn, idx, kind=0)
+
+
+@pytest.mark.parametrize("layout,down", LAYOUTS)
+@pytest.mark.parametrize("which", ["none", "one", "all"])
+def test_edge_active_sets(layout, down, which):
+    rng = np.random.default_rng(7)
+    ffn = 96
+    idx = {"none": [], "one": [ffn - 1], "all": list(range(ffn))}[which]
+    out = check(rng, layout, down, 64, ffn, idx, kind=3)
+    if which == "none":
+        assert not out.any()
+
+
+@pytest.mark.parametrize("kind", [0, 1, 2, 3, 4])
+def test_activations_and_given_gate(kind):
+    rng = np.random.default_rng(kind)
+    idx = np.arange(0, 96, 2)
+    check(rng, "q4-f16", "i8-f16-32-nomin", 64, 96, idx, kind)
+    check(rng, "f32", "f32", 64, 96, idx, kind, given_gate=True)
+
+
+def test_many_threads_uneven_shares():
+    """More threads than the shares a small set allows; shares that split clusters."""
+    rng = np.random.default_rng(3)
+    (gw, gd, gm), _, _ = make(rng, "q4-f16", 200, 64)
+    (uw, ud, um), _, _ = make(rng, "q4-f16", 200, 64)
+    (dw, dd, dm), _, _ = make(rng, "i8-f16-32-nomin", 200, 64)
+    x = rng.standard_normal(64).astype(np.float32)
+    idx = np.arange(3, 140, dtype=np.int32)
+    ones = np.ones(64, np.float32)
+    want = S.sparse_ffn_numpy(gw, gd, gm, uw, ud, um, dw, dd, dm, ones, 0, x, idx, np.zeros(0, np.float32), 0, 1,
+                              np.empty(len(idx), np.float32), np.empty(64, np.float32))
+    for threads in (1, 2, 3, 8):
+        got = S.sparse_ffn(gw, gd, gm, uw, ud, um, dw, dd, dm, ones, 0, x, idx, np.zeros(0, np.float32), 0, threads,
+                           np.empty(len(idx), np.float32), np.empty(64, np.float32))
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+
+
+@pytest.mark.parametrize("rank,ffn,threshold", [(4, 96, 0.0), (16, 1536, 0.5), (8, 600, 1e9), (8, 600, -1e9)])
+def test_predict_and_select(rank, ffn, threshold):
+    rng = np.random.default_rng(rank + ffn)
+    hidden = 64
+    w1 = rng.standard_normal((hidden, rank)).astype(np.float32)
+    b1 = rng.standard_normal(rank).astype(np.float32)
+    w2 = rng.standard_normal((rank, ffn)).astype(np.float32)
+    b2 = rng.standard_normal(ffn).astype(np.float32)
+    h = rng.standard_normal(hidden).astype(np.float32)
+    z = np.maximum(h.astype(np.float64) @ w1 + b1, 0)
+    want = z @ w2 + b2
+    for fn in (S.predict, S.predict_numpy):
+        scores = np.empty(ffn, np.float32)
+        idx = np.full(ffn, -1, np.int32)
+        n = fn(w1, b1, w2, b2, h, np.float32(threshold), 2, scores, idx)
+        np.testing.assert_allclose(scores, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+        np.testing.assert_array_equal(idx[:n], np.flatnonzero(scores > np.float32(threshold)))
+    for fn in (S.select, S.select_numpy):
+        idx = np.empty(ffn, np.int32)
+        n = fn(want.astype(np.float32), np.float32(threshold), idx)
+        np.testing.assert_array_equal(idx[:n], np.flatnonzero(want.astype(np.float32) > np.float32(threshold)))
+
+
+@pytest.mark.skipif(not NUMBA, reason="this run is already the numpy-only mode")
+def test_numpy_only_mode():
+    """This file again with POCKETINFER_NO_NUMBA=1 (Termux has no numba): the selected kernels are the
+    twins, and they must still match the float64 reference."""
+    env = dict(os.environ, POCKETINFER_NO_NUMBA="1")
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__],
+                       cwd=str(REPO), env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
