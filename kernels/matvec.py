@@ -16,8 +16,8 @@ How the numba kernels are written (measured with tools/bench_kernels.py; DESIGN.
   L1 next to the weight stream that traffic, not DRAM, is the limit (4096x11008 Q8_0, 1 thread: ~10
   GB/s row by row, ~16 GB/s 4 rows at a time). Narrower rows stay one at a time: 4 interleaved
   streams are served worse by the hardware prefetchers (576x1536 Q8_0: ~21 against ~11 GB/s);
-- Q4 multiplies x rounded to int8 per block with integer SIMD (kernels/intdot.py): the float loop
-  (kept as _q4_row for the sparse kernels) was compute-bound at 0.17-0.39x of f32 GEMV's GB/s.
+- Q4 multiplies x rounded to int8 per block with integer SIMD (kernels/intdot.py): the float loop it
+  replaced was compute-bound at 0.17-0.39x of f32 GEMV's GB/s.
 Tried and dropped (no gain here): software prefetch of the next rows, 2-row groups, 4-row groups for
 narrow rows, and building nibble floats from bits (1 + q/16) instead of int->float conversion.
 """
@@ -163,41 +163,6 @@ def matvec_q4_numpy(qs, d, m, x, out):
     return out
 
 
-NARROW_COLS = 1024  # _q4_row folds the min term into its main loop for rows this short
-
-
-@jit()
-def _q4_row(row, dr, mr, xlo, xhi, xs, xsum, sym, narrow):
-    """One row's dot product with float32 x (the sparse FFN kernels' gather path): row (cols/2,) uint8
-    nibbles, dr/mr its block scales and mins, xlo/xhi the halves of x that pair with low and high
-    nibbles, xs = xlo + xhi (narrow rows only), xsum the block sums of x."""
-    half = row.shape[0]
-    acc = np.float32(0.0)
-    # Nibbles as int32: numba computes q & 15 in int64, and int64->float32 vector conversion needs
-    # AVX-512DQ (scalar code elsewhere); int32->float32 is one instruction on AVX2/NEON.
-    if sym:
-        # Q4_0: subtract 8 in the integer lanes (one vector op) instead of a min term per block.
-        for k in range(half):
-            b0 = np.int32(row[k])
-            acc += scale_f32(dr[k >> 4]) * (np.float32(np.int32(np.int32(b0 & 15) - np.int32(8))) * xlo[k]
-                                            + np.float32(np.int32(np.int32(b0 >> 4) - np.int32(8))) * xhi[k])
-    elif narrow:
-        # Short rows: the min term rides in the main loop as m[k >> 4] * (xlo[k] + xhi[k]) instead of
-        # a second loop per row (1536x576: 10-20% faster); on longer rows the extra work costs more.
-        for k in range(half):
-            b0 = np.int32(row[k])
-            acc += scale_f32(dr[k >> 4]) * (np.float32(np.int32(b0 & 15)) * xlo[k]
-                                            + np.float32(np.int32(b0 >> 4)) * xhi[k]) + scale_f32(mr[k >> 4]) * xs[k]
-    else:
-        for k in range(half):
-            b0 = np.int32(row[k])
-            acc += scale_f32(dr[k >> 4]) * (np.float32(np.int32(b0 & 15)) * xlo[k]
-                                            + np.float32(np.int32(b0 >> 4)) * xhi[k])
-        for b in range(xsum.shape[0]):
-            acc += scale_f32(mr[b]) * xsum[b]
-    return acc
-
-
 @jit(parallel=True)
 def _matvec_q4_numba(qs, d, m, x, out):
     """qs, d, m C-contiguous (the weights' own arrays; q4_row_dot walks raw rows)."""
@@ -207,28 +172,9 @@ def _matvec_q4_numba(qs, d, m, x, out):
     xq = np.empty(2 * half, dtype=np.int8)       # (cols,) x rounded per block of 32
     dx = np.empty(nb, dtype=np.float32)          # (cols/32,) its block scales
     intdot.quantize_q8(x, xq, dx)
-    # Block sums of the rounded x for the min term (m, or -8d): the whole weight then multiplies the same
-    # rounded x, so the rounding errors meet the (centred) weights, not d*q >= 0 alone. Float sums of x
-    # instead cost SmolLM2 +2% decode perplexity (15.06 against 14.77 unrounded; 14.78 this way).
-    xsum = np.empty(nb, dtype=np.float32)        # (cols/32,)
-    for b in range(nb):
-        t = np.int32(0)
-        for j in range(32):
-            t += np.int32(xq[b * 32 + j])
-        xsum[b] = np.float32(t) * dx[b]
+    xsum = intdot.rounded_block_sums(xq, dx, np.empty(nb, dtype=np.float32))   # (cols/32,) for the min term
     for r in prange(rows):
-        acc = intdot.q4_row_dot(qs, d, r, xq, dx)
-        if sym:
-            dr = d[r]
-            t = np.float32(0.0)
-            for b in range(nb):
-                t += scale_f32(dr[b]) * xsum[b]
-            acc -= np.float32(8.0) * t
-        else:
-            mr = m[r]
-            for b in range(nb):
-                acc += scale_f32(mr[b]) * xsum[b]
-        out[r] = acc
+        out[r] = intdot.q4_row(qs, d, m, r, xq, dx, xsum)
     return out
 
 
@@ -261,6 +207,20 @@ def matvec_i8_numpy(q, d, m, x, out):
     return out
 
 
+@jit()
+def _i8_row_f32(row, dr, x, block):
+    """One I8 row times float x, without its min term: block sizes other than 32 (Q6_K's 16). The scale
+    index must be a shift by a constant to vectorize, so B = 16 has its own loop."""
+    acc = np.float32(0.0)
+    if block == 16:
+        for k in range(row.shape[0]):
+            acc += scale_f32(dr[k >> 4]) * (np.float32(row[k]) * x[k])
+    else:
+        for k in range(row.shape[0]):
+            acc += scale_f32(dr[k // block]) * (np.float32(row[k]) * x[k])
+    return acc
+
+
 @jit(parallel=True)
 def _matvec_i8x32_numba(q, d, m, x, out):
     """Blocks of 32 with x rounded to int8 per block: integer SIMD products (kernels/intdot.py)."""
@@ -269,20 +229,9 @@ def _matvec_i8x32_numba(q, d, m, x, out):
     xq = np.empty(cols, dtype=np.int8)           # (cols,) x rounded per block of 32
     dx = np.empty(nb, dtype=np.float32)          # (cols/32,) its block scales
     intdot.quantize_q8(x, xq, dx)
-    has_min = m.shape[1] > 0
-    xsum = np.zeros(nb if has_min else 0, dtype=np.float32)   # (cols/32,) block sums of the rounded x
-    for b in range(xsum.shape[0]):
-        t = np.int32(0)
-        for j in range(32):
-            t += np.int32(xq[b * 32 + j])
-        xsum[b] = np.float32(t) * dx[b]
+    xsum = intdot.rounded_block_sums(xq, dx, np.empty(nb if m.shape[1] else 0, dtype=np.float32))
     for r in prange(rows):
-        acc = intdot.i8_row_dot(q, d, r, xq, dx)
-        if has_min:
-            mr = m[r]
-            for b in range(nb):
-                acc += scale_f32(mr[b]) * xsum[b]
-        out[r] = acc
+        out[r] = intdot.i8_row(q, d, m, r, xq, dx, xsum)
     return out
 
 
@@ -321,16 +270,7 @@ def _matvec_i8_numba(q, d, m, x, out):
             out[r], out[r + 1], out[r + 2], out[r + 3] = a0, a1, a2, a3
         else:
             for r in range(g * G, min(rows, g * G + G)):
-                row = q[r]
-                dr = d[r]
-                acc = np.float32(0.0)
-                if block == 16:
-                    for k in range(cols):
-                        acc += scale_f32(dr[k >> 4]) * (np.float32(row[k]) * x[k])
-                else:
-                    for k in range(cols):
-                        acc += scale_f32(dr[k // block]) * (np.float32(row[k]) * x[k])
-                out[r] = acc
+                out[r] = _i8_row_f32(q[r], d[r], x, block)
         if has_min:
             for r in range(g * G, min(rows, g * G + G)):
                 mr = m[r]

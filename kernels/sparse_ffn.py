@@ -49,6 +49,7 @@ if NUMBA:
     from numba.extending import overload
 
     from kernels.dequant import bf16_to_f32, f16_to_f32, scale_f32
+    from kernels.matvec import _i8_row_f32
 
 
 # Below this many listed neurons per thread, fewer threads are used: waking a thread to compute a
@@ -174,40 +175,16 @@ if NUMBA:
     def _dot_q4(w, d, m, j, x, xq, dx, xsum, bits16):
         # The dense matvec's integer row product (x rounded to int8 per block), so that both paths
         # round alike: relu-exact's gate comes from the dense kernel and its up from this one.
-        acc = intdot.q4_row_dot(w, d, j, xq, dx)
-        if m.shape[1] == 0:                          # Q4_0: value d*(q-8)
-            dr = d[j]
-            t = np.float32(0.0)
-            for b in range(dr.shape[0]):
-                t += scale_f32(dr[b]) * xsum[b]
-            return acc - np.float32(8.0) * t
-        mr = m[j]
-        for b in range(mr.shape[0]):
-            acc += scale_f32(mr[b]) * xsum[b]
-        return acc
+        return intdot.q4_row(w, d, m, j, xq, dx, xsum)
 
     @jit()
     def _dot_i8(w, d, m, j, x, xq, dx, xsum, bits16):
-        row = w[j]
         dr = d[j]
-        cols = row.shape[0]
-        block = cols // dr.shape[0]
+        block = w.shape[1] // dr.shape[0]
         if block == 32:
-            acc = intdot.i8_row_dot(w, d, j, xq, dx)
-            if m.shape[1]:
-                mr = m[j]
-                for b in range(mr.shape[0]):
-                    acc += scale_f32(mr[b]) * xsum[b]
-            return acc
-        acc = np.float32(0.0)
-        # Float x for other block sizes (Q6_K's 16); the scale index must be a shift by a constant to
-        # vectorize (kernels/matvec.py).
-        if block == 16:
-            for k in range(cols):
-                acc += scale_f32(dr[k >> 4]) * (np.float32(row[k]) * x[k])
-        else:
-            for k in range(cols):
-                acc += scale_f32(dr[k // block]) * (np.float32(row[k]) * x[k])
+            return intdot.i8_row(w, d, m, j, xq, dx, xsum)
+        # Float x for other block sizes (Q6_K's 16), as the dense matvec.
+        acc = _i8_row_f32(w[j], dr, x, block)
         if m.shape[1]:
             mr = m[j]
             for b in range(mr.shape[0]):
@@ -362,12 +339,7 @@ def _sparse_ffn_numba(gw, gd, gm, uw, ud, um, dw, dd, dm, dscale, bits16, x, idx
     xsum = np.zeros(nb, dtype=np.float32)            # (hidden/32,) f32
     if nb:
         intdot.quantize_q8(x, xq, dx)
-        for b in range(nb):
-            # Block sums of the rounded x, like kernels/matvec.py (why: kernels/intdot.py's docstring).
-            t = np.int32(0)
-            for k in range(b * 32, b * 32 + 32):
-                t += np.int32(xq[k])
-            xsum[b] = np.float32(t) * dx[b]
+        intdot.rounded_block_sums(xq, dx, xsum)     # like kernels/matvec.py
     shares = max(1, min(threads, n // MIN_NEURONS_PER_THREAD))
     parts = np.zeros((shares, hidden), dtype=np.float32)    # (shares, hidden) f32 per-thread partials
     for s in prange(shares):
