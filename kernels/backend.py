@@ -7,6 +7,7 @@ results within float rounding.
 
 import hashlib
 import os
+import warnings
 
 _disabled = os.environ.get("POCKETINFER_NO_NUMBA", "").strip().lower() in ("1", "true", "yes", "on")
 
@@ -39,11 +40,19 @@ def _cache_dir() -> str:
 
 
 if NUMBA:
+    # Small row helpers are inlined into their callers' loops (jit(inline=True), overloads with
+    # inline="always"): a call per row passing arrays costs numba's reference counting on each array
+    # (atomic updates of counters both threads share), which tripled a Q4 matvec's time. numba's own
+    # pedantic SSA check then warns about the inlined loops' accumulators ("variable ... is not in
+    # scope"), though the numpy-twin tests show the results are right; users should not see it.
+    from numba.core.errors import NumbaIRAssumptionWarning
+
+    warnings.filterwarnings("ignore", message=r"variable '.*' is not in scope", category=NumbaIRAssumptionWarning)
     # Read by numba when each cache=True function is decorated, so before any kernel module is imported.
     numba.config.CACHE_DIR = _cache_dir()
 
 
-def jit(parallel: bool = False):
+def jit(parallel: bool = False, inline: bool = False):
     """njit with the project's defaults, or None when numba is off.
 
     fastmath lets LLVM reorder float sums, which it needs to vectorize the dot-product loops; the numpy
@@ -51,6 +60,8 @@ def jit(parallel: bool = False):
     """
     if not NUMBA:
         return lambda fn: None
+    if inline:
+        return numba.njit(cache=True, nogil=True, fastmath=True, parallel=parallel, inline="always")
     return numba.njit(cache=True, nogil=True, fastmath=True, parallel=parallel)
 
 

@@ -28,7 +28,7 @@ import platform
 import numpy as np
 
 from kernels.backend import NUMBA, jit
-from kernels.dequant import scale_f32
+from kernels.dequant import NATIVE_HALF, scale_f32, scales_f32_numpy
 
 AVX2 = False   # whether the row dots use x86 AVX2 intrinsics (set below when numba is on)
 VNNI512 = False  # whether q4_row_dot uses AVX-512 VNNI (vpdpbusd on 64 bytes: two blocks per instruction)
@@ -281,6 +281,122 @@ if NUMBA:
         row_dot.__name__ = row_dot.__qualname__ = "q4_row_dot" if nibbles else "i8_row_dot"
         return intrinsic(row_dot)
 
+    def _emit_scale_dot(builder, srow, nb, vp, f16):
+        """IR for sum_b scale(srow[b]) * vp[b], b < nb: 8 blocks per vector step, then the last nb % 8
+        one at a time. srow points at f32 or (f16) i16 scales, vp at f32 values. Returns a float."""
+        zero8 = ir.Constant(_vec(_F32, 8), [0.0] * 8)
+        eight = ir.Constant(_I64, 8)
+        entry = builder.block
+        fn = builder.function
+        loop, tail = fn.append_basic_block("sdot.loop"), fn.append_basic_block("sdot.tail")
+        tloop, done = fn.append_basic_block("sdot.tloop"), fn.append_basic_block("sdot.done")
+        steps = builder.ashr(nb, ir.Constant(_I64, 3))
+        builder.cbranch(builder.icmp_signed(">", steps, ir.Constant(_I64, 0)), loop, tail)
+
+        builder.position_at_end(loop)
+        i = builder.phi(_I64)
+        acc = builder.phi(_vec(_F32, 8))
+        off = builder.mul(i, eight)
+        if f16:
+            raw = builder.load(builder.bitcast(builder.gep(srow, [off]), _vec(_I16, 8).as_pointer()), align=2)
+            sv = builder.fpext(builder.bitcast(raw, _vec(ir.HalfType(), 8)), _vec(_F32, 8))
+        else:
+            sv = builder.load(builder.bitcast(builder.gep(srow, [off]), _vec(_F32, 8).as_pointer()), align=4)
+        xv = builder.load(builder.bitcast(builder.gep(vp, [off]), _vec(_F32, 8).as_pointer()), align=4)
+        nacc = builder.fadd(acc, builder.fmul(sv, xv, flags=("fast",)), flags=("fast",))
+        i2 = builder.add(i, ir.Constant(_I64, 1))
+        i.add_incoming(ir.Constant(_I64, 0), entry)
+        i.add_incoming(i2, loop)
+        acc.add_incoming(zero8, entry)
+        acc.add_incoming(nacc, loop)
+        builder.cbranch(builder.icmp_signed("<", i2, steps), loop, tail)
+
+        builder.position_at_end(tail)
+        vacc = builder.phi(_vec(_F32, 8))
+        vacc.add_incoming(zero8, entry)
+        vacc.add_incoming(nacc, loop)
+        total = builder.extract_element(vacc, ir.Constant(_I32, 0))
+        for k in range(1, 8):
+            total = builder.fadd(total, builder.extract_element(vacc, ir.Constant(_I32, k)), flags=("fast",))
+        start = builder.mul(steps, eight)
+        builder.cbranch(builder.icmp_signed("<", start, nb), tloop, done)
+
+        builder.position_at_end(tloop)
+        j = builder.phi(_I64)
+        t = builder.phi(_F32)
+        raw = builder.load(builder.gep(srow, [j]))
+        sc = builder.fpext(builder.bitcast(raw, ir.HalfType()), _F32) if f16 else raw
+        nt = builder.fadd(t, builder.fmul(sc, builder.load(builder.gep(vp, [j])), flags=("fast",)), flags=("fast",))
+        j2 = builder.add(j, ir.Constant(_I64, 1))
+        j.add_incoming(start, tail)
+        j.add_incoming(j2, tloop)
+        t.add_incoming(total, tail)
+        t.add_incoming(nt, tloop)
+        builder.cbranch(builder.icmp_signed("<", j2, nb), tloop, done)
+
+        builder.position_at_end(done)
+        res = builder.phi(_F32)
+        res.add_incoming(total, tail)
+        res.add_incoming(nt, tloop)
+        return res
+
+    def _is_scales(s):
+        return (isinstance(s, types.Array) and s.ndim == 2 and s.layout == "C"
+                and s.dtype in (types.float32, types.uint16))
+
+    def _is_vec(v):
+        return isinstance(v, types.Array) and v.dtype == types.float32 and v.layout == "C"
+
+    def _row_ptr(context, builder, ty, val, r):
+        """(pointer to row r, row length) of a C-contiguous 2-D array."""
+        a = context.make_array(ty)(context, builder, val)
+        n = builder.extract_value(a.shape, 1)
+        r64 = builder.sext(r, _I64) if r.type.width < 64 else r
+        return builder.gep(a.data, [builder.mul(r64, n)]), n
+
+    @intrinsic
+    def _scale_dot_ir(typingctx, s, r, v):
+        """sum_b scale(s[r, b]) * v[b]: see scale_dot_numpy."""
+        if not (_is_scales(s) and isinstance(r, types.Integer) and _is_vec(v)):
+            return None
+
+        def codegen(context, builder, sig, args):
+            srow, nb = _row_ptr(context, builder, sig.args[0], args[0], args[1])
+            vp = context.make_array(sig.args[2])(context, builder, args[2]).data
+            return _emit_scale_dot(builder, srow, nb, vp, s.dtype == types.uint16)
+
+        return types.float32(s, r, v), codegen
+
+    @intrinsic
+    def _min_term_ir(typingctx, d, m, r, xsum):
+        """The min term of row r of a Q4 or I8 weight: sum_b m[r, b] * xsum[b], or -8 sum_b d[r, b] *
+        xsum[b] when m is empty (Q4_0). An intrinsic rather than a numba function with a branch: passing
+        arrays into a branchy jitted helper per row left numba's reference counting in the loop (atomic
+        increments on the arrays' shared counters: 3072x576 Q4_1 went 50 -> 175 us per call, 1 thread)."""
+        if not (_is_scales(d) and _is_scales(m) and isinstance(r, types.Integer) and _is_vec(xsum)):
+            return None
+
+        def codegen(context, builder, sig, args):
+            d_v, m_v, r_v, x_v = args
+            drow, nbd = _row_ptr(context, builder, sig.args[0], d_v, r_v)
+            mrow, nbm = _row_ptr(context, builder, sig.args[1], m_v, r_v)
+            vp = context.make_array(sig.args[3])(context, builder, x_v).data
+            has_min = builder.icmp_signed("!=", nbm, ir.Constant(_I64, 0))
+            with builder.if_else(has_min) as (then, otherwise):
+                with then:
+                    with_m = _emit_scale_dot(builder, mrow, nbm, vp, m.dtype == types.uint16)
+                    then_block = builder.block
+                with otherwise:
+                    with_d = builder.fmul(_emit_scale_dot(builder, drow, nbd, vp, d.dtype == types.uint16),
+                                          ir.Constant(_F32, -8.0))
+                    else_block = builder.block
+            res = builder.phi(_F32)
+            res.add_incoming(with_m, then_block)
+            res.add_incoming(with_d, else_block)
+            return res
+
+        return types.float32(d, m, r, xsum), codegen
+
     # q4_row_dot(qs, d, r, xq, dx): see q4_row_dot_numpy. qs (rows, cols/2) uint8, d (rows, cols/32) f32
     # or uint16 f16 bits, r a row index, xq (cols,) int8, dx (cols/32,) f32; all C-contiguous.
     q4_row_dot = _row_dot_intrinsic(nibbles=True)
@@ -308,28 +424,52 @@ def rounded_block_sums(xq, dx, out):
     return out
 
 
+def scale_dot_numpy(s, r, v):
+    """s (rows, nb) f32 or uint16 f16 bits, r a row, v (nb,) f32 -> float32 sum_b scale(s[r, b]) * v[b]."""
+    return np.float32((scales_f32_numpy(s[r]) * v).sum(dtype=np.float32))
+
+
+def min_term_numpy(d, m, r, xsum):
+    """The min term of row r: scale_dot(m, r, xsum), or -8 scale_dot(d, r, xsum) when m is empty (Q4_0)."""
+    if m.shape[1]:
+        return scale_dot_numpy(m, r, xsum)
+    return np.float32(-8.0) * scale_dot_numpy(d, r, xsum)
+
+
 @jit()
+def _scale_dot_loop(s, r, v):
+    """scale_dot where halves convert in software (no F16C): the IR version's fpext of a half vector
+    would become a runtime-helper call that numba's JIT cannot resolve (kernels/dequant.py)."""
+    sr = s[r]
+    t = np.float32(0.0)
+    for b in range(sr.shape[0]):
+        t += scale_f32(sr[b]) * v[b]
+    return t
+
+
+@jit()
+def _min_term_loop(d, m, r, xsum):
+    if m.shape[1]:
+        return _scale_dot_loop(m, r, xsum)
+    return np.float32(-8.0) * _scale_dot_loop(d, r, xsum)
+
+
+# scale_dot(s, r, v) and min_term(d, m, r, xsum): see the numpy twins above.
+scale_dot = (_scale_dot_ir if NATIVE_HALF else _scale_dot_loop) if NUMBA else None
+min_term = (_min_term_ir if NATIVE_HALF else _min_term_loop) if NUMBA else None
+
+
+@jit(inline=True)
 def q4_row(qs, d, m, r, xq, dx, xsum):
     """Row r of a Q4 weight times the rounded x, min term included (m, or -8d when m is empty)."""
-    acc = q4_row_dot(qs, d, r, xq, dx)
-    if m.shape[1] == 0:
-        dr = d[r]
-        t = np.float32(0.0)
-        for b in range(dr.shape[0]):
-            t += scale_f32(dr[b]) * xsum[b]
-        return acc - np.float32(8.0) * t
-    mr = m[r]
-    for b in range(mr.shape[0]):
-        acc += scale_f32(mr[b]) * xsum[b]
-    return acc
+    return q4_row_dot(qs, d, r, xq, dx) + min_term(d, m, r, xsum)
 
 
-@jit()
+@jit(inline=True)
 def i8_row(q, d, m, r, xq, dx, xsum):
-    """Row r of an I8 weight with blocks of 32 times the rounded x, min term included when m has one."""
+    """Row r of an I8 weight with blocks of 32 times the rounded x, min term included when m has one
+    (an empty m adds nothing: Q8_0 and Q5_0 have no min, unlike Q4_0's -8d)."""
     acc = i8_row_dot(q, d, r, xq, dx)
     if m.shape[1]:
-        mr = m[r]
-        for b in range(mr.shape[0]):
-            acc += scale_f32(mr[b]) * xsum[b]
+        acc += scale_dot(m, r, xsum)
     return acc

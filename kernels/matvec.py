@@ -207,7 +207,7 @@ def matvec_i8_numpy(q, d, m, x, out):
     return out
 
 
-@jit()
+@jit(inline=True)
 def _i8_row_f32(row, dr, x, block):
     """One I8 row times float x, without its min term: block sizes other than 32 (Q6_K's 16). The scale
     index must be a shift by a constant to vectorize, so B = 16 has its own loop."""

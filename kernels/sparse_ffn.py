@@ -194,7 +194,7 @@ if NUMBA:
                 acc += scale_f32(mr[b]) * t
         return acc
 
-    @overload(_dot, jit_options={"fastmath": True})
+    @overload(_dot, inline="always", jit_options={"fastmath": True})
     def _dot_ov(w, d, m, j, x, xq, dx, xsum, bits16):
         dt = w.dtype
         if dt == types.float32:
@@ -298,7 +298,7 @@ if NUMBA:
         for t in range(4):
             _axpy(w, d, m, j[t], a[t], acc, bits16)
 
-    @overload(_axpy4, jit_options={"fastmath": True})
+    @overload(_axpy4, inline="always", jit_options={"fastmath": True})
     def _axpy4_ov(w, d, m, j, a, acc, bits16):
         dt = w.dtype
         if dt == types.int8:
@@ -309,7 +309,7 @@ if NUMBA:
             return _axpy4_rows.py_func
         return None
 
-    @overload(_axpy, jit_options={"fastmath": True})
+    @overload(_axpy, inline="always", jit_options={"fastmath": True})
     def _axpy_ov(w, d, m, j, a, acc, bits16):
         dt = w.dtype
         if dt == types.float32:

@@ -253,6 +253,34 @@ def test_row_dot_twins(code, monkeypatch):
             np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
 
+def test_min_term_twins():
+    """The vectorized min-term intrinsics (8 blocks per step, then a scalar tail) against their numpy
+    twins: both scale dtypes, block counts below, at and above multiples of 8, Q4_0's empty m."""
+    if not backend.NUMBA:
+        pytest.skip("numba only (the numpy twins are tested through matvec)")
+    from numba import njit
+
+    @njit(cache=False)
+    def rows(d, m, xsum, out, out2):
+        for r in range(d.shape[0]):
+            out[r] = intdot.min_term(d, m, r, xsum)
+            out2[r] = intdot.scale_dot(d, r, xsum)
+        return out
+
+    rng = np.random.default_rng(12)
+    for nb in (1, 7, 8, 9, 18, 48, 49):
+        for kind in ("f32", "f16"):
+            _, d, m = _q4(rng, 5, 32 * nb, kind)
+            xsum = rng.standard_normal(nb).astype(np.float32)
+            for mm in (m, m[:, :0]):
+                got, got2 = np.empty(5, np.float32), np.empty(5, np.float32)
+                rows(d, np.ascontiguousarray(mm), xsum, got, got2)
+                want = [intdot.min_term_numpy(d, mm, r, xsum) for r in range(5)]
+                np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+                np.testing.assert_allclose(got2, [intdot.scale_dot_numpy(d, r, xsum) for r in range(5)],
+                                           rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("kind", ["f32", "f16"])
 @pytest.mark.parametrize("with_min", [False, True])
 @pytest.mark.parametrize("block,rows,cols", [(32, r, c) for r, c in SHAPES_32 + SHAPES_WIDE]
