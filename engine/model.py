@@ -129,16 +129,20 @@ class Transformer:
             self._scratch = (np.empty((1, c.hidden_size), np.float32), np.empty(hq + 2 * hkv, np.float32),
                              np.empty((1, c.num_attention_heads, c.head_dim), np.float32),
                              np.empty(2 * c.intermediate_size, np.float32), np.empty(c.hidden_size, np.float32))
-        h, qkv, attn, gu, tmp = self._scratch
+            # Each layer's weight arguments, gathered once: per token the loop below then costs one
+            # dispatch per layer and no attribute lookups.
+            self._layer_args = []
+            for lw in self.weights.layers:
+                a, o, g, d = lw.wqkv, lw.wo, lw.w_gate_up, lw.w_down
+                self._layer_args.append((lw.attn_norm, lw.ffn_norm, c.rms_norm_eps, a.qs, a.d, a.m, o.qs, o.d, o.m,
+                                         g.qs, g.d, g.m, d.qs, d.d, d.m))
         cos, sin = self._rope_table(pos + 1)
+        tail = (pos, c.window, c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.intermediate_size,
+                c.act_kind) + self._scratch
         cos, sin = cos[pos:pos + 1], sin[pos:pos + 1]
         x = self.weights.embed.rows_f32(np.array([token]))                    # (1, hidden) f32
-        for i, lw in enumerate(self.weights.layers):
-            a, o, g, d = lw.wqkv, lw.wo, lw.w_gate_up, lw.w_down
-            decode_layer_q4(x, lw.attn_norm, lw.ffn_norm, c.rms_norm_eps, a.qs, a.d, a.m, o.qs, o.d, o.m,
-                            g.qs, g.d, g.m, d.qs, d.d, d.m, cos, sin, cache.k[i], cache.v[i], pos, c.window,
-                            c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.intermediate_size,
-                            c.act_kind, h, qkv, attn, gu, tmp)
+        for wargs, k, v in zip(self._layer_args, cache.k, cache.v):
+            decode_layer_q4(x, *wargs, cos, sin, k, v, *tail)
         cache.length = pos + 1
         rmsnorm(x, self.weights.norm, c.rms_norm_eps, x)
         return self.weights.lm_head.matmul(x)
