@@ -24,6 +24,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from engine.generate import rss_mb  # noqa: F401  (commands/bench.py reads it from here)
+
 # Plain English prose: tokenizes the same way in any BPE or SentencePiece vocabulary.
 PARAGRAPH = (
     "The old lighthouse stood at the end of a narrow spit of rock, and every evening the keeper climbed "
@@ -143,9 +145,3 @@ def bench(llm, prompt_tokens: int, gen_tokens: int, repeats: int,
             progress(i + 1, repeats)
     return result
 
-
-def rss_mb() -> float:
-    """Current resident set size of this process in MiB."""
-    import psutil
-
-    return psutil.Process().memory_info().rss / 2**20

@@ -25,6 +25,11 @@ class Stats:
     generation_tps: float = 0.0     # tokens per second after the first one (decode)
     ttft_s: float = 0.0             # time to first token, from the call
     peak_rss_mb: float = 0.0
+    rss_mb: float = 0.0             # resident set at the end of the call
+    # Models running their FFNs from flash (engine/flash_ffn.py): this call's FlashStats.summary() (hit
+    # rates per segment, flash bytes and I/O wait per token, overlap ratio), prefill reads under
+    # "prefill_bytes"; None for resident models.
+    flash: dict | None = None
 
 
 @dataclass
@@ -59,6 +64,13 @@ def peak_rss_mb() -> float:
         return psutil.Process().memory_info().rss / 2**20
 
 
+def rss_mb() -> float:
+    """Current resident set size of this process in MiB."""
+    import psutil
+
+    return psutil.Process().memory_info().rss / 2**20
+
+
 def generate_step(model: Transformer, cache: KVCache, new_ids: Sequence[int], sample: Callable,
                   history: list[int], max_tokens: int, stop_ids: set[int]) -> Iterator[int]:
     """Evaluate new_ids on top of the cache, then yield sampled tokens until a stop id, max_tokens or a
@@ -83,6 +95,8 @@ def stream_generate(model: Transformer, cache: KVCache, prompt_ids: list[int], r
     history = list(prompt_ids)
     t_first = None
     finish = "length"
+    flash = getattr(model, "flash", None)
+    flash_before = flash.stats.snapshot() if flash is not None else None
     for tok in generate_step(model, cache, prompt_ids[reuse:], sample, history, max_tokens, stop_ids):
         now = time.perf_counter()
         if t_first is None:
@@ -115,4 +129,8 @@ def stream_generate(model: Transformer, cache: KVCache, prompt_ids: list[int], r
             if not hit:
                 tail += stopper.flush()
     stats.peak_rss_mb = peak_rss_mb()
+    stats.rss_mb = rss_mb()
+    if flash is not None:
+        delta = flash.stats.minus(flash_before)
+        stats.flash = dict(delta.summary(), prefill_bytes=delta.prefill_bytes)
     yield Chunk(tail, None, finish, stats)

@@ -56,6 +56,7 @@ def make_deploy(source: str | os.PathLike, budget_text: str, out: str | os.PathL
     from engine.llm import load
     from planner.budget import parse_budget
     from planner.cost_model import CostModel, shape_of
+    from planner.decode_probe import measure_decode_step
     from planner.model_profile import profile_model, read_calibration
     from planner.predictors import train_all
     from planner.solver import check_budget, solve
@@ -74,6 +75,11 @@ def make_deploy(source: str | os.PathLike, budget_text: str, out: str | os.PathL
     cost = CostModel(dev, shape_of(llm))
     budget = parse_budget(budget_text, cost.shape.weight_bytes)
     check_budget(cost, budget)
+    if device_profile is None:
+        # Planning for this machine: calibrate on this model's real dense step here. A given profile
+        # (a phone's, planned on a laptop) keeps its own kernel figures: this machine's step says nothing
+        # about that device.
+        cost.calibrate(measure_decode_step(llm))
     fp = fingerprint(weight_files(src))
 
     profile = profile_model(llm, calibration, progress)

@@ -271,8 +271,12 @@ def _rationale(cost: CostModel, sol: Solution, recall_floor: float) -> list[str]
                     "prefill path yet" if ort else ""))
     lines.append(f"threads: {sol.compute_threads} compute threads (the fastest core clusters: "
                  f"{'+'.join(str(len(c.cores)) for c in dev.cpu.clusters)} cores in clusters)")
+    calib = ""
+    if cost.measured_step_s:
+        calib = (f", compute terms scaled x{cost.compute_scale:.2f} to this model's measured dense decode step "
+                 f"({cost.measured_step_s * 1e3:.2f} ms against {cost.kernel_step_s * 1e3:.2f} ms from the kernel figures)")
     lines.append(f"speed: decode {1 / sol.decode_s:.1f} tok/s predicted from the {dev.kernels.backend} matvec at "
-                 f"{dev.kernels.stream_gbps():.1f} GB/s streaming"
+                 f"{dev.kernels.stream_gbps():.1f} GB/s streaming" + calib
                  + (f" and flash at {dev.storage.mbps(SEQUENTIAL_REQUEST, None, 'sequential'):.0f} MB/s sequential"
                     if sol.flash_bytes_per_token else ""))
     return lines

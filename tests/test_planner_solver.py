@@ -93,3 +93,18 @@ def test_phone_and_laptop_profiles_give_different_speeds():
     fast, mid = cost("snapdragon-8gen3-ufs4"), cost("snapdragon-7gen3-ufs31")
     b = fast.shape.weight_bytes
     assert solve(fast, evidence(False), b, 0.99).decode_s < solve(mid, evidence(False), b, 0.99).decode_s
+
+
+def test_calibrate_scales_compute_to_the_measured_step():
+    """CostModel.calibrate makes the dense all-resident prediction equal the measured step and scales the
+    sparse and fixed terms by the same factor; flash reads are not compute and stay as they were."""
+    cm = cost()
+    s = cm.shape
+    before = cm.fixed_decode_s() + s.n_layers * cm.dense_ffn_s()
+    sparse_before = cm.sparse_ffn_s(0.3, 1000)
+    read_before = cm.read_s(1 << 20, 1 << 16)
+    cm.calibrate(2.5 * before)
+    assert cm.fixed_decode_s() + s.n_layers * cm.dense_ffn_s() == pytest.approx(2.5 * before)
+    assert cm.sparse_ffn_s(0.3, 1000) == pytest.approx(2.5 * sparse_before)
+    assert cm.read_s(1 << 20, 1 << 16) == read_before
+    assert cm.kernel_step_s == pytest.approx(before)

@@ -56,6 +56,11 @@ def load_model(args):
         print(f"loaded {llm.source} in {time.perf_counter() - t0:.2f} s: {c.num_hidden_layers} layers, "
               f"hidden {c.hidden_size}, vocab {c.vocab_size}, weights {llm.weight_bytes / 2**20:.1f} MiB "
               f"(file {llm.file_bytes / 2**20:.1f} MiB), ctx {llm.n_ctx}, threads {llm.threads}", file=sys.stderr)
+        p = (getattr(llm, "plan", None) or {}).get("predicted")
+        if p:   # a deploy directory: what the planner predicted, to read against the measured line at the end
+            print(f"plan predicts: decode {p['decode_tps']:.1f} tok/s, ttft {p['ttft_s'] * 1000:.0f} ms, "
+                  f"peak rss {p['peak_rss_mb']:.0f} MB, flash {p['flash_bytes_per_token'] / 2**20:.2f} MiB/token",
+                  file=sys.stderr)
     return llm
 
 
@@ -64,4 +69,12 @@ def print_stats(stats, finish_reason: str | None = None) -> None:
     tail = f", finish {finish_reason}" if finish_reason else ""
     print(f"prompt {s.prompt_tokens} tok ({s.cached_tokens} cached) at {s.prompt_tps:.1f} tok/s, "
           f"generated {s.generated_tokens} tok at {s.generation_tps:.1f} tok/s, "
-          f"ttft {s.ttft_s * 1000:.0f} ms, peak rss {s.peak_rss_mb:.0f} MB{tail}", file=sys.stderr)
+          f"ttft {s.ttft_s * 1000:.0f} ms, peak rss {s.peak_rss_mb:.0f} MB, rss {s.rss_mb:.0f} MB{tail}",
+          file=sys.stderr)
+    f = s.flash
+    if f:
+        print(f"flash: {f['tokens']} decode tokens, hot segment served {f['hot_hit_rate']:.1%} of needed neurons, "
+              f"cold cache hit rate {f['cache_hit_rate']:.1%}, read {f['flash_bytes_per_token'] / 2**20:.2f} MiB/token "
+              f"in {f['requests_per_token']:.1f} requests, I/O wait {f['io_wait_ms_per_token']:.2f} ms/token, "
+              f"overlap {f['overlap_ratio']:.0%}, FFN {f['ffn_ms_per_token']:.2f} ms/token, "
+              f"prefill read {f['prefill_bytes'] / 2**20:.1f} MiB", file=sys.stderr)

@@ -26,6 +26,7 @@ def run(args) -> int:
             "text": r.text, "tokens": r.tokens, "finish_reason": r.finish_reason,
             "prompt_tokens": r.prompt_tokens, "generated_tokens": len(r.tokens), "prompt_tps": r.prompt_tps,
             "generation_tps": r.generation_tps, "ttft_s": r.ttft_s, "peak_rss_mb": r.peak_rss_mb,
+            "rss_mb": r.stats.rss_mb, "flash": r.stats.flash,
         }, ensure_ascii=False))
         if args.verbose:
             print_stats(r.stats, r.finish_reason)
