@@ -33,11 +33,16 @@ def expected_shapes(c: ModelConfig) -> dict[str, tuple[int, ...]]:
 def assemble(config: ModelConfig, table: dict, source: str,
              matrix: Callable[[str], Weight], vector: Callable[[str], np.ndarray], has: Callable[[str], bool],
              fix_matrix: Callable[[str, Weight], Weight] = lambda ours, w: w,
-             progress: Callable[[int, int], None] | None = None) -> ModelWeights:
+             progress: Callable[[int, int], None] | None = None,
+             skip: Callable[[str], bool] = lambda ours: False) -> ModelWeights:
+    """skip(ours) True leaves that matrix unloaded (None): a deploy's flash plan serves it from the file,
+    so loading it would only raise the peak memory the plan budgets."""
     shapes = expected_shapes(config)
 
     def fetch(ours: str, required: bool = True):
         name = source_name(table, ours)
+        if has(name) and skip(ours):
+            return None
         if not has(name):
             if required:
                 raise ModelFormatError(f"{source}: tensor {name!r} is missing; the file is incomplete or not a "

@@ -28,7 +28,8 @@ class Stats:
     rss_mb: float = 0.0             # resident set at the end of the call
     # Models running their FFNs from flash (engine/flash_ffn.py): this call's FlashStats.summary() (hit
     # rates per segment, flash bytes and I/O wait per token, overlap ratio), prefill reads under
-    # "prefill_bytes"; None for resident models.
+    # "prefill_bytes", and "lm_head_bytes" read when the embeddings / LM head stream from flash
+    # (engine/flash_matrix.py); None for resident models.
     flash: dict | None = None
 
 
@@ -97,6 +98,8 @@ def stream_generate(model: Transformer, cache: KVCache, prompt_ids: list[int], r
     finish = "length"
     flash = getattr(model, "flash", None)
     flash_before = flash.stats.snapshot() if flash is not None else None
+    head = model.weights.lm_head if hasattr(model.weights.lm_head, "bytes_read") else None   # on flash
+    head_before = head.bytes_read if head is not None else 0
     for tok in generate_step(model, cache, prompt_ids[reuse:], sample, history, max_tokens, stop_ids):
         now = time.perf_counter()
         if t_first is None:
@@ -133,4 +136,7 @@ def stream_generate(model: Transformer, cache: KVCache, prompt_ids: list[int], r
     if flash is not None:
         delta = flash.stats.minus(flash_before)
         stats.flash = dict(delta.summary(), prefill_bytes=delta.prefill_bytes)
+    if head is not None:
+        # engine/flash_matrix.py: embedding rows and LM head passes read from the weights file (prefill's too)
+        stats.flash = dict(stats.flash or {}, lm_head_bytes=head.bytes_read - head_before)
     yield Chunk(tail, None, finish, stats)

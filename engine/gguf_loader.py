@@ -79,7 +79,8 @@ def _unpermute_order(rows: int, n_head: int) -> np.ndarray:
     return np.arange(rows).reshape(n_head, hd // 2, 2).transpose(0, 2, 1).reshape(-1)
 
 
-def load_weights(g: GGUFFile, config: ModelConfig, progress=None) -> ModelWeights:
+def load_weights(g: GGUFFile, config: ModelConfig, progress=None, skip=None) -> ModelWeights:
+    """skip: a set of our weight names ("embed", "lm_head", "layers.3.w_gate", ...) left unloaded (None)."""
     src = str(g.path)
 
     def matrix(name) -> Weight:
@@ -105,7 +106,8 @@ def load_weights(g: GGUFFile, config: ModelConfig, progress=None) -> ModelWeight
             return w.take_rows(_unpermute_order(w.shape[0], config.num_key_value_heads))
         return w
 
-    weights = assemble(config, weight_map.GGUF, src, matrix, vector, lambda n: n in g.tensors, fix, progress)
+    weights = assemble(config, weight_map.GGUF, src, matrix, vector, lambda n: n in g.tensors, fix, progress,
+                       skip=(lambda ours: ours in skip) if skip else (lambda ours: False))
     for i, lw in enumerate(weights.layers):  # Q/K biases (rare in llama GGUFs) follow their rows
         if lw.bq is not None:
             lw.bq = lw.bq[_unpermute_order(len(lw.bq), config.num_attention_heads)]

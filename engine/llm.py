@@ -158,6 +158,9 @@ def load(source: str | os.PathLike = "smollm2-135m-instruct", *, threads: int | 
         path = deploy_dir.model_path(path, deploy)
     threads = set_threads(threads)
     start_compiler()
+    if deploy is not None and deploy_dir.head_on_flash(deploy) and path.is_dir():
+        raise ModelFormatError(f"{deploy_root / 'plan.json'}: the plan streams the LM head from flash, which this "
+                               "version supports for GGUF weights only; re-run `pocketinfer plan` with a larger budget")
     if path.is_dir():
         from engine import hf_loader
         from engine.tokenizer import from_hf_dir
@@ -177,7 +180,11 @@ def load(source: str | os.PathLike = "smollm2-135m-instruct", *, threads: int | 
         for key in ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.scores",
                     "tokenizer.ggml.token_type"):
             g.meta.pop(key, None)   # ~10 MiB of Python strings the tokenizer has copied: not in the peak
-        weights = gguf_loader.load_weights(g, config, progress)
+        skip = deploy_dir.unloaded_weights(deploy, config.num_hidden_layers) if deploy is not None else None
+        weights = gguf_loader.load_weights(g, config, progress, skip=skip)
+        if deploy is not None and deploy_dir.head_on_flash(deploy):
+            from engine.flash_matrix import attach_head
+            attach_head(weights, g, direct=bool(deploy.get("io", {}).get("direct_io", True)))
         file_bytes = path.stat().st_size
         del g  # drop the file mapping: the weights were copied into their own layout
     else:
@@ -186,13 +193,14 @@ def load(source: str | os.PathLike = "smollm2-135m-instruct", *, threads: int | 
     if ctx < 2:
         raise ValueError(f"n_ctx must be at least 2, got {ctx}")
     model = Transformer(config, weights)
-    from engine.sparse import attach
-    attach(model)   # the default in-RAM decode plan: relu-exact for ReLU-family models, else dense
-    if deploy is not None:
-        from engine import flash_plan
-        if flash_plan.uses_flash(deploy):   # a plan below 100%: FFNs from the bundle file (issue 6)
-            flash_plan.attach_flash(model, deploy_root, deploy)
-            del weights
+    from engine import flash_plan
+    if deploy is not None and flash_plan.uses_flash(deploy):
+        # A plan below 100%: FFNs from the bundle file (issue 6); their matrices were never loaded.
+        flash_plan.attach_flash(model, deploy_root, deploy)
+        del weights
+    else:
+        from engine.sparse import attach
+        attach(model)   # the default in-RAM decode plan: relu-exact for ReLU-family models, else dense
     model.warm_up()
     release_compiler_pages()
     llm = LLM(model, tokenizer, source=str(path), n_ctx=ctx, threads=threads, file_bytes=file_bytes)

@@ -216,6 +216,8 @@ def _fuse(lw: LayerWeights) -> None:
     separate weights views into the stack so memory is not duplicated."""
     for fused_name, names in (("wqkv", ("wq", "wk", "wv")), ("w_gate_up", ("w_gate", "w_up"))):
         parts = [getattr(lw, n) for n in names]
+        if any(w is None for w in parts):     # left on flash by a deploy's plan (engine/flash_plan.py)
+            continue
         fused = concat_rows(parts)
         if fused is None:
             continue

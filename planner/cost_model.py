@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from engine.flash_matrix import CHUNK_BYTES as FLASH_CHUNK_BYTES
 from planner.device import DeviceProfile
 
 # Until kernels/sparse_ffn.py exists and is measured, a sparse FFN is assumed to run at this share of
@@ -40,6 +41,9 @@ class ModelShape:
     norm_bytes: int            # all norm vectors
     kv_bytes_per_token: int    # all layers, K and V, f32
     attn_matrix_bytes: int     # the largest attention matrix (for the kernel-speed lookup)
+    # Whether the runtime can stream the embeddings / LM head from the weights file when the budget
+    # cannot hold them (engine/flash_matrix.py reads GGUF tensors; not safetensors yet).
+    head_streamable: bool = False
 
     @property
     def bundle_bytes(self) -> float:
@@ -57,6 +61,20 @@ class ModelShape:
         and offloads only FFN neurons)."""
         return self.weight_bytes - self.n_layers * self.ffn_bytes
 
+    @property
+    def head_bytes(self) -> int:
+        """The embeddings and (untied) LM head."""
+        return self.embed_bytes + self.lm_head_bytes
+
+    @property
+    def fixed_bytes_head_on_flash(self) -> int:
+        """Always resident when the embeddings / LM head stream from flash: attention, norms and the
+        streaming buffers (engine/flash_matrix.py: two chunk buffers and a row buffer per matrix, each
+        widened to 4096-byte bounds)."""
+        mats = [self.embed_bytes] + ([self.lm_head_bytes] if self.lm_head_bytes else [])
+        buffers = sum(2 * (min(FLASH_CHUNK_BYTES, b) + 2 * 4096) + b // self.vocab + 2 * 4096 for b in mats)
+        return self.fixed_bytes - self.head_bytes + buffers
+
 
 def shape_of(llm) -> ModelShape:
     from engine.weights import F32Weight, I8Weight, Q4Weight
@@ -72,7 +90,8 @@ def shape_of(llm) -> ModelShape:
                       ffn_bytes=lw.w_gate.nbytes + lw.w_up.nbytes + lw.w_down.nbytes,
                       embed_bytes=w.embed.nbytes, lm_head_bytes=0 if w.lm_head is w.embed else w.lm_head.nbytes,
                       norm_bytes=norms, kv_bytes_per_token=2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * 4,
-                      attn_matrix_bytes=max(m.nbytes for m in attn))
+                      attn_matrix_bytes=max(m.nbytes for m in attn),
+                      head_streamable=str(llm.source).lower().endswith(".gguf"))
 
 
 class CostModel:
@@ -103,14 +122,24 @@ class CostModel:
 
     # ------------------------------------------------------------ per-token pieces (seconds)
 
-    def fixed_decode_s(self) -> float:
-        """Attention, lm_head and per-call overheads of one token, all layers."""
+    def head_read_s(self) -> float:
+        """Per token with the embeddings / LM head on flash: one sequential pass over the LM head in
+        chunk-sized requests plus one random read for the token's embedding row."""
+        s = self.shape
+        head, _ = self.read_s(s.lm_head_bytes or s.embed_bytes, FLASH_CHUNK_BYTES, "sequential")
+        row, _ = self.read_s(4096, 4096)
+        return head + row
+
+    def fixed_decode_s(self, head_on_flash: bool = False) -> float:
+        """Attention, lm_head and per-call overheads of one token, all layers. With the LM head on flash
+        its reads overlap its compute chunk by chunk (engine/flash_matrix.py), so it costs the longer
+        of the two."""
         s = self.shape
         attn = s.n_layers * s.attn_bytes / self._speed(s.attn_matrix_bytes)
         head = (s.lm_head_bytes or s.embed_bytes) / self._speed(s.lm_head_bytes or s.embed_bytes)
-        kv = s.kv_bytes_per_token * (KV_TOKENS // 2) / (self.dev.memory.read_gbps * 1e9)   # mean context
-        calls = s.n_layers * 4 * self.call_s   # qkv, attention, o, FFN per layer
-        return (attn + head + kv + calls) * self.compute_scale
+        if head_on_flash:
+            return (attn + kv_calls(self)) * self.compute_scale + max(head * self.compute_scale, self.head_read_s())
+        return (attn + head + kv_calls(self)) * self.compute_scale
 
     def dense_ffn_s(self) -> float:
         return self.shape.ffn_bytes / self._speed(self.shape.ffn_bytes // 3) * self.compute_scale
@@ -138,6 +167,14 @@ class CostModel:
         weights = s.weight_bytes - s.embed_bytes + (s.lm_head_bytes or s.embed_bytes)
         params = weights / _bytes_per_weight(s.fmt)
         return 2.0 * params * n_tokens / (gflops * 1e9) + weights / self.stream
+
+
+def kv_calls(cost: CostModel) -> float:
+    """Reading the KV cache at the mean context, and the per-call overheads (qkv, attention, o, FFN per
+    layer), of one token."""
+    s = cost.shape
+    kv = s.kv_bytes_per_token * (KV_TOKENS // 2) / (cost.dev.memory.read_gbps * 1e9)
+    return kv + s.n_layers * 4 * cost.call_s
 
 
 def _bytes_per_weight(fmt: str) -> float:

@@ -67,6 +67,10 @@ def build(sol: Solution, *, cost, device, fingerprint: str, model_name: str, bud
     }
     if bundles is not None:
         plan["execution"] = {"weights": "flash"}
+    if sol.head_on_flash:
+        # engine/flash_matrix.py: the embeddings / LM head are read from the weights file on every use.
+        plan["execution"]["lm_head"] = "flash"
+    if bundles is not None:
         plan["files"]["bundles"] = BUNDLE_FILE
         plan["flash"] = {"file": BUNDLE_FILE, "file_bytes": bundles["file_bytes"], "record_bytes": bundles["record_bytes"],
                          "down_format": bundles["down_format"], "layer_offsets": [x["offset"] for x in bundles["layers"]],

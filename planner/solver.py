@@ -79,6 +79,9 @@ class Solution:
     kv_bytes: int
     runtime_bytes: int
     rationale: tuple[str, ...]
+    head_on_flash: bool = False      # embeddings / LM head streamed from the weights file every token
+    head_flash_bytes: float = 0.0    # their bytes read per token
+
 
     @property
     def resident_bytes(self) -> int:
@@ -86,7 +89,7 @@ class Solution:
 
     @property
     def flash_bytes_per_token(self) -> float:
-        return sum(c.flash_bytes for c in self.layers)
+        return sum(c.flash_bytes for c in self.layers) + self.head_flash_bytes
 
     @property
     def peak_rss_bytes(self) -> int:
@@ -94,20 +97,37 @@ class Solution:
 
 
 def minimum_bytes(cost: CostModel) -> int:
-    """The smallest budget a plan can meet: the always-resident weights plus the I/O buffers."""
-    return cost.shape.fixed_bytes + min(IO_STAGING_BYTES, cost.shape.ffn_bytes)
+    """The smallest budget a plan can meet: the always-resident weights plus the I/O buffers (without
+    the embeddings / LM head where the runtime can stream them from flash)."""
+    s = cost.shape
+    fixed = min(s.fixed_bytes_head_on_flash, s.fixed_bytes) if s.head_streamable else s.fixed_bytes
+    return fixed + min(IO_STAGING_BYTES, s.ffn_bytes)
+
+
+def head_on_flash(cost: CostModel, budget_bytes: int) -> bool:
+    """Whether the embeddings / LM head must stream from flash: only when the budget cannot hold them
+    beside attention, norms and the I/O buffers (PowerInfer-2 keeps them resident; reading them costs
+    their whole size every token, as much as the FFN bytes they would displace)."""
+    s = cost.shape
+    staging = min(IO_STAGING_BYTES, s.ffn_bytes)
+    return (s.head_streamable and budget_bytes < s.weight_bytes and budget_bytes < s.fixed_bytes + staging
+            and s.fixed_bytes_head_on_flash < s.fixed_bytes)
 
 
 def check_budget(cost: CostModel, budget_bytes: int) -> int:
     """The bytes left for FFN neurons and predictors; PlanError stating the minimum when there are none."""
     s = cost.shape
     staging = 0 if budget_bytes >= s.weight_bytes else min(IO_STAGING_BYTES, s.ffn_bytes)
-    avail = budget_bytes - s.fixed_bytes - staging
+    head_flash = head_on_flash(cost, budget_bytes)
+    fixed = s.fixed_bytes_head_on_flash if head_flash else s.fixed_bytes
+    avail = budget_bytes - fixed - staging
     if avail < 0:
+        what = ("attention, norms and the buffers that stream the embeddings / LM head from flash"
+                if head_flash else "embeddings, lm_head, attention and norms")
         raise PlanError(f"memory budget {format_bytes(budget_bytes)} ({budget_bytes} bytes) is below the minimum "
                         f"resident set of {format_bytes(minimum_bytes(cost))} ({minimum_bytes(cost)} bytes): "
-                        f"embeddings, lm_head, attention and norms ({format_bytes(s.fixed_bytes)}) stay in memory, "
-                        f"plus {format_bytes(staging)} of I/O buffers; give at least that")
+                        f"{what} ({format_bytes(fixed)}) stay in memory, plus {format_bytes(staging)} of I/O "
+                        "buffers; give at least that")
     return avail
 
 
@@ -117,7 +137,7 @@ def solve(cost: CostModel, evidence: list[LayerEvidence], budget_bytes: int, rec
     staging = 0 if budget_bytes >= s.weight_bytes else min(IO_STAGING_BYTES, s.ffn_bytes)
     cands = [layer_candidates(cost, ev) for ev in evidence]
     chosen = _knapsack(cands, avail)
-    return _assemble(cost, evidence, chosen, budget_bytes, staging, recall_floor)
+    return _assemble(cost, evidence, chosen, budget_bytes, staging, recall_floor, head_on_flash(cost, budget_bytes))
 
 
 def layer_candidates(cost: CostModel, ev: LayerEvidence) -> list[Candidate]:
@@ -210,16 +230,20 @@ def _cost(c: Candidate) -> float:
     return c.time_s + FLASH_TIE_S_PER_BYTE * c.flash_bytes
 
 
-def _assemble(cost, evidence, chosen, budget, staging, recall_floor) -> Solution:
+def _assemble(cost, evidence, chosen, budget, staging, recall_floor, head_flash: bool = False) -> Solution:
     s, dev = cost.shape, cost.dev
     F = s.ffn
-    decode_s = cost.fixed_decode_s() + sum(c.time_s for c in chosen)
+    decode_s = cost.fixed_decode_s(head_flash) + sum(c.time_s for c in chosen)
     gflops = dev.kernels.matmul_gflops
     # The runtime's prefill runs through numpy/BLAS; ONNX Runtime is measured but has no runtime path yet.
     backend = "numpy"
     cold_bytes = sum((F - c.hot - c.cache) * s.bundle_bytes for c in chosen)
     prefill_io, _ = cost.read_s(cold_bytes, SEQUENTIAL_REQUEST, "sequential")
     ttft = cost.prefill_s(TTFT_PROMPT_TOKENS, gflops["numpy"]) + prefill_io
+    head_bytes = 0.0
+    if head_flash:   # one pass over the LM head for the last position, one row read per prompt token
+        head_bytes = (s.lm_head_bytes or s.embed_bytes) + 4096
+        ttft += cost.head_read_s() + TTFT_PROMPT_TOKENS * cost.read_s(4096, 4096)[0]
     # Prefill activations per chunk: gate|up (2F) plus a few hidden-sized buffers, f32.
     chunk = next(ch for ch in CHUNK_CHOICES if ch * (2 * F + 4 * s.hidden) * 4 <= CHUNK_SCRATCH_BYTES or ch == 64)
     clusters = sorted(dev.cpu.clusters, key=lambda cl: -cl.max_mhz)
@@ -229,10 +253,12 @@ def _assemble(cost, evidence, chosen, budget, staging, recall_floor) -> Solution
     uses_flash = any(c.flash_bytes > 0 for c in chosen)
     io_threads = max((c.io_threads for c in chosen), default=0) if uses_flash else 0
     kv = KV_TOKENS * s.kv_bytes_per_token
-    sol = Solution(budget_bytes=budget, layers=tuple(chosen), evidence=tuple(evidence), fixed_bytes=s.fixed_bytes,
+    fixed = s.fixed_bytes_head_on_flash if head_flash else s.fixed_bytes
+    sol = Solution(budget_bytes=budget, layers=tuple(chosen), evidence=tuple(evidence), fixed_bytes=fixed,
                    staging_bytes=staging, decode_s=decode_s, ttft_s=ttft, prefill_backend=backend, prefill_chunk=chunk,
                    compute_threads=threads, io_threads=io_threads, direct_io=dev.storage.direct_io and uses_flash,
-                   prefetch_layers=1 if uses_flash else 0, kv_bytes=kv, runtime_bytes=RUNTIME_BASE_BYTES, rationale=())
+                   prefetch_layers=1 if uses_flash else 0, kv_bytes=kv, runtime_bytes=RUNTIME_BASE_BYTES, rationale=(),
+                   head_on_flash=head_flash, head_flash_bytes=head_bytes)
     return Solution(**{**sol.__dict__, "rationale": tuple(_rationale(cost, sol, recall_floor))})
 
 
@@ -255,7 +281,13 @@ def _rationale(cost: CostModel, sol: Solution, recall_floor: float) -> list[str]
                      "weights: every FFN neuron is resident, nothing is read from flash")
     else:
         hot = sum(c.hot for c in sol.layers)
-        lines.append(f"memory: {format_bytes(s.fixed_bytes)} always resident (embeddings, lm_head, attention, norms); "
+        if sol.head_on_flash:
+            lines.append(f"memory: the embeddings / LM head ({format_bytes(s.head_bytes)}) do not fit beside attention "
+                         f"and norms in {format_bytes(sol.budget_bytes)}: they stream from the weights file every token "
+                         f"({format_bytes(sol.head_flash_bytes)} read per token, {cost.head_read_s() * 1e3:.1f} ms at "
+                         "the measured sequential speed, overlapped with the LM head's compute)")
+        lines.append(f"memory: {format_bytes(sol.fixed_bytes)} always resident "
+                     f"({'attention, norms, read buffers' if sol.head_on_flash else 'embeddings, lm_head, attention, norms'}); "
                      f"{hot} of {s.n_layers * s.ffn} FFN neurons hot in memory, the rest on flash: "
                      f"{format_bytes(sol.flash_bytes_per_token)} read per token"
                      + (" in large sequential requests (dense layers need every neuron)" if "sparse" not in modes else ""))

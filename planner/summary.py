@@ -26,7 +26,10 @@ def format_plan(plan: dict) -> str:
         lines.append(f"  ... and {len(reasons) - 3} more per-layer reasons in plan.json")
     mem = plan["memory"]
     lines += ["", "memory:"]
-    for key, label in (("resident_bytes", "resident (embeddings, lm_head, attention, norms)"),
+    head_flash = plan.get("execution", {}).get("lm_head") == "flash"
+    resident = ("resident (attention, norms, LM head read buffers)" if head_flash
+                else "resident (embeddings, lm_head, attention, norms)")
+    for key, label in (("resident_bytes", resident),
                        ("hot_bytes", "hot FFN neurons"), ("cold_cache_bytes", "cold-neuron cache"),
                        ("predictor_bytes", "predictors"), ("staging_bytes", "I/O buffers"),
                        ("kv_cache_bytes", "KV cache (512 tokens, part of the runtime overhead)"),
@@ -35,7 +38,8 @@ def format_plan(plan: dict) -> str:
     lines += ["", f"predicted: TTFT {pred['ttft_s'] * 1000:.0f} ms (128-token prompt), decode {pred['decode_tps']:.1f} "
                   f"tok/s, peak RSS {pred['peak_rss_mb']:.0f} MiB, flash {format_bytes(pred['flash_bytes_per_token'])}/token"]
     if ex["weights"] == "flash":
-        lines.append(f"runs with FFNs from {plan['flash']['file']} (neuron bundles on flash, segmented cache)")
+        lines.append(f"runs with FFNs from {plan['flash']['file']} (neuron bundles on flash, segmented cache)"
+                     + ("; embeddings / LM head streamed from the weights file" if head_flash else ""))
     elif ex["weights"] != "resident":
         fb = plan["fallback_predicted"]
         lines.append(f"runs now as: {ex['fallback_reason']}")

@@ -1,10 +1,12 @@
 """Cost model and solver on a synthetic model shape and the shipped phone profile (no model needed)."""
 
+import json
+
 import pytest
 
 from engine.errors import PlanError
 from planner import device, plan_json
-from planner.cost_model import CostModel, ModelShape
+from planner.cost_model import IO_STAGING_BYTES, CostModel, ModelShape
 from planner.predictors import PredictorReport
 from planner.solver import CACHE_SHARES, H_STEPS, LayerEvidence, minimum_bytes, solve
 
@@ -108,3 +110,25 @@ def test_calibrate_scales_compute_to_the_measured_step():
     assert cm.sparse_ffn_s(0.3, 1000) == pytest.approx(2.5 * sparse_before)
     assert cm.read_s(1 << 20, 1 << 16) == read_before
     assert cm.kernel_step_s == pytest.approx(before)
+
+
+def test_a_budget_below_the_lm_head_streams_it_from_flash():
+    """A GGUF source whose embeddings / LM head do not fit beside attention streams them (SmolLM2 at 30%);
+    the plan says so, stays within the budget and costs their reads; without the streaming path (a
+    safetensors source) the same budget is refused with the minimum."""
+    from dataclasses import replace
+
+    streamable = CostModel(cost().dev, replace(shape(), head_streamable=True))
+    s = streamable.shape
+    budget = s.fixed_bytes_head_on_flash + IO_STAGING_BYTES + 500_000   # room for a few hot neurons
+    assert budget < s.fixed_bytes + IO_STAGING_BYTES                       # but not for the resident head
+    sol = solve(streamable, evidence(False), budget, 0.99)
+    assert sol.head_on_flash and sol.resident_bytes <= budget
+    assert sol.head_flash_bytes >= s.embed_bytes and sol.flash_bytes_per_token > sol.head_flash_bytes
+    plan = json.loads(plan_text(streamable, sol))
+    assert plan["execution"]["lm_head"] == "flash" and plan["memory"]["resident_bytes"] == s.fixed_bytes_head_on_flash
+    assert any("stream from the weights file" in r for r in plan["rationale"])
+    # With room for the head, it stays resident (PowerInfer-2's choice), whatever the source.
+    assert not solve(streamable, evidence(False), int(s.weight_bytes * 0.8), 0.99).head_on_flash
+    with pytest.raises(PlanError, match="minimum resident set"):
+        solve(cost(), evidence(False), budget, 0.99)

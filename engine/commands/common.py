@@ -72,7 +72,10 @@ def print_stats(stats, finish_reason: str | None = None) -> None:
           f"ttft {s.ttft_s * 1000:.0f} ms, peak rss {s.peak_rss_mb:.0f} MB, rss {s.rss_mb:.0f} MB{tail}",
           file=sys.stderr)
     f = s.flash
-    if f:
+    if f and "lm_head_bytes" in f:
+        print(f"flash: embeddings / LM head streamed from the weights file: {f['lm_head_bytes'] / 2**20:.1f} MiB read "
+              f"this request", file=sys.stderr)
+    if f and "tokens" in f:
         print(f"flash: {f['tokens']} decode tokens, hot segment served {f['hot_hit_rate']:.1%} of needed neurons, "
               f"cold cache hit rate {f['cache_hit_rate']:.1%}, read {f['flash_bytes_per_token'] / 2**20:.2f} MiB/token "
               f"in {f['requests_per_token']:.1f} requests, I/O wait {f['io_wait_ms_per_token']:.2f} ms/token, "
