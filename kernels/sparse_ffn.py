@@ -26,20 +26,33 @@ computes gate for every neuron first), else an empty array and the kernel comput
 `threads` is numba.get_num_threads() from the caller: inside a kernel that call makes numba refuse to
 cache the compiled code (it reads a ctypes global), which would cost seconds at every start.
 
+The same FFN split in two, for the flash executor (engine/flash_ffn.py), whose neurons arrive from
+flash in an order that depends on what its cache holds, but whose output must not:
+  sparse_acts  acts (n,) = act(gate[idx[t]] . x, up[idx[t]] . x): each neuron on its own, so any split
+               of the neurons into calls gives the same bits;
+  sparse_down  parts (c, hidden) = per chunk k, sum over t in [bounds[k], bounds[k+1]) of
+               acts[t] * downT[idx[t]], in list order (no dscale): each chunk on its own, so any split
+               of the chunks into calls gives the same bits. The caller sums the chunks in order.
+
 How the numba kernel runs: ONE prange launch per call (each launch costs 3-25 us here). The listed
 neurons are split into one contiguous share per thread with equal neuron counts (every neuron costs
 the same: up to two row dot products and one row axpy), each thread accumulates into its own partial
-(hidden,) row, and the partials are summed after the parallel loop. Row dot products are the dense
-matvec's: Q4 and 32-block I8 rows take kernels/intdot.py's integer SIMD product with x rounded to int8
-per block (so sparse and dense round alike), the other layouts 1-D long float loops; the down axpy is
-written per scale block with the scale hoisted and a run-time trip count, the form that vectorizes
-for stores (see kernels/dequant.py), four neurons per pass so that the (hidden,) accumulator is read
-and written once per four rows (int8 rows of 4096: 10 against 4 G values/s on one thread).
+(hidden,) row, and the partials are summed after the parallel loop. Row dot products round as the
+dense matvec's: Q4 and 32-block I8 rows take kernels/intdot.py's integer SIMD product with x rounded to
+int8 per block (so sparse and dense round alike) in kernels/gather.py's form, which reads a neuron's
+gate and up rows in one pass and software-prefetches the rows of the neuron PREFETCH_AHEAD places on:
+the rows are scattered, and without it they arrived at 5-7 GB/s per core; the other layouts take 1-D
+long float loops. The down axpy takes four neurons per pass, so that the (hidden,) accumulator is read
+and written once per four rows: the int8 downT with 32-blocks (engine/sparse.py's) through gather's
+vector IR, which also prefetches the down rows of the next four listed neurons; the other layouts
+through numba loops per scale block (scale hoisted, run-time trip count: the form that vectorizes for
+stores, see kernels/dequant.py). At Llama-2-7B shapes, 90% sparsity, scattered neurons, 2 threads, the
+kernel went from 33-41% to 60-95% of the dense kernels' bandwidth (tools/bench_sparse.py, 08:00 UTC).
 """
 
 import numpy as np
 
-from kernels import dequant, intdot
+from kernels import dequant, gather, intdot
 from kernels.activation import act_scalar, glu_numpy
 from kernels.backend import NUMBA, jit, pick
 from kernels.dequant import scales_f32_numpy
@@ -94,8 +107,15 @@ def _dots_numpy(w, d, m, bits16, rows, x):
         else:
             scaled = dequant.dequant_i8_numpy(w[rows], d[rows], zero[:, :0], np.empty((n, x.shape[0]), np.float32))
             mins = scales_f32_numpy(m[rows]) if m.shape[1] else zero
-        return scaled @ xr + mins @ xsum
-    return _rows_f32(w, d, m, bits16, rows) @ x
+        return _rowdot(scaled, xr) + _rowdot(mins, xsum)
+    return _rowdot(_rows_f32(w, d, m, bits16, rows), x)
+
+
+def _rowdot(a, x):
+    """(n, k) f32 rows dot (k,) f32 -> (n,) f32, each row summed on its own: a BLAS matrix-vector product
+    may round a row differently with the number of rows beside it, and the flash executor computes a
+    neuron with whichever others its cache state groups it with (engine/flash_ffn.py)."""
+    return (a * x).sum(axis=1, dtype=np.float32)
 
 
 def sparse_ffn_numpy(gw, gd, gm, uw, ud, um, dw, dd, dm, dscale, bits16, x, idx, gate, act, threads, acts, out):
@@ -113,6 +133,31 @@ def sparse_ffn_numpy(gw, gd, gm, uw, ud, um, dw, dd, dm, dscale, bits16, x, idx,
     down = _rows_f32(dw, dd, dm, bits16, rows)                       # (n, hidden) f32
     out[:] = (a @ down) * dscale
     return out
+
+
+def sparse_acts_numpy(gw, gd, gm, uw, ud, um, bits16, x, idx, act, threads, acts):
+    """acts (n,) f32 = act(gate[idx[t]] . x, up[idx[t]] . x) for idx (n,) int32 rows; returns acts."""
+    n = idx.shape[0]
+    if n == 0:
+        return acts
+    rows = idx.astype(np.int64)
+    g = _dots_numpy(gw, gd, gm, bits16, rows, x)                                      # (n,) f32
+    u = _dots_numpy(uw, ud, um, bits16, rows, x)                                      # (n,) f32
+    acts[:] = glu_numpy(g[None, :].astype(np.float32), u[None, :].astype(np.float32), act,
+                        np.empty((1, n), np.float32))[0]
+    return acts
+
+
+def sparse_down_numpy(dw, dd, dm, bits16, idx, acts, bounds, parts):
+    """parts (c, hidden) f32: row k = sum over t in [bounds[k], bounds[k+1]) of acts[t] * downT[idx[t]],
+    for idx (n,) int32 rows, acts (n,) f32, bounds (c+1,) int64; returns parts."""
+    for k in range(bounds.shape[0] - 1):
+        t0, t1 = int(bounds[k]), int(bounds[k + 1])
+        down = _rows_f32(dw, dd, dm, bits16, idx[t0:t1].astype(np.int64))               # (t1-t0, hidden) f32
+        # Summed down the rows in list order (a reduction over axis 0 adds row after row), as one chunk
+        # alone: the same bits whichever chunks share the call.
+        np.sum(acts[t0:t1, None] * down, axis=0, dtype=np.float32, out=parts[k])
+    return parts
 
 
 def predict_numpy(w1, b1, w2, b2, h, threshold, threads, scores, idx):
@@ -174,16 +219,20 @@ if NUMBA:
     @jit()
     def _dot_q4(w, d, m, j, x, xq, dx, xsum, bits16):
         # The dense matvec's integer row product (x rounded to int8 per block), so that both paths
-        # round alike: relu-exact's gate comes from the dense kernel and its up from this one.
-        return intdot.q4_row(w, d, m, j, xq, dx, xsum)
+        # round alike: relu-exact's gate comes from the dense kernel and its up from this one
+        # (kernels/gather.py's copy of intdot.q4_row_dot: same bits, without its false dependency).
+        return gather.q4_dot1(w, d, j, -1, xq, dx) + intdot.min_term(d, m, j, xsum)
 
     @jit()
     def _dot_i8(w, d, m, j, x, xq, dx, xsum, bits16):
-        dr = d[j]
-        block = w.shape[1] // dr.shape[0]
+        block = w.shape[1] // d.shape[1]
         if block == 32:
-            return intdot.i8_row(w, d, m, j, xq, dx, xsum)
+            acc = gather.i8_dot1(w, d, j, -1, xq, dx)      # as intdot.i8_row (see _dot_q4)
+            if m.shape[1]:
+                acc += intdot.scale_dot(m, j, xsum)
+            return acc
         # Float x for other block sizes (Q6_K's 16), as the dense matvec.
+        dr = d[j]
         acc = _i8_row_f32(w[j], dr, x, block)
         if m.shape[1]:
             mr = m[j]
@@ -262,7 +311,7 @@ if NUMBA:
                 for t in range(block):
                     dst[t] += s * np.float32(src[t])
 
-    @jit()
+    @jit(inline=True)          # also called from _axpy4_i8_ir: inlined, no per-call reference counting
     def _axpy4_i8(w, d, m, j, a, acc, bits16):
         r0, r1, r2, r3 = w[j[0]], w[j[1]], w[j[2]], w[j[3]]
         d0, d1, d2, d3 = d[j[0]], d[j[1]], d[j[2]], d[j[3]]
@@ -287,6 +336,13 @@ if NUMBA:
                            + (s2 * np.float32(x2[t]) + s3 * np.float32(x3[t]))) + off
 
     @jit()
+    def _axpy4_i8_ir(w, d, m, j, a, acc, bits16):
+        if w.shape[1] == 32 * d.shape[1] and m.shape[1] == 0:
+            gather.axpy4_i8(w, d, j, a, acc)
+        else:
+            _axpy4_i8(w, d, m, j, a, acc, bits16)
+
+    @jit()
     def _axpy4_f32(w, d, m, j, a, acc, bits16):
         r0, r1, r2, r3 = w[j[0]], w[j[1]], w[j[2]], w[j[3]]
         a0, a1, a2, a3 = a[0], a[1], a[2], a[3]
@@ -302,7 +358,7 @@ if NUMBA:
     def _axpy4_ov(w, d, m, j, a, acc, bits16):
         dt = w.dtype
         if dt == types.int8:
-            return _axpy4_i8.py_func
+            return _axpy4_i8_ir.py_func if _c_layout(w, d, j, a, acc) else _axpy4_i8.py_func
         if dt == types.float32:
             return _axpy4_f32.py_func
         if dt in (types.uint16, types.uint8):
@@ -323,14 +379,85 @@ if NUMBA:
         return None
 
 
+def _c_layout(*arrays):
+    return all(a.layout == "C" for a in arrays)
+
+
+def _gu(gw, gd, gm, uw, ud, um, j, jp, x, xq, dx, xsum, gate, bits16):
+    """(gate, up) pre-activations of neuron j (gate[j] when gate is given), prefetching the gate and up
+    rows of neuron jp (< 0: none) where kernels/gather.py has the layout; numba picks by dtype."""
+
+
+def _axpy4p(w, d, m, j, a, pf, acc, bits16):
+    """_axpy4, prefetching rows pf (4,) int64 (< 0: none) of w and d where kernels/gather.py has the
+    layout; numba picks by dtype."""
+
+
+if NUMBA:
+    @jit()
+    def _gu_q4(gw, gd, gm, uw, ud, um, j, jp, x, xq, dx, xsum, gate, bits16):
+        if gate.shape[0]:
+            return gate[j], gather.q4_dot1(uw, ud, j, jp, xq, dx) + intdot.min_term(ud, um, j, xsum)
+        g, u = gather.q4_dots2(gw, gd, uw, ud, j, jp, xq, dx)
+        return g + intdot.min_term(gd, gm, j, xsum), u + intdot.min_term(ud, um, j, xsum)
+
+    @jit()
+    def _gu_i8(gw, gd, gm, uw, ud, um, j, jp, x, xq, dx, xsum, gate, bits16):
+        if uw.shape[1] != 32 * ud.shape[1] or (gate.shape[0] == 0 and gw.shape[1] != 32 * gd.shape[1]):
+            return _gu_rows(gw, gd, gm, uw, ud, um, j, jp, x, xq, dx, xsum, gate, bits16)
+        if gate.shape[0]:
+            g = gate[j]
+            u = gather.i8_dot1(uw, ud, j, jp, xq, dx)
+        else:
+            g, u = gather.i8_dots2(gw, gd, uw, ud, j, jp, xq, dx)
+            if gm.shape[1]:
+                g += intdot.scale_dot(gm, j, xsum)
+        if um.shape[1]:
+            u += intdot.scale_dot(um, j, xsum)
+        return g, u
+
+    @jit(inline=True)          # also called from _gu_i8
+    def _gu_rows(gw, gd, gm, uw, ud, um, j, jp, x, xq, dx, xsum, gate, bits16):
+        g = gate[j] if gate.shape[0] else _dot(gw, gd, gm, j, x, xq, dx, xsum, bits16)
+        return g, _dot(uw, ud, um, j, x, xq, dx, xsum, bits16)
+
+    @overload(_gu, inline="always", jit_options={"fastmath": True})
+    def _gu_ov(gw, gd, gm, uw, ud, um, j, jp, x, xq, dx, xsum, gate, bits16):
+        if gw.dtype == uw.dtype and gd.dtype == ud.dtype and _c_layout(gw, gd, gm, uw, ud, um):
+            if gw.dtype == types.uint8:
+                return _gu_q4.py_func
+            if gw.dtype == types.int8:
+                return _gu_i8.py_func
+        return _gu_rows.py_func
+
+    @jit()
+    def _axpy4p_i8(w, d, m, j, a, pf, acc, bits16):
+        if w.shape[1] == 32 * d.shape[1] and m.shape[1] == 0:
+            gather.axpy4_i8_pf(w, d, j, a, pf, acc)
+        else:
+            _axpy4(w, d, m, j, a, acc, bits16)
+
+    @jit()
+    def _axpy4p_rows(w, d, m, j, a, pf, acc, bits16):
+        _axpy4(w, d, m, j, a, acc, bits16)
+
+    @overload(_axpy4p, inline="always", jit_options={"fastmath": True})
+    def _axpy4p_ov(w, d, m, j, a, pf, acc, bits16):
+        if w.dtype == types.int8 and _c_layout(w, d, j, a, pf, acc):
+            return _axpy4p_i8.py_func
+        return _axpy4p_rows.py_func
+
+
 _act = act_scalar   # act(g) * u per neuron, shared with the dense GLU (kernels/activation.py)
+# Neurons ahead of the one computed whose gate and up rows the row dots prefetch (1, 2 and 4 ran
+# alike at Llama-2-7B shapes; kernels/gather.py).
+PREFETCH_AHEAD = 2
 
 
 @jit(parallel=True)
 def _sparse_ffn_numba(gw, gd, gm, uw, ud, um, dw, dd, dm, dscale, bits16, x, idx, gate, act, threads, acts, out):
     hidden = out.shape[0]
     n = idx.shape[0]
-    have_gate = gate.shape[0] > 0
     # x rounded to int8 per 32-block with its block scales, and its float32 block sums (the min
     # terms): what the Q4 and I8 row products read (built for every layout: hidden values, negligible).
     nb = hidden // 32 if hidden % 32 == 0 else 0
@@ -346,11 +473,13 @@ def _sparse_ffn_numba(gw, gd, gm, uw, ud, um, dw, dd, dm, dscale, bits16, x, idx
         acc = parts[s]
         pj = np.empty(4, dtype=np.int64)             # neurons waiting for their down rows
         pa = np.empty(4, dtype=np.float32)           # and their activations
+        pf = np.empty(4, dtype=np.int64)             # down rows to prefetch meanwhile
         npend = 0
-        for t in range(s * n // shares, (s + 1) * n // shares):
+        t1 = (s + 1) * n // shares
+        for t in range(s * n // shares, t1):
             j = idx[t]
-            g = gate[j] if have_gate else _dot(gw, gd, gm, j, x, xq, dx, xsum, bits16)
-            u = _dot(uw, ud, um, j, x, xq, dx, xsum, bits16)
+            jp = idx[t + PREFETCH_AHEAD] if t + PREFETCH_AHEAD < t1 else -1
+            g, u = _gu(gw, gd, gm, uw, ud, um, j, jp, x, xq, dx, xsum, gate, bits16)
             a = _act(g, u, act)
             acts[t] = a
             if a != 0.0:
@@ -358,7 +487,9 @@ def _sparse_ffn_numba(gw, gd, gm, uw, ud, um, dw, dd, dm, dscale, bits16, x, idx
                 pa[npend] = a
                 npend += 1
                 if npend == 4:
-                    _axpy4(dw, dd, dm, pj, pa, acc, bits16)
+                    for q in range(4):                  # the next listed neurons: the next four rows
+                        pf[q] = idx[t + 1 + q] if t + 1 + q < t1 else -1
+                    _axpy4p(dw, dd, dm, pj, pa, pf, acc, bits16)
                     npend = 0
         for t in range(npend):
             _axpy(dw, dd, dm, pj[t], pa[t], acc, bits16)
@@ -374,6 +505,50 @@ def _sparse_ffn_numba(gw, gd, gm, uw, ud, um, dw, dd, dm, dscale, bits16, x, idx
 
 
 @jit(parallel=True)
+def _sparse_acts_numba(gw, gd, gm, uw, ud, um, bits16, x, idx, act, threads, acts):
+    n = idx.shape[0]
+    hidden = x.shape[0]
+    nb = hidden // 32 if hidden % 32 == 0 else 0
+    xq = np.zeros(hidden, dtype=np.int8)             # (hidden,) int8 x rounded per 32-block, as sparse_ffn
+    dx = np.zeros(nb, dtype=np.float32)              # (hidden/32,) f32
+    xsum = np.zeros(nb, dtype=np.float32)            # (hidden/32,) f32
+    if nb:
+        intdot.quantize_q8(x, xq, dx)
+        intdot.rounded_block_sums(xq, dx, xsum)
+    shares = max(1, min(threads, n // MIN_NEURONS_PER_THREAD))
+    for s in prange(shares):
+        for t in range(s * n // shares, (s + 1) * n // shares):
+            j = idx[t]
+            acts[t] = _act(_dot(gw, gd, gm, j, x, xq, dx, xsum, bits16), _dot(uw, ud, um, j, x, xq, dx, xsum, bits16),
+                           act)
+    return acts
+
+
+@jit(parallel=True)
+def _sparse_down_numba(dw, dd, dm, bits16, idx, acts, bounds, parts):
+    # One chunk per prange iteration, its rows accumulated in list order four at a time as in
+    # _sparse_ffn_numba (zeros skipped): a chunk's bits depend on its own neurons only.
+    for k in prange(bounds.shape[0] - 1):
+        acc = parts[k]
+        acc[:] = 0.0
+        pj = np.empty(4, dtype=np.int64)
+        pa = np.empty(4, dtype=np.float32)
+        npend = 0
+        for t in range(bounds[k], bounds[k + 1]):
+            a = acts[t]
+            if a != 0.0:
+                pj[npend] = idx[t]
+                pa[npend] = a
+                npend += 1
+                if npend == 4:
+                    _axpy4(dw, dd, dm, pj, pa, acc, bits16)
+                    npend = 0
+        for t in range(npend):
+            _axpy(dw, dd, dm, pj[t], pa[t], acc, bits16)
+    return parts
+
+
+@jit(parallel=True)
 def _predict_numba(w1, b1, w2, b2, h, threshold, threads, scores, idx):
     hidden, rank = w1.shape
     ffn = w2.shape[1]
@@ -383,21 +558,34 @@ def _predict_numba(w1, b1, w2, b2, h, threshold, threads, scores, idx):
         row = w1[k]
         for r in range(rank):
             z[r] += hk * row[r]
+    live = np.empty(rank, dtype=np.int64)          # the ranks with relu(z) > 0: only their w2 rows count
+    nlive = 0
     for r in range(rank):
-        z[r] = max(z[r], np.float32(0.0))
-    # Columns of w2 in one share per thread, each walked as rank long axpys over its slice.
+        if z[r] > 0.0:
+            live[nlive] = r
+            nlive += 1
+    # Columns of w2 in one share per thread, each walked as axpys over its slice, four rows per pass:
+    # four streams in flight and the scores read and written once per four rows (one row per pass:
+    # 1.2-1.3x the time, rank 64 x 11008, interleaved A/B).
     shares = max(1, min(threads, ffn // 256))
     for s in prange(shares):
         c0 = s * ffn // shares
         c1 = (s + 1) * ffn // shares
         dst = scores[c0:c1]
         dst[:] = b2[c0:c1]
-        for r in range(rank):
-            zr = z[r]
-            if zr != 0.0:
-                src = w2[r, c0:c1]
-                for c in range(c1 - c0):
-                    dst[c] += zr * src[c]
+        i = 0
+        while i + 4 <= nlive:
+            r0, r1, r2, r3 = live[i], live[i + 1], live[i + 2], live[i + 3]
+            z0, z1, z2, z3 = z[r0], z[r1], z[r2], z[r3]
+            s0, s1, s2, s3 = w2[r0, c0:c1], w2[r1, c0:c1], w2[r2, c0:c1], w2[r3, c0:c1]
+            for c in range(c1 - c0):
+                dst[c] += (z0 * s0[c] + z1 * s1[c]) + (z2 * s2[c] + z3 * s3[c])
+            i += 4
+        for k in range(i, nlive):
+            zr = z[live[k]]
+            src = w2[live[k], c0:c1]
+            for c in range(c1 - c0):
+                dst[c] += zr * src[c]
     return _select_numba(scores, threshold, idx)
 
 
@@ -412,5 +600,7 @@ def _select_numba(values, threshold, idx):
 
 
 sparse_ffn = pick(_sparse_ffn_numba, sparse_ffn_numpy)
+sparse_acts = pick(_sparse_acts_numba, sparse_acts_numpy)
+sparse_down = pick(_sparse_down_numba, sparse_down_numpy)
 predict = pick(_predict_numba, predict_numpy)
 select = pick(_select_numba, select_numpy)

@@ -113,6 +113,10 @@ def kernels():
     return [S.sparse_ffn, S.sparse_ffn_numpy]
 
 
+def split_kernels():
+    return [(S.sparse_acts, S.sparse_down), (S.sparse_acts_numpy, S.sparse_down_numpy)]
+
+
 def check(rng, layout, down_layout, hidden, ffn, idx, kind, given_gate=False):
     (gw, gd, gm), f1, gref = make(rng, layout, ffn, hidden)
     (uw, ud, um), f2, uref = make(rng, layout, ffn, hidden)
@@ -144,6 +148,16 @@ def check(rng, layout, down_layout, hidden, ffn, idx, kind, given_gate=False):
         outs.append(out)
     # numba and its twin agree more tightly than either agrees with float64
     assert (np.abs(outs[0] - outs[1]) / scale).max() < RTOL
+    if not given_gate:
+        # The flash executor's split of the same sum: activations, then down sums per chunk added in order.
+        bounds = np.unique(np.r_[0:len(idx):7, len(idx)]).astype(np.int64)    # chunks of 7, last shorter
+        for acts_fn, down_fn in split_kernels():
+            acts = acts_fn(gw, gd, gm, uw, ud, um, bits16, x, idx, kind, 2, np.full(len(idx), np.nan, np.float32))
+            assert (np.abs(acts - a) <= RTOL * mag).all(), acts_fn.__name__
+            parts = np.full((len(bounds) - 1, hidden), np.nan, np.float32)
+            parts = down_fn(dw, dd, dm, bits16, idx, acts, bounds, parts)
+            out = parts.sum(axis=0, dtype=np.float32) * dscale
+            assert (np.abs(out - want) / scale).max() < RTOL, down_fn.__name__
     return outs[0]
 
 
@@ -196,6 +210,44 @@ def test_many_threads_uneven_shares():
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
 
 
+@pytest.mark.parametrize("layout,down", [("q4-f16", "i8-f16-32-nomin"), ("f32", "f32"), ("bf16", "q4-f32-sym")])
+def test_split_kernels_bits_do_not_depend_on_grouping(layout, down):
+    """sparse_acts of a neuron and sparse_down of a chunk give the same bits whichever other neurons or
+    chunks share the call, with any thread count: what the flash executor's same-tokens guarantee
+    rests on (engine/flash_ffn.py)."""
+    rng = np.random.default_rng(11)
+    hidden, ffn = 64, 150
+    (gw, gd, gm), f1, _ = make(rng, layout, ffn, hidden)
+    (uw, ud, um), f2, _ = make(rng, layout, ffn, hidden)
+    (dw, dd, dm), f3, _ = make(rng, down, ffn, hidden)
+    bits16 = max(f1, f2, f3)
+    x = rng.standard_normal(hidden).astype(np.float32)
+    idx = np.sort(rng.choice(ffn, 100, replace=False)).astype(np.int32)
+    bounds = np.array([0, 9, 40, 41, 64, 100], np.int64)
+    for acts_fn, down_fn in split_kernels():
+        acts = acts_fn(gw, gd, gm, uw, ud, um, bits16, x, idx, 3, 2, np.empty(100, np.float32))
+        acts[::5] = 0.0                                        # zeros are skipped: they must not matter
+        parts = down_fn(dw, dd, dm, bits16, idx, acts, bounds, np.empty((5, hidden), np.float32))
+        for threads in (1, 3):
+            for cut in ([0, 100], [0, 1, 37, 100], list(range(0, 101, 10))):
+                got = np.empty(100, np.float32)
+                for t0, t1 in zip(cut[:-1], cut[1:]):
+                    got[t0:t1] = acts_fn(gw, gd, gm, uw, ud, um, bits16, x, idx[t0:t1], 3, threads,
+                                         np.empty(t1 - t0, np.float32))
+                got[::5] = 0.0
+                np.testing.assert_array_equal(got, acts)
+        for c0, c1 in ((0, 5), (0, 1), (1, 3), (3, 5), (4, 5)):
+            t0, t1 = bounds[c0], bounds[c1]
+            got = down_fn(dw, dd, dm, bits16, idx[t0:t1].copy(), acts[t0:t1].copy(), bounds[c0:c1 + 1] - t0,
+                          np.empty((c1 - c0, hidden), np.float32))
+            np.testing.assert_array_equal(got, parts[c0:c1])
+        # The same rows at other slot indices (as if cached elsewhere): the same bits.
+        perm = rng.permutation(ffn)
+        moved = [w[np.argsort(perm)] for w in (dw, dd, dm)]
+        got = down_fn(*moved, bits16, perm[idx].astype(np.int32), acts, bounds, np.empty((5, hidden), np.float32))
+        np.testing.assert_array_equal(got, parts)
+
+
 @pytest.mark.parametrize("rank,ffn,threshold", [(4, 96, 0.0), (16, 1536, 0.5), (8, 600, 1e9), (8, 600, -1e9)])
 def test_predict_and_select(rank, ffn, threshold):
     rng = np.random.default_rng(rank + ffn)
@@ -227,3 +279,91 @@ def test_numpy_only_mode():
     r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__],
                        cwd=str(REPO), env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
+
+
+# ---------------------------------------------------------------- kernels/gather.py
+
+@pytest.mark.parametrize("layout,down", [("q4-f16-sym", "i8-f16-32-nomin"), ("q4-f32", "i8-f32-32-nomin"),
+                                         ("i8-f16-32-nomin", "i8-f16-32-nomin"), ("i8-f32-32-min", "i8-f16-32-nomin")])
+@pytest.mark.parametrize("hidden", [32, 96, 1088])          # one block, an odd block count, many blocks
+def test_gathered_rows_given_gate_and_odd_blocks(layout, down, hidden):
+    """The kernel paths through kernels/gather.py: gate and up in one pass or up alone (gate given),
+    block counts with and without the odd last block, enough neurons for the prefetching quads."""
+    rng = np.random.default_rng(hidden + len(layout))
+    ffn = 40
+    idx = np.sort(rng.choice(ffn, 23, replace=False))
+    check(rng, layout, down, hidden, ffn, idx, kind=0)
+    check(rng, layout, down, hidden, ffn, idx, kind=3, given_gate=True)
+
+
+@pytest.mark.parametrize("code", ["vnni512", "avx2", "generic"])
+def test_gather_twins(code, monkeypatch):
+    """kernels/gather.py's IR against its numpy twins: the x86 block sums intdot uses (AVX-512 VNNI,
+    AVX2) and the generic vector IR of other targets (each forced by compiling with the other flags
+    off), both scale dtypes, 1 to 49 blocks (two per loop iteration, then an odd one), prefetch targets
+    valid and absent, a repeated row, and the dots bit for bit equal to intdot's with f16 scales."""
+    if not NUMBA:
+        pytest.skip("kernels/gather.py is LLVM IR: numba only (the numpy twins are tested through the kernels above)")
+    from numba import njit
+
+    from kernels import gather as G
+    from kernels import intdot
+    if (code == "avx2" and not intdot.AVX2) or (code == "vnni512" and not intdot.VNNI512):
+        pytest.skip(f"this CPU has no {code}")
+    monkeypatch.setattr(intdot, "AVX2", code != "generic")      # read when the IR is generated
+    monkeypatch.setattr(intdot, "VNNI512", code == "vnni512")
+
+    @njit(cache=False)
+    def run_dots(gq, gd, uq, ud, g8, u8, xq, dx, jp, out):
+        for r in range(gq.shape[0]):
+            out[r, 0], out[r, 1] = G.q4_dots2(gq, gd, uq, ud, r, jp, xq, dx)
+            out[r, 2] = G.q4_dot1(uq, ud, r, jp, xq, dx)
+            out[r, 3], out[r, 4] = G.i8_dots2(g8, gd, u8, ud, r, jp, xq, dx)
+            out[r, 5] = G.i8_dot1(u8, ud, r, jp, xq, dx)
+            out[r, 6] = intdot.q4_row_dot(gq, gd, r, xq, dx)
+            out[r, 7] = intdot.i8_row_dot(g8, gd, r, xq, dx)
+        return out
+
+    @njit(cache=False)
+    def run_axpy(w, d, j, a, pf, acc):
+        if pf.shape[0]:
+            G.axpy4_i8_pf(w, d, j, a, pf, acc)
+        else:
+            G.axpy4_i8(w, d, j, a, acc)
+        return acc
+
+    rng = np.random.default_rng(5)
+    rows = 6
+    for nb in (1, 2, 3, 18, 49):
+        for kind in ("f32", "f16"):
+            gq, gd, _ = (a for a in make(rng, "q4-" + kind + "-sym", rows, 32 * nb)[0])
+            uq, ud, _ = (a for a in make(rng, "q4-" + kind + "-sym", rows, 32 * nb)[0])
+            g8 = rng.integers(-128, 128, (rows, 32 * nb), dtype=np.int8)
+            u8 = rng.integers(-128, 128, (rows, 32 * nb), dtype=np.int8)
+            g8[0, :32] = -128                                # the extreme |w| of the AVX2 sign trick
+            xq = rng.integers(-127, 128, 32 * nb, dtype=np.int8)
+            dx = rng.uniform(0.001, 0.1, nb).astype(np.float32)
+            for jp in (-1, rows - 1):
+                got = run_dots(gq, gd, uq, ud, g8, u8, xq, dx, jp, np.empty((rows, 8), np.float32))
+                want = np.array([G.dots_numpy(True, (gq, uq), (gd, ud), r, jp, xq, dx)
+                                 + G.dots_numpy(False, (g8, u8), (gd, ud), r, jp, xq, dx) for r in range(rows)])
+                # error scale of a row: sum |terms| (integer sums exact, then f32 products and sums)
+                scale = 32 * nb * 127 * 15 * np.abs(scales_f32(gd)).max() * dx.max()
+                assert np.abs(got[:, [0, 1, 3, 4]] - want).max() <= 1e-6 * scale
+                np.testing.assert_array_equal(got[:, 1], got[:, 2])       # one row or two: same bits
+                np.testing.assert_array_equal(got[:, 4], got[:, 5])
+                if kind == "f16":                                         # intdot's rounding, bit for bit
+                    np.testing.assert_array_equal(got[:, 0], got[:, 6])
+                    np.testing.assert_array_equal(got[:, 3], got[:, 7])
+            for j, pf in ((np.array([1, 4, 4, 0], np.int64), np.array([2, -1, 5, 0], np.int64)),
+                          (np.array([5, 3, 2, 1], np.int64), np.zeros(0, np.int64))):
+                a = rng.standard_normal(4).astype(np.float32)
+                acc = rng.standard_normal(32 * nb).astype(np.float32)
+                got = run_axpy(g8, gd, j, a, pf, acc.copy())
+                want = G.axpy4_numpy(g8, gd, j, a, acc.copy())
+                tol = 1e-6 * (np.abs(acc) + 4 * 128 * np.abs(a).max() * np.abs(scales_f32(gd)).max())
+                assert (np.abs(got - want) <= tol).all()
+
+
+def scales_f32(d):
+    return d.view(np.float16).astype(np.float32) if d.dtype == np.uint16 else d

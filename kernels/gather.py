@@ -1,0 +1,408 @@
+"""Gathered rows for the sparse FFN (kernels/sparse_ffn.py): row dot products and a 4-row axpy in LLVM
+IR that software-prefetch the rows of the neurons coming next while they compute.
+
+Why: the sparse FFN reads one 2-4 KiB row per weight per neuron, at scattered addresses. The hardware
+prefetchers follow streams within a page and need a few misses to find one, so on a fresh row most
+lines arrive one memory latency at a time: reading random 4 KiB rows of int8 ran at 5-7 GB/s on one
+core here, against 20-26 GB/s for the same bytes in order (4096x11008, 1100 rows, one thread,
+interleaved A/B). Prefetching a whole row ahead in one burst helps little (8-10 GB/s): the prefetches
+fill the core's miss buffers and then stall the loop that issued them. One prefetch per line consumed,
+aimed a couple of rows ahead, keeps a steady number of misses in flight and ran at 14-15 GB/s: so the
+loops here issue, in each iteration, one prefetch of the next rows' lines per line they read
+(`llvm.prefetch`; a prefetch of an unmapped address is a no-op, but only valid rows are prefetched).
+
+- dots (q4_dots2, i8_dots2; one row: q4_dot1, i8_dot1): the rounded-x row dot products of
+  kernels/intdot.py (its integer block sums, the same two accumulators and order: with f16 scales each
+  row's result is bit for bit intdot.q4_row_dot / i8_row_dot, with f32 scales within an ulp) of row j
+  of one or two weights (gate and up: one pass over xq serves both), prefetching row jp of each weight
+  and of its scales (jp < 0: none). The scales are loaded two blocks at a time as a vector: a scalar
+  half load compiles to vpinsrw into a register LLVM picks, and where that was an accumulator (it was
+  once the loop around the dots held a call, e.g. the activation's exp) every scale waited for the
+  previous block's sums: 1.6x the time per row. intdot's dense loops have no call; they got a constant.
+- axpy4_i8(w, d, j, a, acc): acc (cols,) f32 += sum over r < 4 of a[r] * row j[r] of an I8 weight with
+  32-blocks and no mins (the int8 downT of engine/sparse.py), as explicit <16 x float> vectors: the
+  numba loop it replaces took ~2.2x as long on rows in cache (231 against 105 ns per 4096-wide row, one
+  thread: per-block scale conversions, a run-time 32-long trip count). axpy4_i8_pf(w, d, j, a, pf, acc)
+  also prefetches rows pf[0..3] of w and d (pf[r] < 0: none).
+
+Numerics: integer block sums are exact, and the float operations of the numpy twins happen in the same
+order except what fastmath contracts into fused multiply-adds. Generic vector IR apart from intdot's
+x86 block sums, so ARM64 gets the same loops; f16 scales convert with fpext, as in intdot's row dots
+(one instruction on F16C x86 and ARM64).
+"""
+
+import numpy as np
+
+from kernels import intdot
+from kernels.backend import NUMBA
+from kernels.dequant import scales_f32_numpy
+
+# ---------------------------------------------------------------- numpy twins
+
+
+def dots_numpy(nibbles, ws, ds, j, jp, xq, dx):
+    """Row j of each weight in ws (Q4 layout if nibbles, else I8 with 32-blocks) times the rounded x
+    xq (cols,) int8, dx (cols/32,) f32, min terms excluded: a tuple of float32. jp is the row the numba
+    version prefetches (no effect on the result)."""
+    fn = intdot.q4_row_dot_numpy if nibbles else intdot.i8_row_dot_numpy
+    return tuple(fn(w, d, j, xq, dx) for w, d in zip(ws, ds))
+
+
+def axpy4_numpy(w, d, j, a, acc, pf=None):
+    """acc (cols,) f32 += sum over r < 4 of a[r] * row j[r] of w (rows, cols) int8 with scales d
+    (rows, cols/32) f32 or f16 bits, added as ((a0 r0 + a1 r1) + (a2 r2 + a3 r3)) per element. pf: the
+    rows axpy4_i8_pf prefetches (no effect on the result)."""
+    rows = w[np.asarray(j[:4], dtype=np.int64)].reshape(4, -1, 32).astype(np.float32)   # (4, nb, 32)
+    s = scales_f32_numpy(d[np.asarray(j[:4], dtype=np.int64)]) * np.asarray(a[:4], np.float32)[:, None]
+    t = (s[:, :, None] * rows).reshape(4, -1)                                           # (4, cols) f32
+    acc += (t[0] + t[1]) + (t[2] + t[3])
+    return acc
+
+
+# ---------------------------------------------------------------- LLVM IR
+
+if NUMBA:
+    from llvmlite import ir
+    from numba import types
+    from numba.core.extending import intrinsic
+
+    _I8, _I32, _I64, _F32 = ir.IntType(8), ir.IntType(32), ir.IntType(64), ir.FloatType()
+    _I8P = _I8.as_pointer()
+    W = 16          # float lanes per vector in the axpy (one AVX-512 register; two AVX2 ones)
+
+    def _vec(t, n):
+        return ir.VectorType(t, n)
+
+    def _c64(v):
+        return ir.Constant(_I64, v)
+
+    def _prefetch(builder, p):
+        """A read prefetch of the line at p into all cache levels (llvm.prefetch, locality 3)."""
+        fn = builder.module.declare_intrinsic(
+            "llvm.prefetch.p0", fnty=ir.FunctionType(ir.VoidType(), [_I8P, _I32, _I32, _I32]))
+        builder.call(fn, [builder.bitcast(p, _I8P), ir.Constant(_I32, 0), ir.Constant(_I32, 3),
+                          ir.Constant(_I32, 1)])
+
+    def _row(context, builder, ty, val, r):
+        """(typed pointer to row r, row length in elements) of a C-contiguous 2-D array."""
+        a = context.make_array(ty)(context, builder, val)
+        n = builder.extract_value(a.shape, 1)
+        return builder.gep(a.data, [builder.mul(r, n)]), n
+
+    def _target(context, builder, ty, val, r):
+        """A prefetch target: (i8* to row r, its bytes), bytes 0 when r < 0 (nothing to prefetch)."""
+        a = context.make_array(ty)(context, builder, val)
+        item = context.get_abi_sizeof(context.get_data_type(ty.dtype))
+        nbytes = builder.mul(builder.extract_value(a.shape, 1), _c64(item))
+        ok = builder.icmp_signed(">=", r, _c64(0))
+        base = builder.gep(builder.bitcast(a.data, _I8P), [builder.mul(builder.select(ok, r, _c64(0)), nbytes)])
+        return base, builder.select(ok, nbytes, _c64(0))
+
+    def _prefetch_line(builder, targets, i):
+        """Line i (bytes 64i..) of each target that has one."""
+        off = builder.mul(i, _c64(64))
+        for base, nbytes in targets:
+            with builder.if_then(builder.icmp_signed("<", off, nbytes)):
+                _prefetch(builder, builder.gep(base, [off]))
+
+    def _i64(builder, v):
+        return builder.sext(v, _I64) if v.type.width < 64 else v
+
+    def _is2d(a, dtypes):
+        return isinstance(a, types.Array) and a.ndim == 2 and a.layout == "C" and a.dtype in dtypes
+
+    def _is1d(a, dtype):
+        return isinstance(a, types.Array) and a.ndim == 1 and a.layout == "C" and a.dtype == dtype
+
+    _SCALES = (types.float32, types.uint16)
+
+    def _lanes(*idx):
+        return ir.Constant(_vec(_I32, len(idx)), list(idx))
+
+    def _scales2(builder, drow, b, f16):
+        """<4 x float> whose lanes 0 and 1 are the scales of blocks b and b+1 of a row (lanes 2, 3:
+        don't care). The halves go through a zero-extending vector load: a scalar half load becomes
+        vpinsrw into whatever register LLVM picks, and when that is an accumulator of the loop, every
+        scale waits for the previous iteration's sums (the dots then ran 1.6x slower, unlike intdot's
+        dense loops, where the register is by chance a loop constant)."""
+        if f16:
+            raw = builder.load(builder.bitcast(builder.gep(drow, [b]), _I32.as_pointer()), align=2)
+            v = builder.insert_element(ir.Constant(_vec(_I32, 4), [0] * 4), raw, ir.Constant(_I32, 0))
+            h = builder.bitcast(v, _vec(ir.HalfType(), 8))
+            return builder.fpext(builder.shuffle_vector(h, h, _lanes(0, 1, 2, 3)), _vec(_F32, 4))
+        v = builder.load(builder.bitcast(builder.gep(drow, [b]), _vec(_F32, 2).as_pointer()), align=4)
+        return builder.shuffle_vector(v, v, _lanes(0, 1, 0, 1))
+
+    def _scale1(builder, drow, b, f16):
+        """<4 x float> with lane 0 the scale of block b (the odd last block), as _scales2."""
+        if f16:
+            raw = builder.zext(builder.load(builder.gep(drow, [b])), _I32)
+            v = builder.insert_element(ir.Constant(_vec(_I32, 4), [0] * 4), raw, ir.Constant(_I32, 0))
+            h = builder.bitcast(v, _vec(ir.HalfType(), 8))
+            return builder.fpext(builder.shuffle_vector(h, h, _lanes(0, 1, 2, 3)), _vec(_F32, 4))
+        v = builder.insert_element(ir.Constant(_vec(_F32, 4), ir.Undefined), builder.load(builder.gep(drow, [b])),
+                                   ir.Constant(_I32, 0))
+        return v
+
+    def _dx_times(builder, sc4, dx, b, two):
+        """sc4 (scales of blocks b, b+1 in lanes 0, 1) times dx[b], dx[b+1] (only lane 0 if not two)."""
+        if two:
+            xv = builder.load(builder.bitcast(builder.gep(dx, [b]), _vec(_F32, 2).as_pointer()), align=4)
+            xv = builder.shuffle_vector(xv, xv, _lanes(0, 1, 0, 1))
+        else:
+            xv = builder.insert_element(ir.Constant(_vec(_F32, 4), ir.Undefined), builder.load(builder.gep(dx, [b])),
+                                        ir.Constant(_I32, 0))
+        return builder.fmul(sc4, xv)     # no fast flag: as intdot's d * dx
+
+    def _splat(builder, v4, lane, n):
+        return builder.shuffle_vector(v4, v4, _lanes(*[lane] * n))
+
+    def _isum(builder, qrow, xq, b, nibbles):
+        """<8 x i32> partial sums of block b of a Q4 (nibbles) or I8 row times xq (intdot's blocks)."""
+        xp = builder.bitcast(builder.gep(xq, [builder.mul(b, _c64(32))]), _vec(_I8, 32).as_pointer())
+        xv = builder.load(xp, align=1)
+        if nibbles:
+            qp = builder.bitcast(builder.gep(qrow, [builder.mul(b, _c64(16))]), _vec(_I8, 16).as_pointer())
+            q = builder.load(qp, align=1)
+            lo = builder.and_(q, ir.Constant(_vec(_I8, 16), [15] * 16))      # elements 0-15 of the block
+            hi = builder.lshr(q, ir.Constant(_vec(_I8, 16), [4] * 16))       # elements 16-31
+            return intdot._block_isum(builder, builder.shuffle_vector(lo, hi, _lanes(*range(32))), xv)
+        qp = builder.bitcast(builder.gep(qrow, [builder.mul(b, _c64(32))]), _vec(_I8, 32).as_pointer())
+        return intdot._block_isum_i8(builder, builder.load(qp, align=1), xv)
+
+    def _isum_pair_vnni(builder, qrow, xq, i):
+        """Q4 blocks 2i and 2i+1 with one AVX-512 VNNI vpdpbusd over 64 bytes: <16 x i32>, lanes 0-7
+        block 2i's partial sums, lanes 8-15 block 2i+1's (intdot's _pair_term_vnni without the scales)."""
+        qp = builder.bitcast(builder.gep(qrow, [builder.mul(i, _c64(32))]), _vec(_I8, 32).as_pointer())
+        q = builder.load(qp, align=1)
+        lo = builder.and_(q, ir.Constant(_vec(_I8, 32), [15] * 32))
+        hi = builder.lshr(q, ir.Constant(_vec(_I8, 32), [4] * 32))
+        nib = builder.shuffle_vector(lo, hi, _lanes(*range(16), *range(32, 48), *range(16, 32), *range(48, 64)))
+        xp = builder.bitcast(builder.gep(xq, [builder.mul(i, _c64(64))]), _vec(_I8, 64).as_pointer())
+        v16 = _vec(_I32, 16)
+        dp = builder.module.declare_intrinsic("llvm.x86.avx512.vpdpbusd.512", fnty=ir.FunctionType(v16, [v16] * 3))
+        return builder.call(dp, [ir.Constant(v16, [0] * 16), builder.bitcast(nib, v16),
+                                 builder.bitcast(builder.load(xp, align=1), v16)])
+
+    def _pair_terms(builder, qrow, drow, xq, dx, i, f16, nibbles):
+        """The float contributions of blocks 2i and 2i+1: two <8 x float> (intdot's block terms)."""
+        b0 = builder.shl(i, _c64(1))
+        sc = _dx_times(builder, _scales2(builder, drow, b0, f16), dx, b0, True)
+        if nibbles and intdot.VNNI512:
+            t = builder.fmul(builder.sitofp(_isum_pair_vnni(builder, qrow, xq, i), _vec(_F32, 16)),
+                             builder.shuffle_vector(sc, sc, _lanes(*[0] * 8, *[1] * 8)), flags=("fast",))
+            return (builder.shuffle_vector(t, t, _lanes(*range(8))),
+                    builder.shuffle_vector(t, t, _lanes(*range(8, 16))))
+        b1 = builder.add(b0, _c64(1))
+        return (_term(builder, _isum(builder, qrow, xq, b0, nibbles), sc, 0),
+                _term(builder, _isum(builder, qrow, xq, b1, nibbles), sc, 1))
+
+    def _last_term(builder, qrow, drow, xq, dx, b, f16, nibbles):
+        """The float contribution of block b alone (an odd block count's last block): <8 x float>."""
+        sc = _dx_times(builder, _scale1(builder, drow, b, f16), dx, b, False)
+        return _term(builder, _isum(builder, qrow, xq, b, nibbles), sc, 0)
+
+    def _term(builder, isum, sc4, lane):
+        """<8 x i32> block sums times lane `lane` of the scales: <8 x float>."""
+        return builder.fmul(builder.sitofp(isum, _vec(_F32, 8)), _splat(builder, sc4, lane, 8), flags=("fast",))
+
+    def _dots_intrinsic(nibbles, nrows):
+        """Row dots of row j of nrows weights (each with its scales), prefetching row jp of each."""
+
+        def typer(args):
+            ws, ds = args[0:2 * nrows:2], args[1:2 * nrows:2]
+            j, jp, xq, dx = args[2 * nrows:]
+            wdtype = types.uint8 if nibbles else types.int8
+            if not (all(_is2d(w, (wdtype,)) for w in ws) and all(_is2d(d, _SCALES) for d in ds)
+                    and isinstance(j, types.Integer) and isinstance(jp, types.Integer)
+                    and _is1d(xq, types.int8) and _is1d(dx, types.float32)):
+                return None
+            f16s = [d.dtype == types.uint16 for d in ds]
+
+            def codegen(context, builder, sig, vals):
+                r = _i64(builder, vals[2 * nrows])
+                rp = _i64(builder, vals[2 * nrows + 1])
+                xq_p = context.make_array(sig.args[2 * nrows + 2])(context, builder, vals[2 * nrows + 2]).data
+                dx_a = context.make_array(sig.args[2 * nrows + 3])(context, builder, vals[2 * nrows + 3])
+                nb = builder.extract_value(context.make_array(sig.args[1])(context, builder, vals[1]).shape, 1)
+                rows, targets = [], []
+                for k in range(2 * nrows):
+                    rows.append(_row(context, builder, sig.args[k], vals[k], r)[0])
+                    targets.append(_target(context, builder, sig.args[k], vals[k], rp))
+                qrows, drows = rows[0::2], rows[1::2]
+                zero = ir.Constant(_vec(_F32, 8), [0.0] * 8)
+                entry = builder.block
+                fn = builder.function
+                loop, tail, done = (fn.append_basic_block(f"gdots.{s}") for s in ("loop", "tail", "done"))
+                pairs = builder.ashr(nb, _c64(1))
+                builder.cbranch(builder.icmp_signed(">", pairs, _c64(0)), loop, tail)
+                # intdot's row loop for each row: blocks 2i and 2i+1 into two accumulators.
+                builder.position_at_end(loop)
+                i = builder.phi(_I64)
+                accs = [(builder.phi(_vec(_F32, 8)), builder.phi(_vec(_F32, 8))) for _ in range(nrows)]
+                news = []
+                for q in range(nrows):
+                    t0, t1 = _pair_terms(builder, qrows[q], drows[q], xq_p, dx_a.data, i, f16s[q], nibbles)
+                    news.append((builder.fadd(accs[q][0], t0, flags=("fast",)),
+                                 builder.fadd(accs[q][1], t1, flags=("fast",))))
+                _prefetch_line(builder, targets, i)
+                loop_end = builder.block
+                i2 = builder.add(i, _c64(1))
+                i.add_incoming(_c64(0), entry)
+                i.add_incoming(i2, loop_end)
+                for (a0, a1), (n0, n1) in zip(accs, news):
+                    for phi, nxt in ((a0, n0), (a1, n1)):
+                        phi.add_incoming(zero, entry)
+                        phi.add_incoming(nxt, loop_end)
+                builder.cbranch(builder.icmp_signed("<", i2, pairs), loop, tail)
+
+                builder.position_at_end(tail)
+                ends = []                                    # every phi first: LLVM wants them at the top
+                for q in range(nrows):
+                    t0, t1 = builder.phi(_vec(_F32, 8)), builder.phi(_vec(_F32, 8))
+                    for phi, nxt in ((t0, news[q][0]), (t1, news[q][1])):
+                        phi.add_incoming(zero, entry)
+                        phi.add_incoming(nxt, loop_end)
+                    ends.append((t0, t1))
+                sums = [builder.fadd(t0, t1, flags=("fast",)) for t0, t1 in ends]
+                odd = builder.icmp_signed("!=", builder.and_(nb, _c64(1)), _c64(0))
+                last = builder.sub(nb, _c64(1))
+                with builder.if_then(odd):
+                    extras = [builder.fadd(sums[q], _last_term(builder, qrows[q], drows[q], xq_p, dx_a.data, last,
+                                                               f16s[q], nibbles), flags=("fast",))
+                              for q in range(nrows)]
+                    odd_block = builder.block
+                totals = []
+                for q in range(nrows):
+                    merged = builder.phi(_vec(_F32, 8))
+                    merged.add_incoming(sums[q], tail)
+                    merged.add_incoming(extras[q], odd_block)
+                    totals.append(merged)
+                builder.branch(done)
+                builder.position_at_end(done)
+                out = []
+                for merged in totals:
+                    total = builder.extract_element(merged, ir.Constant(_I32, 0))
+                    for k in range(1, 8):
+                        total = builder.fadd(total, builder.extract_element(merged, ir.Constant(_I32, k)),
+                                             flags=("fast",))
+                    out.append(total)
+                if nrows == 1:
+                    return out[0]
+                return context.make_tuple(builder, sig.return_type, out)
+
+            ret = types.float32 if nrows == 1 else types.UniTuple(types.float32, nrows)
+            return ret(*args), codegen
+
+        # numba's intrinsics take no *args: one explicit signature per row count.
+        if nrows == 2:
+            def dots(typingctx, w0, d0, w1, d1, j, jp, xq, dx):
+                return typer((w0, d0, w1, d1, j, jp, xq, dx))
+        else:
+            def dots(typingctx, w0, d0, j, jp, xq, dx):
+                return typer((w0, d0, j, jp, xq, dx))
+        name = f"{'q4' if nibbles else 'i8'}_dots{nrows}"
+        dots.__name__ = dots.__qualname__ = name     # numba keys intrinsics partly by name
+        return intrinsic(dots)
+
+    # q4_dots2(gw, gd, uw, ud, j, jp, xq, dx) -> (gate row dot, up row dot); q4_dot1(w, d, j, jp, xq, dx)
+    # -> one row dot: as intdot.q4_row_dot, prefetching row jp. Q4 layout (rows, cols/2) uint8.
+    q4_dots2 = _dots_intrinsic(True, 2)
+    q4_dot1 = _dots_intrinsic(True, 1)
+    # The same for the I8 layout with blocks of 32 (rows, cols) int8: as intdot.i8_row_dot.
+    i8_dots2 = _dots_intrinsic(False, 2)
+    i8_dot1 = _dots_intrinsic(False, 1)
+
+    def _axpy4_intrinsic(prefetching):
+        """axpy4_i8(w, d, j, a, acc), or with prefetching axpy4_i8_pf(w, d, j, a, pf, acc)."""
+
+        def typer(w, d, j, a, pf, acc):
+            if not (_is2d(w, (types.int8,)) and _is2d(d, _SCALES) and _is1d(j, types.int64)
+                    and _is1d(a, types.float32) and (pf is None or _is1d(pf, types.int64))
+                    and _is1d(acc, types.float32)):
+                return None
+            f16 = d.dtype == types.uint16
+
+            def codegen(context, builder, sig, vals):
+                if prefetching:
+                    w_v, d_v, j_v, a_v, pf_v, acc_v = vals
+                else:
+                    (w_v, d_v, j_v, a_v, acc_v), pf_v = vals, None
+                _emit_axpy4(context, builder, sig.args[0], w_v, sig.args[1], d_v, sig.args[2], j_v, sig.args[3], a_v,
+                            sig.args[4] if prefetching else None, pf_v, sig.args[-1], acc_v, f16)
+                return context.get_dummy_value()
+
+            args = (w, d, j, a, pf, acc) if prefetching else (w, d, j, a, acc)
+            return types.none(*args), codegen
+
+        if prefetching:
+            def axpy4_i8_pf(typingctx, w, d, j, a, pf, acc):
+                return typer(w, d, j, a, pf, acc)
+            return intrinsic(axpy4_i8_pf)
+
+        def axpy4_i8(typingctx, w, d, j, a, acc):
+            return typer(w, d, j, a, None, acc)
+        return intrinsic(axpy4_i8)
+
+    def _emit_axpy4(context, builder, w_t, w_v, d_t, d_v, j_t, j_v, a_t, a_v, pf_t, pf_v, acc_t, acc_v, f16):
+        """The IR of axpy4_i8 (see axpy4_numpy): two blocks per loop iteration, then an odd last one."""
+        ja = context.make_array(j_t)(context, builder, j_v)
+        aa = context.make_array(a_t)(context, builder, a_v)
+        accp = context.make_array(acc_t)(context, builder, acc_v).data
+        rows, drows, avals, targets = [], [], [], []
+        for r in range(4):
+            jr = builder.load(builder.gep(ja.data, [_c64(r)]))
+            rows.append(_row(context, builder, w_t, w_v, jr)[0])
+            drows.append(_row(context, builder, d_t, d_v, jr)[0])
+            avals.append(builder.load(builder.gep(aa.data, [_c64(r)])))
+            if pf_t is not None:                    # pf[r] < 0: nothing to prefetch
+                rp = builder.load(builder.gep(context.make_array(pf_t)(context, builder, pf_v).data, [_c64(r)]))
+                targets.append(_target(context, builder, w_t, w_v, rp))
+                targets.append(_target(context, builder, d_t, d_v, rp))
+        nb = builder.extract_value(context.make_array(d_t)(context, builder, d_v).shape, 1)
+
+        def blocks(b, two):
+            """acc[32b ..) += the four rows' block b (and b+1 if two) times their a * scale."""
+            scs = []
+            for r in range(4):
+                sc4 = _scales2(builder, drows[r], b, f16) if two else _scale1(builder, drows[r], b, f16)
+                scs.append(builder.fmul(sc4, _splat(builder, builder.insert_element(
+                    ir.Constant(_vec(_F32, 4), ir.Undefined), avals[r], ir.Constant(_I32, 0)), 0, 4), flags=("fast",)))
+            for k in range(2 if two else 1):
+                splats = [_splat(builder, sc, k, W) for sc in scs]
+                base = builder.mul(builder.add(b, _c64(k)), _c64(32))
+                for h in range(32 // W):
+                    off = builder.add(base, _c64(h * W))
+                    terms = []
+                    for r in range(4):
+                        xp = builder.bitcast(builder.gep(rows[r], [off]), _vec(_I8, W).as_pointer())
+                        xv = builder.sitofp(builder.load(xp, align=1), _vec(_F32, W))
+                        terms.append(builder.fmul(splats[r], xv, flags=("fast",)))
+                    t = builder.fadd(builder.fadd(terms[0], terms[1], flags=("fast",)),
+                                     builder.fadd(terms[2], terms[3], flags=("fast",)), flags=("fast",))
+                    cp = builder.bitcast(builder.gep(accp, [off]), _vec(_F32, W).as_pointer())
+                    builder.store(builder.fadd(builder.load(cp, align=4), t, flags=("fast",)), cp, align=4)
+
+        entry = builder.block
+        fn = builder.function
+        loop, tail = fn.append_basic_block("gaxpy.loop"), fn.append_basic_block("gaxpy.tail")
+        pairs = builder.ashr(nb, _c64(1))
+        builder.cbranch(builder.icmp_signed(">", pairs, _c64(0)), loop, tail)
+        # Two blocks (64 bytes of each row) per iteration, and one line of each target.
+        builder.position_at_end(loop)
+        i = builder.phi(_I64)
+        blocks(builder.shl(i, _c64(1)), True)
+        _prefetch_line(builder, targets, i)
+        i2 = builder.add(i, _c64(1))
+        i.add_incoming(_c64(0), entry)
+        i.add_incoming(i2, builder.block)
+        builder.cbranch(builder.icmp_signed("<", i2, pairs), loop, tail)
+        builder.position_at_end(tail)
+        with builder.if_then(builder.icmp_signed("!=", builder.and_(nb, _c64(1)), _c64(0))):
+            blocks(builder.sub(nb, _c64(1)), False)
+
+    # axpy4_i8(w, d, j, a, acc): see axpy4_numpy. w (rows, cols) int8, d (rows, cols/32) f32 or f16 bits,
+    # j (4,) int64 rows, a (4,) f32, acc (cols,) f32; all C-contiguous. axpy4_i8_pf(w, d, j, a, pf, acc)
+    # also prefetches rows pf[0..3] of w and d (pf (4,) int64; entries < 0: none).
+    axpy4_i8 = _axpy4_intrinsic(False)
+    axpy4_i8_pf = _axpy4_intrinsic(True)
