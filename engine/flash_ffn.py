@@ -1,23 +1,30 @@
 """The decode-time FFN of a model larger than its memory budget: neuron bundles from flash, a segmented
 neuron cache and the I/O-compute pipeline (PowerInfer-2, arXiv 2406.06282, sections 4.3-4.4).
 
-Per layer, the neurons of the bundle file (engine/bundle_file.py, positions hot to cold) live in one
-set of slot arrays, the nine kernel arrays of kernels/sparse_ffn.py with (H + C + S) rows each:
-  slots [0, H)        the resident segment: the H hot neurons, read once at load, never evicted;
-  slots [H, H+C)      the dynamic segment: C cold neurons cached by engine/neuron_cache.py;
-  slots [H+C, H+C+S)  staging: missing bundles not admitted to the cache, for the requests in flight.
+The neurons of the bundle file (engine/bundle_file.py, each layer's positions hot to cold) live in one
+set of slot arrays shared by all layers, the nine kernel arrays of kernels/sparse_ffn.py:
+  per layer, rows [base, base+H)      the resident segment: its H hot neurons, read once at load;
+             rows [base+H, base+H+C)  the dynamic segment: C cold neurons cached by engine/neuron_cache.py;
+  then one staging ring of S rows     missing bundles not admitted to a cache, from landing until their
+                                      down rows are summed (layers run one at a time, so they share it).
 One token through a layer:
   1. the active neurons: every neuron (mode "dense"), the predictor's choice ("predicted"), or a set the
-     caller gives (benchmarks);
+     caller gives (benchmarks), in position order: the active list, cut into fixed chunks
+     (chunk_bounds: by its length alone);
   2. split into hot, cached (hits) and missing; the missing positions are merged into runs
      (engine/flash_reader.merge_runs) and submitted to the reader threads;
-  3. the hot and cached neurons are computed (kernels/sparse_ffn: numba, nogil) while the reads are in
-     flight; each request is copied into cache/staging slots and computed as it lands.
-The weights' arithmetic is the sparse kernel's, whichever segment a neuron comes from; only the order in
-which neuron contributions are summed changes with what is cached (float32 rounding, not the model).
+  3. while the reads are in flight, the activations act(gate.x, up.x) of the hot and cached neurons
+     (kernels/sparse_ffn.sparse_acts: numba, nogil), and the down sums of the chunks that miss nothing;
+  4. as each group of requests lands: its bundles are copied into their cache or staging slots, their
+     activations computed, and every chunk now complete has its down sum (sparse_down);
+  5. the output is the chunk sums added in chunk order, times the layer's dscale.
+Same tokens at any budget (issue 6): an activation depends on its neuron alone, and a chunk's down sum
+on its neurons in list order alone, so what is cached changes where weights come from and when they are
+computed, never the float32 arithmetic: logits are bitwise those of the same bundles fully resident.
 
-Prefill (several tokens) reads every cold neuron of the layer once, in long sequential requests, and runs
-tiles of neurons through BLAS (engine/weights.py layouts); it does not touch the cache.
+Prefill (several tokens) runs fixed tiles of _PREFILL_TILE positions through BLAS (engine/weights.py
+layouts), in position order, whatever the hot count: a tile with cold neurons is assembled in staging
+(its hot head copied, the rest read in long sequential requests); it does not touch the cache.
 
 `pipeline=False` reads synchronously after computing what is in memory, and `bundled=False` reads each
 needed neuron's gate row, up row and down row with three separate requests: the ablation steps of
@@ -28,7 +35,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 
 import numpy as np
 
@@ -39,11 +46,20 @@ from engine.neuron_cache import SegmentCache
 from engine.weights import BF16Weight, F16Weight, F32Weight, I8Weight, Q4Weight
 from kernels.activation import glu
 from kernels.backend import NUMBA
-from kernels.sparse_ffn import predict, sparse_ffn
+from kernels.sparse_ffn import predict, sparse_acts, sparse_down
 
 MODES = ("dense", "predicted", "given")
-_EMPTY = np.zeros(0, dtype=np.float32)
-_PREFILL_TILE = 256            # neurons per BLAS tile in prefill
+_PREFILL_TILE = 256            # positions per BLAS tile in prefill
+CHUNK = 64                     # fewest active neurons per down chunk
+MAX_CHUNKS = 32                # most down chunks per layer and token (their sums are added at the end)
+
+
+def chunk_bounds(n: int) -> np.ndarray:
+    """(c+1,) int64 bounds of the down chunks of an active list of n neurons: a function of n only, so
+    the summation order never depends on the cache. Chunks are the unit of the pipeline's down work
+    (one is summed as soon as its last bundle lands) and of its parallelism (one per prange iteration)."""
+    size = max(CHUNK, -(-n // MAX_CHUNKS))
+    return np.append(np.arange(0, n, size, dtype=np.int64), np.int64(n))
 
 
 @dataclass
@@ -96,7 +112,7 @@ def _weight(w, d, m, bits16):
 
 
 class _Layer:
-    def __init__(self, index: int, bundles: BundleFile, plan: LayerPlan, staging: int, predictor, policy: str):
+    def __init__(self, index: int, bundles: BundleFile, plan: LayerPlan, base: int, predictor, policy: str):
         F = bundles.ffn
         if plan.mode not in MODES:
             raise ConfigError(f"layer {index}: flash FFN mode {plan.mode!r} is not one of {', '.join(MODES)}")
@@ -107,17 +123,10 @@ class _Layer:
         self.meta = bundles.layers[index]
         self.H = plan.hot
         self.C = min(plan.cache, F - plan.hot)
-        self.S = staging
+        self.base = base               # slot row of position 0; the dynamic segment follows the hot one
         self.mode = plan.mode
         self.predictor = predictor
-        rows = self.H + self.C + self.S
-        # The nine slot arrays: (rows, cols) each, the dtypes of the bundle record's fields.
-        self.arrays = [np.zeros((rows, int(f["cols"])), dtype=np.dtype(f["dtype"])) for f in bundles.fields]
         self.cache = SegmentCache(F, self.C, policy) if self.C else None
-
-    @property
-    def nbytes(self) -> int:
-        return sum(a.nbytes for a in self.arrays)
 
 
 class FlashFFN:
@@ -144,15 +153,28 @@ class FlashFFN:
         buf_bytes = self.max_len * self.R + 2 * ALIGN
         self._bufs = [aligned_buffer(buf_bytes) for _ in range(n_buf)]       # (buf_bytes,) uint8 each
         predictors = predictors or {}
-        # Staging holds every request that can be in flight at once (one group of arrivals).
-        staging = self.max_len * n_buf
-        self.layers = [_Layer(i, bundles, p, staging, predictors.get(i), policy) for i, p in enumerate(plans)]
         F, hidden = bundles.ffn, bundles.hidden
-        self._out = np.empty(hidden, np.float32)          # (hidden,) f32 FFN output
-        self._part = np.empty(hidden, np.float32)         # (hidden,) f32 one kernel call's share
-        self._acts = np.empty(F, np.float32)              # (ffn,) f32
-        self._idx = np.empty(F, np.int32)                 # (ffn,) int32 predictor choice
-        self._scores = np.empty(F, np.float32)            # (ffn,) f32 predictor scores
+        self.layers, base = [], 0
+        for i, p in enumerate(plans):
+            self.layers.append(_Layer(i, bundles, p, base, predictors.get(i), policy))
+            base += self.layers[-1].H + self.layers[-1].C
+        # A staged bundle lives from its landing until its chunk is summed: at most one group of
+        # arrivals (every request in flight) plus the landed part of the one chunk still waiting for
+        # more; so a ring of that many rows is never overwritten while in use. Prefill assembles one
+        # tile in it.
+        self.stage0 = base
+        self.ring = n_buf * self.max_len + int(np.diff(chunk_bounds(F)).max(initial=1))
+        rows = base + max(self.ring, _PREFILL_TILE)
+        # The nine slot arrays: (rows, cols) each, the dtypes of the bundle record's fields.
+        self.arrays = [np.zeros((rows, int(f["cols"])), dtype=np.dtype(f["dtype"])) for f in bundles.fields]
+        n_chunks = len(chunk_bounds(F)) - 1
+        self._out = np.empty(hidden, np.float32)                # (hidden,) f32 FFN output
+        self._parts = np.empty((n_chunks, hidden), np.float32)  # (chunks, hidden) f32 down sum of each chunk
+        self._acts = np.empty(F, np.float32)                    # (ffn,) f32 activation of each active neuron
+        self._tmp = np.empty(F, np.float32)                     # (ffn,) f32 one sparse_acts call's output
+        self._slot = np.empty(F, np.int32)                      # (ffn,) int32 slot row of each active neuron
+        self._idx = np.empty(F, np.int32)                       # (ffn,) int32 predictor choice
+        self._scores = np.empty(F, np.float32)                  # (ffn,) f32 predictor scores
         self.stats = FlashStats()
         for L in self.layers:
             self._load_hot(L)
@@ -162,7 +184,7 @@ class FlashFFN:
     @property
     def resident_bytes(self) -> int:
         """Slot arrays (hot + cache + staging) and read buffers."""
-        return sum(L.nbytes for L in self.layers) + sum(len(b[1]) for b in self._bufs)
+        return sum(a.nbytes for a in self.arrays) + sum(len(b[1]) for b in self._bufs)
 
     def close(self) -> None:
         self.reader.close()
@@ -178,44 +200,61 @@ class FlashFFN:
         t0 = time.perf_counter()
         L = self.layers[i]
         st = self.stats
-        pos = self._positions(L, h, neurons)                      # (n,) int64 ascending
-        H = L.H
-        hot = pos[: np.searchsorted(pos, H)]
-        cold = pos[len(hot):]
+        pos = self._positions(L, h, neurons)                      # (n,) int64 ascending: the active list
+        n = len(pos)
+        nh = int(np.searchsorted(pos, L.H))
+        cold = pos[nh:]
+        slot = self._slot[:n]                                     # (n,) int32 slot row of each, -1 not yet
+        slot[:nh] = L.base + pos[:nh]
         if L.cache is not None:
-            _, hit_slots, miss = L.cache.lookup(cold)
+            hit_pos, hit_slots, miss = L.cache.lookup(cold)
+            slot[nh + np.searchsorted(cold, hit_pos)] = L.base + L.H + hit_slots
+            # Cache slots are chosen once per token, before the reads: a victim is never a neuron this
+            # token uses, so its slot can be overwritten whenever the read lands. Not admitted: staging.
+            dyn = L.cache.admit(miss)
         else:
-            hit_slots, miss = np.zeros(0, np.int32), cold
+            miss = cold
+            dyn = np.full(len(miss), -1, np.int32)
+        miss_t = nh + np.searchsorted(cold, miss)                # (m,) int64 index of each miss in the list
+        slot[miss_t] = -1
         if i == 0:
             st.tokens += 1
-        st.needed += len(pos)
-        st.hot += len(hot)
-        st.hits += len(hit_slots)
+        st.needed += n
+        st.hot += nh
+        st.hits += len(cold) - len(miss)
         st.misses += len(miss)
-        out = self._out
-        out[:] = 0.0
-        # Cache slots are chosen once per token, before the reads: a victim is never a neuron this token
-        # uses, so its slot can be overwritten whenever the read lands. Not admitted: staging slots.
-        dyn = L.cache.admit(miss) if L.cache is not None else np.full(len(miss), -1, np.int32)
-        landed = np.zeros(len(miss), dtype=bool)
+        bounds = chunk_bounds(n)
+        # need[k]: the misses at or before chunk k's end. Reads land in position order, so chunk k is
+        # complete once that many have landed.
+        need = np.searchsorted(miss_t, bounds[1:])
+        resident = slot >= 0
+        run = _Run(L, slot, miss, miss_t, dyn, bounds, need)
         primed = self.pipeline and self.bundled        # unbundled reads are the synchronous baseline
         stream = self._stream(L, self._runs(miss), decode=True, prime=primed)
         ok = False
         try:
             if primed:
                 next(stream, None)            # submits every read the buffers allow, then returns here
-            # The hot and cached neurons are computed while those reads are in flight.
-            self._compute(L, np.concatenate([hot.astype(np.int32), H + hit_slots]), h, out)
+            # What is in memory is computed while those reads are in flight.
+            self._acts_of(slot, np.flatnonzero(resident), h)
+            self._down(run)
             for group in stream:
-                self._arrive(L, group, miss, dyn, landed, h, out)
+                self._arrive(run, group, h)
             ok = True
         finally:
             stream.close()
             if L.cache is not None:
                 if not ok:
-                    L.cache.invalidate(miss[~landed & (dyn >= 0)])
+                    L.cache.invalidate(miss[run.landed:][dyn[run.landed:] >= 0])
                 L.cache.end_token()
             st.ffn_s += time.perf_counter() - t0
+        assert run.done == len(bounds) - 1, "every chunk is summed once its reads have landed"
+        out = self._out
+        if n:
+            np.sum(self._parts[: run.done], axis=0, dtype=np.float32, out=out)    # chunk after chunk
+            out *= L.meta.dscale
+        else:
+            out[:] = 0.0
         return out
 
     def _positions(self, L: _Layer, h: np.ndarray, neurons) -> np.ndarray:
@@ -239,41 +278,52 @@ class FlashFFN:
             return merge_runs(miss, self.max_gap, self.max_len)
         return [(int(p), int(p) + 1) for p in miss]
 
-    def _compute(self, L: _Layer, slots: np.ndarray, h: np.ndarray, out: np.ndarray) -> None:
-        """out += the FFN contribution of the neurons in `slots` (n,) int32."""
-        n = len(slots)
-        if n == 0:
+    def _acts_of(self, slot: np.ndarray, ts: np.ndarray, h: np.ndarray) -> None:
+        """self._acts[ts] = the activations of the active neurons at list indices ts (k,) int64."""
+        k = len(ts)
+        if k == 0:
             return
-        a = L.arrays
-        sparse_ffn(a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7], a[8], L.meta.dscale, self.bits16, h,
-                   np.ascontiguousarray(slots, dtype=np.int32), _EMPTY, self.act, _threads(), self._acts[:n],
-                   self._part)
-        out += self._part
+        a = self.arrays
+        tmp = self._tmp[:k]
+        sparse_acts(a[0], a[1], a[2], a[3], a[4], a[5], self.bits16, h, slot[ts], self.act, _threads(), tmp)
+        self._acts[ts] = tmp
 
-    def _arrive(self, L: _Layer, group, miss, dyn, landed, h, out) -> None:
-        """Requests landed: copy their needed bundles into their cache slots (or staging slots) and
-        compute them, in one kernel call for the whole group."""
-        all_slots = []
-        stage = L.H + L.C
+    def _down(self, run: "_Run") -> None:
+        """The down sums of every chunk completed since the last call, in one kernel call."""
+        c0 = run.done
+        c1 = int(np.searchsorted(run.need, run.landed, side="right"))
+        if c1 <= c0:
+            return
+        t0, t1 = run.bounds[c0], run.bounds[c1]
+        a = self.arrays
+        sparse_down(a[6], a[7], a[8], self.bits16, run.slot[t0:t1], self._acts[t0:t1], run.bounds[c0:c1 + 1] - t0,
+                    self._parts[c0:c1])
+        run.done = c1
+
+    def _arrive(self, run: "_Run", group, h) -> None:
+        """Requests landed: copy their needed bundles into their cache slots (or the staging ring),
+        compute their activations, then the chunks they complete."""
+        L = run.L
+        first = run.landed
         for p0, p1, recs in group:
-            lo, hi = np.searchsorted(miss, p0), np.searchsorted(miss, p1)
+            lo, hi = np.searchsorted(run.miss, p0), np.searchsorted(run.miss, p1)
             if lo == hi:
                 continue
-            d = dyn[lo:hi]
-            slots = L.H + d                                       # (n,) int32 slot of each needed bundle
+            assert lo == run.landed, "reads land in position order"
+            d = run.dyn[lo:hi]
+            rows = L.base + L.H + d                                # (k,) int32 slot row of each bundle
             staged = d < 0
             k = int(staged.sum())
-            slots[staged] = stage + np.arange(k, dtype=np.int32)
-            stage += k
-            local = miss[lo:hi] - p0
-            for name, arr in zip(FIELD_NAMES, L.arrays):
+            rows[staged] = self.stage0 + (run.staged + np.arange(k)) % self.ring
+            run.staged += k
+            local = run.miss[lo:hi] - p0
+            for name, arr in zip(FIELD_NAMES, self.arrays):
                 if arr.shape[1]:
-                    arr[slots] = recs[name][local]
-            landed[lo:hi] = True
-            all_slots.append(slots)
-        assert stage <= len(L.arrays[0]), "staging holds every request in flight"
-        if all_slots:
-            self._compute(L, np.concatenate(all_slots), h, out)
+                    arr[rows] = recs[name][local]
+            run.slot[run.miss_t[lo:hi]] = rows
+            run.landed = hi
+        self._acts_of(run.slot, run.miss_t[first:run.landed], h)
+        self._down(run)
 
     # ------------------------------------------------------------------ reads
 
@@ -363,40 +413,67 @@ class FlashFFN:
             self.stats.prefill_bytes += nbytes
 
     def _load_hot(self, L: _Layer) -> None:
-        """Read the resident segment (positions 0..H-1) into slots 0..H-1."""
+        """Read the resident segment (positions 0..H-1) into its slot rows."""
         for group in self._stream(L, merge_runs(np.arange(L.H), 0, self.max_len), decode=False):
             for p0, p1, recs in group:
-                for name, arr in zip(FIELD_NAMES, L.arrays):
+                for name, arr in zip(FIELD_NAMES, self.arrays):
                     if arr.shape[1]:
-                        arr[p0:p1] = recs[name]
+                        arr[L.base + p0: L.base + p1] = recs[name]
 
     # ------------------------------------------------------------------ prefill
 
     def ffn_batch(self, i: int, x: np.ndarray) -> np.ndarray:
-        """x (n, hidden) f32 -> (n, hidden) f32: every neuron, hot ones from memory, the cold ones read
-        once in long requests and computed in tiles through BLAS."""
+        """x (n, hidden) f32 -> (n, hidden) f32: every neuron, in tiles of _PREFILL_TILE positions added
+        in position order. Tiles of hot neurons run from the resident segment; a tile with cold ones
+        is assembled in staging (hot head copied, the rest read once in long requests), so a tile's
+        rows, and so its sums, are the same whatever the hot count."""
         L = self.layers[i]
-        F = self.bundles.ffn
+        F, H, T = self.bundles.ffn, L.H, _PREFILL_TILE
         out = np.zeros((x.shape[0], self.bundles.hidden), np.float32)
-        for r0 in range(0, L.H, _PREFILL_TILE):
-            self._tile(L, r0, min(L.H, r0 + _PREFILL_TILE), x, out)
-        stage = L.H + L.C
-        runs = merge_runs(np.arange(L.H, F), 0, self.max_len)
+        runs = []
+        for k0 in range(0, F, T):
+            k1 = min(F, k0 + T)
+            if k1 <= H:
+                self._tile(L, L.base + k0, L.base + k1, x, out)
+                continue
+            if k0 < H:                  # the one tile across the hot/cold boundary
+                for arr in self.arrays:
+                    arr[self.stage0: self.stage0 + H - k0] = arr[L.base + k0: L.base + H]
+            runs += merge_runs(np.arange(max(H, k0), k1), 0, self.max_len)
         for group in self._stream(L, runs, decode=False):
             for p0, p1, recs in group:
-                for name, arr in zip(FIELD_NAMES, L.arrays):
+                k0 = p0 // T * T
+                s0 = self.stage0 + p0 - k0
+                for name, arr in zip(FIELD_NAMES, self.arrays):
                     if arr.shape[1]:
-                        arr[stage: stage + p1 - p0] = recs[name]
-                self._tile(L, stage, stage + p1 - p0, x, out)
+                        arr[s0: s0 + p1 - p0] = recs[name]
+                if p1 == min(F, k0 + T):
+                    self._tile(L, self.stage0, self.stage0 + p1 - k0, x, out)
         return out
 
     def _tile(self, L: _Layer, s0: int, s1: int, x: np.ndarray, out: np.ndarray) -> None:
-        a = [arr[s0:s1] for arr in L.arrays]
+        """out (n, hidden) += the FFN contribution of slot rows s0..s1-1 for x (n, hidden)."""
+        a = [arr[s0:s1] for arr in self.arrays]
         g = _weight(a[0], a[1], a[2], self.bits16).matmul(x)      # (n, s1-s0) f32
         u = _weight(a[3], a[4], a[5], self.bits16).matmul(x)      # (n, s1-s0) f32
         act = glu(g, u, self.act, g)
         down = _weight(a[6], a[7], a[8], self.bits16)             # (s1-s0, hidden)
         out += (act @ down.dequantize(0, s1 - s0, np.empty((s1 - s0, self.bundles.hidden), np.float32))) * L.meta.dscale
+
+
+@dataclass
+class _Run:
+    """One layer's decode bookkeeping for one token (engine/flash_ffn.FlashFFN.ffn)."""
+    L: _Layer
+    slot: np.ndarray           # (n,) int32 slot row of each active neuron, -1 until its bundle lands
+    miss: np.ndarray           # (m,) int64 missing positions, ascending
+    miss_t: np.ndarray         # (m,) int64 their indices in the active list
+    dyn: np.ndarray            # (m,) int32 dynamic-segment slot each was admitted to, -1 staged
+    bounds: np.ndarray         # (c+1,) int64 chunk bounds in the active list
+    need: np.ndarray           # (c,) int64 misses that must land before chunk k is complete
+    landed: int = 0            # misses landed so far (a prefix of miss)
+    done: int = 0              # chunks summed so far (a prefix)
+    staged: int = 0            # bundles put in the staging ring so far
 
 
 def _aligned(start: int, end: int) -> tuple[int, int]:

@@ -13,9 +13,12 @@ from engine.errors import FlashReadError
 from engine.flash_ffn import FlashFFN, LayerPlan
 from engine.neuron_cache import SegmentCache
 from kernels.activation import RELU, SILU, glu
-from kernels.sparse_ffn import sparse_ffn, sparse_ffn_numpy
+from kernels.sparse_ffn import (sparse_acts, sparse_acts_numpy, sparse_down, sparse_down_numpy,
+                                sparse_ffn_numpy)
 from planner.bundles import layer_arrays, write_bundles
 from tests.test_flash_bundles import FFN, HIDDEN, LAYERS, make_layers
+
+KERNELS = [(sparse_acts, sparse_down), (sparse_acts_numpy, sparse_down_numpy)]    # numba (if any), numpy
 
 
 def reference(lw, x, neurons=None, act=SILU):
@@ -62,8 +65,9 @@ def test_dense_mode_matches_in_memory_ffn(model, cfg, pipeline, bundled, policy)
 def test_given_neurons_with_cache_and_numpy_twin(model, policy, monkeypatch):
     layers, bf = model
     rng = np.random.default_rng(3)
-    for kernel in (sparse_ffn, sparse_ffn_numpy):
-        monkeypatch.setattr(flash_ffn, "sparse_ffn", kernel)
+    for acts_kernel, down_kernel in KERNELS:
+        monkeypatch.setattr(flash_ffn, "sparse_acts", acts_kernel)
+        monkeypatch.setattr(flash_ffn, "sparse_down", down_kernel)
         ff = FlashFFN(bf, [LayerPlan("given", hot=10, cache=25)] * LAYERS, RELU, policy=policy, io_threads=2)
         try:
             for t in range(12):
