@@ -11,7 +11,10 @@ tools/ follow the same protocol, so their figures compare one to one:
 - decode_s: the gen_tokens - 1 single-token forwards and argmaxes that follow;
 - prefill_tps = prompt_tokens / prefill_s, decode_tps = (gen_tokens - 1) / decode_s.
 
-Like the rest of the library it never prints and raises ValueError for bad arguments.
+Like the rest of the library it never prints and raises ValueError for bad arguments. It imports no
+kernel (so no numba): tools/bench_peers.py reads PARAGRAPH from it in the parent process, and a parent
+that maps libllvmlite keeps the child's copy of those pages shared, which engine/memory.py cannot page
+out (peak RSS 259 against 220 MiB on SmolLM2).
 """
 
 from __future__ import annotations
@@ -24,7 +27,6 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from engine.generate import rss_mb  # noqa: F401  (commands/bench.py reads it from here)
 
 # Plain English prose: tokenizes the same way in any BPE or SentencePiece vocabulary.
 PARAGRAPH = (

@@ -9,6 +9,8 @@ import numpy as np
 
 from engine.errors import ModelFormatError
 
+FOLIO_SLACK = 2 << 20   # bytes released beyond each side of a range (see release)
+
 
 def map_file(path: Path) -> tuple[np.ndarray, int]:
     """(uint8 read-only view of the whole file, its size). Raises ModelFormatError if it is missing."""
@@ -27,9 +29,17 @@ def release(mapped: np.ndarray, offset: int, nbytes: int) -> None:
     Loading copies every tensor into its own layout; without this, the file's pages would stay
     resident next to the copies and peak RSS at load would be about twice the model. The pages stay in
     the OS page cache, and touching them again simply re-reads them.
+
+    The range is widened by FOLIO_SLACK on both sides: the page cache holds files in large folios
+    (up to 2 MiB on Linux 6.x), and a fault on one page maps its whole folio, so reading a tensor also
+    mapped most of its neighbours, which had been released already (13 MiB of SmolLM2's file stayed
+    resident after load, and was the load's peak). Dropping pages of a tensor not yet read costs
+    nothing: it faults them back in when it is read.
     """
     mm = getattr(mapped, "_mmap", None)
     if mm is None or not hasattr(mm, "madvise") or not hasattr(mmap, "MADV_DONTNEED"):
         return  # not a memmap, or a platform without madvise: memory is released when the map closes
-    start = offset // mmap.PAGESIZE * mmap.PAGESIZE
-    mm.madvise(mmap.MADV_DONTNEED, start, offset + nbytes - start)
+    start = max(0, offset - FOLIO_SLACK) // mmap.PAGESIZE * mmap.PAGESIZE
+    end = min(len(mapped), offset + nbytes + FOLIO_SLACK)
+    if end > start:
+        mm.madvise(mmap.MADV_DONTNEED, start, end - start)

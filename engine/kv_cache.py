@@ -14,8 +14,12 @@ import numpy as np
 class KVCache:
     def __init__(self, n_layers: int, n_kv_heads: int, max_seq: int, head_dim: int):
         self.max_seq = max_seq
-        self.k = [np.zeros((n_kv_heads, max_seq, head_dim), dtype=np.float32) for _ in range(n_layers)]
-        self.v = [np.zeros((n_kv_heads, max_seq, head_dim), dtype=np.float32) for _ in range(n_layers)]
+        # (layers, n_kv_heads, max_seq, head_dim) f32 each, and per layer a view: kernels/decode_token.py
+        # takes all layers in one array.
+        self.k_all = np.zeros((n_layers, n_kv_heads, max_seq, head_dim), dtype=np.float32)
+        self.v_all = np.zeros((n_layers, n_kv_heads, max_seq, head_dim), dtype=np.float32)
+        self.k = list(self.k_all)
+        self.v = list(self.v_all)
         self.length = 0  # positions 0..length-1 are filled
 
     def write(self, layer: int, start: int, k: np.ndarray, v: np.ndarray) -> None:

@@ -13,7 +13,7 @@ import numpy as np
 
 from engine.errors import ContextLengthError, ModelFormatError
 from engine.generate import Chunk, Response, stream_generate
-from engine.memory import release_compiler_pages, start_compiler
+from engine.memory import pin_mmap_threshold, release_compiler_pages, start_compiler, trim_heap
 from engine.model import Transformer
 from engine.sampling import SamplingParams, make_sampler
 from engine.threads import set_threads
@@ -157,6 +157,7 @@ def load(source: str | os.PathLike = "smollm2-135m-instruct", *, threads: int | 
             threads = deploy_dir.deploy_threads(deploy)
         path = deploy_dir.model_path(path, deploy)
     threads = set_threads(threads)
+    pin_mmap_threshold()
     start_compiler()
     if deploy is not None and deploy_dir.head_on_flash(deploy) and path.is_dir():
         raise ModelFormatError(f"{deploy_root / 'plan.json'}: the plan streams the LM head from flash, which this "
@@ -176,6 +177,13 @@ def load(source: str | os.PathLike = "smollm2-135m-instruct", *, threads: int | 
 
         g = GGUFFile(path)
         config = gguf_loader.config_from_gguf(g)
+        if deploy is None:
+            # Kernels first, on a miniature of the model: the compiler's memory is then given back
+            # before the weights arrive, not on top of them (engine/miniature.py). A deploy's flash FFN
+            # warms up on the model itself below.
+            from engine.miniature import warm_up_kernels
+
+            warm_up_kernels(g, config)
         tokenizer = from_gguf(g.meta, str(path))
         for key in ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.scores",
                     "tokenizer.ggml.token_type"):
@@ -193,6 +201,7 @@ def load(source: str | os.PathLike = "smollm2-135m-instruct", *, threads: int | 
     if ctx < 2:
         raise ValueError(f"n_ctx must be at least 2, got {ctx}")
     model = Transformer(config, weights)
+    trim_heap()      # the arrays Transformer restacked (engine/model.py) leave holes in the heap
     from engine import flash_plan
     if deploy is not None and flash_plan.uses_flash(deploy):
         # A plan below 100%: FFNs from the bundle file (issue 6); their matrices were never loaded.

@@ -13,10 +13,12 @@ import numpy as np
 
 from engine.config import ModelConfig
 from engine.kv_cache import KVCache
+from engine.memory import trim_heap
 from engine.rope import cos_sin, inv_freq, position_scale
 from engine.weights import Q4Weight, Weight, concat_rows
 from kernels.activation import glu
 from kernels.attention import attention, attention_numpy
+from kernels.decode_token import counters_for, decode_token_q4
 from kernels.fused import decode_layer_q4
 from kernels.norm import rmsnorm
 from kernels.rope import rope
@@ -74,7 +76,11 @@ class Transformer:
             _fuse(lw)
         # One compiled call per layer for decode when every layer has the Q4 layout and no biases.
         self._fused_decode = decode_layer_q4 is not None and all(_q4_layer(lw) for lw in weights.layers)
+        # kernels/decode_token.py's layer arrays, when it applies: one call per token.
+        self._stacked = (_stack_layers(weights.layers) if self._fused_decode and decode_token_q4 is not None
+                         else None)
         self._scratch = None
+        self._token_out = self._token_scratch = None      # kernels/decode_token.py's buffers, made once
         # Called as ffn_observer(layer, h, gate, up, act) with the FFN input h (n, hidden) and the
         # pre-activation gate, up and the activation product act (n, ffn), all f32 and read-only: how the
         # planner measures activation statistics. Setting it routes decode through the unfused path.
@@ -121,7 +127,10 @@ class Transformer:
             raise
 
     def _decode_fused(self, token: int, cache: KVCache) -> np.ndarray:
-        """One token through every layer with one numba call per layer; (1, vocab) f32 logits."""
+        """One token through every layer with one numba call per layer, or one call in all
+        (kernels/decode_token.py) where the row dots allow; (1, vocab) f32 logits."""
+        if self._stacked is not None:
+            return self._decode_token(token, cache)
         c = self.config
         pos = cache.length
         if self._scratch is None:
@@ -146,6 +155,42 @@ class Transformer:
         cache.length = pos + 1
         rmsnorm(x, self.weights.norm, c.rms_norm_eps, x)
         return self.weights.lm_head.matmul(x)
+
+    def _decode_token(self, token: int, cache: KVCache) -> np.ndarray:
+        """kernels/decode_token.py: one parallel region for all layers; (1, vocab) f32 logits."""
+        import numba
+
+        c = self.config
+        pos = cache.length
+        threads = numba.get_num_threads()
+        L, hidden, ffn = c.num_hidden_layers, c.hidden_size, c.intermediate_size
+        hq, hkv = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
+        if self._token_out is None:
+            # Each layer's outputs have their own rows (kernels/decode_token.py explains why).
+            self._token_out = (np.empty((L, hq + 2 * hkv), np.float32), np.empty((L, 1, c.num_attention_heads,
+                               c.head_dim), np.float32), np.empty((L, hidden), np.float32),
+                               np.empty((L, ffn), np.float32), np.empty((L, hidden), np.float32))
+            self._token_x = np.empty((1, hidden), np.float32)           # (1, hidden) f32 the token's state
+        widest = max(hidden, hq, ffn)
+        scratch = self._token_scratch
+        if scratch is None or scratch[0].shape[0] != threads or scratch[6].shape[1] < cache.max_seq:
+            # Per thread (kernels/decode_token.py): residual, normed copy, rounded x (natural and rowdot
+            # order), its block scales and sums, attention scores.
+            scratch = self._token_scratch = (
+                np.empty((threads, hidden), np.float32), np.empty((threads, hidden), np.float32),
+                np.empty((threads, widest), np.int8), np.empty((threads, widest), np.int8),
+                np.empty((threads, widest // 32), np.float32), np.empty((threads, widest // 32), np.float32),
+                np.empty((threads, cache.max_seq), np.float32))
+        cos, sin = self._rope_table(pos + 1)
+        x = self._token_x
+        x[:] = self.weights.embed.rows_f32(np.array([token]))
+        decode_token_q4(threads, x, *self._stacked, cache.k_all, cache.v_all, cos[pos:pos + 1], sin[pos:pos + 1], pos,
+                        c.window, c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.act_kind,
+                        c.rms_norm_eps, counters_for(L, threads), *scratch, *self._token_out)
+        cache.length = pos + 1
+        h = np.empty_like(x)
+        rmsnorm(x, self.weights.norm, c.rms_norm_eps, h)
+        return self.weights.lm_head.matmul(h)
 
     def _forward(self, ids: np.ndarray, cache: KVCache, all_logits: bool) -> np.ndarray:
         if (len(ids) == 1 and self._fused_decode and self.ffn_observer is None and self.sparse is None
@@ -203,7 +248,12 @@ class Transformer:
         if not all_logits:
             x = x[-1:]
         rmsnorm(x, self.weights.norm, c.rms_norm_eps, x)
-        return self.weights.lm_head.matmul(np.ascontiguousarray(x))
+        logits = self.weights.lm_head.matmul(np.ascontiguousarray(x))
+        if n > 1:
+            # The layers' temporaries (under engine/memory.py's mmap threshold) stay on glibc's heap
+            # otherwise: +12 MiB after a 128-token prompt on SmolLM2. A trim costs well under 1 ms.
+            trim_heap()
+        return logits
 
 
 def _q4_layer(lw: LayerWeights) -> bool:
@@ -211,10 +261,14 @@ def _q4_layer(lw: LayerWeights) -> bool:
     return all(isinstance(w, Q4Weight) for w in mats) and all(b is None for b in (lw.bq, lw.bk, lw.bv, lw.bo))
 
 
+_FUSED = (("wqkv", ("wq", "wk", "wv")), ("w_gate_up", ("w_gate", "w_up")))
+_TOKEN_MATS = ("wqkv", "wo", "w_gate_up", "w_down")   # kernels/decode_token.py's matrices, in its order
+
+
 def _fuse(lw: LayerWeights) -> None:
     """Stack wq|wk|wv and w_gate|w_up into one weight each where their layouts match, and make the
     separate weights views into the stack so memory is not duplicated."""
-    for fused_name, names in (("wqkv", ("wq", "wk", "wv")), ("w_gate_up", ("w_gate", "w_up"))):
+    for fused_name, names in _FUSED:
         parts = [getattr(lw, n) for n in names]
         if any(w is None for w in parts):     # left on flash by a deploy's plan (engine/flash_plan.py)
             continue
@@ -222,10 +276,47 @@ def _fuse(lw: LayerWeights) -> None:
         if fused is None:
             continue
         setattr(lw, fused_name, fused)
-        r0 = 0
-        for n, w in zip(names, parts):
-            setattr(lw, n, fused.row_slice(r0, r0 + w.shape[0]))
-            r0 += w.shape[0]
+        _split_views(lw, fused_name, names)
+
+
+def _split_views(lw: LayerWeights, fused_name: str, names: tuple[str, ...]) -> None:
+    """The separate weights `names` as row views of the fused one, in order."""
+    fused, r0 = getattr(lw, fused_name), 0
+    for n in names:
+        rows = getattr(lw, n).shape[0]
+        setattr(lw, n, fused.row_slice(r0, r0 + rows))
+        r0 += rows
+
+
+def _stack_layers(layers: list[LayerWeights]) -> tuple[np.ndarray, ...] | None:
+    """Every layer's norms and Q4 arrays of q|k|v, o, gate|up and down in one (layers, ...) array per
+    field, the layers' weights turned into views of them; None (nothing changed) unless every layer
+    has the same shapes and dtypes. kernels/decode_token.py walks the layers by index in one call;
+    arrays passed one by one would cost ~450 unboxings per token, numba's typed lists ~50 MiB of
+    compiler memory at load. Layer by layer, so the copy adds one layer to the peak."""
+    def sig(lw):
+        return [(a.shape, a.dtype) for f in _TOKEN_MATS for a in getattr(lw, f)._arrays()]
+
+    if len({str(sig(lw)) for lw in layers}) != 1:
+        return None
+    L = len(layers)
+    norms = (np.stack([lw.attn_norm for lw in layers]), np.stack([lw.ffn_norm for lw in layers]))
+    stacks = [np.empty((L,) + a.shape, a.dtype) for f in _TOKEN_MATS for a in getattr(layers[0], f)._arrays()]
+    for i, lw in enumerate(layers):
+        lw.attn_norm, lw.ffn_norm = norms[0][i], norms[1][i]
+        k = 0
+        for f in _TOKEN_MATS:
+            w = getattr(lw, f)
+            parts = []
+            for a in w._arrays():
+                stacks[k][i] = a
+                parts.append(stacks[k][i])
+                k += 1
+            setattr(lw, f, type(w)(*parts))
+        for fused_name, names in _FUSED:       # drop the views of the old arrays, freeing them
+            _split_views(lw, fused_name, names)
+        trim_heap()     # glibc keeps freed blocks of these sizes on its heap: give each layer's back now
+    return norms + tuple(stacks)
 
 
 def _linear(w: Weight, x: np.ndarray, bias: np.ndarray | None) -> np.ndarray:

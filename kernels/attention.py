@@ -38,6 +38,38 @@ def attention_numpy(q, k_cache, v_cache, start, window, out):
     return out
 
 
+@jit(inline=True)
+def attend_head(q, k_cache, v_cache, i, h, g, pos, window, scale, scores, out):
+    """out[i, h] = softmax(q[i, h] . keys) . values over cache positions lo..pos of KV head g (lo from
+    the window); scores (>= pos + 1,) f32 scratch. One query head: _attention_numba's job, and a work
+    item of kernels/decode_token.py."""
+    hd = q.shape[2]
+    lo = 0
+    if window > 0 and pos - window + 1 > 0:
+        lo = pos - window + 1
+    span = pos + 1 - lo
+    best = np.float32(-np.inf)
+    for t in range(span):
+        s = np.float32(0.0)
+        for j in range(hd):
+            s += q[i, h, j] * k_cache[g, lo + t, j]
+        s *= scale
+        scores[t] = s
+        if s > best:
+            best = s
+    total = np.float32(0.0)
+    for t in range(span):
+        e = np.float32(math.exp(scores[t] - best))
+        scores[t] = e
+        total += e
+    for j in range(hd):
+        out[i, h, j] = 0.0
+    for t in range(span):
+        w = scores[t] / total
+        for j in range(hd):
+            out[i, h, j] += w * v_cache[g, lo + t, j]
+
+
 @jit(parallel=True)
 def _attention_numba(q, k_cache, v_cache, start, window, out):
     n, n_heads, hd = q.shape
@@ -47,33 +79,8 @@ def _attention_numba(q, k_cache, v_cache, start, window, out):
     for job in prange(n * n_heads):
         i = job // n_heads
         h = job % n_heads
-        g = h // group
-        pos = start + i
-        lo = 0
-        if window > 0 and pos - window + 1 > 0:
-            lo = pos - window + 1
-        span = pos + 1 - lo
-        scores = np.empty(span, dtype=np.float32)
-        best = np.float32(-np.inf)
-        for t in range(span):
-            s = np.float32(0.0)
-            for j in range(hd):
-                s += q[i, h, j] * k_cache[g, lo + t, j]
-            s *= scale
-            scores[t] = s
-            if s > best:
-                best = s
-        total = np.float32(0.0)
-        for t in range(span):
-            e = np.float32(math.exp(scores[t] - best))
-            scores[t] = e
-            total += e
-        for j in range(hd):
-            out[i, h, j] = 0.0
-        for t in range(span):
-            w = scores[t] / total
-            for j in range(hd):
-                out[i, h, j] += w * v_cache[g, lo + t, j]
+        scores = np.empty(start + i + 1, dtype=np.float32)
+        attend_head(q, k_cache, v_cache, i, h, h // group, start + i, window, scale, scores, out)
     return out
 
 

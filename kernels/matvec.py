@@ -24,7 +24,7 @@ narrow rows, and building nibble floats from bits (1 + q/16) instead of int->flo
 
 import numpy as np
 
-from kernels import dequant, intdot
+from kernels import dequant, intdot, rowdot
 from kernels.dequant import scales_f32_numpy
 from kernels.backend import NUMBA, jit, pick
 
@@ -164,11 +164,10 @@ def matvec_q4_numpy(qs, d, m, x, out):
 
 
 @jit(parallel=True)
-def _matvec_q4_numba(qs, d, m, x, out):
+def _matvec_q4_intdot(qs, d, m, x, out):
     """qs, d, m C-contiguous (the weights' own arrays; q4_row_dot walks raw rows)."""
     rows, half = qs.shape
     nb = d.shape[1]
-    sym = m.shape[1] == 0
     xq = np.empty(2 * half, dtype=np.int8)       # (cols,) x rounded per block of 32
     dx = np.empty(nb, dtype=np.float32)          # (cols/32,) its block scales
     intdot.quantize_q8(x, xq, dx)
@@ -176,6 +175,24 @@ def _matvec_q4_numba(qs, d, m, x, out):
     for r in prange(rows):
         out[r] = intdot.q4_row(qs, d, m, r, xq, dx, xsum)
     return out
+
+
+@jit(parallel=True)
+def _matvec_q4_rowdot(qs, d, m, x, out):
+    """As _matvec_q4_intdot, four blocks per step (kernels/rowdot.py: x rearranged once per call)."""
+    rows, half = qs.shape
+    nb = d.shape[1]
+    xq = np.empty(2 * half, dtype=np.int8)       # (cols,) x rounded per block of 32
+    xp = np.empty(2 * half, dtype=np.int8)       # (cols,) the same in rowdot's step order
+    dx = np.empty(nb, dtype=np.float32)          # (cols/32,) its block scales
+    xsum = np.empty(nb, dtype=np.float32)        # (cols/32,) its block sums, for the min term
+    rowdot.round_x(x, xq, xp, dx, xsum)
+    for r in prange(rows):
+        out[r] = rowdot.q4_dot(qs, d, r, xp, dx) + intdot.min_term(d, m, r, xsum)
+    return out
+
+
+_matvec_q4_numba = _matvec_q4_rowdot if rowdot.AVAILABLE else _matvec_q4_intdot
 
 
 # ---------------------------------------------------------------- I8: int8 values, block-B scale, optional min
@@ -222,7 +239,7 @@ def _i8_row_f32(row, dr, x, block):
 
 
 @jit(parallel=True)
-def _matvec_i8x32_numba(q, d, m, x, out):
+def _matvec_i8x32_intdot(q, d, m, x, out):
     """Blocks of 32 with x rounded to int8 per block: integer SIMD products (kernels/intdot.py)."""
     rows, cols = q.shape
     nb = d.shape[1]
@@ -233,6 +250,28 @@ def _matvec_i8x32_numba(q, d, m, x, out):
     for r in prange(rows):
         out[r] = intdot.i8_row(q, d, m, r, xq, dx, xsum)
     return out
+
+
+@jit(parallel=True)
+def _matvec_i8x32_rowdot(q, d, m, x, out):
+    """As _matvec_i8x32_intdot, four blocks per step (kernels/rowdot.py)."""
+    rows, cols = q.shape
+    nb = d.shape[1]
+    xq = np.empty(cols, dtype=np.int8)           # (cols,) x rounded per block of 32
+    dx = np.empty(nb, dtype=np.float32)          # (cols/32,) its block scales
+    intdot.quantize_q8(x, xq, dx)
+    xc = rowdot.lane_corrections(xq, np.empty(cols // 4, dtype=np.int32))     # (cols/4,) for VNNI's bias
+    if m.shape[1]:
+        xsum = intdot.rounded_block_sums(xq, dx, np.empty(nb, dtype=np.float32))
+        for r in prange(rows):
+            out[r] = rowdot.i8_dot(q, d, r, xq, xc, dx) + intdot.scale_dot(m, r, xsum)
+    else:
+        for r in prange(rows):
+            out[r] = rowdot.i8_dot(q, d, r, xq, xc, dx)
+    return out
+
+
+_matvec_i8x32_numba = _matvec_i8x32_rowdot if rowdot.AVAILABLE else _matvec_i8x32_intdot
 
 
 @jit(parallel=True)

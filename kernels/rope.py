@@ -24,17 +24,24 @@ def rope_numpy(x, cos, sin, out):
     return out
 
 
+@jit(inline=True)
+def rope_head(x, cos, sin, i, h, out):
+    """Head h of row i: out[i, h] = x[i, h] rotated by cos[i], sin[i] (may alias x). Also a work item of
+    kernels/decode_token.py."""
+    half = x.shape[2] // 2
+    for j in range(half):
+        a = x[i, h, j]
+        b = x[i, h, j + half]
+        out[i, h, j] = a * cos[i, j] - b * sin[i, j]
+        out[i, h, j + half] = b * cos[i, j] + a * sin[i, j]
+
+
 @jit(parallel=False)  # tiny per-token work: a parallel launch (~25 us) would cost more than it saves
 def _rope_numba(x, cos, sin, out):
     n, heads, hd = x.shape
-    half = hd // 2
     for i in range(n):
         for h in range(heads):
-            for j in range(half):
-                a = x[i, h, j]
-                b = x[i, h, j + half]
-                out[i, h, j] = a * cos[i, j] - b * sin[i, j]
-                out[i, h, j + half] = b * cos[i, j] + a * sin[i, j]
+            rope_head(x, cos, sin, i, h, out)
     return out
 
 

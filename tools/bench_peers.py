@@ -341,6 +341,9 @@ def main(argv: list[str] | None = None) -> int:
     model = resolve_model(args.model)
     machine = machine_info()
     from engine.bench import PARAGRAPH
+    # The children's peak RSS is theirs alone only while this process maps no libllvmlite: a page two
+    # processes map cannot be paged out (engine/memory.py, engine/bench.py).
+    assert "llvmlite" not in sys.modules, "bench_peers imported the kernels"
 
     with tempfile.TemporaryDirectory() as tmp:
         text_file = Path(tmp) / "paragraph.txt"

@@ -29,13 +29,13 @@ def register(subparsers) -> None:
 
 def run(args) -> int:
     from engine import bench
-    from engine.generate import peak_rss_mb
+    from engine.generate import peak_rss_mb, rss_mb
 
     bench.check_args(args.prompt_tokens, args.gen_tokens, args.repeats)   # fail before loading
     t0 = time.perf_counter()
     llm = load_model(args)
     load_s = time.perf_counter() - t0
-    rss_loaded = bench.rss_mb()
+    rss_loaded = rss_mb()
 
     def progress(done, total):
         if args.verbose:
@@ -57,7 +57,7 @@ def run(args) -> int:
         "ttft_s": r.ttft_s,
         "peak_rss_mb": peak_rss_mb(),
         "rss_loaded_mb": rss_loaded,
-        "rss_end_mb": bench.rss_mb(),
+        "rss_end_mb": rss_mb(),
         "load_s": load_s,
         "prompt_digest": bench.ids_digest(bench.prompt_ids(llm.tokenizer, r.prompt_tokens)),
         "output_digest": bench.ids_digest(r.runs[0].tokens),

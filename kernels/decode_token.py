@@ -1,0 +1,164 @@
+"""One numba parallel region per decoded token: every layer of a model whose matrices all have the Q4
+layout (kernels/layouts.md) and no biases, in one call.
+
+Why: kernels/fused.py runs a layer per call, and inside it five parallel regions (q|k|v, attention,
+o, gate|up, down): ~150 fork/joins of the thread team per token on SmolLM2, each a few microseconds
+of wake-up and of waiting for the slower thread, and each matrix starting cold in the hardware
+prefetchers. Here the team starts once per token. Each thread walks the whole token; the work of each
+step is split into items (row chunks, KV heads, query heads) that the threads claim from shared
+counters, and a thread waits only for the items of a step to be finished (kernels/sync.py), never for
+the other thread. What every thread needs whole (RMSNorm, the residual, x rounded to int8 for the
+next matvec) each computes for itself into its own scratch: cheaper than a step of its own.
+
+Steps of layer i, each with its own counters and its own output rows (nothing is overwritten within a
+token, so a thread running ahead never clobbers what the other still reads):
+  0 q|k|v rows            -> qkv[i]                (x normed and rounded privately first)
+  1 KV heads              -> RoPE of k, k and v into the cache at `pos`
+  2 query heads           -> RoPE of q, attention  -> attn[i]
+  3 o rows                -> o_out[i]              (attn[i] rounded privately first)
+  4 gate|up neuron chunks -> act[i] = act(gate) * up (the chunk's gate and up rows together)
+  5 down rows             -> dn_out[i]             (act[i] rounded privately first)
+and the residual x += o_out[i], then x += dn_out[i], privately. x (1, hidden) gets the last layer's
+output. The LM head stays with the caller (one parallel call of its own).
+
+The arithmetic is the unfused path's (engine/model.py; kernels/matvec.py's rowdot products, the
+same RMSNorm, RoPE, attention and activation functions), each output element computed by one thread
+in the same order whichever thread it is: the results do not depend on the thread count. That unfused
+path is the numpy twin; tests/test_fused_decode.py compares the two. None when numba is off or the
+row dots are not available (kernels/rowdot.AVAILABLE).
+"""
+
+import math
+
+import numpy as np
+
+from kernels import intdot, rowdot, sync
+from kernels.activation import act_scalar
+from kernels.attention import attend_head
+from kernels.backend import NUMBA, jit
+from kernels.norm import _rmsnorm_numba
+from kernels.rope import rope_head
+
+STEPS = 6            # steps per layer, each with its own counters (kernels/sync.py)
+ROWS = 32            # matrix rows per work item: SmolLM2's 576-wide Q4_1 rows, ~12 KB per item
+
+
+def counters_for(layers: int, threads: int) -> np.ndarray:
+    """Zeroed work counters for one token (kernels/sync.py)."""
+    return sync.new_counters(STEPS * layers, threads)
+
+
+if NUMBA and rowdot.AVAILABLE:
+    from numba import prange
+
+    @jit(inline=True)
+    def _rows(counters, step, t, threads, qs, d, m, xp, dx, xsum, out):
+        """Step `step`: out[r] = row r of the Q4 weight . x for every r, in items of ROWS rows."""
+        rows = qs.shape[0]
+        items = (rows + ROWS - 1) // ROWS
+        c = sync.take(counters, step, t, threads, items)
+        while c >= 0:
+            for r in range(c * ROWS, min(rows, c * ROWS + ROWS)):
+                out[r] = rowdot.q4_dot(qs, d, r, xp, dx) + intdot.min_term(d, m, r, xsum)
+            sync.finish(counters, step, threads)
+            c = sync.take(counters, step, t, threads, items)
+        sync.wait_step(counters, step, threads, items)
+
+    @jit()
+    def _worker(t, threads, x, attn_norm, ffn_norm, qkv_qs, qkv_d, qkv_m, o_qs, o_d, o_m, gu_qs, gu_d, gu_m,
+                dn_qs, dn_d, dn_m, k_caches, v_caches, cos, sin, pos, window, n_heads, n_kv, head_dim, act,
+                eps, counters, xs, hs, xqs, xps, dxs, xsums, scores, qkv, attn, o_out, act_out, dn_out):
+        hidden = x.shape[1]
+        hq, hkv = n_heads * head_dim, n_kv * head_dim
+        ffn = act_out.shape[1]
+        group = n_heads // n_kv
+        scale = np.float32(1.0 / math.sqrt(head_dim))
+        xt = xs[t : t + 1]                      # (1, hidden) f32 this thread's residual stream
+        h = hs[t : t + 1]                       # (1, hidden) f32 its normed copy
+        # This thread's rounded-x buffers as views of each width, taken once: a slice made inside a
+        # loop costs an atomic reference-count update on the shared parent array per iteration, and two
+        # threads updating one counter made the 2-thread token slower than 1 thread.
+        sc = scores[t]
+        xq_h, xp_h, dx_h, xs_h = xqs[t, :hidden], xps[t, :hidden], dxs[t, : hidden // 32], xsums[t, : hidden // 32]
+        xq_a, xp_a, dx_a, xs_a = xqs[t, :hq], xps[t, :hq], dxs[t, : hq // 32], xsums[t, : hq // 32]
+        xq_f, xp_f, dx_f, xs_f = xqs[t, :ffn], xps[t, :ffn], dxs[t, : ffn // 32], xsums[t, : ffn // 32]
+        for j in range(hidden):
+            xt[0, j] = x[0, j]
+        for i in range(len(qkv_qs)):
+            base = STEPS * i
+            # 0: q|k|v
+            _rmsnorm_numba(xt, attn_norm[i], eps, h)
+            rowdot.round_x(h[0], xq_h, xp_h, dx_h, xs_h)
+            _rows(counters, base, t, threads, qkv_qs[i], qkv_d[i], qkv_m[i], xp_h, dx_h, xs_h, qkv[i])
+            q = qkv[i, :hq].reshape((1, n_heads, head_dim))
+            k = qkv[i, hq : hq + hkv].reshape((1, n_kv, head_dim))
+            v = qkv[i, hq + hkv :].reshape((1, n_kv, head_dim))
+            kc, vc = k_caches[i], v_caches[i]
+            # 1: KV heads into the cache
+            g = sync.take(counters, base + 1, t, threads, n_kv)
+            while g >= 0:
+                rope_head(k, cos, sin, 0, g, k)
+                for j in range(head_dim):
+                    kc[g, pos, j] = k[0, g, j]
+                    vc[g, pos, j] = v[0, g, j]
+                sync.finish(counters, base + 1, threads)
+                g = sync.take(counters, base + 1, t, threads, n_kv)
+            sync.wait_step(counters, base + 1, threads, n_kv)
+            # 2: query heads
+            a = attn[i]
+            hh = sync.take(counters, base + 2, t, threads, n_heads)
+            while hh >= 0:
+                rope_head(q, cos, sin, 0, hh, q)
+                attend_head(q, kc, vc, 0, hh, hh // group, pos, window, scale, sc, a)
+                sync.finish(counters, base + 2, threads)
+                hh = sync.take(counters, base + 2, t, threads, n_heads)
+            sync.wait_step(counters, base + 2, threads, n_heads)
+            # 3: o
+            rowdot.round_x(a.reshape(hq), xq_a, xp_a, dx_a, xs_a)
+            _rows(counters, base + 3, t, threads, o_qs[i], o_d[i], o_m[i], xp_a, dx_a, xs_a, o_out[i])
+            for j in range(hidden):
+                xt[0, j] += o_out[i, j]
+            # 4: gate|up and the activation, ROWS neurons per item
+            _rmsnorm_numba(xt, ffn_norm[i], eps, h)
+            rowdot.round_x(h[0], xq_h, xp_h, dx_h, xs_h)
+            gq, gd, gm, ao = gu_qs[i], gu_d[i], gu_m[i], act_out[i]
+            items = (ffn + ROWS - 1) // ROWS
+            c = sync.take(counters, base + 4, t, threads, items)
+            while c >= 0:
+                for n in range(c * ROWS, min(ffn, c * ROWS + ROWS)):
+                    gate = rowdot.q4_dot(gq, gd, n, xp_h, dx_h) + intdot.min_term(gd, gm, n, xs_h)
+                    up = rowdot.q4_dot(gq, gd, ffn + n, xp_h, dx_h) + intdot.min_term(gd, gm, ffn + n, xs_h)
+                    ao[n] = act_scalar(gate, up, act)
+                sync.finish(counters, base + 4, threads)
+                c = sync.take(counters, base + 4, t, threads, items)
+            sync.wait_step(counters, base + 4, threads, items)
+            # 5: down
+            rowdot.round_x(ao, xq_f, xp_f, dx_f, xs_f)
+            _rows(counters, base + 5, t, threads, dn_qs[i], dn_d[i], dn_m[i], xp_f, dx_f, xs_f, dn_out[i])
+            for j in range(hidden):
+                xt[0, j] += dn_out[i, j]
+        if t == 0:
+            for j in range(hidden):
+                x[0, j] = xt[0, j]
+
+    @jit(parallel=True)
+    def _decode_token_numba(threads, x, attn_norm, ffn_norm, qkv_qs, qkv_d, qkv_m, o_qs, o_d, o_m, gu_qs, gu_d,
+                            gu_m, dn_qs, dn_d, dn_m, k_caches, v_caches, cos, sin, pos, window, n_heads, n_kv,
+                            head_dim, act, eps, counters, xs, hs, xqs, xps, dxs, xsums, scores, qkv, attn, o_out,
+                            act_out, dn_out):
+        """x (1, hidden) f32 in and out. Stacked per layer (first axis layers; engine/model.py's
+        _stack_layers): the norms (L, hidden) f32, the Q4 arrays (qs, d, m) of q|k|v, o, gate|up and
+        down, and the KV caches (L, n_kv, max_seq, hd) f32; cos, sin (1, hd/2) f32 of position `pos`. counters from counters_for(layers, threads).
+        Scratch per thread (first axis `threads`): xs (T, hidden), hs (T, hidden), xqs and xps (T, C)
+        int8, dxs and xsums (T, C/32), scores (T, >= pos + 1), all f32 unless said, C the widest
+        matvec input. Per layer (first axis layers): qkv (L, hq + 2 hkv), attn (L, 1, heads, hd),
+        o_out (L, hidden), act_out (L, ffn), dn_out (L, hidden)."""
+        for t in prange(threads):
+            _worker(t, threads, x, attn_norm, ffn_norm, qkv_qs, qkv_d, qkv_m, o_qs, o_d, o_m, gu_qs, gu_d, gu_m,
+                    dn_qs, dn_d, dn_m, k_caches, v_caches, cos, sin, pos, window, n_heads, n_kv, head_dim, act,
+                    eps, counters, xs, hs, xqs, xps, dxs, xsums, scores, qkv, attn, o_out, act_out, dn_out)
+        return x
+
+    decode_token_q4 = _decode_token_numba
+else:
+    decode_token_q4 = None

@@ -1,0 +1,382 @@
+"""Row dot products of the dense decode matvecs (kernels/matvec.py), four blocks of 32 per step.
+
+Why: kernels/intdot.py's row dots handle one or two blocks per step, and each block then costs a
+scalar scale load, a conversion, a broadcast and a horizontal split of the partial sums: ~20 vector
+operations per 64 weights, which left the Q4 matvec compute-bound at 12-14 GB/s per core (3072x576
+Q4_1 from DRAM and from cache alike, 1 thread), below what one core can stream. Here one step covers
+four blocks (128 weights):
+  - the integer partial sums come out with four i32 lanes per Q4 block (eight per I8 block), each
+    lane a sum of four products: AVX-512 VNNI vpdpbusd, or AVX2 pmaddubsw + pmaddwd, or generic
+    vector IR; so no lane ever mixes two blocks;
+  - the four blocks' scales are one vector load (f16 converted in one instruction), multiplied by
+    the four activation scales and spread to the lanes by one shuffle; one multiply-add then
+    accumulates all 16 lanes in float.
+The last nb % 4 blocks take a step of two and/or one block in the same form.
+
+The activations are prepared once per matvec and shared by every row (`prepare_q4_x`,
+`lane_corrections`):
+  - Q4 (nibbles): a byte holds element j of its block in its low nibble and element j + 16 in its
+    high nibble (kernels/layouts.md), so the 64 weight bytes of four blocks meet two x vectors:
+    the four blocks' first halves, then their second halves. `xp` is xq (x rounded to int8 per
+    block, kernels/intdot.py) rearranged that way: per group of k blocks (k = 4, then 2 and 1 for
+    the tail) the k first halves, then the k second halves. Block b's group starts at byte 32*b, and
+    a group of one block is the natural order.
+  - I8 on VNNI: vpdpbusd multiplies unsigned by signed bytes, so the weights go in as w + 128 (a
+    sign-bit flip) and each lane's accumulator starts at -128 * (its four x values' sum): `xc`
+    (cols/4,) int32, the exact integer correction. AVX2 takes ggml's sign trick instead (no xc).
+
+Numerics: the integer block sums are exact, as intdot's; the float sum runs in another order (16
+lanes, then a horizontal sum), so results differ from intdot's in the last bits only. The numpy twins
+are intdot.q4_row_dot_numpy and intdot.i8_row_dot_numpy (natural x order; the arrangement is a
+numba-side matter).
+
+AVAILABLE: these intrinsics are used only where halves convert in hardware (x86 F16C, AArch64;
+kernels/dequant.NATIVE_HALF): the vector fpext of f16 scales is a runtime-helper call elsewhere.
+"""
+
+import numpy as np
+
+from kernels import intdot
+from kernels.backend import NUMBA, jit
+from kernels.dequant import NATIVE_HALF
+
+AVAILABLE = NUMBA and NATIVE_HALF
+
+
+def _groups(nb: int):
+    """(first block, blocks) of each step over nb blocks: fours, then a two and/or a one."""
+    b = 0
+    while b < nb:
+        k = 4 if nb - b >= 4 else (2 if nb - b >= 2 else 1)
+        yield b, k
+        b += k
+
+
+def prepare_q4_x_numpy(xq, xp):
+    """xq (cols,) int8 in natural order -> xp (cols,) int8 in the Q4 step order (see the module doc)."""
+    for b, k in _groups(xq.shape[0] // 32):
+        blocks = xq[32 * b: 32 * (b + k)].reshape(k, 32)
+        xp[32 * b: 32 * b + 16 * k] = blocks[:, :16].reshape(-1)
+        xp[32 * b + 16 * k: 32 * (b + k)] = blocks[:, 16:].reshape(-1)
+    return xp
+
+
+def lane_corrections_numpy(xq, xc):
+    """xq (cols,) int8 -> xc (cols/4,) int32 = -128 * the sum of each four consecutive values."""
+    xc[:] = -128 * xq.reshape(-1, 4).astype(np.int32).sum(axis=1)
+    return xc
+
+
+@jit()
+def _prepare_q4_x_numba(xq, xp):
+    nb = xq.shape[0] // 32
+    b = 0
+    while b < nb:
+        k = 4 if nb - b >= 4 else (2 if nb - b >= 2 else 1)
+        for i in range(k):
+            src = 32 * (b + i)
+            lo = 32 * b + 16 * i
+            hi = 32 * b + 16 * k + 16 * i
+            for j in range(16):
+                xp[lo + j] = xq[src + j]
+                xp[hi + j] = xq[src + 16 + j]
+        b += k
+    return xp
+
+
+@jit()
+def _lane_corrections_numba(xq, xc):
+    for lane in range(xc.shape[0]):
+        t = np.int32(0)
+        for j in range(4):
+            t += np.int32(xq[4 * lane + j])
+        xc[lane] = np.int32(-128) * t
+    return xc
+
+
+prepare_q4_x = _prepare_q4_x_numba if NUMBA else prepare_q4_x_numpy
+lane_corrections = _lane_corrections_numba if NUMBA else lane_corrections_numpy
+
+
+@jit(inline=True)
+def round_x(v, xq, xp, dx, xsum):
+    """v (cols,) f32 -> xq, xp (cols,) int8 (natural and Q4 step order), dx and xsum (cols/32,) f32: what
+    a Q4 matvec over v needs, made once and shared by every row (and by both threads of
+    kernels/decode_token.py, each into its own buffers)."""
+    intdot.quantize_q8(v, xq, dx)
+    intdot.rounded_block_sums(xq, dx, xsum)
+    prepare_q4_x(xq, xp)
+
+
+if NUMBA:
+    from llvmlite import ir
+    from numba import types
+    from numba.core.extending import intrinsic
+
+    _I8, _I16, _I32, _I64, _F32 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64), ir.FloatType()
+
+    def _vec(t, n):
+        return ir.VectorType(t, n)
+
+    def _c(v):
+        return ir.Constant(_I64, v)
+
+    def _splat(t, n, v):
+        return ir.Constant(_vec(t, n), [v] * n)
+
+    def _lanes(*idx):
+        return ir.Constant(_vec(_I32, len(idx)), list(idx))
+
+    def _load(builder, base, offset, t, n, align=1):
+        """<n x t> loaded from base + offset elements of base's type (unaligned)."""
+        return builder.load(builder.bitcast(builder.gep(base, [offset]), _vec(t, n).as_pointer()), align=align)
+
+    def _half(builder, v, lo, n):
+        """Lanes lo..lo+n-1 of vector v."""
+        return builder.shuffle_vector(v, v, _lanes(*range(lo, lo + n)))
+
+    def _concat(builder, a, b):
+        n = a.type.count
+        return builder.shuffle_vector(a, b, _lanes(*range(2 * n)))
+
+    def _hsum(builder, v):
+        """The float sum of the lanes of v, halving the vector each step."""
+        n = v.type.count
+        while n > 1:
+            n //= 2
+            v = builder.fadd(_half(builder, v, 0, n), _half(builder, v, n, n), flags=("fast",))
+        return builder.extract_element(v, ir.Constant(_I32, 0))
+
+    def _pairs_i16(builder, v):
+        """<2n x i16> -> <n x i16>: sums of adjacent lanes (no overflow for the bounds below)."""
+        n = v.type.count // 2
+        return builder.add(builder.shuffle_vector(v, v, _lanes(*range(0, 2 * n, 2))),
+                           builder.shuffle_vector(v, v, _lanes(*range(1, 2 * n, 2))))
+
+    def _quads_i32(builder, v16):
+        """<4n x i16> -> <n x i32>: sums of each four adjacent lanes."""
+        p = _pairs_i16(builder, v16)
+        p32 = builder.sext(p, _vec(_I32, p.type.count))
+        n = p.type.count // 2
+        return builder.add(builder.shuffle_vector(p32, p32, _lanes(*range(0, 2 * n, 2))),
+                           builder.shuffle_vector(p32, p32, _lanes(*range(1, 2 * n, 2))))
+
+    def _x86(builder, name, ret, *args):
+        fn = builder.module.declare_intrinsic(name, fnty=ir.FunctionType(ret, [a.type for a in args]))
+        return builder.call(fn, list(args))
+
+    def _maddubs(builder, u, s):
+        """u (unsigned) x s (signed) bytes -> i16 pair sums: pmaddubsw, 16 or 32 bytes."""
+        n = u.type.count
+        name = "llvm.x86.avx2.pmadd.ub.sw" if n == 32 else "llvm.x86.ssse3.pmadd.ub.sw.128"
+        return _x86(builder, name, _vec(_I16, n // 2), u, s)
+
+    def _madd_ones(builder, v16):
+        """<2n x i16> -> <n x i32> pair sums: pmaddwd by ones."""
+        n = v16.type.count
+        name = "llvm.x86.avx2.pmadd.wd" if n == 16 else "llvm.x86.sse2.pmadd.wd"
+        return _x86(builder, name, _vec(_I32, n // 2), v16, _splat(_I16, n, 1))
+
+    def _isum_q4(builder, lo, hi, xl, xh):
+        """lo, hi <n x i8> nibbles (0..15), xl, xh <n x i8> signed, n in 16, 32, 64 -> <n/4 x i32>: lane
+        l = the sum over its four bytes of lo*xl + hi*xh (|lane| <= 8*15*127: no overflow anywhere)."""
+        n = lo.type.count
+        if intdot.VNNI512 and n == 64:
+            v16 = _vec(_I32, 16)
+            acc = _x86(builder, "llvm.x86.avx512.vpdpbusd.512", v16, ir.Constant(v16, [0] * 16),
+                       builder.bitcast(lo, v16), builder.bitcast(xl, v16))
+            return _x86(builder, "llvm.x86.avx512.vpdpbusd.512", v16, acc,
+                        builder.bitcast(hi, v16), builder.bitcast(xh, v16))
+        if intdot.AVX2:
+            if n == 64:
+                return _concat(builder, *(_isum_q4(builder, *(_half(builder, v, h, 32) for v in (lo, hi, xl, xh)))
+                                          for h in (0, 32)))
+            # pair sums of lo*xl plus those of hi*xh: |.| <= 4*15*127, within pmaddubsw's i16
+            return _madd_ones(builder, builder.add(_maddubs(builder, lo, xl), _maddubs(builder, hi, xh)))
+        t = _vec(_I16, n)
+        p = builder.add(builder.mul(builder.zext(lo, t), builder.sext(xl, t)),
+                        builder.mul(builder.zext(hi, t), builder.sext(xh, t)))
+        return _quads_i32(builder, p)
+
+    def _isum_i8(builder, w, x, xc):
+        """w, x <n x i8> signed, n in 32, 64 -> <n/4 x i32>: lane l = the sum of its four products.
+        xc: the lane corrections (<16 x i32>, VNNI with n = 64 only, else None)."""
+        n = w.type.count
+        if intdot.VNNI512 and n == 64:
+            v16 = _vec(_I32, 16)
+            u = builder.xor(w, _splat(_I8, 64, -128))          # w + 128, as unsigned bytes
+            return _x86(builder, "llvm.x86.avx512.vpdpbusd.512", v16, xc, builder.bitcast(u, v16),
+                        builder.bitcast(x, v16))
+        if intdot.AVX2:
+            if n == 64:
+                return _concat(builder, *(_isum_i8(builder, _half(builder, w, h, 32), _half(builder, x, h, 32), None)
+                                          for h in (0, 32)))
+            # ggml's sign trick: |w| (unsigned) times x with w's sign; |w| <= 128, |x| <= 127, so the
+            # i16 pair sums (<= 32512) never saturate.
+            sign = builder.module.declare_intrinsic("llvm.x86.avx2.psign.b",
+                                                    fnty=ir.FunctionType(_vec(_I8, 32), [_vec(_I8, 32)] * 2))
+            return _madd_ones(builder, _maddubs(builder, builder.call(sign, [w, w]), builder.call(sign, [x, w])))
+        t = _vec(_I16, n)
+        prod = builder.mul(builder.sext(w, t), builder.sext(x, t))     # |.| <= 16256
+        pairs = builder.sext(_pairs_i16(builder, prod), _vec(_I32, n // 2))
+        m = n // 4
+        return builder.add(builder.shuffle_vector(pairs, pairs, _lanes(*range(0, 2 * m, 2))),
+                           builder.shuffle_vector(pairs, pairs, _lanes(*range(1, 2 * m, 2))))
+
+    def _scales(builder, drow, dx, b, k, f16):
+        """<k x float>: scale(d[r, b + i]) * dx[b + i] for i < k."""
+        if f16:
+            raw = _load(builder, drow, b, _I16, k, align=2)
+            dv = builder.fpext(builder.bitcast(raw, _vec(ir.HalfType(), k)), _vec(_F32, k))
+        else:
+            dv = _load(builder, drow, b, _F32, k, align=4)
+        return builder.fmul(dv, _load(builder, dx, b, _F32, k, align=4), flags=("fast",))
+
+    def _spread(builder, s, lanes_per_block, first, count):
+        """<count*lanes_per_block x float>: scales first..first+count-1 of s, each repeated."""
+        return builder.shuffle_vector(s, s, _lanes(*[first + i for i in range(count) for _ in range(lanes_per_block)]))
+
+    def _fma(builder, isum, scales, acc):
+        return builder.fadd(acc, builder.fmul(builder.sitofp(isum, _vec(_F32, isum.type.count)), scales,
+                                              flags=("fast",)), flags=("fast",))
+
+    def _q4_step(builder, qrow, xp, drow, dx, b, k, f16):
+        """Blocks b..b+k-1 of a Q4 row (k in 4, 2, 1) -> <4k x float> scaled partial sums."""
+        w = _load(builder, qrow, builder.mul(b, _c(16)), _I8, 16 * k)
+        lo = builder.and_(w, _splat(_I8, 16 * k, 15))
+        hi = builder.lshr(w, _splat(_I8, 16 * k, 4))
+        xoff = builder.mul(b, _c(32))
+        xl = _load(builder, xp, xoff, _I8, 16 * k)
+        xh = _load(builder, xp, builder.add(xoff, _c(16 * k)), _I8, 16 * k)
+        isum = _isum_q4(builder, lo, hi, xl, xh)
+        s = _scales(builder, drow, dx, b, k, f16)
+        return builder.fmul(builder.sitofp(isum, _vec(_F32, 4 * k)), _spread(builder, s, 4, 0, k), flags=("fast",))
+
+    def _i8_step(builder, qrow, xq, xc, drow, dx, b, k, f16):
+        """Blocks b..b+k-1 of an I8 row with blocks of 32 (k in 4, 2, 1) -> a list of <16 x float> (or
+        one <8 x float> for k = 1) scaled partial sums."""
+        s = _scales(builder, drow, dx, b, k, f16)
+        out = []
+        for h in range(0, k, 2):
+            n = 64 if k >= 2 else 32
+            off = builder.mul(builder.add(b, _c(h)), _c(32))
+            xcv = _load(builder, xc, builder.ashr(off, _c(2)), _I32, 16, align=4) if intdot.VNNI512 and n == 64 else None
+            isum = _isum_i8(builder, _load(builder, qrow, off, _I8, n), _load(builder, xq, off, _I8, n), xcv)
+            out.append(builder.fmul(builder.sitofp(isum, _vec(_F32, n // 4)),
+                                    _spread(builder, s, 8, h, n // 32), flags=("fast",)))
+        return out
+
+    def _counted_loop(builder, n, inits, body):
+        """for i in range(n), carrying the values `inits` (body(i, *values) -> new values); returns the
+        values after the loop (the inits when n <= 0)."""
+        entry = builder.block
+        fn = builder.function
+        loop, after = fn.append_basic_block("rowdot.loop"), fn.append_basic_block("rowdot.after")
+        builder.cbranch(builder.icmp_signed(">", n, _c(0)), loop, after)
+        builder.position_at_end(loop)
+        i = builder.phi(_I64)
+        carried = [builder.phi(v.type) for v in inits]
+        new = body(i, *carried)
+        i2 = builder.add(i, _c(1))
+        end = builder.block
+        i.add_incoming(_c(0), entry)
+        i.add_incoming(i2, end)
+        for phi, init, nv in zip(carried, inits, new):
+            phi.add_incoming(init, entry)
+            phi.add_incoming(nv, end)
+        builder.cbranch(builder.icmp_signed("<", i2, n), loop, after)
+        builder.position_at_end(after)
+        outs = []
+        for init, nv in zip(inits, new):
+            p = builder.phi(init.type)
+            p.add_incoming(init, entry)
+            p.add_incoming(nv, end)
+            outs.append(p)
+        return outs
+
+    def _when(builder, cond, make):
+        """make() -> float evaluated only when cond holds; 0.0 otherwise."""
+        before = builder.block
+        with builder.if_then(cond):
+            v = make()
+            inside = builder.block
+        p = builder.phi(_F32)
+        p.add_incoming(ir.Constant(_F32, 0.0), before)
+        p.add_incoming(v, inside)
+        return p
+
+    def _emit_row(builder, nb, parts, step):
+        """The float sum over a row of nb blocks: step(b, k) gives the scaled partial sums of blocks
+        b..b+k-1 as vectors (`parts` of them for k = 4, each <16 x float>); fours in a loop, each part
+        into its own accumulator, then a step of two and/or one for the last nb % 4 blocks."""
+        fours = builder.ashr(nb, _c(2))
+        zero = ir.Constant(_vec(_F32, 16), [0.0] * 16)
+
+        def body(g, *accs):
+            return [builder.fadd(a, v, flags=("fast",)) for a, v in zip(accs, step(builder.mul(g, _c(4)), 4))]
+
+        accs = _counted_loop(builder, fours, [zero] * parts, body)
+        acc = accs[0]
+        for a in accs[1:]:
+            acc = builder.fadd(acc, a, flags=("fast",))
+        total = _hsum(builder, acc)
+        b2 = builder.mul(fours, _c(4))
+        rem = builder.sub(nb, b2)
+        t2 = _when(builder, builder.icmp_signed(">=", rem, _c(2)), lambda: _hsum(builder, step(b2, 2)[0]))
+        t1 = _when(builder, builder.icmp_signed("!=", builder.and_(rem, _c(1)), _c(0)),
+                   lambda: _hsum(builder, step(builder.sub(nb, _c(1)), 1)[0]))
+        return builder.fadd(total, builder.fadd(t2, t1, flags=("fast",)), flags=("fast",))
+
+    def _row_ptr(context, builder, ty, val, r):
+        """(pointer to row r, row length) of a C-contiguous 2-D array."""
+        a = context.make_array(ty)(context, builder, val)
+        n = builder.extract_value(a.shape, 1)
+        r64 = builder.sext(r, _I64) if r.type.width < 64 else r
+        return builder.gep(a.data, [builder.mul(r64, n)]), n
+
+    def _data(context, builder, ty, val):
+        return context.make_array(ty)(context, builder, val).data
+
+    def _c_array(a, ndim, *dtypes):
+        return isinstance(a, types.Array) and a.ndim == ndim and a.layout == "C" and a.dtype in dtypes
+
+    @intrinsic
+    def q4_dot(typingctx, qs, d, r, xp, dx):
+        """sum over blocks b of scale(d[r, b]) * dx[b] * sum_j q_j * xq[32b + j] (intdot.q4_row_dot_numpy)
+        for qs (rows, cols/2) uint8 and d (rows, cols/32) f32 or uint16 f16 bits, with xp (cols,) int8 the
+        rounded x in Q4 step order (prepare_q4_x) and dx (cols/32,) f32. Min terms excluded."""
+        if not (_c_array(qs, 2, types.uint8) and _c_array(d, 2, types.float32, types.uint16)
+                and isinstance(r, types.Integer) and _c_array(xp, 1, types.int8) and _c_array(dx, 1, types.float32)):
+            return None
+        f16 = d.dtype == types.uint16
+
+        def codegen(context, builder, sig, args):
+            qrow, _ = _row_ptr(context, builder, sig.args[0], args[0], args[2])
+            drow, nb = _row_ptr(context, builder, sig.args[1], args[1], args[2])
+            xpp = _data(context, builder, sig.args[3], args[3])
+            dxp = _data(context, builder, sig.args[4], args[4])
+            return _emit_row(builder, nb, 1, lambda b, k: [_q4_step(builder, qrow, xpp, drow, dxp, b, k, f16)])
+
+        return types.float32(qs, d, r, xp, dx), codegen
+
+    @intrinsic
+    def i8_dot(typingctx, q, d, r, xq, xc, dx):
+        """sum over blocks b of scale(d[r, b]) * dx[b] * sum_j q[r, 32b + j] * xq[32b + j]
+        (intdot.i8_row_dot_numpy) for q (rows, cols) int8 in blocks of 32, d (rows, cols/32) f32 or
+        uint16 f16 bits, xq (cols,) int8 the rounded x in natural order, xc (cols/4,) int32 its lane
+        corrections (lane_corrections; read on VNNI only) and dx (cols/32,) f32. Min terms excluded."""
+        if not (_c_array(q, 2, types.int8) and _c_array(d, 2, types.float32, types.uint16)
+                and isinstance(r, types.Integer) and _c_array(xq, 1, types.int8) and _c_array(xc, 1, types.int32)
+                and _c_array(dx, 1, types.float32)):
+            return None
+        f16 = d.dtype == types.uint16
+
+        def codegen(context, builder, sig, args):
+            qrow, _ = _row_ptr(context, builder, sig.args[0], args[0], args[2])
+            drow, nb = _row_ptr(context, builder, sig.args[1], args[1], args[2])
+            xqp = _data(context, builder, sig.args[3], args[3])
+            xcp = _data(context, builder, sig.args[4], args[4])
+            dxp = _data(context, builder, sig.args[5], args[5])
+            return _emit_row(builder, nb, 2, lambda b, k: _i8_step(builder, qrow, xqp, xcp, drow, dxp, b, k, f16))
+
+        return types.float32(q, d, r, xq, xc, dx), codegen

@@ -1,0 +1,63 @@
+"""engine/miniature.py: a GGUF model's miniature has the same weight layouts and makes Transformer take
+the same paths, so warming up on it compiles what the real model runs."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from engine.gguf_file import GGUFFile
+from engine.gguf_loader import config_from_gguf, load_weights
+from engine.miniature import WIDTH, gguf_miniature
+from engine.model import Transformer
+
+pytest.importorskip("torch", reason="the test models are made with the [test] extra (torch, transformers)")
+
+VOCAB = {"model": "llama", "tokens": ["<unk>", "<s>", "</s>"] + [f"w{i}" for i in range(3, 128)],
+         "scores": [0.0] * 128, "types": [2, 3, 3] + [1] * 125}
+
+
+def layouts(w):
+    return type(w).__name__, [(a.dtype, a.ndim, a.shape[1] == 0, a.flags.c_contiguous) for a in w._arrays()]
+
+
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1", "Q8_0", "F16", "F32"])
+def test_miniature_has_the_models_layouts_and_paths(tmp_path, qtype):
+    from model_factory import hf_to_gguf, make_hf_model
+
+    make_hf_model("llama", tmp_path)
+    g = GGUFFile(hf_to_gguf(tmp_path, tmp_path / "m.gguf", qtype, VOCAB))
+    config = config_from_gguf(g)
+    mini_config, mini = gguf_miniature(g, config)
+    real = load_weights(g, config)
+    assert mini_config.hidden_size == WIDTH and mini_config.num_hidden_layers == 1   # uniform layers: one
+    assert mini_config.head_dim == config.head_dim
+    assert (mini_config.num_key_value_heads < mini_config.num_attention_heads) == (
+        config.num_key_value_heads < config.num_attention_heads)
+    fields = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
+    for f in fields:
+        assert layouts(getattr(mini.layers[0], f)) == layouts(getattr(real.layers[0], f)), f
+    assert layouts(mini.embed) == layouts(real.embed) and (mini.lm_head is mini.embed) == (real.lm_head is real.embed)
+    a, b = Transformer(config, real), Transformer(mini_config, mini)
+    assert a._fused_decode == b._fused_decode and (a._stacked is None) == (b._stacked is None)
+    if a._stacked is not None:
+        assert [(s.dtype, s.ndim) for s in a._stacked] == [(s.dtype, s.ndim) for s in b._stacked]
+    b.warm_up()                                         # it runs: prefill and one decode step
+    cache = b.new_cache(4)
+    assert np.isfinite(b.forward(np.array([1, 2]), cache)).all()
+
+
+def test_mixed_layers_stay_mixed(tmp_path, monkeypatch):
+    """One miniature layer per distinct combination of layer tensor types."""
+    from model_factory import hf_to_gguf, make_hf_model
+
+    make_hf_model("llama", tmp_path)
+    g = GGUFFile(hf_to_gguf(tmp_path, tmp_path / "m.gguf", "Q4_0", VOCAB))
+    config = config_from_gguf(g)
+    t = g.tensors["blk.1.ffn_down.weight"]
+    g.tensors["blk.1.ffn_down.weight"] = dataclasses.replace(t, ggml_type=8)     # as if it were Q8_0
+    mini_config, mini = gguf_miniature(g, config)
+    assert mini_config.num_hidden_layers == 2
+    assert type(mini.layers[0].w_down).__name__ == "Q4Weight" and type(mini.layers[1].w_down).__name__ == "I8Weight"

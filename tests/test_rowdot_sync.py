@@ -1,0 +1,169 @@
+"""kernels/rowdot.py (four-block row dots, x rearranged once per matvec) and kernels/sync.py (work
+sharing inside one parallel region) against their numpy twins, and the one-region decode
+(kernels/decode_token.py) against the per-layer path on several thread counts."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from kernels import backend, intdot, rowdot, sync
+from tests.test_kernels import _i8, _q4
+
+NB = (1, 2, 3, 4, 5, 6, 7, 8, 18, 48, 49)     # every tail: fours, then a two and/or a one
+
+
+@pytest.mark.parametrize("nb", NB)
+def test_prepare_and_corrections_twins(nb):
+    """The Q4 step order puts each group's first halves before its second halves; both versions agree,
+    and it is a permutation of xq. Lane corrections are -128 times each four values' sum."""
+    rng = np.random.default_rng(nb)
+    xq = rng.integers(-127, 128, 32 * nb, dtype=np.int8)
+    want = rowdot.prepare_q4_x_numpy(xq, np.empty_like(xq))
+    got = rowdot.prepare_q4_x(xq, np.empty_like(xq))
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(np.sort(want), np.sort(xq))
+    b, k = list(rowdot._groups(nb))[0]
+    assert (b, k) == (0, min(4, nb) if nb != 3 else 2)
+    np.testing.assert_array_equal(want[: 16 * k], xq.reshape(-1, 32)[:k, :16].reshape(-1))
+    xc = rowdot.lane_corrections(xq, np.empty(8 * nb, np.int32))
+    np.testing.assert_array_equal(xc, rowdot.lane_corrections_numpy(xq, np.empty(8 * nb, np.int32)))
+    assert xc[0] == -128 * int(xq[:4].astype(np.int32).sum())
+
+
+@pytest.mark.parametrize("code", ["vnni512", "avx2", "generic"])
+def test_row_dots_against_numpy(code, monkeypatch):
+    """q4_dot and i8_dot on the AVX-512 VNNI, AVX2 and generic-vector code (each forced by compiling
+    with the other flags off), both scale dtypes, every tail length, extreme values (q = 15 and -128
+    with x = +-127: the i16 and VNNI bias bounds)."""
+    if not rowdot.AVAILABLE:
+        pytest.skip("the four-block row dots need numba and hardware half conversion")
+    if (code == "avx2" and not intdot.AVX2) or (code == "vnni512" and not intdot.VNNI512):
+        pytest.skip(f"this CPU has no {code}")
+    from numba import njit
+
+    monkeypatch.setattr(intdot, "AVX2", code != "generic")      # read when the intrinsics generate IR
+    monkeypatch.setattr(intdot, "VNNI512", code == "vnni512")
+
+    @njit(cache=False)
+    def q4_rows(qs, d, xp, dx, out):
+        for r in range(qs.shape[0]):
+            out[r] = rowdot.q4_dot(qs, d, r, xp, dx)
+        return out
+
+    @njit(cache=False)
+    def i8_rows(q, d, xq, xc, dx, out):
+        for r in range(q.shape[0]):
+            out[r] = rowdot.i8_dot(q, d, r, xq, xc, dx)
+        return out
+
+    rng = np.random.default_rng(5)
+    for nb in NB:
+        for kind in ("f32", "f16"):
+            qs, d, _ = _q4(rng, 5, 32 * nb, kind, sym=True)
+            qs[0] = 0xFF                                  # every nibble 15
+            xq = rng.integers(-127, 128, 32 * nb, dtype=np.int8)
+            xq[:32] = 127
+            dx = rng.uniform(0.001, 0.1, nb).astype(np.float32)
+            xp = rowdot.prepare_q4_x_numpy(xq, np.empty_like(xq))
+            got = q4_rows(qs, d, xp, dx, np.empty(5, np.float32))
+            want = np.array([intdot.q4_row_dot_numpy(qs, d, r, xq, dx) for r in range(5)])
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5, err_msg=f"q4 nb={nb} {kind}")
+            q, d8, _ = _i8(rng, 5, 32 * nb, 32, False, kind)
+            q[0] = -128
+            q[1, :32] = 127
+            xq[32:64] = -127
+            xc = rowdot.lane_corrections_numpy(xq, np.empty(8 * nb, np.int32))
+            got = i8_rows(q, d8, xq, xc, dx, np.empty(5, np.float32))
+            want = np.array([intdot.i8_row_dot_numpy(q, d8, r, xq, dx) for r in range(5)])
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5, err_msg=f"i8 nb={nb} {kind}")
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3, 5])
+@pytest.mark.parametrize("n", [0, 1, 2, 7, 64])
+def test_take_hands_out_every_item_once_serial(threads, n):
+    """The serial twin, threads taking in turn (and one thread taking all of another's region): every
+    item exactly once, then -1 for everyone."""
+    c = sync.new_counters(3, threads)
+    seen = []
+    order = [t for _ in range(n + threads) for t in range(threads)] + [0] * (n + 1)
+    for t in order:
+        i = sync.take_numpy(c, 1, t, threads, n)
+        if i >= 0:
+            seen.append(i)
+            sync.finish_numpy(c, 1, threads)
+    assert sorted(seen) == list(range(n))
+    sync.wait_step_numpy(c, 1, threads, n)
+    assert not c[: threads + 1].any() and not c[2 * (threads + 1):].any()      # other steps untouched
+    # One thread alone takes its own region front to back, then the others' from their back end.
+    c = sync.new_counters(1, threads)
+    alone = [sync.take_numpy(c, 0, 0, threads, n) for _ in range(n + 1)]
+    own = list(range(n // threads))
+    assert alone[: len(own)] == own and sorted(alone[:n]) == list(range(n)) and alone[n] == -1
+
+
+def test_take_in_a_parallel_region():
+    """The numba version with real threads: every item of many steps claimed exactly once, each
+    finished before wait returns (each item's mark is visible to the thread that waited)."""
+    if not backend.NUMBA:
+        pytest.skip("numba only")
+    import numba
+    from numba import njit, prange
+
+    @njit(parallel=True, cache=False)
+    def run(threads, steps, n, marks, seen):
+        c = np.zeros((threads + 1) * steps, np.int64)
+        for t in prange(threads):
+            for s in range(steps):
+                i = sync.take(c, s, t, threads, n)
+                while i >= 0:
+                    marks[s, i] += 1
+                    sync.finish(c, s, threads)
+                    i = sync.take(c, s, t, threads, n)
+                sync.wait_step(c, s, threads, n)
+                k = 0
+                for j in range(n):
+                    k += marks[s, j]
+                seen[t, s] = k
+        return marks
+
+    threads = numba.get_num_threads()
+    steps, n = 200, 37
+    marks = np.zeros((steps, n), np.int64)
+    seen = np.zeros((threads, steps), np.int64)
+    run(threads, steps, n, marks, seen)
+    assert (marks == 1).all()
+    assert (seen == n).all()
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_one_region_decode_matches_per_layer_decode(tmp_path, threads):
+    """kernels/decode_token.py (the default for all-Q4 models) against the per-layer fused path and the
+    unfused path, on 1 and 2 threads: the same logits within float rounding, over 8 cached steps."""
+    pytest.importorskip("torch", reason="the test model is made with the [test] extra (torch, transformers)")
+    import engine
+    from kernels.decode_token import decode_token_q4
+    from model_factory import hf_to_gguf, make_hf_model
+
+    if decode_token_q4 is None:
+        pytest.skip("numba with hardware half conversion only")
+    make_hf_model("llama", tmp_path)
+    tokens = ["<unk>", "<s>", "</s>"] + [f"w{i}" for i in range(3, 128)]
+    vocab = {"model": "llama", "tokens": tokens, "scores": [0.0] * 128, "types": [2, 3, 3] + [1] * 125}
+    llm = engine.load(str(hf_to_gguf(tmp_path, tmp_path / "m.gguf", "Q4_1", vocab)), threads=threads)
+    m = llm.model
+    assert m._stacked is not None
+    stacked = m._stacked
+
+    def decode(mode):
+        m._stacked = stacked if mode == "token" else None
+        m._fused_decode = mode != "unfused"
+        cache = m.new_cache(32)
+        m.forward(np.array([1, 17, 93, 5, 64]), cache)
+        return [m.forward(np.array([t]), cache, all_logits=False)[0] for t in [3, 99, 14, 51, 76, 20, 8, 111]]
+
+    got, layer, plain = decode("token"), decode("layer"), decode("unfused")
+    for i, (a, b, c) in enumerate(zip(got, layer, plain)):
+        scale = max(1.0, np.abs(c).max())
+        assert np.abs(a - b).max() < 1e-4 * scale, f"step {i}"
+        assert np.abs(a - c).max() < 1e-4 * scale, f"step {i}"
