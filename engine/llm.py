@@ -136,11 +136,19 @@ class LLM:
         return ids
 
 
+KV_CACHE_TYPES = {"f16": np.uint16, "f32": np.float32}   # the cache's element: half bits or float32
+
+
 def load(source: str | os.PathLike = "smollm2-135m-instruct", *, threads: int | None = None, plan=None,
-         n_ctx: int | None = None, progress=None) -> LLM:
+         n_ctx: int | None = None, kv_cache: str | None = None, progress=None) -> LLM:
     """Load a model: an HF directory, a .gguf file, a deploy directory or a registry alias (pulled on
-    first use). threads defaults to the physical core count; n_ctx to min(model context, 4096)."""
+    first use). threads defaults to the physical core count; n_ctx to min(model context, 4096);
+    kv_cache ("f16" or "f32") to half for GGUF files, as llama.cpp, and float32 for HF checkpoints
+    (their float reference)."""
     from engine import registry
+
+    if kv_cache is not None and kv_cache not in KV_CACHE_TYPES:
+        raise ValueError(f"kv_cache={kv_cache!r} is not one of {', '.join(KV_CACHE_TYPES)}")
 
     path = registry.resolve(source)
     if plan is not None:
@@ -183,7 +191,7 @@ def load(source: str | os.PathLike = "smollm2-135m-instruct", *, threads: int | 
             # warms up on the model itself below.
             from engine.miniature import warm_up_kernels
 
-            warm_up_kernels(g, config)
+            warm_up_kernels(g, config, KV_CACHE_TYPES[kv_cache or "f16"])
         tokenizer = from_gguf(g.meta, str(path))
         for key in ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.scores",
                     "tokenizer.ggml.token_type"):
@@ -201,6 +209,7 @@ def load(source: str | os.PathLike = "smollm2-135m-instruct", *, threads: int | 
     if ctx < 2:
         raise ValueError(f"n_ctx must be at least 2, got {ctx}")
     model = Transformer(config, weights)
+    model.kv_dtype = KV_CACHE_TYPES[kv_cache or ("f32" if path.is_dir() else "f16")]
     trim_heap()      # the arrays Transformer restacked (engine/model.py) leave holes in the heap
     from engine import flash_plan
     if deploy is not None and flash_plan.uses_flash(deploy):

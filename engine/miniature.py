@@ -90,14 +90,15 @@ def _mini_shapes(c: ModelConfig) -> dict[str, tuple[int, ...]]:
             "attn_v.bias": (kv,), "attn_output.bias": (h,)}
 
 
-def warm_up_kernels(g: GGUFFile, config: ModelConfig) -> None:
-    """Compile or load every kernel the GGUF model will run, on its miniature, and give the compiler's
-    memory back (engine/memory.py): call before reading the weights."""
+def warm_up_kernels(g: GGUFFile, config: ModelConfig, kv_dtype=np.uint16) -> None:
+    """Compile or load every kernel the GGUF model will run with a KV cache of kv_dtype, on its
+    miniature, and give the compiler's memory back (engine/memory.py): call before reading the weights."""
     from engine.memory import release_compiler_pages
     from engine.model import Transformer
     from engine.sparse import attach
 
     model = Transformer(*gguf_miniature(g, config))
+    model.kv_dtype = kv_dtype
     attach(model)
     model.warm_up()
     del model

@@ -81,6 +81,9 @@ class Transformer:
                          else None)
         self._scratch = None
         self._token_out = self._token_scratch = None      # kernels/decode_token.py's buffers, made once
+        # The KV cache's element type: np.float32, or np.uint16 for half bits (kernels/kv.py). The loader
+        # picks it (engine/llm.py: half for GGUF files, as llama.cpp; float32 for HF checkpoints).
+        self.kv_dtype = np.float32
         # Called as ffn_observer(layer, h, gate, up, act) with the FFN input h (n, hidden) and the
         # pre-activation gate, up and the activation product act (n, ffn), all f32 and read-only: how the
         # planner measures activation statistics. Setting it routes decode through the unfused path.
@@ -100,7 +103,7 @@ class Transformer:
 
     def new_cache(self, max_seq: int) -> KVCache:
         c = self.config
-        return KVCache(c.num_hidden_layers, c.num_key_value_heads, max_seq, c.head_dim)
+        return KVCache(c.num_hidden_layers, c.num_key_value_heads, max_seq, c.head_dim, self.kv_dtype)
 
     def warm_up(self) -> None:
         """Load (or compile) every kernel prefill and decode use, with a 2-token prefill and one decode

@@ -9,13 +9,15 @@ import math
 import numpy as np
 
 from kernels.backend import NUMBA, jit, pick
+from kernels.kv import load, to_f32
 
 if NUMBA:
     from numba import prange
 
 
 def attention_numpy(q, k_cache, v_cache, start, window, out):
-    """q (n, H, hd) f32; k_cache, v_cache (Hkv, max_seq, hd) f32 holding positions 0..start+n-1;
+    """q (n, H, hd) f32; k_cache, v_cache (Hkv, max_seq, hd) f32 or uint16 half bits (kernels/kv.py)
+    holding positions 0..start+n-1;
     start int; window int (0 = unlimited) -> out (n, H, hd) f32. BLAS-backed: the prefill path."""
     n, n_heads, hd = q.shape
     n_kv = k_cache.shape[0]
@@ -29,19 +31,19 @@ def attention_numpy(q, k_cache, v_cache, start, window, out):
         allowed &= pos_k > pos_q - window
     for g in range(n_kv):
         qg = q[:, g * group:(g + 1) * group].transpose(1, 0, 2)          # (group, n, hd)
-        scores = (qg @ k_cache[g, :end].T) * scale                        # (group, n, end)
+        scores = (qg @ to_f32(k_cache[g, :end]).T) * scale                # (group, n, end)
         scores = np.where(allowed[None], scores, -np.inf)
         scores -= scores.max(axis=2, keepdims=True)
         p = np.exp(scores)
         p /= p.sum(axis=2, keepdims=True)
-        out[:, g * group:(g + 1) * group] = (p @ v_cache[g, :end]).transpose(1, 0, 2)
+        out[:, g * group:(g + 1) * group] = (p @ to_f32(v_cache[g, :end])).transpose(1, 0, 2)
     return out
 
 
 @jit(inline=True)
 def attend_head(q, k_cache, v_cache, i, h, g, pos, window, scale, scores, out):
     """out[i, h] = softmax(q[i, h] . keys) . values over cache positions lo..pos of KV head g (lo from
-    the window); scores (>= pos + 1,) f32 scratch. One query head: _attention_numba's job, and a work
+    the window), the caches f32 or uint16 half bits; scores (>= pos + 1,) f32 scratch. One query head: _attention_numba's job, and a work
     item of kernels/decode_token.py."""
     hd = q.shape[2]
     lo = 0
@@ -52,7 +54,7 @@ def attend_head(q, k_cache, v_cache, i, h, g, pos, window, scale, scores, out):
     for t in range(span):
         s = np.float32(0.0)
         for j in range(hd):
-            s += q[i, h, j] * k_cache[g, lo + t, j]
+            s += q[i, h, j] * load(k_cache[g, lo + t, j])
         s *= scale
         scores[t] = s
         if s > best:
@@ -67,7 +69,7 @@ def attend_head(q, k_cache, v_cache, i, h, g, pos, window, scale, scores, out):
     for t in range(span):
         w = scores[t] / total
         for j in range(hd):
-            out[i, h, j] += w * v_cache[g, lo + t, j]
+            out[i, h, j] += w * load(v_cache[g, lo + t, j])
 
 
 @jit(parallel=True)

@@ -36,6 +36,7 @@ from kernels import intdot, rowdot, sync
 from kernels.activation import act_scalar
 from kernels.attention import attend_head
 from kernels.backend import NUMBA, jit
+from kernels.kv import store
 from kernels.norm import _rmsnorm_numba
 from kernels.rope import rope_head
 
@@ -99,8 +100,8 @@ if NUMBA and rowdot.AVAILABLE:
             while g >= 0:
                 rope_head(k, cos, sin, 0, g, k)
                 for j in range(head_dim):
-                    kc[g, pos, j] = k[0, g, j]
-                    vc[g, pos, j] = v[0, g, j]
+                    kc[g, pos, j] = store(k[0, g, j], kc)
+                    vc[g, pos, j] = store(v[0, g, j], vc)
                 sync.finish(counters, base + 1, threads)
                 g = sync.take(counters, base + 1, t, threads, n_kv)
             sync.wait_step(counters, base + 1, threads, n_kv)

@@ -13,6 +13,7 @@ import numpy as np
 from kernels.activation import _glu_numba
 from kernels.attention import _attention_numba
 from kernels.backend import NUMBA, jit
+from kernels.kv import store
 from kernels.matvec import _matvec_q4_numba
 from kernels.norm import _rmsnorm_numba
 from kernels.rope import _rope_numba
@@ -37,8 +38,8 @@ def _decode_layer_q4_numba(x, attn_norm, ffn_norm, eps,
     _rope_numba(k, cos, sin, k)
     for g in range(n_kv):
         for j in range(head_dim):
-            k_cache[g, pos, j] = k[0, g, j]
-            v_cache[g, pos, j] = v[0, g, j]
+            k_cache[g, pos, j] = store(k[0, g, j], k_cache)
+            v_cache[g, pos, j] = store(v[0, g, j], v_cache)
     _attention_numba(q, k_cache, v_cache, pos, window, attn)
     _matvec_q4_numba(o_qs, o_d, o_m, attn.reshape(hq), tmp)
     for j in range(x.shape[1]):

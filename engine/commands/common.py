@@ -13,6 +13,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help=f"HF directory, .gguf file or registry alias (default: {DEFAULT_MODEL})")
     p.add_argument("-t", "--threads", type=int, default=None, help="compute threads (default: physical cores)")
     p.add_argument("-c", "--ctx", type=int, default=None, help="context length (default: min(model's, 4096))")
+    p.add_argument("--kv-cache", choices=("f16", "f32"), default=None,
+                   help="KV cache element type (default: f16 for GGUF files, as llama.cpp; f32 for HF checkpoints)")
     p.add_argument("--verbose", action="store_true", help="print load and speed statistics on stderr")
 
 
@@ -50,7 +52,7 @@ def load_model(args):
 
         pull.run(argparse.Namespace(alias=args.model, force=False, list=False, quiet_path=True))
     t0 = time.perf_counter()
-    llm = load(args.model, threads=args.threads, n_ctx=args.ctx)
+    llm = load(args.model, threads=args.threads, n_ctx=args.ctx, kv_cache=getattr(args, "kv_cache", None))
     if args.verbose:
         c = llm.config
         print(f"loaded {llm.source} in {time.perf_counter() - t0:.2f} s: {c.num_hidden_layers} layers, "
