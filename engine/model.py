@@ -15,10 +15,10 @@ from engine.config import ModelConfig
 from engine.kv_cache import KVCache
 from engine.memory import trim_heap
 from engine.rope import cos_sin, inv_freq, position_scale
-from engine.weights import Q4Weight, Weight, concat_rows
+from engine.weights import I8Weight, Q4Weight, Weight, concat_rows
 from kernels.activation import glu
 from kernels.attention import attention, attention_numpy
-from kernels.decode_token import counters_for, decode_token_q4
+from kernels.decode_token import counters_for, decode_token
 from kernels.fused import decode_layer_q4
 from kernels.norm import rmsnorm
 from kernels.rope import rope
@@ -77,8 +77,8 @@ class Transformer:
         # One compiled call per layer for decode when every layer has the Q4 layout and no biases.
         self._fused_decode = decode_layer_q4 is not None and all(_q4_layer(lw) for lw in weights.layers)
         # kernels/decode_token.py's layer arrays, when it applies: one call per token.
-        self._stacked = (_stack_layers(weights.layers) if self._fused_decode and decode_token_q4 is not None
-                         else None)
+        self._stacked = (_stack_layers(weights.layers) if decode_token is not None
+                         and all(_token_layer(lw) for lw in weights.layers) else None)
         self._scratch = None
         self._token_out = self._token_scratch = None      # kernels/decode_token.py's buffers, made once
         # The KV cache's element type: np.float32, or np.uint16 for half bits (kernels/kv.py). The loader
@@ -130,10 +130,7 @@ class Transformer:
             raise
 
     def _decode_fused(self, token: int, cache: KVCache) -> np.ndarray:
-        """One token through every layer with one numba call per layer, or one call in all
-        (kernels/decode_token.py) where the row dots allow; (1, vocab) f32 logits."""
-        if self._stacked is not None:
-            return self._decode_token(token, cache)
+        """One token through every layer with one numba call per layer; (1, vocab) f32 logits."""
         c = self.config
         pos = cache.length
         if self._scratch is None:
@@ -176,18 +173,19 @@ class Transformer:
             self._token_x = np.empty((1, hidden), np.float32)           # (1, hidden) f32 the token's state
         widest = max(hidden, hq, ffn)
         scratch = self._token_scratch
-        if scratch is None or scratch[0].shape[0] != threads or scratch[6].shape[1] < cache.max_seq:
+        if scratch is None or scratch[0].shape[0] != threads or scratch[-1].shape[1] < cache.max_seq:
             # Per thread (kernels/decode_token.py): residual, normed copy, rounded x (natural and rowdot
             # order), its block scales and sums, attention scores.
             scratch = self._token_scratch = (
                 np.empty((threads, hidden), np.float32), np.empty((threads, hidden), np.float32),
                 np.empty((threads, widest), np.int8), np.empty((threads, widest), np.int8),
+                np.empty((threads, widest // 4), np.int32),
                 np.empty((threads, widest // 32), np.float32), np.empty((threads, widest // 32), np.float32),
                 np.empty((threads, cache.max_seq), np.float32))
         cos, sin = self._rope_table(pos + 1)
         x = self._token_x
         x[:] = self.weights.embed.rows_f32(np.array([token]))
-        decode_token_q4(threads, x, *self._stacked, cache.k_all, cache.v_all, cos[pos:pos + 1], sin[pos:pos + 1], pos,
+        decode_token(threads, x, *self._stacked, cache.k_all, cache.v_all, cos[pos:pos + 1], sin[pos:pos + 1], pos,
                         c.window, c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.act_kind,
                         c.rms_norm_eps, counters_for(L, threads), *scratch, *self._token_out)
         cache.length = pos + 1
@@ -196,9 +194,11 @@ class Transformer:
         return self.weights.lm_head.matmul(h)
 
     def _forward(self, ids: np.ndarray, cache: KVCache, all_logits: bool) -> np.ndarray:
-        if (len(ids) == 1 and self._fused_decode and self.ffn_observer is None and self.sparse is None
-                and self.flash is None):
-            return self._decode_fused(int(ids[0]), cache)
+        if len(ids) == 1 and self.ffn_observer is None and self.sparse is None and self.flash is None:
+            if self._stacked is not None:
+                return self._decode_token(int(ids[0]), cache)
+            if self._fused_decode:
+                return self._decode_fused(int(ids[0]), cache)
         c = self.config
         ids = np.asarray(ids, dtype=np.int64)
         n = len(ids)
@@ -257,6 +257,13 @@ class Transformer:
             # otherwise: +12 MiB after a 128-token prompt on SmolLM2. A trim costs well under 1 ms.
             trim_heap()
         return logits
+
+
+def _token_layer(lw: LayerWeights) -> bool:
+    """Whether kernels/decode_token.py runs this layer: Q4 or 32-block I8 matrices, no biases."""
+    mats = (lw.wqkv, lw.wo, lw.w_gate_up, lw.w_down)
+    return (all(isinstance(w, Q4Weight) or (isinstance(w, I8Weight) and w.q.shape[1] == 32 * w.d.shape[1])
+                for w in mats) and all(b is None for b in (lw.bq, lw.bk, lw.bv, lw.bo)))
 
 
 def _q4_layer(lw: LayerWeights) -> bool:

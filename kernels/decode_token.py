@@ -1,5 +1,6 @@
 """One numba parallel region per decoded token: every layer of a model whose matrices all have the Q4
-layout (kernels/layouts.md) and no biases, in one call.
+layout or the I8 layout with blocks of 32 (kernels/layouts.md; Q4_0, Q4_1, Q4_K, Q8_0, Q5_0, Q5_1,
+Q5_K) and no biases, in one call.
 
 Why: kernels/fused.py runs a layer per call, and inside it five parallel regions (q|k|v, attention,
 o, gate|up, down): ~150 fork/joins of the thread team per token on SmolLM2, each a few microseconds
@@ -49,26 +50,52 @@ def counters_for(layers: int, threads: int) -> np.ndarray:
     return sync.new_counters(STEPS * layers, threads)
 
 
+def _row(qs, d, m, r, xq, xp, xc, dx, xsum):
+    """Row r of a Q4 (qs uint8) or 32-block I8 (qs int8) weight times the rounded x, min term included;
+    numba picks the formula by qs's dtype."""
+
+
 if NUMBA and rowdot.AVAILABLE:
-    from numba import prange
+    from numba import prange, types
+    from numba.core.extending import overload
+
+    @overload(_row, inline="always", jit_options={"fastmath": True})
+    def _row_ov(qs, d, m, r, xq, xp, xc, dx, xsum):
+        if qs.dtype == types.uint8:
+            return lambda qs, d, m, r, xq, xp, xc, dx, xsum: (rowdot.q4_dot(qs, d, r, xp, dx)
+                                                              + intdot.min_term(d, m, r, xsum))
+        if qs.dtype == types.int8:
+            def i8(qs, d, m, r, xq, xp, xc, dx, xsum):
+                acc = rowdot.i8_dot(qs, d, r, xq, xc, dx)
+                if m.shape[1]:
+                    acc += intdot.scale_dot(m, r, xsum)
+                return acc
+            return i8
+        return None
 
     @jit(inline=True)
-    def _rows(counters, step, t, threads, qs, d, m, xp, dx, xsum, out):
-        """Step `step`: out[r] = row r of the Q4 weight . x for every r, in items of ROWS rows."""
+    def _rows(counters, step, t, threads, qs, d, m, xq, xp, xc, dx, xsum, out):
+        """Step `step`: out[r] = row r of the weight . x for every r, in items of ROWS rows."""
         rows = qs.shape[0]
         items = (rows + ROWS - 1) // ROWS
         c = sync.take(counters, step, t, threads, items)
         while c >= 0:
             for r in range(c * ROWS, min(rows, c * ROWS + ROWS)):
-                out[r] = rowdot.q4_dot(qs, d, r, xp, dx) + intdot.min_term(d, m, r, xsum)
+                out[r] = _row(qs, d, m, r, xq, xp, xc, dx, xsum)
             sync.finish(counters, step, threads)
             c = sync.take(counters, step, t, threads, items)
         sync.wait_step(counters, step, threads, items)
 
+    @jit(inline=True)
+    def _round(v, xq, xp, xc, dx, xsum):
+        """v rounded as both row dots want it (rowdot.round_x; the I8 dot's lane corrections too)."""
+        rowdot.round_x(v, xq, xp, dx, xsum)
+        rowdot.lane_corrections(xq, xc)
+
     @jit()
     def _worker(t, threads, x, attn_norm, ffn_norm, qkv_qs, qkv_d, qkv_m, o_qs, o_d, o_m, gu_qs, gu_d, gu_m,
                 dn_qs, dn_d, dn_m, k_caches, v_caches, cos, sin, pos, window, n_heads, n_kv, head_dim, act,
-                eps, counters, xs, hs, xqs, xps, dxs, xsums, scores, qkv, attn, o_out, act_out, dn_out):
+                eps, counters, xs, hs, xqs, xps, xcs, dxs, xsums, scores, qkv, attn, o_out, act_out, dn_out):
         hidden = x.shape[1]
         hq, hkv = n_heads * head_dim, n_kv * head_dim
         ffn = act_out.shape[1]
@@ -80,17 +107,18 @@ if NUMBA and rowdot.AVAILABLE:
         # loop costs an atomic reference-count update on the shared parent array per iteration, and two
         # threads updating one counter made the 2-thread token slower than 1 thread.
         sc = scores[t]
-        xq_h, xp_h, dx_h, xs_h = xqs[t, :hidden], xps[t, :hidden], dxs[t, : hidden // 32], xsums[t, : hidden // 32]
-        xq_a, xp_a, dx_a, xs_a = xqs[t, :hq], xps[t, :hq], dxs[t, : hq // 32], xsums[t, : hq // 32]
-        xq_f, xp_f, dx_f, xs_f = xqs[t, :ffn], xps[t, :ffn], dxs[t, : ffn // 32], xsums[t, : ffn // 32]
+        xq_h, xp_h, xc_h = xqs[t, :hidden], xps[t, :hidden], xcs[t, : hidden // 4]
+        dx_h, xs_h = dxs[t, : hidden // 32], xsums[t, : hidden // 32]
+        xq_a, xp_a, xc_a, dx_a, xs_a = xqs[t, :hq], xps[t, :hq], xcs[t, : hq // 4], dxs[t, : hq // 32], xsums[t, : hq // 32]
+        xq_f, xp_f, xc_f, dx_f, xs_f = xqs[t, :ffn], xps[t, :ffn], xcs[t, : ffn // 4], dxs[t, : ffn // 32], xsums[t, : ffn // 32]
         for j in range(hidden):
             xt[0, j] = x[0, j]
         for i in range(len(qkv_qs)):
             base = STEPS * i
             # 0: q|k|v
             _rmsnorm_numba(xt, attn_norm[i], eps, h)
-            rowdot.round_x(h[0], xq_h, xp_h, dx_h, xs_h)
-            _rows(counters, base, t, threads, qkv_qs[i], qkv_d[i], qkv_m[i], xp_h, dx_h, xs_h, qkv[i])
+            _round(h[0], xq_h, xp_h, xc_h, dx_h, xs_h)
+            _rows(counters, base, t, threads, qkv_qs[i], qkv_d[i], qkv_m[i], xq_h, xp_h, xc_h, dx_h, xs_h, qkv[i])
             q = qkv[i, :hq].reshape((1, n_heads, head_dim))
             k = qkv[i, hq : hq + hkv].reshape((1, n_kv, head_dim))
             v = qkv[i, hq + hkv :].reshape((1, n_kv, head_dim))
@@ -115,27 +143,27 @@ if NUMBA and rowdot.AVAILABLE:
                 hh = sync.take(counters, base + 2, t, threads, n_heads)
             sync.wait_step(counters, base + 2, threads, n_heads)
             # 3: o
-            rowdot.round_x(a.reshape(hq), xq_a, xp_a, dx_a, xs_a)
-            _rows(counters, base + 3, t, threads, o_qs[i], o_d[i], o_m[i], xp_a, dx_a, xs_a, o_out[i])
+            _round(a.reshape(hq), xq_a, xp_a, xc_a, dx_a, xs_a)
+            _rows(counters, base + 3, t, threads, o_qs[i], o_d[i], o_m[i], xq_a, xp_a, xc_a, dx_a, xs_a, o_out[i])
             for j in range(hidden):
                 xt[0, j] += o_out[i, j]
             # 4: gate|up and the activation, ROWS neurons per item
             _rmsnorm_numba(xt, ffn_norm[i], eps, h)
-            rowdot.round_x(h[0], xq_h, xp_h, dx_h, xs_h)
+            _round(h[0], xq_h, xp_h, xc_h, dx_h, xs_h)
             gq, gd, gm, ao = gu_qs[i], gu_d[i], gu_m[i], act_out[i]
             items = (ffn + ROWS - 1) // ROWS
             c = sync.take(counters, base + 4, t, threads, items)
             while c >= 0:
                 for n in range(c * ROWS, min(ffn, c * ROWS + ROWS)):
-                    gate = rowdot.q4_dot(gq, gd, n, xp_h, dx_h) + intdot.min_term(gd, gm, n, xs_h)
-                    up = rowdot.q4_dot(gq, gd, ffn + n, xp_h, dx_h) + intdot.min_term(gd, gm, ffn + n, xs_h)
+                    gate = _row(gq, gd, gm, n, xq_h, xp_h, xc_h, dx_h, xs_h)
+                    up = _row(gq, gd, gm, ffn + n, xq_h, xp_h, xc_h, dx_h, xs_h)
                     ao[n] = act_scalar(gate, up, act)
                 sync.finish(counters, base + 4, threads)
                 c = sync.take(counters, base + 4, t, threads, items)
             sync.wait_step(counters, base + 4, threads, items)
             # 5: down
-            rowdot.round_x(ao, xq_f, xp_f, dx_f, xs_f)
-            _rows(counters, base + 5, t, threads, dn_qs[i], dn_d[i], dn_m[i], xp_f, dx_f, xs_f, dn_out[i])
+            _round(ao, xq_f, xp_f, xc_f, dx_f, xs_f)
+            _rows(counters, base + 5, t, threads, dn_qs[i], dn_d[i], dn_m[i], xq_f, xp_f, xc_f, dx_f, xs_f, dn_out[i])
             for j in range(hidden):
                 xt[0, j] += dn_out[i, j]
         if t == 0:
@@ -145,21 +173,21 @@ if NUMBA and rowdot.AVAILABLE:
     @jit(parallel=True)
     def _decode_token_numba(threads, x, attn_norm, ffn_norm, qkv_qs, qkv_d, qkv_m, o_qs, o_d, o_m, gu_qs, gu_d,
                             gu_m, dn_qs, dn_d, dn_m, k_caches, v_caches, cos, sin, pos, window, n_heads, n_kv,
-                            head_dim, act, eps, counters, xs, hs, xqs, xps, dxs, xsums, scores, qkv, attn, o_out,
+                            head_dim, act, eps, counters, xs, hs, xqs, xps, xcs, dxs, xsums, scores, qkv, attn, o_out,
                             act_out, dn_out):
         """x (1, hidden) f32 in and out. Stacked per layer (first axis layers; engine/model.py's
-        _stack_layers): the norms (L, hidden) f32, the Q4 arrays (qs, d, m) of q|k|v, o, gate|up and
-        down, and the KV caches (L, n_kv, max_seq, hd) f32; cos, sin (1, hd/2) f32 of position `pos`. counters from counters_for(layers, threads).
+        _stack_layers): the norms (L, hidden) f32, the weight arrays (qs or q, d, m) of q|k|v, o, gate|up
+        and down, and the KV caches (L, n_kv, max_seq, hd) f32; cos, sin (1, hd/2) f32 of position `pos`. counters from counters_for(layers, threads).
         Scratch per thread (first axis `threads`): xs (T, hidden), hs (T, hidden), xqs and xps (T, C)
-        int8, dxs and xsums (T, C/32), scores (T, >= pos + 1), all f32 unless said, C the widest
-        matvec input. Per layer (first axis layers): qkv (L, hq + 2 hkv), attn (L, 1, heads, hd),
+        int8, xcs (T, C/4) int32, dxs and xsums (T, C/32), scores (T, >= pos + 1), all f32 unless
+        said, C the widest matvec input. Per layer (first axis layers): qkv (L, hq + 2 hkv), attn (L, 1, heads, hd),
         o_out (L, hidden), act_out (L, ffn), dn_out (L, hidden)."""
         for t in prange(threads):
             _worker(t, threads, x, attn_norm, ffn_norm, qkv_qs, qkv_d, qkv_m, o_qs, o_d, o_m, gu_qs, gu_d, gu_m,
                     dn_qs, dn_d, dn_m, k_caches, v_caches, cos, sin, pos, window, n_heads, n_kv, head_dim, act,
-                    eps, counters, xs, hs, xqs, xps, dxs, xsums, scores, qkv, attn, o_out, act_out, dn_out)
+                    eps, counters, xs, hs, xqs, xps, xcs, dxs, xsums, scores, qkv, attn, o_out, act_out, dn_out)
         return x
 
-    decode_token_q4 = _decode_token_numba
+    decode_token = _decode_token_numba
 else:
-    decode_token_q4 = None
+    decode_token = None

@@ -20,8 +20,11 @@ def test_fused_decode_equals_unfused(tmp_path, qtype):
     assert m._fused_decode == NUMBA       # all-Q4 layers use it whenever numba is on
     prompt, steps = [1, 17, 93, 5, 64], [3, 99, 14, 51, 76, 20, 8, 111]
 
+    stacked = m._stacked                  # the one-region decode, tested in tests/test_rowdot_sync.py
+
     def decode(fused: bool) -> list[np.ndarray]:
         m._fused_decode = fused and NUMBA
+        m._stacked = None
         cache = m.new_cache(32)
         m.forward(np.array(prompt), cache)
         out = [m.forward(np.array([t]), cache, all_logits=False)[0] for t in steps]
@@ -29,6 +32,7 @@ def test_fused_decode_equals_unfused(tmp_path, qtype):
         return out
 
     fused, unfused = decode(True), decode(False)
+    m._stacked = stacked
     uncached = llm.logits(prompt + steps)                 # prefill path: float activations throughout
     for i, (got, want) in enumerate(zip(fused, unfused)):
         assert np.abs(got - want).max() < 1e-4 * max(1.0, np.abs(want).max()), f"step {i}"

@@ -136,28 +136,30 @@ def test_take_in_a_parallel_region():
     assert (seen == n).all()
 
 
+@pytest.mark.parametrize("qtype", ["Q4_1", "Q8_0"])
 @pytest.mark.parametrize("threads", [1, 2])
-def test_one_region_decode_matches_per_layer_decode(tmp_path, threads):
-    """kernels/decode_token.py (the default for all-Q4 models) against the per-layer fused path and the
-    unfused path, on 1 and 2 threads: the same logits within float rounding, over 8 cached steps."""
+def test_one_region_decode_matches_per_layer_decode(tmp_path, threads, qtype):
+    """kernels/decode_token.py (the default for Q4 and Q8_0 models) against the per-layer fused path
+    (Q4 only) and the unfused path, on 1 and 2 threads: the same logits within float rounding, over 8
+    cached steps."""
     pytest.importorskip("torch", reason="the test model is made with the [test] extra (torch, transformers)")
     import engine
-    from kernels.decode_token import decode_token_q4
+    from kernels.decode_token import decode_token
     from model_factory import hf_to_gguf, make_hf_model
 
-    if decode_token_q4 is None:
+    if decode_token is None:
         pytest.skip("numba with hardware half conversion only")
     make_hf_model("llama", tmp_path)
     tokens = ["<unk>", "<s>", "</s>"] + [f"w{i}" for i in range(3, 128)]
     vocab = {"model": "llama", "tokens": tokens, "scores": [0.0] * 128, "types": [2, 3, 3] + [1] * 125}
-    llm = engine.load(str(hf_to_gguf(tmp_path, tmp_path / "m.gguf", "Q4_1", vocab)), threads=threads)
+    llm = engine.load(str(hf_to_gguf(tmp_path, tmp_path / "m.gguf", qtype, vocab)), threads=threads)
     m = llm.model
     assert m._stacked is not None
     stacked = m._stacked
 
     def decode(mode):
         m._stacked = stacked if mode == "token" else None
-        m._fused_decode = mode != "unfused"
+        m._fused_decode = mode != "unfused" and qtype != "Q8_0"
         cache = m.new_cache(32)
         m.forward(np.array([1, 17, 93, 5, 64]), cache)
         return [m.forward(np.array([t]), cache, all_logits=False)[0] for t in [3, 99, 14, 51, 76, 20, 8, 111]]
