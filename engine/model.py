@@ -158,6 +158,14 @@ class Transformer:
 
     def _decode_token(self, token: int, cache: KVCache) -> np.ndarray:
         """kernels/decode_token.py: one parallel region for all layers; (1, vocab) f32 logits."""
+        x = self.token_layers(token, cache)
+        h = np.empty_like(x)
+        rmsnorm(x, self.weights.norm, self.config.rms_norm_eps, h)
+        return self.weights.lm_head.matmul(h)
+
+    def token_layers(self, token: int, cache: KVCache) -> np.ndarray:
+        """The embedding row and every layer for one token in one kernel call (kernels/decode_token.py);
+        (1, hidden) f32, reused by the next call. Appends to the cache. tools/profile_decode.py times it."""
         import numba
 
         c = self.config
@@ -186,12 +194,10 @@ class Transformer:
         x = self._token_x
         x[:] = self.weights.embed.rows_f32(np.array([token]))
         decode_token(threads, x, *self._stacked, cache.k_all, cache.v_all, cos[pos:pos + 1], sin[pos:pos + 1], pos,
-                        c.window, c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.act_kind,
-                        c.rms_norm_eps, counters_for(L, threads), *scratch, *self._token_out)
+                     c.window, c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.act_kind,
+                     c.rms_norm_eps, counters_for(L, threads), *scratch, *self._token_out)
         cache.length = pos + 1
-        h = np.empty_like(x)
-        rmsnorm(x, self.weights.norm, c.rms_norm_eps, h)
-        return self.weights.lm_head.matmul(h)
+        return x
 
     def _forward(self, ids: np.ndarray, cache: KVCache, all_logits: bool) -> np.ndarray:
         if len(ids) == 1 and self.ffn_observer is None and self.sparse is None and self.flash is None:

@@ -6,9 +6,11 @@
 Each part is timed on its own, many times, in the order whole step, parts, whole step..., and the
 minimum and median are printed (minimum: the cost without interference from other processes on a
 shared machine; median: what a run sees). "Python and glue" is the whole step minus the timed parts:
-dispatch, argument unpacking and the small numpy operations between kernels. Timings of kernels run
-in isolation are cache-warm for small models (their weights fit the last-level cache on their own),
-so the parts can sum to less than the whole step, which streams every weight from DRAM.
+dispatch, argument unpacking and the small numpy operations between kernels. Where the model runs its
+layers in one call (kernels/decode_token.py) that call is one part, reading the weights from DRAM as a
+real step does. Otherwise one layer is timed and multiplied: such timings are cache-warm for small
+models (a layer's weights fit the last-level cache on their own), so the parts can then sum to less
+than the whole step, which streams every weight from DRAM.
 """
 
 from __future__ import annotations
@@ -59,7 +61,14 @@ def main() -> None:
         "LM head": lambda: w.lm_head.matmul(x),
         "greedy pick (argmax)": lambda: int(np.argmax(logits[-1])),
     }
-    if m._fused_decode:
+    if m._stacked is not None:
+        def all_layers():
+            cache.length = args.pos
+            m.token_layers(5, cache)
+        # Every layer in one call: timed in place, so its weights stream from DRAM as in a real step.
+        parts["embedding + all layers (one parallel region, kernels/decode_token.py)"] = all_layers
+        scale = {}
+    elif m._fused_decode:
         from kernels.fused import decode_layer_q4
 
         lw = w.layers[0]
