@@ -86,12 +86,6 @@ if NUMBA and rowdot.AVAILABLE:
             c = sync.take(counters, step, t, threads, items)
         sync.wait_step(counters, step, threads, items)
 
-    @jit(inline=True)
-    def _round(v, xq, xp, xc, dx, xsum):
-        """v rounded as both row dots want it (rowdot.round_x; the I8 dot's lane corrections too)."""
-        rowdot.round_x(v, xq, xp, dx, xsum)
-        rowdot.lane_corrections(xq, xc)
-
     @jit()
     def _worker(t, threads, x, attn_norm, ffn_norm, qkv_qs, qkv_d, qkv_m, o_qs, o_d, o_m, gu_qs, gu_d, gu_m,
                 dn_qs, dn_d, dn_m, k_caches, v_caches, cos, sin, pos, window, n_heads, n_kv, head_dim, act,
@@ -117,7 +111,7 @@ if NUMBA and rowdot.AVAILABLE:
             base = STEPS * i
             # 0: q|k|v
             _rmsnorm_numba(xt, attn_norm[i], eps, h)
-            _round(h[0], xq_h, xp_h, xc_h, dx_h, xs_h)
+            rowdot.round_x(h[0], xq_h, xp_h, xc_h, dx_h, xs_h)
             _rows(counters, base, t, threads, qkv_qs[i], qkv_d[i], qkv_m[i], xq_h, xp_h, xc_h, dx_h, xs_h, qkv[i])
             q = qkv[i, :hq].reshape((1, n_heads, head_dim))
             k = qkv[i, hq : hq + hkv].reshape((1, n_kv, head_dim))
@@ -143,13 +137,13 @@ if NUMBA and rowdot.AVAILABLE:
                 hh = sync.take(counters, base + 2, t, threads, n_heads)
             sync.wait_step(counters, base + 2, threads, n_heads)
             # 3: o
-            _round(a.reshape(hq), xq_a, xp_a, xc_a, dx_a, xs_a)
+            rowdot.round_x(a.reshape(hq), xq_a, xp_a, xc_a, dx_a, xs_a)
             _rows(counters, base + 3, t, threads, o_qs[i], o_d[i], o_m[i], xq_a, xp_a, xc_a, dx_a, xs_a, o_out[i])
             for j in range(hidden):
                 xt[0, j] += o_out[i, j]
             # 4: gate|up and the activation, ROWS neurons per item
             _rmsnorm_numba(xt, ffn_norm[i], eps, h)
-            _round(h[0], xq_h, xp_h, xc_h, dx_h, xs_h)
+            rowdot.round_x(h[0], xq_h, xp_h, xc_h, dx_h, xs_h)
             gq, gd, gm, ao = gu_qs[i], gu_d[i], gu_m[i], act_out[i]
             items = (ffn + ROWS - 1) // ROWS
             c = sync.take(counters, base + 4, t, threads, items)
@@ -162,7 +156,7 @@ if NUMBA and rowdot.AVAILABLE:
                 c = sync.take(counters, base + 4, t, threads, items)
             sync.wait_step(counters, base + 4, threads, items)
             # 5: down
-            _round(ao, xq_f, xp_f, xc_f, dx_f, xs_f)
+            rowdot.round_x(ao, xq_f, xp_f, xc_f, dx_f, xs_f)
             _rows(counters, base + 5, t, threads, dn_qs[i], dn_d[i], dn_m[i], xq_f, xp_f, xc_f, dx_f, xs_f, dn_out[i])
             for j in range(hidden):
                 xt[0, j] += dn_out[i, j]

@@ -1,5 +1,5 @@
-"""Gathered rows for the sparse FFN (kernels/sparse_ffn.py): row dot products and a 4-row axpy in LLVM
-IR that software-prefetch the rows of the neurons coming next while they compute.
+"""Gathered rows for the sparse FFN (kernels/sparse_ffn.py): a 4-row axpy in LLVM IR that
+software-prefetches the rows of the neurons coming next while it computes.
 
 Why: the sparse FFN reads one 2-4 KiB row per weight per neuron, at scattered addresses. The hardware
 prefetchers follow streams within a page and need a few misses to find one, so on a fresh row most
@@ -8,44 +8,29 @@ core here, against 20-26 GB/s for the same bytes in order (4096x11008, 1100 rows
 interleaved A/B). Prefetching a whole row ahead in one burst helps little (8-10 GB/s): the prefetches
 fill the core's miss buffers and then stall the loop that issued them. One prefetch per line consumed,
 aimed a couple of rows ahead, keeps a steady number of misses in flight and ran at 14-15 GB/s: so the
-loops here issue, in each iteration, one prefetch of the next rows' lines per line they read
-(`llvm.prefetch`; a prefetch of an unmapped address is a no-op, but only valid rows are prefetched).
+loop here issues, in each iteration, one prefetch of the next rows' lines per line it reads
+(`llvm.prefetch`; only valid rows are prefetched). The gate and up row dots do the same in
+kernels/rowdot.py (q4_gu, i8_gu, q4_row1p, i8_row1p).
 
-- dots (q4_dots2, i8_dots2; one row: q4_dot1, i8_dot1): the rounded-x row dot products of
-  kernels/intdot.py (its integer block sums, the same two accumulators and order: with f16 scales each
-  row's result is bit for bit intdot.q4_row_dot / i8_row_dot, with f32 scales within an ulp) of row j
-  of one or two weights (gate and up: one pass over xq serves both), prefetching row jp of each weight
-  and of its scales (jp < 0: none). The scales are loaded two blocks at a time as a vector: a scalar
-  half load compiles to vpinsrw into a register LLVM picks, and where that was an accumulator (it was
-  once the loop around the dots held a call, e.g. the activation's exp) every scale waited for the
-  previous block's sums: 1.6x the time per row. intdot's dense loops have no call; they got a constant.
 - axpy4_i8(w, d, j, a, acc): acc (cols,) f32 += sum over r < 4 of a[r] * row j[r] of an I8 weight with
   32-blocks and no mins (the int8 downT of engine/sparse.py), as explicit <16 x float> vectors: the
   numba loop it replaces took ~2.2x as long on rows in cache (231 against 105 ns per 4096-wide row, one
   thread: per-block scale conversions, a run-time 32-long trip count). axpy4_i8_pf(w, d, j, a, pf, acc)
-  also prefetches rows pf[0..3] of w and d (pf[r] < 0: none).
+  also prefetches rows pf[0..3] of w and d (pf[r] < 0: none). The scales are loaded two blocks at a
+  time as a vector: a scalar half load compiles to vpinsrw into a register LLVM picks, and where that
+  was an accumulator every scale waited for the previous block's sums (1.6x the time per row).
 
-Numerics: integer block sums are exact, and the float operations of the numpy twins happen in the same
-order except what fastmath contracts into fused multiply-adds. Generic vector IR apart from intdot's
-x86 block sums, so ARM64 gets the same loops; f16 scales convert with fpext, as in intdot's row dots
-(one instruction on F16C x86 and ARM64).
+Numerics: the float operations of the numpy twin happen in the same order except what fastmath
+contracts into fused multiply-adds. Generic vector IR, so ARM64 gets the same loop; f16 scales
+convert with fpext (one instruction on F16C x86 and ARM64).
 """
 
 import numpy as np
 
-from kernels import intdot
 from kernels.backend import NUMBA
 from kernels.dequant import scales_f32_numpy
 
 # ---------------------------------------------------------------- numpy twins
-
-
-def dots_numpy(nibbles, ws, ds, j, jp, xq, dx):
-    """Row j of each weight in ws (Q4 layout if nibbles, else I8 with 32-blocks) times the rounded x
-    xq (cols,) int8, dx (cols/32,) f32, min terms excluded: a tuple of float32. jp is the row the numba
-    version prefetches (no effect on the result)."""
-    fn = intdot.q4_row_dot_numpy if nibbles else intdot.i8_row_dot_numpy
-    return tuple(fn(w, d, j, xq, dx) for w, d in zip(ws, ds))
 
 
 def axpy4_numpy(w, d, j, a, acc, pf=None):
@@ -144,174 +129,8 @@ if NUMBA:
                                    ir.Constant(_I32, 0))
         return v
 
-    def _dx_times(builder, sc4, dx, b, two):
-        """sc4 (scales of blocks b, b+1 in lanes 0, 1) times dx[b], dx[b+1] (only lane 0 if not two)."""
-        if two:
-            xv = builder.load(builder.bitcast(builder.gep(dx, [b]), _vec(_F32, 2).as_pointer()), align=4)
-            xv = builder.shuffle_vector(xv, xv, _lanes(0, 1, 0, 1))
-        else:
-            xv = builder.insert_element(ir.Constant(_vec(_F32, 4), ir.Undefined), builder.load(builder.gep(dx, [b])),
-                                        ir.Constant(_I32, 0))
-        return builder.fmul(sc4, xv)     # no fast flag: as intdot's d * dx
-
     def _splat(builder, v4, lane, n):
         return builder.shuffle_vector(v4, v4, _lanes(*[lane] * n))
-
-    def _isum(builder, qrow, xq, b, nibbles):
-        """<8 x i32> partial sums of block b of a Q4 (nibbles) or I8 row times xq (intdot's blocks)."""
-        xp = builder.bitcast(builder.gep(xq, [builder.mul(b, _c64(32))]), _vec(_I8, 32).as_pointer())
-        xv = builder.load(xp, align=1)
-        if nibbles:
-            qp = builder.bitcast(builder.gep(qrow, [builder.mul(b, _c64(16))]), _vec(_I8, 16).as_pointer())
-            q = builder.load(qp, align=1)
-            lo = builder.and_(q, ir.Constant(_vec(_I8, 16), [15] * 16))      # elements 0-15 of the block
-            hi = builder.lshr(q, ir.Constant(_vec(_I8, 16), [4] * 16))       # elements 16-31
-            return intdot._block_isum(builder, builder.shuffle_vector(lo, hi, _lanes(*range(32))), xv)
-        qp = builder.bitcast(builder.gep(qrow, [builder.mul(b, _c64(32))]), _vec(_I8, 32).as_pointer())
-        return intdot._block_isum_i8(builder, builder.load(qp, align=1), xv)
-
-    def _isum_pair_vnni(builder, qrow, xq, i):
-        """Q4 blocks 2i and 2i+1 with one AVX-512 VNNI vpdpbusd over 64 bytes: <16 x i32>, lanes 0-7
-        block 2i's partial sums, lanes 8-15 block 2i+1's (intdot's _pair_term_vnni without the scales)."""
-        qp = builder.bitcast(builder.gep(qrow, [builder.mul(i, _c64(32))]), _vec(_I8, 32).as_pointer())
-        q = builder.load(qp, align=1)
-        lo = builder.and_(q, ir.Constant(_vec(_I8, 32), [15] * 32))
-        hi = builder.lshr(q, ir.Constant(_vec(_I8, 32), [4] * 32))
-        nib = builder.shuffle_vector(lo, hi, _lanes(*range(16), *range(32, 48), *range(16, 32), *range(48, 64)))
-        xp = builder.bitcast(builder.gep(xq, [builder.mul(i, _c64(64))]), _vec(_I8, 64).as_pointer())
-        v16 = _vec(_I32, 16)
-        dp = builder.module.declare_intrinsic("llvm.x86.avx512.vpdpbusd.512", fnty=ir.FunctionType(v16, [v16] * 3))
-        return builder.call(dp, [ir.Constant(v16, [0] * 16), builder.bitcast(nib, v16),
-                                 builder.bitcast(builder.load(xp, align=1), v16)])
-
-    def _pair_terms(builder, qrow, drow, xq, dx, i, f16, nibbles):
-        """The float contributions of blocks 2i and 2i+1: two <8 x float> (intdot's block terms)."""
-        b0 = builder.shl(i, _c64(1))
-        sc = _dx_times(builder, _scales2(builder, drow, b0, f16), dx, b0, True)
-        if nibbles and intdot.VNNI512:
-            t = builder.fmul(builder.sitofp(_isum_pair_vnni(builder, qrow, xq, i), _vec(_F32, 16)),
-                             builder.shuffle_vector(sc, sc, _lanes(*[0] * 8, *[1] * 8)), flags=("fast",))
-            return (builder.shuffle_vector(t, t, _lanes(*range(8))),
-                    builder.shuffle_vector(t, t, _lanes(*range(8, 16))))
-        b1 = builder.add(b0, _c64(1))
-        return (_term(builder, _isum(builder, qrow, xq, b0, nibbles), sc, 0),
-                _term(builder, _isum(builder, qrow, xq, b1, nibbles), sc, 1))
-
-    def _last_term(builder, qrow, drow, xq, dx, b, f16, nibbles):
-        """The float contribution of block b alone (an odd block count's last block): <8 x float>."""
-        sc = _dx_times(builder, _scale1(builder, drow, b, f16), dx, b, False)
-        return _term(builder, _isum(builder, qrow, xq, b, nibbles), sc, 0)
-
-    def _term(builder, isum, sc4, lane):
-        """<8 x i32> block sums times lane `lane` of the scales: <8 x float>."""
-        return builder.fmul(builder.sitofp(isum, _vec(_F32, 8)), _splat(builder, sc4, lane, 8), flags=("fast",))
-
-    def _dots_intrinsic(nibbles, nrows):
-        """Row dots of row j of nrows weights (each with its scales), prefetching row jp of each."""
-
-        def typer(args):
-            ws, ds = args[0:2 * nrows:2], args[1:2 * nrows:2]
-            j, jp, xq, dx = args[2 * nrows:]
-            wdtype = types.uint8 if nibbles else types.int8
-            if not (all(_is2d(w, (wdtype,)) for w in ws) and all(_is2d(d, _SCALES) for d in ds)
-                    and isinstance(j, types.Integer) and isinstance(jp, types.Integer)
-                    and _is1d(xq, types.int8) and _is1d(dx, types.float32)):
-                return None
-            f16s = [d.dtype == types.uint16 for d in ds]
-
-            def codegen(context, builder, sig, vals):
-                r = _i64(builder, vals[2 * nrows])
-                rp = _i64(builder, vals[2 * nrows + 1])
-                xq_p = context.make_array(sig.args[2 * nrows + 2])(context, builder, vals[2 * nrows + 2]).data
-                dx_a = context.make_array(sig.args[2 * nrows + 3])(context, builder, vals[2 * nrows + 3])
-                nb = builder.extract_value(context.make_array(sig.args[1])(context, builder, vals[1]).shape, 1)
-                rows, targets = [], []
-                for k in range(2 * nrows):
-                    rows.append(_row(context, builder, sig.args[k], vals[k], r)[0])
-                    targets.append(_target(context, builder, sig.args[k], vals[k], rp))
-                qrows, drows = rows[0::2], rows[1::2]
-                zero = ir.Constant(_vec(_F32, 8), [0.0] * 8)
-                entry = builder.block
-                fn = builder.function
-                loop, tail, done = (fn.append_basic_block(f"gdots.{s}") for s in ("loop", "tail", "done"))
-                pairs = builder.ashr(nb, _c64(1))
-                builder.cbranch(builder.icmp_signed(">", pairs, _c64(0)), loop, tail)
-                # intdot's row loop for each row: blocks 2i and 2i+1 into two accumulators.
-                builder.position_at_end(loop)
-                i = builder.phi(_I64)
-                accs = [(builder.phi(_vec(_F32, 8)), builder.phi(_vec(_F32, 8))) for _ in range(nrows)]
-                news = []
-                for q in range(nrows):
-                    t0, t1 = _pair_terms(builder, qrows[q], drows[q], xq_p, dx_a.data, i, f16s[q], nibbles)
-                    news.append((builder.fadd(accs[q][0], t0, flags=("fast",)),
-                                 builder.fadd(accs[q][1], t1, flags=("fast",))))
-                _prefetch_line(builder, targets, i)
-                loop_end = builder.block
-                i2 = builder.add(i, _c64(1))
-                i.add_incoming(_c64(0), entry)
-                i.add_incoming(i2, loop_end)
-                for (a0, a1), (n0, n1) in zip(accs, news):
-                    for phi, nxt in ((a0, n0), (a1, n1)):
-                        phi.add_incoming(zero, entry)
-                        phi.add_incoming(nxt, loop_end)
-                builder.cbranch(builder.icmp_signed("<", i2, pairs), loop, tail)
-
-                builder.position_at_end(tail)
-                ends = []                                    # every phi first: LLVM wants them at the top
-                for q in range(nrows):
-                    t0, t1 = builder.phi(_vec(_F32, 8)), builder.phi(_vec(_F32, 8))
-                    for phi, nxt in ((t0, news[q][0]), (t1, news[q][1])):
-                        phi.add_incoming(zero, entry)
-                        phi.add_incoming(nxt, loop_end)
-                    ends.append((t0, t1))
-                sums = [builder.fadd(t0, t1, flags=("fast",)) for t0, t1 in ends]
-                odd = builder.icmp_signed("!=", builder.and_(nb, _c64(1)), _c64(0))
-                last = builder.sub(nb, _c64(1))
-                with builder.if_then(odd):
-                    extras = [builder.fadd(sums[q], _last_term(builder, qrows[q], drows[q], xq_p, dx_a.data, last,
-                                                               f16s[q], nibbles), flags=("fast",))
-                              for q in range(nrows)]
-                    odd_block = builder.block
-                totals = []
-                for q in range(nrows):
-                    merged = builder.phi(_vec(_F32, 8))
-                    merged.add_incoming(sums[q], tail)
-                    merged.add_incoming(extras[q], odd_block)
-                    totals.append(merged)
-                builder.branch(done)
-                builder.position_at_end(done)
-                out = []
-                for merged in totals:
-                    total = builder.extract_element(merged, ir.Constant(_I32, 0))
-                    for k in range(1, 8):
-                        total = builder.fadd(total, builder.extract_element(merged, ir.Constant(_I32, k)),
-                                             flags=("fast",))
-                    out.append(total)
-                if nrows == 1:
-                    return out[0]
-                return context.make_tuple(builder, sig.return_type, out)
-
-            ret = types.float32 if nrows == 1 else types.UniTuple(types.float32, nrows)
-            return ret(*args), codegen
-
-        # numba's intrinsics take no *args: one explicit signature per row count.
-        if nrows == 2:
-            def dots(typingctx, w0, d0, w1, d1, j, jp, xq, dx):
-                return typer((w0, d0, w1, d1, j, jp, xq, dx))
-        else:
-            def dots(typingctx, w0, d0, j, jp, xq, dx):
-                return typer((w0, d0, j, jp, xq, dx))
-        name = f"{'q4' if nibbles else 'i8'}_dots{nrows}"
-        dots.__name__ = dots.__qualname__ = name     # numba keys intrinsics partly by name
-        return intrinsic(dots)
-
-    # q4_dots2(gw, gd, uw, ud, j, jp, xq, dx) -> (gate row dot, up row dot); q4_dot1(w, d, j, jp, xq, dx)
-    # -> one row dot: as intdot.q4_row_dot, prefetching row jp. Q4 layout (rows, cols/2) uint8.
-    q4_dots2 = _dots_intrinsic(True, 2)
-    q4_dot1 = _dots_intrinsic(True, 1)
-    # The same for the I8 layout with blocks of 32 (rows, cols) int8: as intdot.i8_row_dot.
-    i8_dots2 = _dots_intrinsic(False, 2)
-    i8_dot1 = _dots_intrinsic(False, 1)
 
     def _axpy4_intrinsic(prefetching):
         """axpy4_i8(w, d, j, a, acc), or with prefetching axpy4_i8_pf(w, d, j, a, pf, acc)."""

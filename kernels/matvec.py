@@ -186,7 +186,7 @@ def _matvec_q4_rowdot(qs, d, m, x, out):
     xp = np.empty(2 * half, dtype=np.int8)       # (cols,) the same in rowdot's step order
     dx = np.empty(nb, dtype=np.float32)          # (cols/32,) its block scales
     xsum = np.empty(nb, dtype=np.float32)        # (cols/32,) its block sums, for the min term
-    rowdot.round_x(x, xq, xp, dx, xsum)
+    rowdot.round_x(x, xq, xp, np.empty(half // 2, dtype=np.int32), dx, xsum)
     for r in prange(rows):
         out[r] = rowdot.q4_dot(qs, d, r, xp, dx) + intdot.min_term(d, m, r, xsum)
     return out

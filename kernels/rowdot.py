@@ -99,13 +99,14 @@ lane_corrections = _lane_corrections_numba if NUMBA else lane_corrections_numpy
 
 
 @jit(inline=True)
-def round_x(v, xq, xp, dx, xsum):
-    """v (cols,) f32 -> xq, xp (cols,) int8 (natural and Q4 step order), dx and xsum (cols/32,) f32: what
-    a Q4 matvec over v needs, made once and shared by every row (and by both threads of
-    kernels/decode_token.py, each into its own buffers)."""
+def round_x(v, xq, xp, xc, dx, xsum):
+    """v (cols,) f32 -> xq, xp (cols,) int8 (natural and Q4 step order), xc (cols/4,) int32 (I8 lane
+    corrections), dx and xsum (cols/32,) f32: what the row dots over v read, made once and shared by
+    every row (and by both threads of kernels/decode_token.py, each into its own buffers)."""
     intdot.quantize_q8(v, xq, dx)
     intdot.rounded_block_sums(xq, dx, xsum)
     prepare_q4_x(xq, xp)
+    lane_corrections(xq, xc)
 
 
 if NUMBA:
@@ -294,38 +295,81 @@ if NUMBA:
             outs.append(p)
         return outs
 
-    def _when(builder, cond, make):
-        """make() -> float evaluated only when cond holds; 0.0 otherwise."""
+    def _when(builder, cond, make, n):
+        """make() -> n floats, evaluated only when cond holds; 0.0 each otherwise."""
         before = builder.block
         with builder.if_then(cond):
-            v = make()
+            vals = make()
             inside = builder.block
-        p = builder.phi(_F32)
-        p.add_incoming(ir.Constant(_F32, 0.0), before)
-        p.add_incoming(v, inside)
-        return p
+        out = []
+        for v in vals:
+            p = builder.phi(_F32)
+            p.add_incoming(ir.Constant(_F32, 0.0), before)
+            p.add_incoming(v, inside)
+            out.append(p)
+        return out
 
-    def _emit_row(builder, nb, parts, step):
-        """The float sum over a row of nb blocks: step(b, k) gives the scaled partial sums of blocks
-        b..b+k-1 as vectors (`parts` of them for k = 4, each <16 x float>); fours in a loop, each part
-        into its own accumulator, then a step of two and/or one for the last nb % 4 blocks."""
+    def _prefetch(builder, p):
+        """A read prefetch of the line at p into all cache levels (llvm.prefetch, locality 3)."""
+        i8p = _I8.as_pointer()
+        fn = builder.module.declare_intrinsic("llvm.prefetch.p0", fnty=ir.FunctionType(
+            ir.VoidType(), [i8p, _I32, _I32, _I32]))
+        builder.call(fn, [builder.bitcast(p, i8p), ir.Constant(_I32, 0), ir.Constant(_I32, 3), ir.Constant(_I32, 1)])
+
+    def _emit_rows(builder, nb, parts, step, targets=()):
+        """The float sums over rows of nb blocks: step(b, k) gives, per row, the scaled partial sums of
+        blocks b..b+k-1 as vectors (`parts` of them per row for k = 4, each <16 x float>); fours in a
+        loop, each part into its own accumulator, then a step of two and/or one for the last nb % 4
+        blocks. Rows stepped together share their x loads (LLVM merges the identical loads). targets:
+        (i8 pointer, bytes) of rows to prefetch, one 64-byte line of each per loop iteration: the
+        rows a sparse kernel reads next sit at scattered addresses, where the hardware prefetchers
+        find no stream (kernels/gather.py measured it)."""
         fours = builder.ashr(nb, _c(2))
         zero = ir.Constant(_vec(_F32, 16), [0.0] * 16)
 
         def body(g, *accs):
-            return [builder.fadd(a, v, flags=("fast",)) for a, v in zip(accs, step(builder.mul(g, _c(4)), 4))]
+            vals = [v for row in step(builder.mul(g, _c(4)), 4) for v in row]
+            off = builder.mul(g, _c(64))
+            for base, nbytes in targets:
+                with builder.if_then(builder.icmp_signed("<", off, nbytes)):
+                    _prefetch(builder, builder.gep(base, [off]))
+            return [builder.fadd(a, v, flags=("fast",)) for a, v in zip(accs, vals)]
 
-        accs = _counted_loop(builder, fours, [zero] * parts, body)
-        acc = accs[0]
-        for a in accs[1:]:
-            acc = builder.fadd(acc, a, flags=("fast",))
-        total = _hsum(builder, acc)
+        rows = step.rows
+        accs = _counted_loop(builder, fours, [zero] * (parts * rows), body)
         b2 = builder.mul(fours, _c(4))
         rem = builder.sub(nb, b2)
-        t2 = _when(builder, builder.icmp_signed(">=", rem, _c(2)), lambda: _hsum(builder, step(b2, 2)[0]))
-        t1 = _when(builder, builder.icmp_signed("!=", builder.and_(rem, _c(1)), _c(0)),
-                   lambda: _hsum(builder, step(builder.sub(nb, _c(1)), 1)[0]))
-        return builder.fadd(total, builder.fadd(t2, t1, flags=("fast",)), flags=("fast",))
+        has2 = builder.icmp_signed(">=", rem, _c(2))
+        has1 = builder.icmp_signed("!=", builder.and_(rem, _c(1)), _c(0))
+        t2 = _when(builder, has2, lambda: [_hsum(builder, row[0]) for row in step(b2, 2)], rows)
+        t1 = _when(builder, has1, lambda: [_hsum(builder, row[0]) for row in step(builder.sub(nb, _c(1)), 1)], rows)
+        out = []
+        for i in range(rows):
+            acc = accs[i * parts]
+            for a in accs[i * parts + 1:(i + 1) * parts]:
+                acc = builder.fadd(acc, a, flags=("fast",))
+            out.append(builder.fadd(_hsum(builder, acc), builder.fadd(t2[i], t1[i], flags=("fast",)), flags=("fast",)))
+        return out
+
+    class _Step:
+        """step(b, k) for _emit_rows over `rows` rows: one_row(i, b, k) -> row i's partial sums."""
+
+        def __init__(self, rows, one_row):
+            self.rows, self.one_row = rows, one_row
+
+        def __call__(self, b, k):
+            return [self.one_row(i, b, k) for i in range(self.rows)]
+
+    def _target(context, builder, ty, val, r):
+        """A prefetch target: (i8 pointer to row r, its bytes); bytes 0 when r < 0 (nothing to fetch)."""
+        a = context.make_array(ty)(context, builder, val)
+        item = context.get_abi_sizeof(context.get_data_type(ty.dtype))
+        nbytes = builder.mul(builder.extract_value(a.shape, 1), _c(item))
+        r64 = builder.sext(r, _I64) if r.type.width < 64 else r
+        ok = builder.icmp_signed(">=", r64, _c(0))
+        base = builder.gep(builder.bitcast(a.data, _I8.as_pointer()),
+                           [builder.mul(builder.select(ok, r64, _c(0)), nbytes)])
+        return base, builder.select(ok, nbytes, _c(0))
 
     def _row_ptr(context, builder, ty, val, r):
         """(pointer to row r, row length) of a C-contiguous 2-D array."""
@@ -339,6 +383,67 @@ if NUMBA:
 
     def _c_array(a, ndim, *dtypes):
         return isinstance(a, types.Array) and a.ndim == ndim and a.layout == "C" and a.dtype in dtypes
+
+    def _dots_intrinsic(nibbles, nmats, prefetch):
+        """Row dots of row j of nmats weights of one layout, sharing the x loads; with prefetch, also
+        row jp of each weight and its scales (jp < 0: none). Arguments: (w, d) per weight, j, [jp,]
+        xq, xp, xc, dx: xp (Q4 step order) is read for the Q4 layout, xq and xc for I8 (see q4_dot
+        and i8_dot)."""
+        wdtype = types.uint8 if nibbles else types.int8
+
+        def typer(args):
+            ws, ds = args[0:2 * nmats:2], args[1:2 * nmats:2]
+            rest = args[2 * nmats:]
+            j, jp = rest[0], (rest[1] if prefetch else None)
+            xq, xp, xc, dx = rest[-4:]
+            if not (all(_c_array(w, 2, wdtype) for w in ws)
+                    and all(_c_array(d, 2, types.float32, types.uint16) for d in ds)
+                    and isinstance(j, types.Integer) and (jp is None or isinstance(jp, types.Integer))
+                    and _c_array(xq, 1, types.int8) and _c_array(xp, 1, types.int8)
+                    and _c_array(xc, 1, types.int32) and _c_array(dx, 1, types.float32)):
+                return None
+            f16s = [d.dtype == types.uint16 for d in ds]
+
+            def codegen(context, builder, sig, vals):
+                k = 2 * nmats
+                j_v = vals[k]
+                xq_v, xp_v, xc_v, dx_v = (_data(context, builder, sig.args[i], vals[i])
+                                          for i in range(len(vals) - 4, len(vals)))
+                rows, targets = [], []
+                for m in range(nmats):
+                    qrow, _ = _row_ptr(context, builder, sig.args[2 * m], vals[2 * m], j_v)
+                    drow, nb = _row_ptr(context, builder, sig.args[2 * m + 1], vals[2 * m + 1], j_v)
+                    rows.append((qrow, drow, f16s[m]))
+                    if prefetch:
+                        for i in (2 * m, 2 * m + 1):
+                            targets.append(_target(context, builder, sig.args[i], vals[i], vals[k + 1]))
+                if nibbles:
+                    step = _Step(nmats, lambda i, b, kk: [_q4_step(builder, rows[i][0], xp_v, rows[i][1], dx_v, b,
+                                                                   kk, rows[i][2])])
+                else:
+                    step = _Step(nmats, lambda i, b, kk: _i8_step(builder, rows[i][0], xq_v, xc_v, rows[i][1], dx_v,
+                                                                  b, kk, rows[i][2]))
+                out = _emit_rows(builder, nb, 1 if nibbles else 2, step, targets)
+                return out[0] if nmats == 1 else context.make_tuple(builder, sig.return_type, out)
+
+            ret = types.float32 if nmats == 1 else types.UniTuple(types.float32, nmats)
+            return ret(*args), codegen
+
+        # numba's intrinsics take no *args: one explicit signature per form.
+        if nmats == 2:
+            def dots(typingctx, w0, d0, w1, d1, j, jp, xq, xp, xc, dx):
+                return typer((w0, d0, w1, d1, j, jp, xq, xp, xc, dx))
+        else:
+            def dots(typingctx, w0, d0, j, jp, xq, xp, xc, dx):
+                return typer((w0, d0, j, jp, xq, xp, xc, dx))
+        dots.__name__ = dots.__qualname__ = f"{'q4' if nibbles else 'i8'}_dots{nmats}p"
+        return intrinsic(dots)
+
+    # For the sparse FFN (kernels/sparse_ffn.py): (gate row j . x, up row j . x) of two weights of one
+    # layout, prefetching row jp of both: q4_gu(gw, gd, uw, ud, j, jp, xq, xp, xc, dx), i8_gu(...);
+    # one row: q4_row1p(w, d, j, jp, xq, xp, xc, dx), i8_row1p(...). Min terms excluded.
+    q4_gu, i8_gu = _dots_intrinsic(True, 2, True), _dots_intrinsic(False, 2, True)
+    q4_row1p, i8_row1p = _dots_intrinsic(True, 1, True), _dots_intrinsic(False, 1, True)
 
     @intrinsic
     def q4_dot(typingctx, qs, d, r, xp, dx):
@@ -355,7 +460,8 @@ if NUMBA:
             drow, nb = _row_ptr(context, builder, sig.args[1], args[1], args[2])
             xpp = _data(context, builder, sig.args[3], args[3])
             dxp = _data(context, builder, sig.args[4], args[4])
-            return _emit_row(builder, nb, 1, lambda b, k: [_q4_step(builder, qrow, xpp, drow, dxp, b, k, f16)])
+            return _emit_rows(builder, nb, 1, _Step(1, lambda i, b, k: [_q4_step(builder, qrow, xpp, drow, dxp, b, k,
+                                                                                   f16)]))[0]
 
         return types.float32(qs, d, r, xp, dx), codegen
 
@@ -377,6 +483,7 @@ if NUMBA:
             xqp = _data(context, builder, sig.args[3], args[3])
             xcp = _data(context, builder, sig.args[4], args[4])
             dxp = _data(context, builder, sig.args[5], args[5])
-            return _emit_row(builder, nb, 2, lambda b, k: _i8_step(builder, qrow, xqp, xcp, drow, dxp, b, k, f16))
+            return _emit_rows(builder, nb, 2, _Step(1, lambda i, b, k: _i8_step(builder, qrow, xqp, xcp, drow, dxp, b,
+                                                                                   k, f16)))[0]
 
         return types.float32(q, d, r, xq, xc, dx), codegen

@@ -38,21 +38,22 @@ How the numba kernel runs: ONE prange launch per call (each launch costs 3-25 us
 neurons are split into one contiguous share per thread with equal neuron counts (every neuron costs
 the same: up to two row dot products and one row axpy), each thread accumulates into its own partial
 (hidden,) row, and the partials are summed after the parallel loop. Row dot products round as the
-dense matvec's: Q4 and 32-block I8 rows take kernels/intdot.py's integer SIMD product with x rounded to
-int8 per block (so sparse and dense round alike) in kernels/gather.py's form, which reads a neuron's
-gate and up rows in one pass and software-prefetches the rows of the neuron PREFETCH_AHEAD places on:
-the rows are scattered, and without it they arrived at 5-7 GB/s per core; the other layouts take 1-D
-long float loops. The down axpy takes four neurons per pass, so that the (hidden,) accumulator is read
+dense matvec's: Q4 and 32-block I8 rows take kernels/rowdot.py's integer SIMD product with x rounded
+to int8 per block (so sparse and dense round alike), in the form that reads a neuron's gate and up
+rows in one pass and software-prefetches the rows of the neuron PREFETCH_AHEAD places on: the rows
+are scattered, and without it they arrived at 5-7 GB/s per core; the other layouts take 1-D long
+float loops. The down axpy takes four neurons per pass, so that the (hidden,) accumulator is read
 and written once per four rows: the int8 downT with 32-blocks (engine/sparse.py's) through gather's
 vector IR, which also prefetches the down rows of the next four listed neurons; the other layouts
 through numba loops per scale block (scale hoisted, run-time trip count: the form that vectorizes for
 stores, see kernels/dequant.py). At Llama-2-7B shapes, 90% sparsity, scattered neurons, 2 threads, the
-kernel went from 33-41% to 60-95% of the dense kernels' bandwidth (tools/bench_sparse.py, 08:00 UTC).
+kernel reads its rows at 12-17 GB/s (tools/bench_sparse.py), about half of what the dense matvecs
+stream.
 """
 
 import numpy as np
 
-from kernels import dequant, gather, intdot
+from kernels import dequant, gather, intdot, rowdot
 from kernels.activation import act_scalar, glu_numpy
 from kernels.backend import NUMBA, jit, pick
 from kernels.dequant import scales_f32_numpy
@@ -181,7 +182,7 @@ def select_numpy(values, threshold, idx):
 
 # ---------------------------------------------------------------- numba: per-layout row helpers
 
-def _dot(w, d, m, j, x, xq, dx, xsum, bits16):
+def _dot(w, d, m, j, x, xq, xp, xc, dx, xsum, bits16):
     """Row j of a weight dot x (f32); numba picks the layout from w's dtype (stub for the overload)."""
 
 
@@ -197,7 +198,7 @@ def _axpy4(w, d, m, j, a, acc, bits16):
 
 if NUMBA:
     @jit()
-    def _dot_f32(w, d, m, j, x, xq, dx, xsum, bits16):
+    def _dot_f32(w, d, m, j, x, xq, xp, xc, dx, xsum, bits16):
         row = w[j]
         acc = np.float32(0.0)
         for k in range(row.shape[0]):
@@ -205,7 +206,7 @@ if NUMBA:
         return acc
 
     @jit()
-    def _dot_bits16(w, d, m, j, x, xq, dx, xsum, bits16):
+    def _dot_bits16(w, d, m, j, x, xq, xp, xc, dx, xsum, bits16):
         row = w[j]
         acc = np.float32(0.0)
         if bits16:
@@ -217,17 +218,16 @@ if NUMBA:
         return acc
 
     @jit()
-    def _dot_q4(w, d, m, j, x, xq, dx, xsum, bits16):
-        # The dense matvec's integer row product (x rounded to int8 per block), so that both paths
-        # round alike: relu-exact's gate comes from the dense kernel and its up from this one
-        # (kernels/gather.py's copy of intdot.q4_row_dot: same bits, without its false dependency).
-        return gather.q4_dot1(w, d, j, -1, xq, dx) + intdot.min_term(d, m, j, xsum)
+    def _dot_q4(w, d, m, j, x, xq, xp, xc, dx, xsum, bits16):
+        # The dense matvec's row product (kernels/rowdot.py, x rounded to int8 per block), so that both
+        # paths round alike: relu-exact's gate comes from the dense kernel and its up from this one.
+        return rowdot.q4_row1p(w, d, j, -1, xq, xp, xc, dx) + intdot.min_term(d, m, j, xsum)
 
     @jit()
-    def _dot_i8(w, d, m, j, x, xq, dx, xsum, bits16):
+    def _dot_i8(w, d, m, j, x, xq, xp, xc, dx, xsum, bits16):
         block = w.shape[1] // d.shape[1]
         if block == 32:
-            acc = gather.i8_dot1(w, d, j, -1, xq, dx)      # as intdot.i8_row (see _dot_q4)
+            acc = rowdot.i8_row1p(w, d, j, -1, xq, xp, xc, dx)      # as the dense matvec (see _dot_q4)
             if m.shape[1]:
                 acc += intdot.scale_dot(m, j, xsum)
             return acc
@@ -244,7 +244,7 @@ if NUMBA:
         return acc
 
     @overload(_dot, inline="always", jit_options={"fastmath": True})
-    def _dot_ov(w, d, m, j, x, xq, dx, xsum, bits16):
+    def _dot_ov(w, d, m, j, x, xq, xp, xc, dx, xsum, bits16):
         dt = w.dtype
         if dt == types.float32:
             return _dot_f32.py_func
@@ -383,7 +383,7 @@ def _c_layout(*arrays):
     return all(a.layout == "C" for a in arrays)
 
 
-def _gu(gw, gd, gm, uw, ud, um, j, jp, x, xq, dx, xsum, gate, bits16):
+def _gu(gw, gd, gm, uw, ud, um, j, jp, x, xq, xp, xc, dx, xsum, gate, bits16):
     """(gate, up) pre-activations of neuron j (gate[j] when gate is given), prefetching the gate and up
     rows of neuron jp (< 0: none) where kernels/gather.py has the layout; numba picks by dtype."""
 
@@ -395,21 +395,21 @@ def _axpy4p(w, d, m, j, a, pf, acc, bits16):
 
 if NUMBA:
     @jit()
-    def _gu_q4(gw, gd, gm, uw, ud, um, j, jp, x, xq, dx, xsum, gate, bits16):
+    def _gu_q4(gw, gd, gm, uw, ud, um, j, jp, x, xq, xp, xc, dx, xsum, gate, bits16):
         if gate.shape[0]:
-            return gate[j], gather.q4_dot1(uw, ud, j, jp, xq, dx) + intdot.min_term(ud, um, j, xsum)
-        g, u = gather.q4_dots2(gw, gd, uw, ud, j, jp, xq, dx)
+            return gate[j], rowdot.q4_row1p(uw, ud, j, jp, xq, xp, xc, dx) + intdot.min_term(ud, um, j, xsum)
+        g, u = rowdot.q4_gu(gw, gd, uw, ud, j, jp, xq, xp, xc, dx)
         return g + intdot.min_term(gd, gm, j, xsum), u + intdot.min_term(ud, um, j, xsum)
 
     @jit()
-    def _gu_i8(gw, gd, gm, uw, ud, um, j, jp, x, xq, dx, xsum, gate, bits16):
+    def _gu_i8(gw, gd, gm, uw, ud, um, j, jp, x, xq, xp, xc, dx, xsum, gate, bits16):
         if uw.shape[1] != 32 * ud.shape[1] or (gate.shape[0] == 0 and gw.shape[1] != 32 * gd.shape[1]):
-            return _gu_rows(gw, gd, gm, uw, ud, um, j, jp, x, xq, dx, xsum, gate, bits16)
+            return _gu_rows(gw, gd, gm, uw, ud, um, j, jp, x, xq, xp, xc, dx, xsum, gate, bits16)
         if gate.shape[0]:
             g = gate[j]
-            u = gather.i8_dot1(uw, ud, j, jp, xq, dx)
+            u = rowdot.i8_row1p(uw, ud, j, jp, xq, xp, xc, dx)
         else:
-            g, u = gather.i8_dots2(gw, gd, uw, ud, j, jp, xq, dx)
+            g, u = rowdot.i8_gu(gw, gd, uw, ud, j, jp, xq, xp, xc, dx)
             if gm.shape[1]:
                 g += intdot.scale_dot(gm, j, xsum)
         if um.shape[1]:
@@ -417,12 +417,12 @@ if NUMBA:
         return g, u
 
     @jit(inline=True)          # also called from _gu_i8
-    def _gu_rows(gw, gd, gm, uw, ud, um, j, jp, x, xq, dx, xsum, gate, bits16):
-        g = gate[j] if gate.shape[0] else _dot(gw, gd, gm, j, x, xq, dx, xsum, bits16)
-        return g, _dot(uw, ud, um, j, x, xq, dx, xsum, bits16)
+    def _gu_rows(gw, gd, gm, uw, ud, um, j, jp, x, xq, xp, xc, dx, xsum, gate, bits16):
+        g = gate[j] if gate.shape[0] else _dot(gw, gd, gm, j, x, xq, xp, xc, dx, xsum, bits16)
+        return g, _dot(uw, ud, um, j, x, xq, xp, xc, dx, xsum, bits16)
 
     @overload(_gu, inline="always", jit_options={"fastmath": True})
-    def _gu_ov(gw, gd, gm, uw, ud, um, j, jp, x, xq, dx, xsum, gate, bits16):
+    def _gu_ov(gw, gd, gm, uw, ud, um, j, jp, x, xq, xp, xc, dx, xsum, gate, bits16):
         if gw.dtype == uw.dtype and gd.dtype == ud.dtype and _c_layout(gw, gd, gm, uw, ud, um):
             if gw.dtype == types.uint8:
                 return _gu_q4.py_func
@@ -449,6 +449,8 @@ if NUMBA:
 
 
 _act = act_scalar   # act(g) * u per neuron, shared with the dense GLU (kernels/activation.py)
+
+
 # Neurons ahead of the one computed whose gate and up rows the row dots prefetch (1, 2 and 4 ran
 # alike at Llama-2-7B shapes; kernels/gather.py).
 PREFETCH_AHEAD = 2
@@ -462,11 +464,12 @@ def _sparse_ffn_numba(gw, gd, gm, uw, ud, um, dw, dd, dm, dscale, bits16, x, idx
     # terms): what the Q4 and I8 row products read (built for every layout: hidden values, negligible).
     nb = hidden // 32 if hidden % 32 == 0 else 0
     xq = np.zeros(hidden, dtype=np.int8)             # (hidden,) int8
+    xp = np.zeros(hidden, dtype=np.int8)             # (hidden,) int8 the same in rowdot's Q4 step order
+    xc = np.zeros(hidden // 4, dtype=np.int32)       # (hidden/4,) int32 its lane corrections (I8 on VNNI)
     dx = np.zeros(nb, dtype=np.float32)              # (hidden/32,) f32
     xsum = np.zeros(nb, dtype=np.float32)            # (hidden/32,) f32
     if nb:
-        intdot.quantize_q8(x, xq, dx)
-        intdot.rounded_block_sums(xq, dx, xsum)     # like kernels/matvec.py
+        rowdot.round_x(x, xq, xp, xc, dx, xsum)            # like kernels/matvec.py
     shares = max(1, min(threads, n // MIN_NEURONS_PER_THREAD))
     parts = np.zeros((shares, hidden), dtype=np.float32)    # (shares, hidden) f32 per-thread partials
     for s in prange(shares):
@@ -479,7 +482,7 @@ def _sparse_ffn_numba(gw, gd, gm, uw, ud, um, dw, dd, dm, dscale, bits16, x, idx
         for t in range(s * n // shares, t1):
             j = idx[t]
             jp = idx[t + PREFETCH_AHEAD] if t + PREFETCH_AHEAD < t1 else -1
-            g, u = _gu(gw, gd, gm, uw, ud, um, j, jp, x, xq, dx, xsum, gate, bits16)
+            g, u = _gu(gw, gd, gm, uw, ud, um, j, jp, x, xq, xp, xc, dx, xsum, gate, bits16)
             a = _act(g, u, act)
             acts[t] = a
             if a != 0.0:
@@ -510,16 +513,17 @@ def _sparse_acts_numba(gw, gd, gm, uw, ud, um, bits16, x, idx, act, threads, act
     hidden = x.shape[0]
     nb = hidden // 32 if hidden % 32 == 0 else 0
     xq = np.zeros(hidden, dtype=np.int8)             # (hidden,) int8 x rounded per 32-block, as sparse_ffn
+    xp = np.zeros(hidden, dtype=np.int8)             # (hidden,) int8
+    xc = np.zeros(hidden // 4, dtype=np.int32)       # (hidden/4,) int32
     dx = np.zeros(nb, dtype=np.float32)              # (hidden/32,) f32
     xsum = np.zeros(nb, dtype=np.float32)            # (hidden/32,) f32
     if nb:
-        intdot.quantize_q8(x, xq, dx)
-        intdot.rounded_block_sums(xq, dx, xsum)
+        rowdot.round_x(x, xq, xp, xc, dx, xsum)
     shares = max(1, min(threads, n // MIN_NEURONS_PER_THREAD))
     for s in prange(shares):
         for t in range(s * n // shares, (s + 1) * n // shares):
             j = idx[t]
-            acts[t] = _act(_dot(gw, gd, gm, j, x, xq, dx, xsum, bits16), _dot(uw, ud, um, j, x, xq, dx, xsum, bits16),
+            acts[t] = _act(_dot(gw, gd, gm, j, x, xq, xp, xc, dx, xsum, bits16), _dot(uw, ud, um, j, x, xq, xp, xc, dx, xsum, bits16),
                            act)
     return acts
 
