@@ -3,9 +3,9 @@
 
 plan.json, when the budget is below the model's weight bytes, names the bundle file (files.bundles) and
 per layer the mode ("dense": every neuron each token; "sparse": the layer's predictor picks them), the
-hot-neuron count (resident segment) and the cold-cache capacity (dynamic segment); io.direct_io and
-io.reader_threads set the reader. The FFN weights loaded with the rest of the model are dropped after,
-so the process holds only what the plan budgets.
+hot-neuron count (resident segment) and the cold-cache capacity (dynamic segment); io.direct_io,
+io.reader_threads and io.request_bytes set the reader. The FFN weights loaded with the rest of the
+model are dropped after, so the process holds only what the plan budgets.
 """
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ def attach_flash(model, directory: Path, plan: dict) -> FlashFFN:
     io = plan.get("io", {})
     flash = FlashFFN(bundles, plans, c.act_kind, predictors=predictors, direct=bool(io.get("direct_io", True)),
                      io_threads=max(1, int(io.get("reader_threads") or 1)),
+                     request_bytes=int(io.get("request_bytes") or 256 << 10),
                      policy=plan.get("flash", {}).get("cache_policy", "lru"))
     model.flash = flash
     model.sparse = None

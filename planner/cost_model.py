@@ -12,19 +12,23 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
+
 from engine.flash_matrix import CHUNK_BYTES as FLASH_CHUNK_BYTES
 from planner.device import DeviceProfile
 
-# Until kernels/sparse_ffn.py exists and is measured, a sparse FFN is assumed to run at this share of
-# the dense kernel's GB/s on the rows it reads (gathered rows defeat part of the prefetching).
+# Where the device profile has no measured sparse kernel ("sparse_q4_1"), a sparse FFN is assumed to run
+# at this share of the dense kernel's GB/s on the rows it reads (gathered rows defeat part of the
+# prefetching).
 SPARSE_EFFICIENCY = 0.6
 # Process memory beyond the weights and KV cache: the interpreter with numpy, numba and tokenizers
-# (~97 MiB after imports) plus tokenizer tables, rope tables and scratch. Measured here as peak RSS minus
-# weight bytes for SmolLM2-135M Q4_1 generating 64 tokens: 178 MiB.
-RUNTIME_BASE_BYTES = 178 << 20
+# (~76 MiB once the compiler's pages are given back), the loaded kernels (~10), the tokenizer (~8),
+# rope tables and scratch. Measured 2026-12-01 as peak RSS minus resident weights minus KV cache for
+# SmolLM2-135M Q4_1 generating 256 tokens (`python tools/check_plan.py`): 114 MiB at 100%, 118-120 MiB
+# for deploys at 60% and 30% (their kernels warm up beside the weights). Stated with ~7% margin.
+RUNTIME_BASE_BYTES = 128 << 20
 KV_TOKENS = 512            # tokens of KV cache the memory prediction counts (prompt + 256 generated, rounded up)
 TTFT_PROMPT_TOKENS = 128   # the prompt length TTFT is predicted for
-IO_STAGING_BYTES = 4 << 20  # aligned read buffers for in-flight requests when anything lives on flash (at most one layer's FFN)
 
 
 @dataclass(frozen=True)
@@ -39,16 +43,20 @@ class ModelShape:
     embed_bytes: int
     lm_head_bytes: int         # 0 when tied to the embeddings (counted once)
     norm_bytes: int            # all norm vectors
-    kv_bytes_per_token: int    # all layers, K and V, f32
+    kv_bytes_per_token: int    # all layers, K and V, in the cache's element type (engine/llm.py)
     attn_matrix_bytes: int     # the largest attention matrix (for the kernel-speed lookup)
     # Whether the runtime can stream the embeddings / LM head from the weights file when the budget
     # cannot hold them (engine/flash_matrix.py reads GGUF tensors; not safetensors yet).
     head_streamable: bool = False
+    # One neuron's bundle record as planner/bundles.py writes it (down re-stored transposed, so it is
+    # not ffn_bytes / ffn: SmolLM2's Q4_1 neurons are 1080 bytes in the GGUF, 1332 as bundles); 0:
+    # unknown, use the source's bytes per neuron.
+    record_bytes: int = 0
 
     @property
     def bundle_bytes(self) -> float:
-        """One neuron's gate row + up row + down column."""
-        return self.ffn_bytes / self.ffn
+        """One neuron's gate row + up row + down column, as stored in the bundle file."""
+        return float(self.record_bytes) if self.record_bytes else self.ffn_bytes / self.ffn
 
     @property
     def weight_bytes(self) -> int:
@@ -78,6 +86,7 @@ class ModelShape:
 
 def shape_of(llm) -> ModelShape:
     from engine.weights import F32Weight, I8Weight, Q4Weight
+    from planner.bundles import layer_arrays
 
     c = llm.config
     w = llm.model.weights
@@ -89,9 +98,12 @@ def shape_of(llm) -> ModelShape:
                       vocab=c.vocab_size, fmt=fmt, attn_bytes=sum(m.nbytes for m in attn),
                       ffn_bytes=lw.w_gate.nbytes + lw.w_up.nbytes + lw.w_down.nbytes,
                       embed_bytes=w.embed.nbytes, lm_head_bytes=0 if w.lm_head is w.embed else w.lm_head.nbytes,
-                      norm_bytes=norms, kv_bytes_per_token=2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * 4,
+                      norm_bytes=norms,
+                      kv_bytes_per_token=(2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim
+                                          * np.dtype(llm.model.kv_dtype).itemsize),
                       attn_matrix_bytes=max(m.nbytes for m in attn),
-                      head_streamable=str(llm.source).lower().endswith(".gguf"))
+                      head_streamable=str(llm.source).lower().endswith(".gguf"),
+                      record_bytes=sum(a.itemsize * a.shape[1] for a in layer_arrays(lw)[0]))
 
 
 class CostModel:
@@ -106,6 +118,9 @@ class CostModel:
         self.call_s = max(device.overhead.numba_parallel_call_us, device.overhead.python_call_us) * 1e-6
         # Multiplies every compute term; 1 until calibrate() is given a measured decode step.
         self.compute_scale = 1.0
+        # Seconds per layer of the flash FFN streaming every neuron, when measured on this machine
+        # (calibrate_flash); else flash layers are modelled from the kernel, scatter and storage figures.
+        self.flash_layer_s: float | None = None
         self.measured_step_s: float | None = None
         self.kernel_step_s: float | None = None
 
@@ -144,10 +159,67 @@ class CostModel:
     def dense_ffn_s(self) -> float:
         return self.shape.ffn_bytes / self._speed(self.shape.ffn_bytes // 3) * self.compute_scale
 
+    def sparse_gbps(self, n_neurons: float) -> float:
+        """GB/s of the sparse FFN kernel on the rows it reads, for n_neurons of this model's layer: the
+        device profile's "sparse_q4_1" figure at the nearest bytes read, else SPARSE_EFFICIENCY of the
+        dense kernel's (profiles written before it was measured, and the example phone profiles)."""
+        nbytes = max(1.0, n_neurons * self.shape.bundle_bytes)
+        if any(p.name == "sparse_q4_1" for p in self.dev.kernels.matvec):
+            return self.dev.kernels.matvec_gbps(int(nbytes), "sparse_q4_1") * 1e9
+        return self._speed(self.shape.ffn_bytes // 3) * SPARSE_EFFICIENCY
+
     def sparse_ffn_s(self, active_share: float, predictor_bytes: int) -> float:
-        """Predictor GEMVs plus the predicted-active rows at SPARSE_EFFICIENCY of the dense speed."""
-        rows = active_share * self.shape.ffn_bytes / (self._speed(self.shape.ffn_bytes // 3) * SPARSE_EFFICIENCY)
+        """Predictor GEMVs plus the predicted-active rows at the sparse kernel's speed."""
+        n = active_share * self.shape.ffn
+        rows = n * self.shape.bundle_bytes / self.sparse_gbps(n)
         return (predictor_bytes / self.gemv_f32 + rows + 2 * self.call_s) * self.compute_scale
+
+    def calibrate_flash(self, layer_s: float) -> None:
+        """A measured flash layer streaming every neuron (planner/decode_probe.measure_flash_layer)."""
+        self.flash_layer_s = layer_s
+
+    def dense_flash_layer_s(self, hot: int) -> tuple[float, float]:
+        """(seconds, of which reading) of a dense layer with `hot` of its neurons resident, the rest
+        streamed from flash every token. With a measured flash layer: its time per streamed neuron for
+        the cold ones plus the sparse kernels' for the hot; else the longer of compute and reads."""
+        s = self.shape
+        cold_bytes = (s.ffn - hot) * s.bundle_bytes
+        io, _ = self.read_s(cold_bytes, self.stream_request(), "sequential")
+        if self.flash_layer_s is not None:
+            hot_s = hot * s.bundle_bytes / self.sparse_gbps(s.ffn) * self.compute_scale
+            return self.flash_layer_s * (s.ffn - hot) / s.ffn + hot_s, io
+        return max(self.flash_ffn_s(s.ffn, s.ffn - hot), io), io
+
+    def flash_ffn_s(self, n_needed: float, n_landed: float) -> float:
+        """Compute of a layer run by the flash FFN (engine/flash_ffn.py): every needed neuron through the
+        sparse kernels (resident and landed alike), each landed bundle first copied from its read buffer
+        into a slot (kernels/records.py, at the profile's "scatter" speed)."""
+        rows = n_needed * self.shape.bundle_bytes / self.sparse_gbps(n_needed)
+        pts = [p for p in self.dev.kernels.matvec if p.name == "scatter"]
+        copy = n_landed * self.shape.bundle_bytes / (pts[0].gbps * 1e9) if pts else 0.0
+        return (rows + copy + 2 * self.call_s) * self.compute_scale
+
+    def io_threads(self) -> int:
+        """Reader threads a plan gives the runtime: the best count for large requests on this device
+        (each thread holds two request buffers, so more threads cost staging memory; small-request plans
+        are clamped to it, engine/flash_ffn.io_layout)."""
+        return self.dev.storage.best_threads(1 << 20, "random")
+
+    def stream_request(self) -> int:
+        """Request size for streaming a layer's cold neurons: large requests read fastest (1 MiB), but
+        the runtime keeps a few request buffers and a request-sized staging ring, so a request is at
+        most a quarter of a layer's bundles (at least 64 KiB), 4096-aligned."""
+        layer = self.shape.ffn * self.shape.bundle_bytes
+        req = min(1 << 20, max(64 << 10, int(layer) // 4))
+        return req // 4096 * 4096
+
+    def staging_bytes(self) -> int:
+        """The flash FFN's read buffers and staging ring (engine/flash_ffn.io_bytes) at the largest
+        request the plans use (stream_request) and io_threads(): held whenever anything lives on flash."""
+        from engine.flash_ffn import io_bytes
+
+        s = self.shape
+        return io_bytes(max(1, round(s.bundle_bytes)), s.ffn, self.io_threads(), self.stream_request())
 
     def read_s(self, nbytes: float, request_bytes: int, pattern: str = "random") -> tuple[float, int]:
         """Seconds to read nbytes from flash in requests of request_bytes, and the reader threads used."""

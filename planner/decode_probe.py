@@ -29,3 +29,48 @@ def measure_decode_step(llm, prompt_tokens: int = PROMPT_TOKENS, steps: int = ST
         tok = int(np.argmax(model.forward(np.array([tok], dtype=np.int64), cache, all_logits=False)[-1]))
         times.append(time.perf_counter() - t)
     return statistics.median(times)
+
+
+FLASH_LAYERS = 4          # layers of the model streamed by measure_flash_layer
+FLASH_TOKENS = (3, 12)    # untimed, then timed tokens
+
+
+def measure_flash_layer(llm, directory, request_bytes: int, io_threads: int) -> float:
+    """Seconds per layer of the flash FFN (engine/flash_ffn.py) streaming every neuron of a layer from
+    flash: a bundle file of a few of this model's layers, written in `directory` (the deploy's storage),
+    read with O_DIRECT in dense mode with nothing hot, timed over a few tokens with read-ahead, as a
+    deploy runs them. The kernel and storage figures miss what this adds up: the copies from the read
+    buffers, the kernels called in pieces as reads land, and the Python per request and per layer."""
+    from pathlib import Path
+
+    from engine.bundle_file import open_bundles
+    from engine.flash_ffn import FlashFFN, LayerPlan
+    from planner.bundles import write_bundles
+
+    model = llm.model
+    c = model.config
+    n = min(FLASH_LAYERS, c.num_hidden_layers)
+    path = Path(directory) / ".flash-probe.bundles"
+    layers = model.weights.layers[:n]
+    orders = [np.arange(c.intermediate_size, dtype=np.int32)] * n
+    try:
+        write_bundles(path, layers, orders, fingerprint="probe", act=c.hidden_act)
+        ff = FlashFFN(open_bundles(path), [LayerPlan("dense", 0, 0)] * n, c.act_kind, io_threads=io_threads,
+                      request_bytes=request_bytes)
+        try:
+            ff.reader.drop_cache()
+            rng = np.random.default_rng(0)
+            hs = rng.standard_normal((sum(FLASH_TOKENS), c.hidden_size)).astype(np.float32)
+            warm, timed = FLASH_TOKENS
+            for t in range(warm):
+                for i in range(n):
+                    ff.ffn(i, hs[t])
+            t0 = time.perf_counter()
+            for t in range(warm, warm + timed):
+                for i in range(n):
+                    ff.ffn(i, hs[t])
+            return (time.perf_counter() - t0) / (timed * n)
+        finally:
+            ff.close()
+    finally:
+        path.unlink(missing_ok=True)

@@ -184,14 +184,72 @@ def kernel_info(threads: int, shapes=DEFAULT_SHAPES) -> KernelInfo:
         notes += ort_notes
     except ImportError:
         notes.append("onnxruntime is not installed: prefill can only use numpy")
-    import importlib.util
-    if importlib.util.find_spec("kernels.sparse_ffn") is None:
-        notes.append("sparse cluster kernel not measured: kernels/sparse_ffn.py is not in this version")
-    else:
-        notes.append("sparse cluster kernel not measured yet: the profile does not call kernels/sparse_ffn.py "
-                     "until its interface is settled; the cost model assumes a share of the dense speed")
+    points += sparse_points(threads, rng)
     return KernelInfo(backend="numba" if NUMBA else "numpy", threads=threads, matvec=tuple(points),
                       matmul_gflops=gflops, notes=tuple(notes))
+
+
+# (hidden, ffn, copies): a SmolLM2-sized layer cycled through enough copies to stream from DRAM, and a
+# Llama-2-7B-sized one, which does on its own.
+SPARSE_SHAPES = ((576, 1536, 24), (4096, 11008, 1))
+SPARSE_ACTIVE = (0.1, 1.0)          # shares of the neurons computed
+
+
+def sparse_points(threads: int, rng: np.random.Generator) -> list[KernelPoint]:
+    """The sparse FFN kernel (kernels/sparse_ffn.py: gate and up rows in the engine's Q4_1 layout, int8
+    down rows, the layout of engine/sparse.py and of the flash bundles) on scattered neurons, as
+    "sparse_q4_1" points: rows = neurons computed, nbytes = the bytes of the rows they read, gbps over
+    those bytes. And "scatter": landed bundle records copied into the flash FFN's slot arrays
+    (kernels/records.py) from buffers that, like reads from flash, are not in the caches."""
+    from kernels.activation import SILU
+    from kernels.records import byte_views, scatter
+    from kernels.sparse_ffn import sparse_ffn
+
+    from kernels.backend import NUMBA
+
+    points = []
+    # The numpy twins (no numba) take seconds at the 7B shape: the small one tells their speed.
+    for hidden, ffn, copies in SPARSE_SHAPES if NUMBA else ((576, 1536, 2),):
+        layers = []
+        for _ in range(copies):
+            g, u = (random_gguf_weight("q4_1", ffn, hidden, rng) for _ in range(2))
+            dq = rng.integers(-127, 128, (ffn, hidden), dtype=np.int8)            # down rows as int8
+            dd = np.full((ffn, hidden // 32), 0x2000, np.uint16)                  # f16 scales 2**-7
+            layers.append((g, u, dq, dd))
+        e16, e32 = np.zeros((ffn, 0), np.uint16), np.zeros(0, np.float32)
+        ones = np.ones(hidden, np.float32)
+        x = rng.standard_normal(hidden, dtype=np.float32)
+        out, acts = np.empty(hidden, np.float32), np.empty(ffn, np.float32)
+        row = (layers[0][0].nbytes + layers[0][1].nbytes + layers[0][2].nbytes + layers[0][3].nbytes) / ffn
+        for share in SPARSE_ACTIVE:
+            k = max(1, round(share * ffn))
+            # A new scattered set each call, so the rows come from DRAM as in decode, not from the cache.
+            sets = [np.sort(rng.choice(ffn, k, replace=False)).astype(np.int32) for _ in range(8)]
+
+            def run():
+                for i, (g, u, dq, dd) in enumerate(layers):
+                    idx = sets[(run.calls + i) % len(sets)]
+                    sparse_ffn(g.qs, g.d, g.m, u.qs, u.d, u.m, dq, dd, e16, ones, -1, x, idx, e32, SILU, threads,
+                               acts[:k], out)
+                run.calls += 1
+
+            run.calls = 0
+            nbytes = round(k * row * len(layers))
+            points.append(KernelPoint("sparse_q4_1", k, hidden, nbytes, threads, round(nbytes / _timed(run) / 1e9, 2)))
+        del layers
+    # scatter: SmolLM2-sized records (gate and up Q4_1 rows, int8 down row) in 1 MiB runs
+    fields = [288, 36, 36, 288, 36, 36, 576, 36, 0]
+    rec = sum(fields)
+    n = (1 << 20) // rec
+    bufs = [rng.integers(0, 256, n * rec, dtype=np.uint8) for _ in range(48)]        # 48 MiB: not cached
+    slots = [np.zeros((n, f), np.uint8) for f in fields]
+    off = np.cumsum([0] + fields[:-1]).astype(np.int64)
+    ln = np.asarray(fields, np.int64)
+    starts, rows = np.arange(n, dtype=np.int64) * rec, np.arange(n, dtype=np.int64)
+    dsts = byte_views(slots)
+    t = _timed(lambda: [scatter(b, starts, rows, off, ln, dsts) for b in bufs]) / len(bufs)
+    points.append(KernelPoint("scatter", n, rec, n * rec, 1, round(n * rec / t / 1e9, 2)))
+    return points
 
 
 def random_gguf_weight(fmt: str, rows: int, cols: int, rng: np.random.Generator):

@@ -56,7 +56,7 @@ def make_deploy(source: str | os.PathLike, budget_text: str, out: str | os.PathL
     from engine.llm import load
     from planner.budget import parse_budget
     from planner.cost_model import CostModel, shape_of
-    from planner.decode_probe import measure_decode_step
+    from planner.decode_probe import measure_decode_step, measure_flash_layer
     from planner.model_profile import profile_model, read_calibration
     from planner.predictors import train_all
     from planner.solver import check_budget, solve
@@ -75,12 +75,23 @@ def make_deploy(source: str | os.PathLike, budget_text: str, out: str | os.PathL
     cost = CostModel(dev, shape_of(llm))
     budget = parse_budget(budget_text, cost.shape.weight_bytes)
     check_budget(cost, budget)
+    fp = fingerprint(weight_files(src))
     if device_profile is None:
         # Planning for this machine: calibrate on this model's real dense step here. A given profile
         # (a phone's, planned on a laptop) keeps its own kernel figures: this machine's step says nothing
-        # about that device.
-        cost.calibrate(measure_decode_step(llm))
-    fp = fingerprint(weight_files(src))
+        # about that device. Measured once per model and device profile (planner/calibration_cache.py),
+        # so planning twice gives the same plan.
+        from planner.calibration_cache import measured
+
+        d = dev.to_dict()
+        cost.calibrate(measured(d, fp, f"decode step t{llm.threads}", lambda: measure_decode_step(llm)))
+        if budget < cost.shape.weight_bytes:
+            # Something will stream from flash: time the flash FFN on a few of this model's layers, on
+            # the storage the deploy goes to.
+            out.parent.mkdir(parents=True, exist_ok=True)
+            req, th = cost.stream_request(), cost.io_threads()
+            cost.calibrate_flash(measured(d, fp, f"flash layer r{req} io{th} t{llm.threads}",
+                                          lambda: measure_flash_layer(llm, out.parent, req, th)))
 
     profile = profile_model(llm, calibration, progress)
     predictors, reports = train_all(profile, recall_floor, progress=progress)

@@ -17,13 +17,13 @@ from dataclasses import dataclass
 
 from engine.errors import PlanError
 from planner.budget import format_bytes
-from planner.cost_model import (IO_STAGING_BYTES, KV_TOKENS, RUNTIME_BASE_BYTES, SPARSE_EFFICIENCY, TTFT_PROMPT_TOKENS,
+from planner.cost_model import (KV_TOKENS, RUNTIME_BASE_BYTES, SPARSE_EFFICIENCY, TTFT_PROMPT_TOKENS,
                                 CostModel)
 
 H_STEPS = 8                                  # hot-neuron counts tried: 0, F/8, ..., F
 CACHE_SHARES = (0.0, 1 / 16, 1 / 8, 1 / 4, 1 / 2)
 CLUSTER_SIZES = (1, 2, 4, 8, 16, 32, 64)
-SEQUENTIAL_REQUEST = 1 << 20                 # dense streaming reads a layer's cold region in 1 MiB requests
+SEQUENTIAL_REQUEST = 1 << 20                 # prefill streams a layer's cold region in 1 MiB requests
 RECALL_SLACK = 0.01                          # test recall may miss the floor by sampling noise (~300 test tokens)
 CHUNK_CHOICES = (512, 256, 128, 64)
 CHUNK_SCRATCH_BYTES = 16 << 20              # prefill activations per chunk stay below this
@@ -101,7 +101,7 @@ def minimum_bytes(cost: CostModel) -> int:
     the embeddings / LM head where the runtime can stream them from flash)."""
     s = cost.shape
     fixed = min(s.fixed_bytes_head_on_flash, s.fixed_bytes) if s.head_streamable else s.fixed_bytes
-    return fixed + min(IO_STAGING_BYTES, s.ffn_bytes)
+    return fixed + cost.staging_bytes()
 
 
 def head_on_flash(cost: CostModel, budget_bytes: int) -> bool:
@@ -109,7 +109,7 @@ def head_on_flash(cost: CostModel, budget_bytes: int) -> bool:
     beside attention, norms and the I/O buffers (PowerInfer-2 keeps them resident; reading them costs
     their whole size every token, as much as the FFN bytes they would displace)."""
     s = cost.shape
-    staging = min(IO_STAGING_BYTES, s.ffn_bytes)
+    staging = cost.staging_bytes()
     return (s.head_streamable and budget_bytes < s.weight_bytes and budget_bytes < s.fixed_bytes + staging
             and s.fixed_bytes_head_on_flash < s.fixed_bytes)
 
@@ -117,7 +117,7 @@ def head_on_flash(cost: CostModel, budget_bytes: int) -> bool:
 def check_budget(cost: CostModel, budget_bytes: int) -> int:
     """The bytes left for FFN neurons and predictors; PlanError stating the minimum when there are none."""
     s = cost.shape
-    staging = 0 if budget_bytes >= s.weight_bytes else min(IO_STAGING_BYTES, s.ffn_bytes)
+    staging = 0 if budget_bytes >= s.weight_bytes else cost.staging_bytes()
     head_flash = head_on_flash(cost, budget_bytes)
     fixed = s.fixed_bytes_head_on_flash if head_flash else s.fixed_bytes
     avail = budget_bytes - fixed - staging
@@ -134,7 +134,7 @@ def check_budget(cost: CostModel, budget_bytes: int) -> int:
 def solve(cost: CostModel, evidence: list[LayerEvidence], budget_bytes: int, recall_floor: float) -> Solution:
     s = cost.shape
     avail = check_budget(cost, budget_bytes)
-    staging = 0 if budget_bytes >= s.weight_bytes else min(IO_STAGING_BYTES, s.ffn_bytes)
+    staging = 0 if budget_bytes >= s.weight_bytes else cost.staging_bytes()
     cands = [layer_candidates(cost, ev) for ev in evidence]
     chosen = _knapsack(cands, avail)
     return _assemble(cost, evidence, chosen, budget_bytes, staging, recall_floor, head_on_flash(cost, budget_bytes))
@@ -148,10 +148,18 @@ def layer_candidates(cost: CostModel, ev: LayerEvidence) -> list[Candidate]:
     for k in range(H_STEPS + 1):
         hot = round(F * k / H_STEPS)
         cold_bytes = (F - hot) * bb
-        req = min(SEQUENTIAL_REQUEST, max(4096, _align(cold_bytes)))
-        io, th = cost.read_s(cold_bytes, req, "sequential")
-        out.append(Candidate("dense", hot, 0, 0, round(hot * bb), max(dense_c, io), dense_c, io, cold_bytes, th,
-                             req if cold_bytes else 0))
+        req = min(cost.stream_request(), max(4096, _align(cold_bytes)))
+        _, th = cost.read_s(cold_bytes, req, "sequential")
+        # Fully resident: the dense kernels. Otherwise the flash FFN runs the layer (its reads of the
+        # next layer overlap this one's compute).
+        if hot == F:
+            t, comp, io = dense_c, dense_c, 0.0
+        else:
+            t, io = cost.dense_flash_layer_s(hot)
+            comp = t
+        # Fully resident layers keep the source's own matrices (its bytes), not bundles (down re-stored).
+        mem = s.ffn_bytes if hot == F else round(hot * bb)
+        out.append(Candidate("dense", hot, 0, 0, mem, t, comp, io, cold_bytes, th, req if cold_bytes else 0))
     if not ev.sparse_ok:
         return out
     sparse_c = cost.sparse_ffn_s(ev.predicted_active, ev.predictor_bytes)
@@ -165,7 +173,8 @@ def layer_candidates(cost: CostModel, ev: LayerEvidence) -> list[Candidate]:
             misses = accesses * (1.0 - hit)
             cluster, io, th, req, read_bytes = _cluster_io(cost, misses, F - hot - cache, bb)
             mem = ev.predictor_bytes + round((hot + cache) * bb)
-            out.append(Candidate("sparse", hot, cache, cluster, mem, max(sparse_c, io), sparse_c, io, read_bytes, th, req))
+            comp = sparse_c if hot == F else sparse_c + cost.flash_ffn_s(0, misses)   # + copying what lands
+            out.append(Candidate("sparse", hot, cache, cluster, mem, max(comp, io), comp, io, read_bytes, th, req))
     return out
 
 
@@ -177,6 +186,8 @@ def _cluster_io(cost: CostModel, misses: float, n_cold: int, bb: float):
     best = None
     for c in CLUSTER_SIZES:
         req = _align(c * bb)
+        if req > cost.stream_request() and c != CLUSTER_SIZES[0]:
+            continue                      # the runtime's request buffers are budgeted for at most that
         issued = 1.0 - (1.0 - p) ** c      # a cluster is read when any of its neurons is needed
         useful = p * c * bb / issued       # needed bytes per request issued
         t, th = cost.read_s(misses * bb * req / useful, req)
@@ -251,7 +262,8 @@ def _assemble(cost, evidence, chosen, budget, staging, recall_floor, head_flash:
     big = sum(len(cl.cores) for cl in clusters if top and cl.max_mhz >= 0.75 * top) if top else 0
     threads = min(dev.cpu.physical_cores, big or dev.cpu.physical_cores)
     uses_flash = any(c.flash_bytes > 0 for c in chosen)
-    io_threads = max((c.io_threads for c in chosen), default=0) if uses_flash else 0
+    # At most the threads the staging memory was budgeted for (CostModel.staging_bytes).
+    io_threads = min(cost.io_threads(), max((c.io_threads for c in chosen), default=0)) if uses_flash else 0
     kv = KV_TOKENS * s.kv_bytes_per_token
     fixed = s.fixed_bytes_head_on_flash if head_flash else s.fixed_bytes
     sol = Solution(budget_bytes=budget, layers=tuple(chosen), evidence=tuple(evidence), fixed_bytes=fixed,
@@ -273,9 +285,12 @@ def _rationale(cost: CostModel, sol: Solution, recall_floor: float) -> list[str]
         lines.append(f"decode: dense in every layer: no layer's predictor meets the recall floor {recall_floor:.3f} "
                      f"with a useful sparsity ({'; '.join(why[:2])})")
     else:
+        measured = any(p.name == "sparse_q4_1" for p in dev.kernels.matvec)
         lines.append(f"decode: {n_sparse} of {s.n_layers} layers sparse; {len(ok)} had a predictor meeting the "
-                     f"recall floor {recall_floor:.3f}; sparse time assumes {SPARSE_EFFICIENCY:.0%} of the dense "
-                     "kernel's GB/s until the sparse cluster kernel is measured")
+                     f"recall floor {recall_floor:.3f}; sparse time "
+                     + (f"from the measured sparse kernel ({cost.sparse_gbps(s.ffn) / 1e9:.1f} GB/s on all "
+                        "neurons)" if measured else f"assumes {SPARSE_EFFICIENCY:.0%} of the dense kernel's GB/s "
+                        "(the device profile has no sparse kernel figure)"))
     if sol.budget_bytes >= s.weight_bytes:
         lines.append(f"memory: the budget {format_bytes(sol.budget_bytes)} holds all {format_bytes(s.weight_bytes)} of "
                      "weights: every FFN neuron is resident, nothing is read from flash")
@@ -310,5 +325,8 @@ def _rationale(cost: CostModel, sol: Solution, recall_floor: float) -> list[str]
     lines.append(f"speed: decode {1 / sol.decode_s:.1f} tok/s predicted from the {dev.kernels.backend} matvec at "
                  f"{dev.kernels.stream_gbps():.1f} GB/s streaming" + calib
                  + (f" and flash at {dev.storage.mbps(SEQUENTIAL_REQUEST, None, 'sequential'):.0f} MB/s sequential"
-                    if sol.flash_bytes_per_token else ""))
+                    if sol.flash_bytes_per_token else "")
+                 + (f"; a layer streamed from flash measured {cost.flash_layer_s * 1e3:.2f} ms on this machine "
+                    "(reads, copies, kernels and Python; planner/decode_probe.py)"
+                    if cost.flash_layer_s is not None and sol.flash_bytes_per_token else ""))
     return lines

@@ -27,14 +27,16 @@ VARIANTS = {
 }
 
 
-def make_hf_model(name: str, directory: Path, seed: int = 0, dtype: str = "float32", shard_size: str | None = None):
-    """Write a random-weight checkpoint to `directory`; returns the float32 torch reference model."""
+def make_hf_model(name: str, directory: Path, seed: int = 0, dtype: str = "float32", shard_size: str | None = None,
+                  **overrides):
+    """Write a random-weight checkpoint to `directory`; returns the float32 torch reference model.
+    overrides: config fields other than BASE's (e.g. intermediate_size)."""
     import torch
     import transformers
 
     arch, extra = VARIANTS[name]
     cfg_cls = getattr(transformers, arch.replace("ForCausalLM", "Config"))
-    config = cfg_cls(**{**BASE, **extra})
+    config = cfg_cls(**{**BASE, **extra, **overrides})
     if hasattr(config, "_attn_implementation"):
         config._attn_implementation = "eager"
     torch.manual_seed(seed)

@@ -204,7 +204,7 @@ def test_deploy_below_budget_runs_ffns_from_bundles(tmp_path):
     from planner.pipeline import make_deploy
 
     src = tmp_path / "src"
-    make_hf_model("llama-relu", src, seed=0)
+    make_hf_model("llama-relu", src, seed=0, intermediate_size=1024)   # bundles outweigh the I/O buffers
     cal = tmp_path / "cal.txt"
     cal.write_text(" ".join(f"w{i}" for i in np.random.default_rng(0).integers(3, 128, 600)))
     res = make_deploy(src, "90%", tmp_path / "d", device_profile="snapdragon-8gen3-ufs4", calibration=cal, threads=1)

@@ -6,7 +6,7 @@ import pytest
 
 from engine.errors import PlanError
 from planner import device, plan_json
-from planner.cost_model import IO_STAGING_BYTES, CostModel, ModelShape
+from planner.cost_model import CostModel, ModelShape
 from planner.predictors import PredictorReport
 from planner.solver import CACHE_SHARES, H_STEPS, LayerEvidence, minimum_bytes, solve
 
@@ -120,8 +120,9 @@ def test_a_budget_below_the_lm_head_streams_it_from_flash():
 
     streamable = CostModel(cost().dev, replace(shape(), head_streamable=True))
     s = streamable.shape
-    budget = s.fixed_bytes_head_on_flash + IO_STAGING_BYTES + 500_000   # room for a few hot neurons
-    assert budget < s.fixed_bytes + IO_STAGING_BYTES                       # but not for the resident head
+    staging = streamable.staging_bytes()
+    budget = s.fixed_bytes_head_on_flash + staging + 500_000   # room for a few hot neurons
+    assert budget < s.fixed_bytes + staging                       # but not for the resident head
     sol = solve(streamable, evidence(False), budget, 0.99)
     assert sol.head_on_flash and sol.resident_bytes <= budget
     assert sol.head_flash_bytes >= s.embed_bytes and sol.flash_bytes_per_token > sol.head_flash_bytes
