@@ -151,6 +151,12 @@ def main() -> None:
                 best = (policy, s["cache_hit_rate"])
         tps, s, mem = run(bf, cached, sets, xs, a.warm, pipeline=True, io_threads=a.io_threads, policy=best[0])
         rows.append((f"+ pipeline ({best[0]}, {a.io_threads} reader threads)", tps, s, mem))
+        # The planner's split for independent tokens: the whole budget as the static hot segment (its
+        # neurons in calibration-frequency order), no dynamic cache; deeper I/O queues.
+        static = [LayerPlan("given", hot_n + cache, 0)] * a.layers
+        for th in sorted({a.io_threads, 2 * a.io_threads}):
+            tps, s, mem = run(bf, static, sets, xs, a.warm, pipeline=True, io_threads=th)
+            rows.append((f"static hot = budget, pipeline, {th} reader threads", tps, s, mem))
         base, naive = rows[0][1], rows[1][1]
         print(f"\n{'variant':58s} {'tok/s':>7s} {'x naive':>8s} {'x resid':>8s} {'hit':>5s} {'MiB/tok':>8s} "
               f"{'req/tok':>8s} {'wait ms':>8s} {'overlap':>7s} {'RAM MiB':>8s}")
