@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from engine.memory import small_pages
 from kernels.kv import to_storage
 
 
@@ -19,10 +20,12 @@ class KVCache:
         """dtype: np.float32, or np.uint16 for IEEE half bits (kernels/kv.py; llama.cpp's default)."""
         self.max_seq = max_seq
         self.dtype = np.dtype(dtype)
-        # (layers, n_kv_heads, max_seq, head_dim) f32 each, and per layer a view: kernels/decode_token.py
+        # (layers, n_kv_heads, max_seq, head_dim) of dtype each, and per layer a view: kernels/decode_token.py
         # takes all layers in one array.
         self.k_all = np.zeros((n_layers, n_kv_heads, max_seq, head_dim), dtype=self.dtype)
         self.v_all = np.zeros((n_layers, n_kv_heads, max_seq, head_dim), dtype=self.dtype)
+        small_pages(self.k_all)     # grown a position at a time: no huge pages (engine/memory.py)
+        small_pages(self.v_all)
         self.k = list(self.k_all)
         self.v = list(self.v_all)
         self.length = 0  # positions 0..length-1 are filled

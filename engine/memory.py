@@ -67,6 +67,25 @@ def pin_mmap_threshold(nbytes: int = 1 << 20) -> bool:
     return mallopt(_M_MMAP_THRESHOLD, nbytes) == 1
 
 
+_MADV_NOHUGEPAGE = 15   # <linux/mman.h>
+
+
+def small_pages(a) -> bool:
+    """Ask for 4 KiB pages under a large, lazily filled array (the KV cache): numpy asks the kernel for
+    transparent huge pages on every allocation of 4 MiB or more, and then writing the first positions of
+    each head's (max_seq, head_dim) block faulted in a whole 2 MiB page: a 4096-token cache became
+    resident at its full size (+86 MiB on SmolLM2) on the first prompt. Returns whether it was applied."""
+    if not sys.platform.startswith("linux") or a.nbytes < (4 << 20):
+        return False
+    libc = _libc()
+    if libc is None:
+        return False
+    page = 4096
+    start = a.ctypes.data // page * page
+    end = a.ctypes.data + a.nbytes
+    return libc.madvise(start, end - start, _MADV_NOHUGEPAGE) == 0
+
+
 def start_compiler() -> None:
     """Run one tiny kernel, then release: the first kernel numba loads initializes its compiler, ~45 MiB
     here (target machine, JIT engine, typing tables), and doing that before the weights are read keeps
