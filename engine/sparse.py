@@ -304,11 +304,11 @@ def _whole_clusters(idx: np.ndarray, cluster: int) -> np.ndarray:
 
 def default_modes(config) -> list[str]:
     """Without a plan: relu-exact for ReLU-family models (exact, and in trained ReLU models 85-97% of
-    neurons are zero); dense for the rest. Why dense for SwiGLU (measured on SmolLM2-135M Q4_1, issue 5
-    closing note): even a perfect (oracle) selection keeps perplexity within 2% only up to ~30-40%
-    sparsity, a rank-64 predictor (0.55 MB/layer, a third of the layer's FFN bytes) reaches 13% sparsity
-    at 94% recall with +4.8% perplexity, and that predicted path decodes at 65 tok/s against 112 for
-    dense on the same unfused path: sparsity does not pay on small SwiGLU models."""
+    neurons are zero); dense for the rest. Why dense for SwiGLU (SmolLM2-135M Q4_1, tools/sparsity_curve.py,
+    BENCHMARKS.md): even a perfect (oracle) selection keeps perplexity within 2% only up to ~50% sparsity,
+    low-rank predictors of rank 16 to 128 (9-66% of the layer's FFN bytes, read every token) have 56-60%
+    precision and reach under 2% sparsity within +2% perplexity, and the sparse path decodes slower than
+    dense on such small matrices: sparsity does not pay on small SwiGLU models."""
     mode = "relu-exact" if config.act_kind in (RELU, DRELU) else "dense"
     return [mode] * config.num_hidden_layers
 

@@ -132,6 +132,39 @@ def _decode_seconds(model, prompt: list[int], n: int, sparse) -> float:
     return time.perf_counter() - t0
 
 
+def dense_nll(model, wins: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray, SparseFFN]:
+    """Per-token NLL of dense decode (the fused default path) and of dense FFNs run through an executor
+    (the unfused path that sparse layers ride on), and that dense-mode executor."""
+    model.sparse = None
+    nll_dense = np.concatenate([decode_nll(model, w) for w in wins])
+    dense_exec = SparseFFN(model, ["dense"] * model.config.num_hidden_layers, run_dense=True)
+    model.sparse = dense_exec
+    nll_unfused = np.concatenate([decode_nll(model, w) for w in wins])
+    model.sparse = None
+    return nll_dense, nll_unfused, dense_exec
+
+
+def sparse_quality(model, sparse: SparseFFN, wins: list[np.ndarray], prompt_ids: list[int],
+                   dense_tokens: list[int]) -> tuple[np.ndarray, list, int, float]:
+    """Quality of `sparse` against dense decode, untimed (the true active sets are counted, which costs a
+    dense FFN per step): per-token NLL, per-layer stats of that pass, the identical greedy prefix and the
+    teacher-forced greedy agreement over dense_tokens."""
+    n = len(dense_tokens)
+    sparse.track_truth = True
+    sparse.reset_stats()
+    model.sparse = sparse
+    try:
+        nll_sparse = np.concatenate([decode_nll(model, w) for w in wins])
+    finally:
+        sparse.track_truth = False
+    quality_stats = [copy.copy(st) for st in sparse.stats]
+    sparse_tokens = _greedy(model, prompt_ids, n, sparse)
+    prefix = next((i for i, (a, b) in enumerate(zip(dense_tokens, sparse_tokens)) if a != b), n)
+    agree = _agreement(model, prompt_ids, dense_tokens, sparse)
+    model.sparse = None
+    return nll_sparse, quality_stats, prefix, agree
+
+
 def evaluate(llm, sparse: SparseFFN, text_ids: list[int], prompt_ids: list[int], *, ctx: int = 256,
              windows: int = 2, gen_tokens: int = 32, rounds: int = 3) -> SparsityReport:
     """Compare `sparse` (an executor built for llm.model) with dense decode; see the module docstring."""
@@ -146,22 +179,9 @@ def evaluate(llm, sparse: SparseFFN, text_ids: list[int], prompt_ids: list[int],
     f = model.config.intermediate_size
     try:
         wins = _windows(llm, text_ids, ctx, windows)
-        # quality (with the true active sets counted, which costs a dense FFN per step: untimed)
-        model.sparse = None
-        nll_dense = np.concatenate([decode_nll(model, w) for w in wins])
-        dense_exec = SparseFFN(model, ["dense"] * model.config.num_hidden_layers, run_dense=True)
-        model.sparse = dense_exec
-        nll_unfused = np.concatenate([decode_nll(model, w) for w in wins])
-        sparse.track_truth = True
-        sparse.reset_stats()
-        model.sparse = sparse
-        nll_sparse = np.concatenate([decode_nll(model, w) for w in wins])
-        quality_stats = [copy.copy(st) for st in sparse.stats]
-        sparse.track_truth = False
+        nll_dense, nll_unfused, dense_exec = dense_nll(model, wins)
         dense_tokens = _greedy(model, prompt_ids, gen_tokens, None)
-        sparse_tokens = _greedy(model, prompt_ids, gen_tokens, sparse)
-        prefix = next((i for i, (a, b) in enumerate(zip(dense_tokens, sparse_tokens)) if a != b), gen_tokens)
-        agree = _agreement(model, prompt_ids, dense_tokens, sparse)
+        nll_sparse, quality_stats, prefix, agree = sparse_quality(model, sparse, wins, prompt_ids, dense_tokens)
         # speed: alternate dense and sparse decode; FFN times from a dense-mode executor and the sparse one
         _decode_seconds(model, prompt_ids, 2, sparse)              # warm-up (kernel compilation)
         _decode_seconds(model, prompt_ids, 2, dense_exec)
