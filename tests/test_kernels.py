@@ -210,20 +210,13 @@ def test_quantize_q8(cols):
     assert (np.abs(got[0].astype(np.int32) - got[1]) <= 1).all()
 
 
-@pytest.mark.parametrize("code", ["vnni512", "avx2", "generic"])
-def test_row_dot_twins(code, monkeypatch):
+def test_row_dot_twins(simd_code):
     """The LLVM-IR row dot products against their numpy twins: the AVX-512 VNNI and AVX2 x86 code and
     the generic vector IR other targets get (each forced by compiling with the other flags off), both
     scale dtypes, even and odd block counts (the IR does two blocks per iteration, then a tail)."""
     if not backend.NUMBA:
         pytest.skip("the row dots are LLVM intrinsics: numba only (the numpy twins are tested through matvec)")
-    if (code == "avx2" and not intdot.AVX2) or (code == "vnni512" and not intdot.VNNI512):
-        pytest.skip(f"this CPU has no {code}")
     from numba import njit
-
-    # Read when the intrinsics generate IR, i.e. when the functions below compile.
-    monkeypatch.setattr(intdot, "AVX2", code != "generic")
-    monkeypatch.setattr(intdot, "VNNI512", code == "vnni512")
 
     @njit(cache=False)
     def rows_dot(qs, d, xq, dx, out):

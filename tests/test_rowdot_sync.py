@@ -31,19 +31,13 @@ def test_prepare_and_corrections_twins(nb):
     assert xc[0] == -128 * int(xq[:4].astype(np.int32).sum())
 
 
-@pytest.mark.parametrize("code", ["vnni512", "avx2", "generic"])
-def test_row_dots_against_numpy(code, monkeypatch):
+def test_row_dots_against_numpy(simd_code):
     """q4_dot and i8_dot on the AVX-512 VNNI, AVX2 and generic-vector code (each forced by compiling
     with the other flags off), both scale dtypes, every tail length, extreme values (q = 15 and -128
     with x = +-127: the i16 and VNNI bias bounds)."""
     if not rowdot.AVAILABLE:
         pytest.skip("the four-block row dots need numba and hardware half conversion")
-    if (code == "avx2" and not intdot.AVX2) or (code == "vnni512" and not intdot.VNNI512):
-        pytest.skip(f"this CPU has no {code}")
     from numba import njit
-
-    monkeypatch.setattr(intdot, "AVX2", code != "generic")      # read when the intrinsics generate IR
-    monkeypatch.setattr(intdot, "VNNI512", code == "vnni512")
 
     @njit(cache=False)
     def q4_rows(qs, d, xp, dx, out):

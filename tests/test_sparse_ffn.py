@@ -296,8 +296,7 @@ def test_gathered_rows_given_gate_and_odd_blocks(layout, down, hidden):
     check(rng, layout, down, hidden, ffn, idx, kind=3, given_gate=True)
 
 
-@pytest.mark.parametrize("code", ["vnni512", "avx2", "generic"])
-def test_gather_twins(code, monkeypatch):
+def test_gather_twins(simd_code):
     """The sparse kernels' row reads against their numpy twins: kernels/rowdot.py's prefetching dots
     (gate and up rows of one neuron, or one row) and kernels/gather.py's 4-row axpy, on the AVX-512
     VNNI, AVX2 and generic-vector code (each forced by compiling with the other flags off), both scale
@@ -310,10 +309,6 @@ def test_gather_twins(code, monkeypatch):
     from kernels import intdot, rowdot
     if not rowdot.AVAILABLE:
         pytest.skip("rowdot needs hardware half conversion")
-    if (code == "avx2" and not intdot.AVX2) or (code == "vnni512" and not intdot.VNNI512):
-        pytest.skip(f"this CPU has no {code}")
-    monkeypatch.setattr(intdot, "AVX2", code != "generic")      # read when the IR is generated
-    monkeypatch.setattr(intdot, "VNNI512", code == "vnni512")
 
     @njit(cache=False)
     def run_dots(gq, gd, uq, ud, g8, u8, xq, xp, xc, dx, jp, out):
