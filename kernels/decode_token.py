@@ -33,7 +33,7 @@ import math
 
 import numpy as np
 
-from kernels import intdot, rowdot, sync
+from kernels import rowdot, sync
 from kernels.activation import act_scalar
 from kernels.attention import attend_head
 from kernels.backend import NUMBA, jit
@@ -50,28 +50,8 @@ def counters_for(layers: int, threads: int) -> np.ndarray:
     return sync.new_counters(STEPS * layers, threads)
 
 
-def _row(qs, d, m, r, xq, xp, xc, dx, xsum):
-    """Row r of a Q4 (qs uint8) or 32-block I8 (qs int8) weight times the rounded x, min term included;
-    numba picks the formula by qs's dtype."""
-
-
 if NUMBA and rowdot.AVAILABLE:
-    from numba import prange, types
-    from numba.core.extending import overload
-
-    @overload(_row, inline="always", jit_options={"fastmath": True})
-    def _row_ov(qs, d, m, r, xq, xp, xc, dx, xsum):
-        if qs.dtype == types.uint8:
-            return lambda qs, d, m, r, xq, xp, xc, dx, xsum: (rowdot.q4_dot(qs, d, r, xp, dx)
-                                                              + intdot.min_term(d, m, r, xsum))
-        if qs.dtype == types.int8:
-            def i8(qs, d, m, r, xq, xp, xc, dx, xsum):
-                acc = rowdot.i8_dot(qs, d, r, xq, xc, dx)
-                if m.shape[1]:
-                    acc += intdot.scale_dot(m, r, xsum)
-                return acc
-            return i8
-        return None
+    from numba import prange
 
     @jit(inline=True)
     def _rows(counters, step, t, threads, qs, d, m, xq, xp, xc, dx, xsum, out):
@@ -81,7 +61,7 @@ if NUMBA and rowdot.AVAILABLE:
         c = sync.take(counters, step, t, threads, items)
         while c >= 0:
             for r in range(c * ROWS, min(rows, c * ROWS + ROWS)):
-                out[r] = _row(qs, d, m, r, xq, xp, xc, dx, xsum)
+                out[r] = rowdot.row(qs, d, m, r, xq, xp, xc, dx, xsum)
             sync.finish(counters, step, threads)
             c = sync.take(counters, step, t, threads, items)
         sync.wait_step(counters, step, threads, items)
@@ -149,8 +129,8 @@ if NUMBA and rowdot.AVAILABLE:
             c = sync.take(counters, base + 4, t, threads, items)
             while c >= 0:
                 for n in range(c * ROWS, min(ffn, c * ROWS + ROWS)):
-                    gate = _row(gq, gd, gm, n, xq_h, xp_h, xc_h, dx_h, xs_h)
-                    up = _row(gq, gd, gm, ffn + n, xq_h, xp_h, xc_h, dx_h, xs_h)
+                    gate = rowdot.row(gq, gd, gm, n, xq_h, xp_h, xc_h, dx_h, xs_h)
+                    up = rowdot.row(gq, gd, gm, ffn + n, xq_h, xp_h, xc_h, dx_h, xs_h)
                     ao[n] = act_scalar(gate, up, act)
                 sync.finish(counters, base + 4, threads)
                 c = sync.take(counters, base + 4, t, threads, items)

@@ -387,8 +387,8 @@ if NUMBA:
     def _dots_intrinsic(nibbles, nmats, prefetch):
         """Row dots of row j of nmats weights of one layout, sharing the x loads; with prefetch, also
         row jp of each weight and its scales (jp < 0: none). Arguments: (w, d) per weight, j, [jp,]
-        xq, xp, xc, dx: xp (Q4 step order) is read for the Q4 layout, xq and xc for I8 (see q4_dot
-        and i8_dot)."""
+        xq, xp, xc, dx: xp (Q4 step order) is read for the Q4 layout, xq and xc for I8 (see the forms
+        below)."""
         wdtype = types.uint8 if nibbles else types.int8
 
         def typer(args):
@@ -433,57 +433,49 @@ if NUMBA:
         if nmats == 2:
             def dots(typingctx, w0, d0, w1, d1, j, jp, xq, xp, xc, dx):
                 return typer((w0, d0, w1, d1, j, jp, xq, xp, xc, dx))
-        else:
+        elif prefetch:
             def dots(typingctx, w0, d0, j, jp, xq, xp, xc, dx):
                 return typer((w0, d0, j, jp, xq, xp, xc, dx))
-        dots.__name__ = dots.__qualname__ = f"{'q4' if nibbles else 'i8'}_dots{nmats}p"
+        else:
+            def dots(typingctx, w0, d0, j, xq, xp, xc, dx):
+                return typer((w0, d0, j, xq, xp, xc, dx))
+        dots.__name__ = dots.__qualname__ = f"{'q4' if nibbles else 'i8'}_dots{nmats}{'p' if prefetch else ''}"
         return intrinsic(dots)
 
-    # For the sparse FFN (kernels/sparse_ffn.py): (gate row j . x, up row j . x) of two weights of one
-    # layout, prefetching row jp of both: q4_gu(gw, gd, uw, ud, j, jp, xq, xp, xc, dx), i8_gu(...);
-    # one row: q4_row1p(w, d, j, jp, xq, xp, xc, dx), i8_row1p(...). Min terms excluded.
+    # The forms. Each product is sum over blocks b of scale(d[r, b]) * dx[b] * sum_j q[r, 32b + j] *
+    # xq[32b + j] (intdot.q4_row_dot_numpy, intdot.i8_row_dot_numpy), min terms excluded, for w
+    # (rows, cols/2) uint8 nibbles (Q4) or (rows, cols) int8 in blocks of 32 (I8), d (rows, cols/32) f32
+    # or uint16 f16 bits, and x as round_x makes it: xq (cols,) int8 natural order, xp (cols,) int8 Q4
+    # step order (read for Q4), xc (cols/4,) int32 lane corrections (read for I8 on VNNI), dx (cols/32,) f32.
+    # One row: q4_dot(w, d, r, xq, xp, xc, dx), i8_dot(...): the dense matvecs' (see row below).
+    # For the sparse FFN (kernels/sparse_ffn.py), prefetching row jp: (gate row j . x, up row j . x) of
+    # two weights of one layout, q4_gu(gw, gd, uw, ud, j, jp, xq, xp, xc, dx), i8_gu(...); one row,
+    # q4_row1p(w, d, j, jp, xq, xp, xc, dx), i8_row1p(...).
+    q4_dot, i8_dot = _dots_intrinsic(True, 1, False), _dots_intrinsic(False, 1, False)
     q4_gu, i8_gu = _dots_intrinsic(True, 2, True), _dots_intrinsic(False, 2, True)
     q4_row1p, i8_row1p = _dots_intrinsic(True, 1, True), _dots_intrinsic(False, 1, True)
 
-    @intrinsic
-    def q4_dot(typingctx, qs, d, r, xp, dx):
-        """sum over blocks b of scale(d[r, b]) * dx[b] * sum_j q_j * xq[32b + j] (intdot.q4_row_dot_numpy)
-        for qs (rows, cols/2) uint8 and d (rows, cols/32) f32 or uint16 f16 bits, with xp (cols,) int8 the
-        rounded x in Q4 step order (prepare_q4_x) and dx (cols/32,) f32. Min terms excluded."""
-        if not (_c_array(qs, 2, types.uint8) and _c_array(d, 2, types.float32, types.uint16)
-                and isinstance(r, types.Integer) and _c_array(xp, 1, types.int8) and _c_array(dx, 1, types.float32)):
-            return None
-        f16 = d.dtype == types.uint16
 
-        def codegen(context, builder, sig, args):
-            qrow, _ = _row_ptr(context, builder, sig.args[0], args[0], args[2])
-            drow, nb = _row_ptr(context, builder, sig.args[1], args[1], args[2])
-            xpp = _data(context, builder, sig.args[3], args[3])
-            dxp = _data(context, builder, sig.args[4], args[4])
-            return _emit_rows(builder, nb, 1, _Step(1, lambda i, b, k: [_q4_step(builder, qrow, xpp, drow, dxp, b, k,
-                                                                                   f16)]))[0]
+def row(qs, d, m, r, xq, xp, xc, dx, xsum):
+    """Row r of a Q4 (qs uint8) or 32-block I8 (qs int8) weight times x rounded by round_x, min term
+    included (xsum (cols/32,) f32 the rounded block sums); numba picks the formula by qs's dtype. The one
+    row product of the dense matvecs (kernels/matvec.py), the one-region decode (kernels/decode_token.py)
+    and the sparse FFN's rows (kernels/sparse_ffn.py), so that all of them round alike."""
 
-        return types.float32(qs, d, r, xp, dx), codegen
 
-    @intrinsic
-    def i8_dot(typingctx, q, d, r, xq, xc, dx):
-        """sum over blocks b of scale(d[r, b]) * dx[b] * sum_j q[r, 32b + j] * xq[32b + j]
-        (intdot.i8_row_dot_numpy) for q (rows, cols) int8 in blocks of 32, d (rows, cols/32) f32 or
-        uint16 f16 bits, xq (cols,) int8 the rounded x in natural order, xc (cols/4,) int32 its lane
-        corrections (lane_corrections; read on VNNI only) and dx (cols/32,) f32. Min terms excluded."""
-        if not (_c_array(q, 2, types.int8) and _c_array(d, 2, types.float32, types.uint16)
-                and isinstance(r, types.Integer) and _c_array(xq, 1, types.int8) and _c_array(xc, 1, types.int32)
-                and _c_array(dx, 1, types.float32)):
-            return None
-        f16 = d.dtype == types.uint16
+if NUMBA:
+    from numba.core.extending import overload
 
-        def codegen(context, builder, sig, args):
-            qrow, _ = _row_ptr(context, builder, sig.args[0], args[0], args[2])
-            drow, nb = _row_ptr(context, builder, sig.args[1], args[1], args[2])
-            xqp = _data(context, builder, sig.args[3], args[3])
-            xcp = _data(context, builder, sig.args[4], args[4])
-            dxp = _data(context, builder, sig.args[5], args[5])
-            return _emit_rows(builder, nb, 2, _Step(1, lambda i, b, k: _i8_step(builder, qrow, xqp, xcp, drow, dxp, b,
-                                                                                   k, f16)))[0]
-
-        return types.float32(q, d, r, xq, xc, dx), codegen
+    @overload(row, inline="always", jit_options={"fastmath": True})
+    def _row_ov(qs, d, m, r, xq, xp, xc, dx, xsum):
+        if qs.dtype == types.uint8:
+            return lambda qs, d, m, r, xq, xp, xc, dx, xsum: (q4_dot(qs, d, r, xq, xp, xc, dx)
+                                                              + intdot.min_term(d, m, r, xsum))
+        if qs.dtype == types.int8:
+            def i8(qs, d, m, r, xq, xp, xc, dx, xsum):
+                acc = i8_dot(qs, d, r, xq, xp, xc, dx)
+                if m.shape[1]:
+                    acc += intdot.scale_dot(m, r, xsum)
+                return acc
+            return i8
+        return None

@@ -221,16 +221,13 @@ if NUMBA:
     def _dot_q4(w, d, m, j, x, xq, xp, xc, dx, xsum, bits16):
         # The dense matvec's row product (kernels/rowdot.py, x rounded to int8 per block), so that both
         # paths round alike: relu-exact's gate comes from the dense kernel and its up from this one.
-        return rowdot.q4_row1p(w, d, j, -1, xq, xp, xc, dx) + intdot.min_term(d, m, j, xsum)
+        return rowdot.row(w, d, m, j, xq, xp, xc, dx, xsum)
 
     @jit()
     def _dot_i8(w, d, m, j, x, xq, xp, xc, dx, xsum, bits16):
         block = w.shape[1] // d.shape[1]
         if block == 32:
-            acc = rowdot.i8_row1p(w, d, j, -1, xq, xp, xc, dx)      # as the dense matvec (see _dot_q4)
-            if m.shape[1]:
-                acc += intdot.scale_dot(m, j, xsum)
-            return acc
+            return rowdot.row(w, d, m, j, xq, xp, xc, dx, xsum)      # as the dense matvec (see _dot_q4)
         # Float x for other block sizes (Q6_K's 16), as the dense matvec.
         dr = d[j]
         acc = _i8_row_f32(w[j], dr, x, block)

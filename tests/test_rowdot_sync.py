@@ -40,15 +40,15 @@ def test_row_dots_against_numpy(simd_code):
     from numba import njit
 
     @njit(cache=False)
-    def q4_rows(qs, d, xp, dx, out):
+    def q4_rows(qs, d, xq, xp, xc, dx, out):
         for r in range(qs.shape[0]):
-            out[r] = rowdot.q4_dot(qs, d, r, xp, dx)
+            out[r] = rowdot.q4_dot(qs, d, r, xq, xp, xc, dx)
         return out
 
     @njit(cache=False)
-    def i8_rows(q, d, xq, xc, dx, out):
+    def i8_rows(q, d, xq, xp, xc, dx, out):
         for r in range(q.shape[0]):
-            out[r] = rowdot.i8_dot(q, d, r, xq, xc, dx)
+            out[r] = rowdot.i8_dot(q, d, r, xq, xp, xc, dx)
         return out
 
     rng = np.random.default_rng(5)
@@ -60,7 +60,7 @@ def test_row_dots_against_numpy(simd_code):
             xq[:32] = 127
             dx = rng.uniform(0.001, 0.1, nb).astype(np.float32)
             xp = rowdot.prepare_q4_x_numpy(xq, np.empty_like(xq))
-            got = q4_rows(qs, d, xp, dx, np.empty(5, np.float32))
+            got = q4_rows(qs, d, xq, xp, np.zeros(8 * nb, np.int32), dx, np.empty(5, np.float32))
             want = np.array([intdot.q4_row_dot_numpy(qs, d, r, xq, dx) for r in range(5)])
             np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5, err_msg=f"q4 nb={nb} {kind}")
             q, d8, _ = _i8(rng, 5, 32 * nb, 32, False, kind)
@@ -68,7 +68,7 @@ def test_row_dots_against_numpy(simd_code):
             q[1, :32] = 127
             xq[32:64] = -127
             xc = rowdot.lane_corrections_numpy(xq, np.empty(8 * nb, np.int32))
-            got = i8_rows(q, d8, xq, xc, dx, np.empty(5, np.float32))
+            got = i8_rows(q, d8, xq, np.zeros_like(xq), xc, dx, np.empty(5, np.float32))
             want = np.array([intdot.i8_row_dot_numpy(q, d8, r, xq, dx) for r in range(5)])
             np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5, err_msg=f"i8 nb={nb} {kind}")
 

@@ -317,8 +317,8 @@ def test_gather_twins(simd_code):
             out[r, 2] = rowdot.q4_row1p(uq, ud, r, jp, xq, xp, xc, dx)
             out[r, 3], out[r, 4] = rowdot.i8_gu(g8, gd, u8, ud, r, jp, xq, xp, xc, dx)
             out[r, 5] = rowdot.i8_row1p(u8, ud, r, jp, xq, xp, xc, dx)
-            out[r, 6] = rowdot.q4_dot(gq, gd, r, xp, dx)
-            out[r, 7] = rowdot.i8_dot(g8, gd, r, xq, xc, dx)
+            out[r, 6] = rowdot.q4_dot(gq, gd, r, xq, xp, xc, dx)
+            out[r, 7] = rowdot.i8_dot(g8, gd, r, xq, xp, xc, dx)
         return out
 
     @njit(cache=False)
