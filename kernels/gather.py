@@ -51,58 +51,13 @@ if NUMBA:
     from numba import types
     from numba.core.extending import intrinsic
 
-    _I8, _I32, _I64, _F32 = ir.IntType(8), ir.IntType(32), ir.IntType(64), ir.FloatType()
-    _I8P = _I8.as_pointer()
+    from kernels.llvm_ir import F32 as _F32, I32 as _I32, I8 as _I8, I64 as _I64, c_array, const64 as _c64
+    from kernels.llvm_ir import lanes as _lanes, prefetch_line as _prefetch_line, prefetch_target as _target
+    from kernels.llvm_ir import row_ptr as _row, vec as _vec
+
     W = 16          # float lanes per vector in the axpy (one AVX-512 register; two AVX2 ones)
 
-    def _vec(t, n):
-        return ir.VectorType(t, n)
-
-    def _c64(v):
-        return ir.Constant(_I64, v)
-
-    def _prefetch(builder, p):
-        """A read prefetch of the line at p into all cache levels (llvm.prefetch, locality 3)."""
-        fn = builder.module.declare_intrinsic(
-            "llvm.prefetch.p0", fnty=ir.FunctionType(ir.VoidType(), [_I8P, _I32, _I32, _I32]))
-        builder.call(fn, [builder.bitcast(p, _I8P), ir.Constant(_I32, 0), ir.Constant(_I32, 3),
-                          ir.Constant(_I32, 1)])
-
-    def _row(context, builder, ty, val, r):
-        """(typed pointer to row r, row length in elements) of a C-contiguous 2-D array."""
-        a = context.make_array(ty)(context, builder, val)
-        n = builder.extract_value(a.shape, 1)
-        return builder.gep(a.data, [builder.mul(r, n)]), n
-
-    def _target(context, builder, ty, val, r):
-        """A prefetch target: (i8* to row r, its bytes), bytes 0 when r < 0 (nothing to prefetch)."""
-        a = context.make_array(ty)(context, builder, val)
-        item = context.get_abi_sizeof(context.get_data_type(ty.dtype))
-        nbytes = builder.mul(builder.extract_value(a.shape, 1), _c64(item))
-        ok = builder.icmp_signed(">=", r, _c64(0))
-        base = builder.gep(builder.bitcast(a.data, _I8P), [builder.mul(builder.select(ok, r, _c64(0)), nbytes)])
-        return base, builder.select(ok, nbytes, _c64(0))
-
-    def _prefetch_line(builder, targets, i):
-        """Line i (bytes 64i..) of each target that has one."""
-        off = builder.mul(i, _c64(64))
-        for base, nbytes in targets:
-            with builder.if_then(builder.icmp_signed("<", off, nbytes)):
-                _prefetch(builder, builder.gep(base, [off]))
-
-    def _i64(builder, v):
-        return builder.sext(v, _I64) if v.type.width < 64 else v
-
-    def _is2d(a, dtypes):
-        return isinstance(a, types.Array) and a.ndim == 2 and a.layout == "C" and a.dtype in dtypes
-
-    def _is1d(a, dtype):
-        return isinstance(a, types.Array) and a.ndim == 1 and a.layout == "C" and a.dtype == dtype
-
     _SCALES = (types.float32, types.uint16)
-
-    def _lanes(*idx):
-        return ir.Constant(_vec(_I32, len(idx)), list(idx))
 
     def _scales2(builder, drow, b, f16):
         """<4 x float> whose lanes 0 and 1 are the scales of blocks b and b+1 of a row (lanes 2, 3:
@@ -136,9 +91,9 @@ if NUMBA:
         """axpy4_i8(w, d, j, a, acc), or with prefetching axpy4_i8_pf(w, d, j, a, pf, acc)."""
 
         def typer(w, d, j, a, pf, acc):
-            if not (_is2d(w, (types.int8,)) and _is2d(d, _SCALES) and _is1d(j, types.int64)
-                    and _is1d(a, types.float32) and (pf is None or _is1d(pf, types.int64))
-                    and _is1d(acc, types.float32)):
+            if not (c_array(w, 2, types.int8) and c_array(d, 2, *_SCALES) and c_array(j, 1, types.int64)
+                    and c_array(a, 1, types.float32) and (pf is None or c_array(pf, 1, types.int64))
+                    and c_array(acc, 1, types.float32)):
                 return None
             f16 = d.dtype == types.uint16
 

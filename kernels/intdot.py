@@ -105,16 +105,8 @@ if NUMBA:
     AVX2 = _has_x86("avx2")
     VNNI512 = _has_x86("avx512f", "avx512bw", "avx512vnni")
 
-    _I8, _I16, _I32, _I64, _F32 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64), ir.FloatType()
-
-    def _vec(t, n):
-        return ir.VectorType(t, n)
-
-    def _splat(t, n, v):
-        return ir.Constant(_vec(t, n), [v] * n)
-
-    def _lanes(*idx):
-        return ir.Constant(_vec(_I32, len(idx)), list(idx))
+    from kernels.llvm_ir import F32 as _F32, I8 as _I8, I16 as _I16, I32 as _I32, I64 as _I64
+    from kernels.llvm_ir import lanes as _lanes, row_ptr as _row_ptr, splat as _splat, vec as _vec
 
     def _block_isum(builder, nib, xv):
         """nib <32 x i8> unsigned 0..15, xv <32 x i8> signed -> <8 x i32> partial sums of nib*xv."""
@@ -346,13 +338,6 @@ if NUMBA:
 
     def _is_vec(v):
         return isinstance(v, types.Array) and v.dtype == types.float32 and v.layout == "C"
-
-    def _row_ptr(context, builder, ty, val, r):
-        """(pointer to row r, row length) of a C-contiguous 2-D array."""
-        a = context.make_array(ty)(context, builder, val)
-        n = builder.extract_value(a.shape, 1)
-        r64 = builder.sext(r, _I64) if r.type.width < 64 else r
-        return builder.gep(a.data, [builder.mul(r64, n)]), n
 
     @intrinsic
     def _scale_dot_ir(typingctx, s, r, v):

@@ -114,19 +114,10 @@ if NUMBA:
     from numba import types
     from numba.core.extending import intrinsic
 
-    _I8, _I16, _I32, _I64, _F32 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64), ir.FloatType()
-
-    def _vec(t, n):
-        return ir.VectorType(t, n)
-
-    def _c(v):
-        return ir.Constant(_I64, v)
-
-    def _splat(t, n, v):
-        return ir.Constant(_vec(t, n), [v] * n)
-
-    def _lanes(*idx):
-        return ir.Constant(_vec(_I32, len(idx)), list(idx))
+    from kernels.llvm_ir import F32 as _F32, I8 as _I8, I16 as _I16, I32 as _I32, I64 as _I64
+    from kernels.llvm_ir import c_array as _c_array, const64 as _c, data as _data, lanes as _lanes
+    from kernels.llvm_ir import prefetch_line as _prefetch_line, prefetch_target as _target, row_ptr as _row_ptr
+    from kernels.llvm_ir import splat as _splat, vec as _vec
 
     def _load(builder, base, offset, t, n, align=1):
         """<n x t> loaded from base + offset elements of base's type (unaligned)."""
@@ -309,13 +300,6 @@ if NUMBA:
             out.append(p)
         return out
 
-    def _prefetch(builder, p):
-        """A read prefetch of the line at p into all cache levels (llvm.prefetch, locality 3)."""
-        i8p = _I8.as_pointer()
-        fn = builder.module.declare_intrinsic("llvm.prefetch.p0", fnty=ir.FunctionType(
-            ir.VoidType(), [i8p, _I32, _I32, _I32]))
-        builder.call(fn, [builder.bitcast(p, i8p), ir.Constant(_I32, 0), ir.Constant(_I32, 3), ir.Constant(_I32, 1)])
-
     def _emit_rows(builder, nb, parts, step, targets=()):
         """The float sums over rows of nb blocks: step(b, k) gives, per row, the scaled partial sums of
         blocks b..b+k-1 as vectors (`parts` of them per row for k = 4, each <16 x float>); fours in a
@@ -329,10 +313,7 @@ if NUMBA:
 
         def body(g, *accs):
             vals = [v for row in step(builder.mul(g, _c(4)), 4) for v in row]
-            off = builder.mul(g, _c(64))
-            for base, nbytes in targets:
-                with builder.if_then(builder.icmp_signed("<", off, nbytes)):
-                    _prefetch(builder, builder.gep(base, [off]))
+            _prefetch_line(builder, targets, g)
             return [builder.fadd(a, v, flags=("fast",)) for a, v in zip(accs, vals)]
 
         rows = step.rows
@@ -359,30 +340,6 @@ if NUMBA:
 
         def __call__(self, b, k):
             return [self.one_row(i, b, k) for i in range(self.rows)]
-
-    def _target(context, builder, ty, val, r):
-        """A prefetch target: (i8 pointer to row r, its bytes); bytes 0 when r < 0 (nothing to fetch)."""
-        a = context.make_array(ty)(context, builder, val)
-        item = context.get_abi_sizeof(context.get_data_type(ty.dtype))
-        nbytes = builder.mul(builder.extract_value(a.shape, 1), _c(item))
-        r64 = builder.sext(r, _I64) if r.type.width < 64 else r
-        ok = builder.icmp_signed(">=", r64, _c(0))
-        base = builder.gep(builder.bitcast(a.data, _I8.as_pointer()),
-                           [builder.mul(builder.select(ok, r64, _c(0)), nbytes)])
-        return base, builder.select(ok, nbytes, _c(0))
-
-    def _row_ptr(context, builder, ty, val, r):
-        """(pointer to row r, row length) of a C-contiguous 2-D array."""
-        a = context.make_array(ty)(context, builder, val)
-        n = builder.extract_value(a.shape, 1)
-        r64 = builder.sext(r, _I64) if r.type.width < 64 else r
-        return builder.gep(a.data, [builder.mul(r64, n)]), n
-
-    def _data(context, builder, ty, val):
-        return context.make_array(ty)(context, builder, val).data
-
-    def _c_array(a, ndim, *dtypes):
-        return isinstance(a, types.Array) and a.ndim == ndim and a.layout == "C" and a.dtype in dtypes
 
     def _dots_intrinsic(nibbles, nmats, prefetch):
         """Row dots of row j of nmats weights of one layout, sharing the x loads; with prefetch, also

@@ -1,0 +1,79 @@
+"""Small LLVM IR building blocks shared by the hand-written intrinsics (kernels/intdot.py,
+kernels/rowdot.py, kernels/gather.py): types, constants, row pointers of numba arrays, prefetches.
+
+Needs numba (llvmlite): import it only where kernels.backend.NUMBA holds.
+"""
+
+from llvmlite import ir
+from numba import types
+
+I8, I16, I32, I64, F32 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64), ir.FloatType()
+
+
+def vec(t, n):
+    return ir.VectorType(t, n)
+
+
+def const64(v):
+    return ir.Constant(I64, v)
+
+
+def splat(t, n, v):
+    """The constant vector <n x t> of v in every lane."""
+    return ir.Constant(vec(t, n), [v] * n)
+
+
+def lanes(*idx):
+    """A shuffle mask: <len(idx) x i32>."""
+    return ir.Constant(vec(I32, len(idx)), list(idx))
+
+
+def to_i64(builder, v):
+    return builder.sext(v, I64) if v.type.width < 64 else v
+
+
+def c_array(a, ndim, *dtypes):
+    """Whether numba type a is a C-contiguous ndim array of one of dtypes."""
+    return isinstance(a, types.Array) and a.ndim == ndim and a.layout == "C" and a.dtype in dtypes
+
+
+def data(context, builder, ty, val):
+    """The data pointer of a numba array."""
+    return context.make_array(ty)(context, builder, val).data
+
+
+def row_ptr(context, builder, ty, val, r):
+    """(pointer to row r, row length in elements) of a C-contiguous 2-D array."""
+    a = context.make_array(ty)(context, builder, val)
+    n = builder.extract_value(a.shape, 1)
+    return builder.gep(a.data, [builder.mul(to_i64(builder, r), n)]), n
+
+
+def prefetch(builder, p):
+    """A read prefetch of the line at p into all cache levels (llvm.prefetch, locality 3)."""
+    i8p = I8.as_pointer()
+    fn = builder.module.declare_intrinsic("llvm.prefetch.p0", fnty=ir.FunctionType(
+        ir.VoidType(), [i8p, I32, I32, I32]))
+    builder.call(fn, [builder.bitcast(p, i8p), ir.Constant(I32, 0), ir.Constant(I32, 3), ir.Constant(I32, 1)])
+
+
+def prefetch_target(context, builder, ty, val, r):
+    """A prefetch target: (i8 pointer to row r of a C-contiguous 2-D array, its bytes); bytes 0 when
+    r < 0 (nothing to fetch)."""
+    a = context.make_array(ty)(context, builder, val)
+    item = context.get_abi_sizeof(context.get_data_type(ty.dtype))
+    nbytes = builder.mul(builder.extract_value(a.shape, 1), const64(item))
+    r64 = to_i64(builder, r)
+    ok = builder.icmp_signed(">=", r64, const64(0))
+    base = builder.gep(builder.bitcast(a.data, I8.as_pointer()),
+                       [builder.mul(builder.select(ok, r64, const64(0)), nbytes)])
+    return base, builder.select(ok, nbytes, const64(0))
+
+
+def prefetch_line(builder, targets, i):
+    """Prefetch line i (bytes 64i..) of each (pointer, bytes) target that has one: a loop consuming one
+    line per iteration keeps a steady number of misses in flight this way (kernels/gather.py)."""
+    off = builder.mul(i, const64(64))
+    for base, nbytes in targets:
+        with builder.if_then(builder.icmp_signed("<", off, nbytes)):
+            prefetch(builder, builder.gep(base, [off]))
