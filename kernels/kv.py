@@ -36,33 +36,28 @@ if NUMBA:
     from numba import types
     from numba.core.extending import intrinsic, overload
 
-    @intrinsic
-    def _f32_bits(typingctx, x):
-        """The uint32 bit pattern of a float32 (a register bitcast)."""
-        if not isinstance(x, types.Float):
-            return None
+    def _float_intrinsic(name, ret, emit):
+        """An intrinsic of one float argument, taken as float32 (a float64 is rounded first), returning
+        `ret`: emit(builder, v) builds the result from the float32 v."""
+        def fn(typingctx, x):
+            if not isinstance(x, types.Float):
+                return None
 
-        def codegen(context, builder, sig, args):
-            v = args[0]
-            if v.type != ir.FloatType():
-                v = builder.fptrunc(v, ir.FloatType())
-            return builder.bitcast(v, ir.IntType(32))
+            def codegen(context, builder, sig, args):
+                v = args[0]
+                if v.type != ir.FloatType():
+                    v = builder.fptrunc(v, ir.FloatType())
+                return emit(builder, v)
 
-        return types.uint32(x), codegen
+            return ret(x), codegen
+        fn.__name__ = fn.__qualname__ = name
+        return intrinsic(fn)
 
-    @intrinsic
-    def _half_bits_hw(typingctx, x):
-        """float32 -> uint16 half bits by LLVM's fptrunc (vcvtps2ph / fcvt): NATIVE_HALF targets only."""
-        if not isinstance(x, types.Float):
-            return None
-
-        def codegen(context, builder, sig, args):
-            v = args[0]
-            if v.type != ir.FloatType():
-                v = builder.fptrunc(v, ir.FloatType())
-            return builder.bitcast(builder.fptrunc(v, ir.HalfType()), ir.IntType(16))
-
-        return types.uint16(x), codegen
+    # The uint32 bit pattern of a float32 (a register bitcast).
+    _f32_bits = _float_intrinsic("_f32_bits", types.uint32, lambda b, v: b.bitcast(v, ir.IntType(32)))
+    # float32 -> uint16 half bits by LLVM's fptrunc (vcvtps2ph / fcvt): NATIVE_HALF targets only.
+    _half_bits_hw = _float_intrinsic("_half_bits_hw", types.uint16,
+                                     lambda b, v: b.bitcast(b.fptrunc(v, ir.HalfType()), ir.IntType(16)))
 
     @jit()
     def half_bits_int(x):
