@@ -165,6 +165,8 @@ def load(source: str | os.PathLike = "smollm2-135m-instruct", *, threads: int | 
             threads = deploy_dir.deploy_threads(deploy)
         path = deploy_dir.model_path(path, deploy)
     threads = set_threads(threads)
+    # Half for GGUF files, as llama.cpp; float32 for HF checkpoints (their float reference).
+    kv_dtype = KV_CACHE_TYPES[kv_cache or ("f32" if path.is_dir() else "f16")]
     pin_mmap_threshold()
     start_compiler()
     if deploy is not None and deploy_dir.head_on_flash(deploy) and path.is_dir():
@@ -191,7 +193,7 @@ def load(source: str | os.PathLike = "smollm2-135m-instruct", *, threads: int | 
             # warms up on the model itself below.
             from engine.miniature import warm_up_kernels
 
-            warm_up_kernels(g, config, KV_CACHE_TYPES[kv_cache or "f16"])
+            warm_up_kernels(g, config, kv_dtype)
         tokenizer = from_gguf(g.meta, str(path))
         for key in ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.scores",
                     "tokenizer.ggml.token_type"):
@@ -209,7 +211,7 @@ def load(source: str | os.PathLike = "smollm2-135m-instruct", *, threads: int | 
     if ctx < 2:
         raise ValueError(f"n_ctx must be at least 2, got {ctx}")
     model = Transformer(config, weights)
-    model.kv_dtype = KV_CACHE_TYPES[kv_cache or ("f32" if path.is_dir() else "f16")]
+    model.kv_dtype = kv_dtype
     trim_heap()      # the arrays Transformer restacked (engine/model.py) leave holes in the heap
     from engine import flash_plan
     if deploy is not None and flash_plan.uses_flash(deploy):
