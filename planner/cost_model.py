@@ -58,6 +58,11 @@ class ModelShape:
         """One neuron's gate row + up row + down column, as stored in the bundle file."""
         return float(self.record_bytes) if self.record_bytes else self.ffn_bytes / self.ffn
 
+    def hot_ffn_bytes(self, hot: int, mode: str) -> int:
+        """Memory of a layer's `hot` resident neurons: a fully resident dense layer keeps the source's
+        own matrices (its bytes), any other keeps bundles (down re-stored transposed)."""
+        return self.ffn_bytes if mode == "dense" and hot == self.ffn else round(hot * self.bundle_bytes)
+
     @property
     def weight_bytes(self) -> int:
         return (self.n_layers * (self.attn_bytes + self.ffn_bytes) + self.embed_bytes + self.lm_head_bytes
@@ -164,9 +169,14 @@ class CostModel:
         device profile's "sparse_q4_1" figure at the nearest bytes read, else SPARSE_EFFICIENCY of the
         dense kernel's (profiles written before it was measured, and the example phone profiles)."""
         nbytes = max(1.0, n_neurons * self.shape.bundle_bytes)
-        if any(p.name == "sparse_q4_1" for p in self.dev.kernels.matvec):
+        if self.sparse_measured:
             return self.dev.kernels.matvec_gbps(int(nbytes), "sparse_q4_1") * 1e9
         return self._speed(self.shape.ffn_bytes // 3) * SPARSE_EFFICIENCY
+
+    @property
+    def sparse_measured(self) -> bool:
+        """Whether the device profile has measured the sparse FFN kernel ("sparse_q4_1" points)."""
+        return any(p.name == "sparse_q4_1" for p in self.dev.kernels.matvec)
 
     def sparse_ffn_s(self, active_share: float, predictor_bytes: int) -> float:
         """Predictor GEMVs plus the predicted-active rows at the sparse kernel's speed."""

@@ -55,8 +55,7 @@ def build(sol: Solution, *, cost, device, fingerprint: str, model_name: str, bud
                "request_bytes": max((c.request_bytes for c in sol.layers), default=0),
                "staging_bytes": sol.staging_bytes},
         "threads": {"compute": sol.compute_threads, "io": sol.io_threads},
-        "memory": {"resident_bytes": sol.fixed_bytes, "hot_bytes": sum(s.ffn_bytes if c.hot == s.ffn and c.mode == "dense"
-                                                               else round(c.hot * s.bundle_bytes) for c in sol.layers),
+        "memory": {"resident_bytes": sol.fixed_bytes, "hot_bytes": sum(s.hot_ffn_bytes(c.hot, c.mode) for c in sol.layers),
                    "cold_cache_bytes": sum(round(c.cache * s.bundle_bytes) for c in sol.layers),
                    "predictor_bytes": sum(ev.predictor_bytes for ev, c in zip(sol.evidence, sol.layers) if c.mode == "sparse"),
                    "staging_bytes": sol.staging_bytes, "kv_cache_bytes": sol.kv_bytes,

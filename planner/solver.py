@@ -157,9 +157,8 @@ def layer_candidates(cost: CostModel, ev: LayerEvidence) -> list[Candidate]:
         else:
             t, io = cost.dense_flash_layer_s(hot)
             comp = t
-        # Fully resident layers keep the source's own matrices (its bytes), not bundles (down re-stored).
-        mem = s.ffn_bytes if hot == F else round(hot * bb)
-        out.append(Candidate("dense", hot, 0, 0, mem, t, comp, io, cold_bytes, th, req if cold_bytes else 0))
+        out.append(Candidate("dense", hot, 0, 0, s.hot_ffn_bytes(hot, "dense"), t, comp, io, cold_bytes, th,
+                             req if cold_bytes else 0))
     if not ev.sparse_ok:
         return out
     sparse_c = cost.sparse_ffn_s(ev.predicted_active, ev.predictor_bytes)
@@ -285,11 +284,10 @@ def _rationale(cost: CostModel, sol: Solution, recall_floor: float) -> list[str]
         lines.append(f"decode: dense in every layer: no layer's predictor meets the recall floor {recall_floor:.3f} "
                      f"with a useful sparsity ({'; '.join(why[:2])})")
     else:
-        measured = any(p.name == "sparse_q4_1" for p in dev.kernels.matvec)
         lines.append(f"decode: {n_sparse} of {s.n_layers} layers sparse; {len(ok)} had a predictor meeting the "
                      f"recall floor {recall_floor:.3f}; sparse time "
                      + (f"from the measured sparse kernel ({cost.sparse_gbps(s.ffn) / 1e9:.1f} GB/s on all "
-                        "neurons)" if measured else f"assumes {SPARSE_EFFICIENCY:.0%} of the dense kernel's GB/s "
+                        "neurons)" if cost.sparse_measured else f"assumes {SPARSE_EFFICIENCY:.0%} of the dense kernel's GB/s "
                         "(the device profile has no sparse kernel figure)"))
     if sol.budget_bytes >= s.weight_bytes:
         lines.append(f"memory: the budget {format_bytes(sol.budget_bytes)} holds all {format_bytes(s.weight_bytes)} of "
