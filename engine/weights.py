@@ -14,7 +14,7 @@ import numpy as np
 from kernels import dequant, matvec
 from kernels.convert import bf16_bits_to_f32, f16_bits_to_f32
 
-# Rows per prefill tile are chosen so a tile is about this many float32 elements (4 MiB): large enough
+# Rows per prefill tile are chosen so a tile is about this many float32 elements (512 KiB): large enough
 # for BLAS to run well, small enough that the transient float32 copy stays negligible.
 _TILE_ELEMS = 1 << 17
 
