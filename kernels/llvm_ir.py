@@ -1,5 +1,5 @@
-"""Small LLVM IR building blocks shared by the hand-written intrinsics (kernels/intdot.py,
-kernels/rowdot.py, kernels/gather.py): types, constants, row pointers of numba arrays, prefetches.
+"""Small LLVM IR building blocks shared by the hand-written intrinsics (kernels/intdot.py, rowdot.py,
+gather.py, records.py, sync.py): types, constants, array checks and pointers, prefetches.
 
 Needs numba (llvmlite): import it only where kernels.backend.NUMBA holds.
 """

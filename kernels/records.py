@@ -31,30 +31,25 @@ def scatter_numpy(src, starts, rows, field_off, field_len, dsts):
 
 
 if NUMBA:
-    from llvmlite import ir
     from numba import types
     from numba.core import cgutils
     from numba.core.extending import intrinsic
+
+    from kernels.llvm_ir import c_array, data, to_i64
 
     @intrinsic
     def _copy_bytes(typingctx, dst, dst_off, src, src_off, n):
         """memcpy of n bytes from src[src_off:] to dst[dst_off:] (1-D uint8 C arrays): loops and slices
         in numba ran at 0.8-1.7 GB/s here (negative-index checks and per-slice array objects keep LLVM
         from recognising a copy)."""
-        if not all(isinstance(a, types.Array) and a.dtype == types.uint8 and a.ndim == 1 and a.layout == "C"
-                   for a in (dst, src)):
+        if not (c_array(dst, 1, types.uint8) and c_array(src, 1, types.uint8)):
             return None
 
         def codegen(context, builder, sig, args):
-            d = context.make_array(sig.args[0])(context, builder, args[0]).data
-            s_ = context.make_array(sig.args[2])(context, builder, args[2]).data
-            i64 = ir.IntType(64)
-
-            def as64(v):
-                return v if v.type.width == 64 else builder.sext(v, i64)
-
-            cgutils.raw_memcpy(builder, builder.gep(d, [as64(args[1])]), builder.gep(s_, [as64(args[3])]),
-                               as64(args[4]), 1)
+            d = data(context, builder, sig.args[0], args[0])
+            s_ = data(context, builder, sig.args[2], args[2])
+            cgutils.raw_memcpy(builder, builder.gep(d, [to_i64(builder, args[1])]),
+                               builder.gep(s_, [to_i64(builder, args[3])]), to_i64(builder, args[4]), 1)
             return context.get_dummy_value()
 
         return types.void(dst, dst_off, src, src_off, n), codegen

@@ -54,16 +54,15 @@ if NUMBA:
     from numba import types
     from numba.core.extending import intrinsic
 
-    _I64 = ir.IntType(64)
+    from kernels.llvm_ir import c_array, to_i64
     _X86 = platform.machine().lower() in ("x86_64", "amd64")
 
     def _word(context, builder, sig, args):
         a = context.make_array(sig.args[0])(context, builder, args[0])
-        i = args[1] if args[1].type.width == 64 else builder.sext(args[1], _I64)
-        return builder.gep(a.data, [i])
+        return builder.gep(a.data, [to_i64(builder, args[1])])
 
     def _is_counters(a):
-        return isinstance(a, types.Array) and a.dtype == types.int64 and a.ndim == 1 and a.layout == "C"
+        return c_array(a, 1, types.int64)
 
     @intrinsic
     def fetch_add(typingctx, counters, i, v):
@@ -72,8 +71,7 @@ if NUMBA:
             return None
 
         def codegen(context, builder, sig, args):
-            v64 = args[2] if args[2].type.width == 64 else builder.sext(args[2], _I64)
-            return builder.atomic_rmw("add", _word(context, builder, sig, args), v64, "seq_cst")
+            return builder.atomic_rmw("add", _word(context, builder, sig, args), to_i64(builder, args[2]), "seq_cst")
 
         return types.int64(counters, i, v), codegen
 
@@ -85,7 +83,7 @@ if NUMBA:
 
         def codegen(context, builder, sig, args):
             ptr = _word(context, builder, sig, args)
-            n64 = args[2] if args[2].type.width == 64 else builder.sext(args[2], _I64)
+            n64 = to_i64(builder, args[2])
             fn = builder.function
             check, spin, done = (fn.append_basic_block(f"wait.{s}") for s in ("check", "spin", "done"))
             builder.branch(check)
