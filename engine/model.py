@@ -190,12 +190,15 @@ class Transformer:
                 np.empty((threads, widest // 4), np.int32),
                 np.empty((threads, widest // 32), np.float32), np.empty((threads, widest // 32), np.float32),
                 np.empty((threads, cache.max_seq), np.float32))
+            self._token_counters = counters_for(L, threads)   # the work counters, zeroed every token
+        counters = self._token_counters
+        counters.fill(0)
         cos, sin = self._rope_table(pos + 1)
         x = self._token_x
         x[:] = self.weights.embed.rows_f32(np.array([token]))
         decode_token(threads, x, *self._stacked, cache.k_all, cache.v_all, cos[pos:pos + 1], sin[pos:pos + 1], pos,
                      c.window, c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.act_kind,
-                     c.rms_norm_eps, counters_for(L, threads), *scratch, *self._token_out)
+                     c.rms_norm_eps, counters, *scratch, *self._token_out)
         cache.length = pos + 1
         return x
 
