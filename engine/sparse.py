@@ -26,7 +26,9 @@ down), so each chosen neuron reads one contiguous row. Its storage precision (`d
   transpose (SmolLM2 Q4_1, ppl_text.txt, ctx 256 x 2 windows, decoded token by token: exact f32
   14.887, i8 14.860, q4 16.055; dense decode 14.773 with float activations, 15.064 with the int8-rounded
   activations of the current Q4 matvec). "q4" (Q4_1-style, f16 scale and min per 32) is kept for
-  measurement only: +8.7% perplexity, and its row axpy (nibble unpacking) is ~5x slower per value.
+  measurement only: +8.7% perplexity, and though it reads 2,560 bytes per 4096-wide row against
+  4,352, its axpy (kernels/gather.py, nibble unpacking) was no faster: 1100 rows at Llama-2-7B shapes,
+  2 threads, 0.17 against 0.11 ms from cache and 0.37 against 0.27 ms from DRAM.
 The dense copy of down stays for prefill (batched, through BLAS); the extra memory is downT's bytes.
 
 The executor keeps per-layer statistics (tokens, neurons chosen, FFN seconds; with `track_truth`

@@ -43,8 +43,9 @@ to int8 per block (so sparse and dense round alike), in the form that reads a ne
 rows in one pass and software-prefetches the rows of the neuron PREFETCH_AHEAD places on: the rows
 are scattered, and without it they arrived at 5-7 GB/s per core; the other layouts take 1-D long
 float loops. The down axpy takes four neurons per pass, so that the (hidden,) accumulator is read
-and written once per four rows: the int8 downT with 32-blocks (engine/sparse.py's) through gather's
-vector IR, which also prefetches the down rows of the next four listed neurons; the other layouts
+and written once per four rows: the int8 downT with 32-blocks (engine/sparse.py's) and Q4 downT
+through gather's vector IR, which also prefetches the down rows of the next four listed neurons; the
+other layouts
 through numba loops per scale block (scale hoisted, run-time trip count: the form that vectorizes for
 stores, see kernels/dequant.py). At Llama-2-7B shapes, 90% sparsity, scattered neurons, 2 threads, the
 kernel reads its rows at 12-17 GB/s (tools/bench_sparse.py), about half of what the dense matvecs
@@ -340,6 +341,10 @@ if NUMBA:
             _axpy4_i8(w, d, m, j, a, acc, bits16)
 
     @jit()
+    def _axpy4_q4_ir(w, d, m, j, a, acc, bits16):
+        gather.axpy4_q4(w, d, m, j, a, acc)
+
+    @jit()
     def _axpy4_f32(w, d, m, j, a, acc, bits16):
         r0, r1, r2, r3 = w[j[0]], w[j[1]], w[j[2]], w[j[3]]
         a0, a1, a2, a3 = a[0], a[1], a[2], a[3]
@@ -356,6 +361,8 @@ if NUMBA:
         dt = w.dtype
         if dt == types.int8:
             return _axpy4_i8_ir.py_func if _c_layout(w, d, j, a, acc) else _axpy4_i8.py_func
+        if dt == types.uint8 and _c_layout(w, d, m, j, a, acc):
+            return _axpy4_q4_ir.py_func
         if dt == types.float32:
             return _axpy4_f32.py_func
         if dt in (types.uint16, types.uint8):
@@ -435,6 +442,10 @@ if NUMBA:
             _axpy4(w, d, m, j, a, acc, bits16)
 
     @jit()
+    def _axpy4p_q4(w, d, m, j, a, pf, acc, bits16):
+        gather.axpy4_q4_pf(w, d, m, j, a, pf, acc)
+
+    @jit()
     def _axpy4p_rows(w, d, m, j, a, pf, acc, bits16):
         _axpy4(w, d, m, j, a, acc, bits16)
 
@@ -442,6 +453,8 @@ if NUMBA:
     def _axpy4p_ov(w, d, m, j, a, pf, acc, bits16):
         if w.dtype == types.int8 and _c_layout(w, d, j, a, pf, acc):
             return _axpy4p_i8.py_func
+        if w.dtype == types.uint8 and _c_layout(w, d, m, j, a, pf, acc):
+            return _axpy4p_q4.py_func
         return _axpy4p_rows.py_func
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from kernels import dequant
 from kernels import sparse_ffn as S
 from kernels.backend import NUMBA
 
@@ -284,7 +285,8 @@ def test_numpy_only_mode():
 # ---------------------------------------------------------------- kernels/gather.py
 
 @pytest.mark.parametrize("layout,down", [("q4-f16-sym", "i8-f16-32-nomin"), ("q4-f32", "i8-f32-32-nomin"),
-                                         ("i8-f16-32-nomin", "i8-f16-32-nomin"), ("i8-f32-32-min", "i8-f16-32-nomin")])
+                                         ("i8-f16-32-nomin", "i8-f16-32-nomin"), ("i8-f32-32-min", "i8-f16-32-nomin"),
+                                         ("q4-f16", "q4-f16"), ("i8-f16-32-nomin", "q4-f32-sym")])
 @pytest.mark.parametrize("hidden", [32, 96, 1088])          # one block, an odd block count, many blocks
 def test_gathered_rows_given_gate_and_odd_blocks(layout, down, hidden):
     """The kernel paths through kernels/gather.py: gate and up in one pass or up alone (gate given),
@@ -298,7 +300,8 @@ def test_gathered_rows_given_gate_and_odd_blocks(layout, down, hidden):
 
 def test_gather_twins(simd_code):
     """The sparse kernels' row reads against their numpy twins: kernels/rowdot.py's prefetching dots
-    (gate and up rows of one neuron, or one row) and kernels/gather.py's 4-row axpy, on the AVX-512
+    (gate and up rows of one neuron, or one row) and kernels/gather.py's 4-row axpys (I8; Q4 with and
+    without mins), on the AVX-512
     VNNI, AVX2 and generic-vector code (each forced by compiling with the other flags off), both scale
     dtypes, every block-count tail, prefetch targets valid and absent, a repeated row."""
     if not NUMBA:
@@ -327,6 +330,14 @@ def test_gather_twins(simd_code):
             G.axpy4_i8_pf(w, d, j, a, pf, acc)
         else:
             G.axpy4_i8(w, d, j, a, acc)
+        return acc
+
+    @njit(cache=False)
+    def run_axpy_q4(w, d, m, j, a, pf, acc):
+        if pf.shape[0]:
+            G.axpy4_q4_pf(w, d, m, j, a, pf, acc)
+        else:
+            G.axpy4_q4(w, d, m, j, a, acc)
         return acc
 
     rng = np.random.default_rng(5)
@@ -362,6 +373,15 @@ def test_gather_twins(simd_code):
                 want = G.axpy4_numpy(g8, gd, j, a, acc.copy())
                 tol = 1e-6 * (np.abs(acc) + 4 * 128 * np.abs(a).max() * np.abs(scales_f32(gd)).max())
                 assert (np.abs(got - want) <= tol).all()
+                for sym in (True, False):
+                    qs, qd, qm = make(rng, "q4-" + kind + ("-sym" if sym else ""), rows, 32 * nb)[0]
+                    got = run_axpy_q4(qs, qd, qm, j, a, pf, acc.copy())
+                    want = G.axpy4_q4_numpy(qs, qd, qm, j, a, acc.copy())
+                    rows_f = dequant.dequant_q4_numpy(qs[j], qd[j], qm[j], np.empty((4, 32 * nb), np.float32))
+                    np.testing.assert_allclose(want, acc + a @ rows_f, rtol=1e-5, atol=1e-5)   # the twin itself
+                    big = np.abs(scales_f32(qd)).max() * 16 + (np.abs(scales_f32(qm)).max() if qm.shape[1] else 0)
+                    tol = 1e-6 * (np.abs(acc) + 4 * np.abs(a).max() * big)
+                    assert (np.abs(got - want) <= tol).all(), (nb, kind, sym)
 
 
 def scales_f32(d):
