@@ -344,7 +344,7 @@ class FlashFFN:
         if L.mode == "predicted":
             p = L.predictor
             threads = _threads()
-            n = predict(p.w1, p.b1, p.w2, p.b2, h, np.float32(p.threshold), threads, self._scores, self._idx)
+            n = predict(*p.arrays, h, np.float32(p.threshold), threads, self._scores, self._idx)
             ids = self._idx[:n]
         else:
             if neurons is None:

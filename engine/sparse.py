@@ -37,6 +37,7 @@ also the true active set for recall/precision), which `pocketinfer eval-sparsity
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from dataclasses import dataclass
@@ -238,7 +239,7 @@ class SparseFFN:
         gate, truth = _EMPTY, None
         if layer.mode == "predicted":
             p = layer.predictor
-            n = predict(p.w1, p.b1, p.w2, p.b2, h, np.float32(p.threshold), threads, self._scores, self._idx)
+            n = predict(*p.arrays, h, np.float32(p.threshold), threads, self._scores, self._idx)
         elif layer.mode == "relu-exact":
             gate = layer.lw.w_gate.matvec(h)                               # (ffn,) f32
             n = select(gate, np.float32(0.0), self._idx)
@@ -354,7 +355,7 @@ def read_plan(path: str | Path, model) -> tuple[list[str], dict[int, LayerPredic
             raise ModelFormatError(f"{path}: decode.layers[{i}].mode is {mode!r}, expected one of {', '.join(MODES)}")
         if layer.get("threshold") is not None and i in preds:
             p = preds[i]
-            preds[i] = LayerPredictor(p.w1, p.b1, p.w2, p.b2, float(layer["threshold"]), p.label_threshold)
+            preds[i] = dataclasses.replace(p, threshold=float(layer["threshold"]))
         modes.append(mode)
     return modes, preds, int(decode.get("cluster_size", 1))
 

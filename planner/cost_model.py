@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from engine.flash_matrix import CHUNK_BYTES as FLASH_CHUNK_BYTES
-from planner.device import DeviceProfile
+from planner.device import PREDICT, DeviceProfile
 
 # Where the device profile has no measured sparse kernel ("sparse_q4_1"), a sparse FFN is assumed to run
 # at this share of the dense kernel's GB/s on the rows it reads (gathered rows defeat part of the
@@ -120,6 +120,11 @@ class CostModel:
         prefix = f"matvec_{shape.fmt}" if shape.fmt != "f32" else "gemv_f32"
         self._speed = lambda nbytes: min(k.matvec_gbps(nbytes, prefix) * 1e9, self.stream)
         self.gemv_f32 = min(k.matvec_gbps(1, "gemv_f32") * 1e9, device.memory.read_gbps * 1e9)
+        # Bytes per second of the int8 predictor kernel; profiles from before it was measured (and the
+        # example phone profiles) take the f32 GEMV's figure.
+        measured = any(p.name == PREDICT for p in k.matvec)
+        self.predict_bps = (min(k.matvec_gbps(1, PREDICT) * 1e9, device.memory.read_gbps * 1e9) if measured
+                            else self.gemv_f32)
         self.call_s = max(device.overhead.numba_parallel_call_us, device.overhead.python_call_us) * 1e-6
         # Multiplies every compute term; 1 until calibrate() is given a measured decode step.
         self.compute_scale = 1.0
@@ -179,10 +184,10 @@ class CostModel:
         return any(p.name == "sparse_q4_1" for p in self.dev.kernels.matvec)
 
     def sparse_ffn_s(self, active_share: float, predictor_bytes: int) -> float:
-        """Predictor GEMVs plus the predicted-active rows at the sparse kernel's speed."""
+        """The predictor kernel plus the predicted-active rows at the sparse kernel's speed."""
         n = active_share * self.shape.ffn
         rows = n * self.shape.bundle_bytes / self.sparse_gbps(n)
-        return (predictor_bytes / self.gemv_f32 + rows + 2 * self.call_s) * self.compute_scale
+        return (predictor_bytes / self.predict_bps + rows + 2 * self.call_s) * self.compute_scale
 
     def calibrate_flash(self, layer_s: float) -> None:
         """A measured flash layer streaming every neuron (planner/decode_probe.measure_flash_layer)."""

@@ -22,6 +22,7 @@ from engine.errors import PlanError
 SCHEMA = "pocketinfer.device-profile"
 SCHEMA_VERSION = 1
 EXAMPLES = Path(__file__).resolve().parent / "profiles"
+PREDICT = "predict_i8"          # the KernelPoint of the int8 predictor kernel (kernels/sparse_ffn.predict)
 
 
 @dataclass(frozen=True)
@@ -91,7 +92,7 @@ class StorageInfo:
 
 @dataclass(frozen=True)
 class KernelPoint:
-    name: str                    # "matvec_q4_1", "matvec_q8_0", "gemv_f32"
+    name: str                    # "matvec_q4_1", "matvec_q8_0", "gemv_f32", "predict_i8", ...
     rows: int
     cols: int
     nbytes: int                  # bytes of the weight read per call

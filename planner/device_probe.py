@@ -15,7 +15,8 @@ from typing import Callable
 
 import numpy as np
 
-from planner.device import CoreCluster, CpuInfo, DeviceProfile, KernelInfo, KernelPoint, MemoryInfo, Overhead, StorageInfo
+from planner.device import (PREDICT, CoreCluster, CpuInfo, DeviceProfile, KernelInfo, KernelPoint, MemoryInfo,
+                            Overhead, StorageInfo)
 
 Progress = Callable[[str], None]
 
@@ -170,10 +171,12 @@ def kernel_info(threads: int, shapes=DEFAULT_SHAPES) -> KernelInfo:
     points.append(KernelPoint(STREAM, 2752, 4096, total, threads,
                               round(total / _timed(lambda: [w.matvec(x, out) for w in mats]) / 1e9, 2)))
     del mats
-    # The predictors' f32 GEMV (h @ w1, then @ w2): what a predictor costs per token.
+    # An f32 GEMV (the f32 models' matvec) and the int8 predictor kernel (engine/predictor.py) at
+    # SmolLM2's shape, rank 64: what a predictor costs per token.
     a = rng.standard_normal((576, 1536), dtype=np.float32)
     v = rng.standard_normal(576, dtype=np.float32)
     points.append(KernelPoint("gemv_f32", 1536, 576, a.nbytes, threads, round(a.nbytes / _timed(lambda: v @ a) / 1e9, 2)))
+    points.append(predictor_point(threads, rng))
     # Prefill: a 128-token chunk through SmolLM2's gate|up shape.
     n, k, m = 128, 576, 3072
     xa, wb = rng.standard_normal((n, k), dtype=np.float32), rng.standard_normal((k, m), dtype=np.float32)
@@ -187,6 +190,21 @@ def kernel_info(threads: int, shapes=DEFAULT_SHAPES) -> KernelInfo:
     points += sparse_points(threads, rng)
     return KernelInfo(backend="numba" if NUMBA else "numpy", threads=threads, matvec=tuple(points),
                       matmul_gflops=gflops, notes=tuple(notes))
+
+
+def predictor_point(threads: int, rng: np.random.Generator, hidden: int = 576, rank: int = 64,
+                    ffn: int = 1536) -> KernelPoint:
+    """The predictor kernel (kernels/sparse_ffn.predict) on a random int8 predictor: bytes per second."""
+    from engine.predictor import LayerPredictor
+    from kernels.sparse_ffn import predict
+    p = LayerPredictor.from_float(rng.standard_normal((hidden, rank), dtype=np.float32),
+                                  rng.standard_normal(rank, dtype=np.float32),
+                                  rng.standard_normal((rank, ffn), dtype=np.float32),
+                                  np.zeros(ffn, np.float32), 0.0, 0.0)
+    h = rng.standard_normal(hidden, dtype=np.float32)
+    scores, idx = np.empty(ffn, np.float32), np.empty(ffn, np.int32)
+    s = _timed(lambda: predict(*p.arrays, h, np.float32(0.0), threads, scores, idx))
+    return KernelPoint(PREDICT, ffn, hidden, p.nbytes, threads, round(p.nbytes / s / 1e9, 2))
 
 
 # (hidden, ffn, copies): a SmolLM2-sized layer cycled through enough copies to stream from DRAM, and a

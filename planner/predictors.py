@@ -13,6 +13,7 @@ reported. Everything is seeded: the same profile gives the same predictors, bit 
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Callable
 
@@ -117,8 +118,9 @@ def train_layer(h: np.ndarray, y: np.ndarray, rank: int, seed: int, label_thresh
     # Fold the standardization into the first layer: ((h - mu)/sigma) @ w1 + b1 = h @ w1' + b1'.
     w1 = (params["w1"] / sigma[:, None]).astype(np.float32)
     b1 = (params["b1"] - (mu / sigma) @ params["w1"]).astype(np.float32)
-    return LayerPredictor(w1=w1, b1=b1, w2=params["w2"], b2=params["b2"], threshold=0.0,
-                          label_threshold=float(label_threshold))
+    # Quantized here (engine/predictor.py), before the threshold is calibrated on its scores.
+    return LayerPredictor.from_float(w1, b1, params["w2"], params["b2"], threshold=0.0,
+                                     label_threshold=float(label_threshold))
 
 
 def with_threshold(p: LayerPredictor, h: np.ndarray, y: np.ndarray, recall_floor: float) -> LayerPredictor:
@@ -129,7 +131,7 @@ def with_threshold(p: LayerPredictor, h: np.ndarray, y: np.ndarray, recall_floor
     else:
         # The (1 - floor) quantile of the active neurons' scores: that share of them falls below it.
         thr = float(np.quantile(s, 1.0 - recall_floor)) - 1e-6
-    return LayerPredictor(p.w1, p.b1, p.w2, p.b2, threshold=round(thr, 6), label_threshold=p.label_threshold)
+    return dataclasses.replace(p, threshold=round(thr, 6))
 
 
 def evaluate(layer: int, p: LayerPredictor, h: np.ndarray, y: np.ndarray) -> PredictorReport:

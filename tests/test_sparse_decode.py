@@ -115,10 +115,10 @@ def test_relu_exact_quantized(models, tmp_path, qtype):
 def _predictors(m, threshold, rank=4, seed=0):
     rng = np.random.default_rng(seed)
     c = m.config
-    return {i: LayerPredictor(rng.standard_normal((c.hidden_size, rank)).astype(np.float32),
-                              rng.standard_normal(rank).astype(np.float32),
-                              rng.standard_normal((rank, c.intermediate_size)).astype(np.float32),
-                              rng.standard_normal(c.intermediate_size).astype(np.float32), threshold, 0.0)
+    return {i: LayerPredictor.from_float(rng.standard_normal((c.hidden_size, rank)).astype(np.float32),
+                                         rng.standard_normal(rank).astype(np.float32),
+                                         rng.standard_normal((rank, c.intermediate_size)).astype(np.float32),
+                                         rng.standard_normal(c.intermediate_size).astype(np.float32), threshold, 0.0)
             for i in range(c.num_hidden_layers)}
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from engine.predictor import LayerPredictor
 from kernels import dequant
 from kernels import sparse_ffn as S
 from kernels.backend import NUMBA
@@ -249,21 +250,28 @@ def test_split_kernels_bits_do_not_depend_on_grouping(layout, down):
         np.testing.assert_array_equal(got, parts)
 
 
-@pytest.mark.parametrize("rank,ffn,threshold", [(4, 96, 0.0), (16, 1536, 0.5), (8, 600, 1e9), (8, 600, -1e9)])
+@pytest.mark.parametrize("rank,ffn,threshold", [(4, 96, 0.0), (16, 1536, 0.5), (8, 600, 1e9), (8, 600, -1e9),
+                                                 (7, 300, 0.0)])        # odd rank: the one-row tail
 def test_predict_and_select(rank, ffn, threshold):
+    """The int8 predictor kernel and its twin against float64 on the dequantized matrices, and against
+    LayerPredictor.scores (what the planner calibrates thresholds on)."""
     rng = np.random.default_rng(rank + ffn)
-    hidden = 64
-    w1 = rng.standard_normal((hidden, rank)).astype(np.float32)
-    b1 = rng.standard_normal(rank).astype(np.float32)
-    w2 = rng.standard_normal((rank, ffn)).astype(np.float32)
-    b2 = rng.standard_normal(ffn).astype(np.float32)
+    hidden = 66                                                 # not a multiple of 4: w1's row tail
+    p = LayerPredictor.from_float(rng.standard_normal((hidden, rank)).astype(np.float32),
+                                  rng.standard_normal(rank).astype(np.float32),
+                                  rng.standard_normal((rank, ffn)).astype(np.float32),
+                                  rng.standard_normal(ffn).astype(np.float32), threshold, 0.0)
+    assert p.w1.dtype == np.int8 and p.w2.dtype == np.int8
     h = rng.standard_normal(hidden).astype(np.float32)
-    z = np.maximum(h.astype(np.float64) @ w1 + b1, 0)
-    want = z @ w2 + b2
+    w1 = p.w1.astype(np.float64) * p.w1_scale[:, None]
+    w2 = p.w2.astype(np.float64) * p.w2_scale
+    z = np.maximum(h.astype(np.float64) @ w1 + p.b1, 0)
+    want = z @ w2 + p.b2
+    np.testing.assert_allclose(p.scores(h[None])[0], want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
     for fn in (S.predict, S.predict_numpy):
         scores = np.empty(ffn, np.float32)
         idx = np.full(ffn, -1, np.int32)
-        n = fn(w1, b1, w2, b2, h, np.float32(threshold), 2, scores, idx)
+        n = fn(*p.arrays, h, np.float32(threshold), 2, scores, idx)
         np.testing.assert_allclose(scores, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
         np.testing.assert_array_equal(idx[:n], np.flatnonzero(scores > np.float32(threshold)))
     for fn in (S.select, S.select_numpy):

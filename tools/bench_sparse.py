@@ -11,8 +11,9 @@ reordering would leave them.
 
 Per token and layer, what is timed:
 - dense:      gate|up Q matvec (one stacked call), GLU, down matvec (the engine's dense decode FFN);
-- predicted:  the low-rank predictor (rank --rank, f32, random weights; its cost is counted, its
-              choice is replaced by the sampled active set) + the sparse kernel on that set;
+- predicted:  the low-rank predictor (rank --rank, int8 as engine/predictor.py stores it, random
+              weights; its cost is counted, its choice is replaced by the sampled active set) + the
+              sparse kernel on that set;
 - kernel:     the sparse kernel alone (for the bandwidth figure);
 - relu-exact: dense gate matvec + selection + the sparse kernel with the gate given.
 Rounds alternate dense and sparse (A B A B); each figure is the median over all tokens of all rounds
@@ -34,6 +35,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from engine.predictor import LayerPredictor     # noqa: E402
 from engine.threads import set_threads          # noqa: E402
 from kernels.activation import RELU, SILU, glu        # noqa: E402
 from kernels.matvec import matvec_i8, matvec_q4  # noqa: E402
@@ -100,7 +102,7 @@ def main(argv=None):
     ap.add_argument("--tokens", type=int, default=6, help="tokens (passes over all layers) per round")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--rank", type=int, default=64, help="predictor rank (its f32 weights are read every token)")
+    ap.add_argument("--rank", type=int, default=64, help="predictor rank (its int8 weights are read every token)")
     ap.add_argument("--formats", default="Q4_0,Q8_0")
     ap.add_argument("--down", default="i8", choices=("i8", "q4"), help="storage of the transposed down copy")
     ap.add_argument("--order", default="random", choices=("random", "hot-first"),
@@ -111,15 +113,15 @@ def main(argv=None):
     rng = np.random.default_rng(0)
     sparsities = [float(s) for s in args.sparsities.split(",")]
     print(f"SYNTHETIC ReLU FFN, Llama-2-7B layer shapes (hidden {HIDDEN}, FFN {FFN}), {args.layers} layers, "
-          f"{args.threads} threads, predictor rank {args.rank} f32, downT {args.down}, {args.order} neuron order; medians over {args.rounds} "
+          f"{args.threads} threads, predictor rank {args.rank} int8, downT {args.down}, {args.order} neuron order; medians over {args.rounds} "
           f"alternating rounds x {args.tokens} tokens")
     for fmt in args.formats.split(","):
         mv = matvec_q4 if fmt == "Q4_0" else matvec_i8
         layers = [make_layer(rng, fmt, args.down) for _ in range(args.layers)]
-        preds = [(rng.standard_normal((HIDDEN, args.rank)).astype(np.float32) * 0.02,
-                  np.zeros(args.rank, np.float32),
-                  rng.standard_normal((args.rank, FFN)).astype(np.float32) * 0.02,
-                  np.zeros(FFN, np.float32)) for _ in range(args.layers)]
+        preds = [LayerPredictor.from_float(rng.standard_normal((HIDDEN, args.rank)).astype(np.float32) * 0.02,
+                                           np.zeros(args.rank, np.float32),
+                                           rng.standard_normal((args.rank, FFN)).astype(np.float32) * 0.02,
+                                           np.zeros(FFN, np.float32), 0.0, 0.0).arrays for _ in range(args.layers)]
         x = rng.standard_normal(HIDDEN).astype(np.float32)
         gu_out = np.empty(2 * FFN, np.float32)
         act = np.empty((1, FFN), np.float32)

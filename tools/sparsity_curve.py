@@ -36,6 +36,7 @@ each, from a few minutes on an idle 2-core machine to ~40 minutes when it is bus
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import sys
@@ -117,7 +118,7 @@ def quality(llm, sparse: SparseFFN, wins, prompt, base) -> dict:
 def sparsity_threshold(p: LayerPredictor, h: np.ndarray, sparsity: float) -> LayerPredictor:
     """The score threshold that marks a share 1-sparsity of (token, neuron) pairs of h active."""
     thr = float(np.quantile(p.scores(h), sparsity))
-    return LayerPredictor(p.w1, p.b1, p.w2, p.b2, threshold=round(thr, 6), label_threshold=p.label_threshold)
+    return dataclasses.replace(p, threshold=round(thr, 6))
 
 
 def rules(recalls: list[float], sparsities: list[float]) -> list[tuple[str, float]]:
@@ -198,7 +199,7 @@ def tables(res: dict) -> str:
                          f"{p['greedy_agreement']:.2f} | {p['greedy_prefix']}/{p['greedy_tokens']} |")
         lines.append("")
     if res.get("ranks"):
-        lines += ["| rank | predictor bytes per layer (f32) | share of the layer's FFN weight bytes | "
+        lines += ["| rank | predictor bytes per layer (int8, f32 scales and biases) | share of the layer's FFN weight bytes | "
                   "label sparsity (mean over layers) |", "|---:|---:|---:|---:|"]
         for r in res["ranks"]:
             lines.append(f"| {r['rank']} | {r['bytes_per_layer']:,} | {100 * r['bytes_per_layer'] / res['ffn_bytes_per_layer']:.0f}% "
