@@ -10,8 +10,7 @@ fill the core's miss buffers and then stall the loop that issued them. One prefe
 aimed a couple of rows ahead, keeps a steady number of misses in flight and ran at 14-15 GB/s: so the
 loop here issues, in each iteration, one prefetch of the next rows' lines per line it reads
 (`llvm.prefetch` into L2, see kernels/llvm_ir.prefetch; only valid rows are prefetched). The gate
-and up row dots do the same in
-kernels/rowdot.py (q4_gu, i8_gu, q4_row1p, i8_row1p).
+and up row dots do the same in kernels/rowdot.py (q4_gu, i8_gu, q4_row1p, i8_row1p).
 
 - axpy4_i8(w, d, j, a, acc): acc (cols,) f32 += sum over r < 4 of a[r] * row j[r] of an I8 weight with
   32-blocks and no mins (the int8 downT of engine/sparse.py), as explicit <16 x float> vectors: the
