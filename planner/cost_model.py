@@ -45,6 +45,9 @@ class ModelShape:
     norm_bytes: int            # all norm vectors
     kv_bytes_per_token: int    # all layers, K and V, in the cache's element type (engine/llm.py)
     attn_matrix_bytes: int     # the largest attention matrix (for the kernel-speed lookup)
+    # The FFN weights' storage as loaded ("q4_0", "q4_1", "int8/32", "f32", ...), for people to read
+    # (plan.json's model.format); fmt above is the kernel family whose measured speed applies.
+    weight_format: str = ""
     # Whether the runtime can stream the embeddings / LM head from the weights file when the budget
     # cannot hold them (engine/flash_matrix.py reads GGUF tensors; not safetensors yet).
     head_streamable: bool = False
@@ -89,6 +92,21 @@ class ModelShape:
         return self.fixed_bytes - self.head_bytes + buffers
 
 
+def weight_format(wt) -> str:
+    """A weight's storage as loaded (engine/weights.py): "q4_0", "q4_1", "int8/32" (int8 in blocks of 32),
+    "int8/16+min", "f16", "bf16" or "f32"."""
+    from engine.weights import BF16Weight, F16Weight, I8Weight, Q4Weight
+    if isinstance(wt, Q4Weight):
+        return "q4_1" if wt.m.shape[1] else "q4_0"
+    if isinstance(wt, I8Weight):
+        return f"int8/{wt.q.shape[1] // wt.d.shape[1]}" + ("+min" if wt.m.shape[1] else "")
+    if isinstance(wt, BF16Weight):
+        return "bf16"
+    if isinstance(wt, F16Weight):
+        return "f16"
+    return "f32"
+
+
 def shape_of(llm) -> ModelShape:
     from engine.weights import F32Weight, I8Weight, Q4Weight
     from planner.bundles import layer_arrays
@@ -100,7 +118,8 @@ def shape_of(llm) -> ModelShape:
     attn = [lw.wq, lw.wk, lw.wv, lw.wo]
     norms = sum(x.attn_norm.nbytes + x.ffn_norm.nbytes for x in w.layers) + w.norm.nbytes
     return ModelShape(n_layers=c.num_hidden_layers, hidden=c.hidden_size, ffn=c.intermediate_size,
-                      vocab=c.vocab_size, fmt=fmt, attn_bytes=sum(m.nbytes for m in attn),
+                      vocab=c.vocab_size, fmt=fmt, weight_format=weight_format(lw.w_gate),
+                      attn_bytes=sum(m.nbytes for m in attn),
                       ffn_bytes=lw.w_gate.nbytes + lw.w_up.nbytes + lw.w_down.nbytes,
                       embed_bytes=w.embed.nbytes, lm_head_bytes=0 if w.lm_head is w.embed else w.lm_head.nbytes,
                       norm_bytes=norms,

@@ -46,7 +46,7 @@ def build(sol: Solution, *, cost, device, fingerprint: str, model_name: str, bud
     plan = {
         "schema": PLAN_SCHEMA, "schema_version": PLAN_SCHEMA_VERSION,
         "model": {"name": model_name, "fingerprint": fingerprint, "layers": s.n_layers, "hidden": s.hidden,
-                  "ffn": s.ffn, "format": s.fmt, "weight_bytes": s.weight_bytes},
+                  "ffn": s.ffn, "format": s.weight_format or s.fmt, "weight_bytes": s.weight_bytes},
         "device": device.summary_dict(),
         "budget_bytes": sol.budget_bytes, "budget_request": budget_text,
         "prefill": {"backend": sol.prefill_backend, "chunk_tokens": sol.prefill_chunk, "threads": sol.compute_threads},

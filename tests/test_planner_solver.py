@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pytest
 
 from engine.errors import PlanError
@@ -133,3 +134,17 @@ def test_a_budget_below_the_lm_head_streams_it_from_flash():
     assert not solve(streamable, evidence(False), int(s.weight_bytes * 0.8), 0.99).head_on_flash
     with pytest.raises(PlanError, match="minimum resident set"):
         solve(cost(), evidence(False), budget, 0.99)
+
+
+def test_weight_format_labels_the_storage_not_the_kernel_family():
+    """plan.json's model.format: Q4_0 and Q4_1 both run the Q4 kernels (ModelShape.fmt "q4_1"), but a
+    reader of the plan is told which one the model is."""
+    from engine.weights import BF16Weight, F32Weight, I8Weight, Q4Weight
+    from planner.cost_model import weight_format
+    z = np.zeros
+    assert weight_format(Q4Weight(z((2, 16), np.uint8), z((2, 1), np.uint16), z((2, 0), np.uint16))) == "q4_0"
+    assert weight_format(Q4Weight(z((2, 16), np.uint8), z((2, 1), np.uint16), z((2, 1), np.uint16))) == "q4_1"
+    assert weight_format(I8Weight(z((2, 64), np.int8), z((2, 2), np.uint16), z((2, 0), np.uint16))) == "int8/32"
+    assert weight_format(I8Weight(z((2, 64), np.int8), z((2, 4), np.uint16), z((2, 4), np.uint16))) == "int8/16+min"
+    assert weight_format(BF16Weight(z((2, 4), np.uint16))) == "bf16"
+    assert weight_format(F32Weight(z((2, 4), np.float32))) == "f32"
