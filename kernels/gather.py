@@ -77,7 +77,7 @@ if NUMBA:
 
     from kernels.llvm_ir import F32 as _F32, I32 as _I32, I8 as _I8, I64 as _I64, c_array, const64 as _c64
     from kernels.llvm_ir import lanes as _lanes, prefetch_line as _prefetch_line, prefetch_target as _target
-    from kernels.llvm_ir import row_ptr as _row, vec as _vec
+    from kernels.llvm_ir import data as _data, row_ptr as _row, splat as _const, vec as _vec
 
     W = 16          # float lanes per vector in the axpy (one AVX-512 register; two AVX2 ones)
 
@@ -91,7 +91,7 @@ if NUMBA:
         dense loops, where the register is by chance a loop constant)."""
         if f16:
             raw = builder.load(builder.bitcast(builder.gep(drow, [b]), _I32.as_pointer()), align=2)
-            v = builder.insert_element(ir.Constant(_vec(_I32, 4), [0] * 4), raw, ir.Constant(_I32, 0))
+            v = builder.insert_element(_const(_I32, 4, 0), raw, ir.Constant(_I32, 0))
             h = builder.bitcast(v, _vec(ir.HalfType(), 8))
             return builder.fpext(builder.shuffle_vector(h, h, _lanes(0, 1, 2, 3)), _vec(_F32, 4))
         v = builder.load(builder.bitcast(builder.gep(drow, [b]), _vec(_F32, 2).as_pointer()), align=4)
@@ -101,7 +101,7 @@ if NUMBA:
         """<4 x float> with lane 0 the scale of block b (the odd last block), as _scales2."""
         if f16:
             raw = builder.zext(builder.load(builder.gep(drow, [b])), _I32)
-            v = builder.insert_element(ir.Constant(_vec(_I32, 4), [0] * 4), raw, ir.Constant(_I32, 0))
+            v = builder.insert_element(_const(_I32, 4, 0), raw, ir.Constant(_I32, 0))
             h = builder.bitcast(v, _vec(ir.HalfType(), 8))
             return builder.fpext(builder.shuffle_vector(h, h, _lanes(0, 1, 2, 3)), _vec(_F32, 4))
         v = builder.insert_element(ir.Constant(_vec(_F32, 4), ir.Undefined), builder.load(builder.gep(drow, [b])),
@@ -156,23 +156,24 @@ if NUMBA:
         """The IR of axpy4_i8 and axpy4_q4 (see axpy4_numpy, axpy4_q4_numpy): two blocks per loop
         iteration, then an odd last one. m_t None: no mins (I8, or the caller's form without m)."""
         nibbles = w_t.dtype == types.uint8
-        ja = context.make_array(j_t)(context, builder, j_v)
-        aa = context.make_array(a_t)(context, builder, a_v)
-        accp = context.make_array(acc_t)(context, builder, acc_v).data
+        jp = _data(context, builder, j_t, j_v)
+        ap = _data(context, builder, a_t, a_v)
+        accp = _data(context, builder, acc_t, acc_v)
+        pfp = _data(context, builder, pf_t, pf_v) if pf_t is not None else None
         has_min = None
         if m_t is not None:                         # Q4 with (rows, 0) mins: Q4_0's -8 * d instead
             has_min = builder.icmp_signed("!=", builder.extract_value(
                 context.make_array(m_t)(context, builder, m_v).shape, 1), _c64(0))
         rows, drows, mrows, avals, targets = [], [], [], [], []
         for r in range(4):
-            jr = builder.load(builder.gep(ja.data, [_c64(r)]))
+            jr = builder.load(builder.gep(jp, [_c64(r)]))
             rows.append(_row(context, builder, w_t, w_v, jr)[0])
             drows.append(_row(context, builder, d_t, d_v, jr)[0])
             if m_t is not None:                     # read only where m has columns (emit(True) below)
                 mrows.append(_row(context, builder, m_t, m_v, jr)[0])
-            avals.append(builder.load(builder.gep(aa.data, [_c64(r)])))
+            avals.append(builder.load(builder.gep(ap, [_c64(r)])))
             if pf_t is not None:                    # pf[r] < 0: nothing to prefetch
-                rp = builder.load(builder.gep(context.make_array(pf_t)(context, builder, pf_v).data, [_c64(r)]))
+                rp = builder.load(builder.gep(pfp, [_c64(r)]))
                 targets.append(_target(context, builder, w_t, w_v, rp))
                 targets.append(_target(context, builder, d_t, d_v, rp))
                 if m_t is not None:                 # a (rows, 0) m has 0 bytes per row: no prefetch
@@ -201,7 +202,7 @@ if NUMBA:
                 # the block's additive term, the same for all 32 elements: sum over rows of a * min,
                 # or -8 * sum of a * d without mins (only lanes 0 and 1 matter).
                 off4 = (fsum4(mins) if with_min
-                        else builder.fmul(fsum4(scs), ir.Constant(_vec(_F32, 4), [-8.0] * 4), flags=("fast",)))
+                        else builder.fmul(fsum4(scs), _const(_F32, 4, -8.0), flags=("fast",)))
             for k in range(2 if two else 1):
                 splats = [_splat(builder, sc, k, W) for sc in scs]
                 base = builder.mul(builder.add(b, _c64(k)), _c64(32))
@@ -212,8 +213,8 @@ if NUMBA:
                     for r in range(4):
                         qp = builder.bitcast(builder.gep(rows[r], [qoff]), _vec(_I8, W).as_pointer())
                         q = builder.load(qp, align=1)
-                        for half, nib in ((lo, builder.and_(q, ir.Constant(_vec(_I8, W), [15] * W))),
-                                          (hi, builder.lshr(q, ir.Constant(_vec(_I8, W), [4] * W)))):
+                        for half, nib in ((lo, builder.and_(q, _const(_I8, W, 15))),
+                                          (hi, builder.lshr(q, _const(_I8, W, 4)))):
                             half.append(builder.fmul(splats[r], builder.uitofp(nib, _vec(_F32, W)), flags=("fast",)))
                     add_to_acc(base, builder.fadd(fsum4(lo), offk, flags=("fast",)))
                     add_to_acc(builder.add(base, _c64(16)), builder.fadd(fsum4(hi), offk, flags=("fast",)))
