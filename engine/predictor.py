@@ -41,11 +41,12 @@ SCHEMA_VERSION = 2
 ARRAYS = ("w1", "w1_scale", "b1", "w2", "w2_scale", "b2")      # the kernel's argument order
 
 
-def quantize_columns(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """w (k, n) f32 -> (q (k, n) int8, scale (n,) f32) with w ~ q * scale, symmetric per column."""
-    scale = (np.abs(w).max(axis=0) / 127.0).astype(np.float32)
+def quantize_int8(w: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
+    """w (k, n) f32 -> (q (k, n) int8, scale) with w ~ q * scale, symmetric: one f32 scale per row
+    (axis=1, scale (k,)) or per column (axis=0, scale (n,))."""
+    scale = (np.abs(w).max(axis=axis) / 127.0).astype(np.float32)
     scale[scale == 0] = 1.0
-    q = np.clip(np.rint(w / scale), -127, 127).astype(np.int8)
+    q = np.clip(np.rint(w / np.expand_dims(scale, axis)), -127, 127).astype(np.int8)
     return q, scale
 
 
@@ -64,9 +65,8 @@ class LayerPredictor:
     def from_float(cls, w1: np.ndarray, b1: np.ndarray, w2: np.ndarray, b2: np.ndarray, threshold: float,
                    label_threshold: float) -> "LayerPredictor":
         """From f32 w1 (hidden, rank), b1 (rank,), w2 (rank, ffn), b2 (ffn,): the matrices quantized."""
-        q1, s1 = quantize_columns(np.asarray(w1, np.float32).T)         # per row of w1
-        q2, s2 = quantize_columns(np.asarray(w2, np.float32))
-        q1 = np.ascontiguousarray(q1.T)
+        q1, s1 = quantize_int8(np.asarray(w1, np.float32), axis=1)
+        q2, s2 = quantize_int8(np.asarray(w2, np.float32), axis=0)
         return cls(q1, s1, np.asarray(b1, np.float32), q2, s2, np.asarray(b2, np.float32), threshold, label_threshold)
 
     @property
