@@ -141,8 +141,7 @@ class CostModel:
         self.gemv_f32 = min(k.matvec_gbps(1, "gemv_f32") * 1e9, device.memory.read_gbps * 1e9)
         # Bytes per second of the int8 predictor kernel; profiles from before it was measured (and the
         # example phone profiles) take the f32 GEMV's figure.
-        measured = any(p.name == PREDICT for p in k.matvec)
-        self.predict_bps = (min(k.matvec_gbps(1, PREDICT) * 1e9, device.memory.read_gbps * 1e9) if measured
+        self.predict_bps = (min(k.matvec_gbps(1, PREDICT) * 1e9, device.memory.read_gbps * 1e9) if k.has(PREDICT)
                             else self.gemv_f32)
         self.call_s = max(device.overhead.numba_parallel_call_us, device.overhead.python_call_us) * 1e-6
         # Multiplies every compute term; 1 until calibrate() is given a measured decode step.
@@ -200,7 +199,7 @@ class CostModel:
     @property
     def sparse_measured(self) -> bool:
         """Whether the device profile has measured the sparse FFN kernel ("sparse_q4_1" points)."""
-        return any(p.name == "sparse_q4_1" for p in self.dev.kernels.matvec)
+        return self.dev.kernels.has("sparse_q4_1")
 
     def sparse_ffn_s(self, active_share: float, predictor_bytes: int) -> float:
         """The predictor kernel plus the predicted-active rows at the sparse kernel's speed."""

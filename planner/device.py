@@ -109,6 +109,11 @@ class KernelInfo:
     sparse_ffn: tuple[KernelPoint, ...] = ()   # cluster kernel vs cluster size, once kernels/sparse_ffn.py exists
     notes: tuple[str, ...] = ()
 
+    def has(self, name: str) -> bool:
+        """Whether the profile has a kernel point named `name` (profiles written before a kernel was
+        measured, and the example phone profiles, lack the newer ones)."""
+        return any(p.name == name for p in self.matvec)
+
     def matvec_gbps(self, nbytes: int, name_prefix: str = "matvec") -> float:
         """The dense matvec speed measured at the weight size nearest to nbytes (cache effects make
         small matrices faster than DRAM-sized ones)."""
