@@ -309,8 +309,8 @@ def default_modes(config) -> list[str]:
     """Without a plan: relu-exact for ReLU-family models (exact, and in trained ReLU models 85-97% of
     neurons are zero); dense for the rest. Why dense for SwiGLU (SmolLM2-135M Q4_1, tools/sparsity_curve.py,
     BENCHMARKS.md): even a perfect (oracle) selection keeps perplexity within 2% only up to ~50% sparsity,
-    low-rank predictors of rank 16 to 128 (9-66% of the layer's FFN bytes, read every token) have 56-60%
-    precision and reach under 2% sparsity within +2% perplexity, and the sparse path decodes slower than
+    low-rank predictors of rank 16 to 128 (int8: 3-17% of the layer's FFN bytes, read every token) have
+    56-60% precision and reach under 2% sparsity within +2% perplexity, and the sparse path decodes slower than
     dense on such small matrices: sparsity does not pay on small SwiGLU models."""
     mode = "relu-exact" if config.act_kind in (RELU, DRELU) else "dense"
     return [mode] * config.num_hidden_layers

@@ -45,9 +45,8 @@ are scattered, and without it they arrived at 5-7 GB/s per core; the other layou
 float loops. The down axpy takes four neurons per pass, so that the (hidden,) accumulator is read
 and written once per four rows: the int8 downT with 32-blocks (engine/sparse.py's) and Q4 downT
 through gather's vector IR, which also prefetches the down rows of the next four listed neurons; the
-other layouts
-through numba loops per scale block (scale hoisted, run-time trip count: the form that vectorizes for
-stores, see kernels/dequant.py). At Llama-2-7B shapes, 90% sparsity, 2 threads, the kernel reads its
+other layouts through numba loops per scale block (scale hoisted, run-time trip count: the form that
+vectorizes for stores, see kernels/dequant.py). At Llama-2-7B shapes, 90% sparsity, 2 threads, the kernel reads its
 rows at 18-24 GB/s (tools/bench_sparse.py, Q4_0 and Q8_0, hot-first or scattered neurons), 51-78% of
 what the dense matvecs stream in the same run.
 """
