@@ -77,7 +77,7 @@ if NUMBA:
 
     from kernels.llvm_ir import F32 as _F32, I32 as _I32, I8 as _I8, I64 as _I64, c_array, const64 as _c64
     from kernels.llvm_ir import lanes as _lanes, prefetch_line as _prefetch_line, prefetch_target as _target
-    from kernels.llvm_ir import data as _data, row_ptr as _row, splat as _const, vec as _vec
+    from kernels.llvm_ir import data as _data, row_ptr as _row, rows_array, splat as _const, vec as _vec
 
     W = 16          # float lanes per vector in the axpy (one AVX-512 register; two AVX2 ones)
 
@@ -116,8 +116,8 @@ if NUMBA:
         which take pf before acc."""
 
         def typer(w, d, m, j, a, pf, acc):
-            if not (c_array(w, 2, types.uint8 if nibbles else types.int8) and c_array(d, 2, *_SCALES)
-                    and (m is None or c_array(m, 2, *_SCALES)) and c_array(j, 1, types.int64)
+            if not (rows_array(w, types.uint8 if nibbles else types.int8) and rows_array(d, *_SCALES)
+                    and (m is None or rows_array(m, *_SCALES)) and c_array(j, 1, types.int64)
                     and c_array(a, 1, types.float32) and (pf is None or c_array(pf, 1, types.int64))
                     and c_array(acc, 1, types.float32)):
                 return None

@@ -106,7 +106,7 @@ if NUMBA:
     VNNI512 = _has_x86("avx512f", "avx512bw", "avx512vnni")
 
     from kernels.llvm_ir import F32 as _F32, I8 as _I8, I16 as _I16, I32 as _I32, I64 as _I64
-    from kernels.llvm_ir import lanes as _lanes, row_ptr as _row_ptr, splat as _splat, vec as _vec
+    from kernels.llvm_ir import lanes as _lanes, row_ptr as _row_ptr, rows_array as _rows_array, splat as _splat, vec as _vec
 
     def _block_isum(builder, nib, xv):
         """nib <32 x i8> unsigned 0..15, xv <32 x i8> signed -> <8 x i32> partial sums of nib*xv."""
@@ -193,10 +193,9 @@ if NUMBA:
         """The row dot product over the Q4 layout (nibbles) or the I8 layout with blocks of 32."""
 
         def row_dot(typingctx, qs, d, r, xq, dx):
-            # The IR walks raw pointers with row stride = row length: C-contiguous arrays only.
+            # Rows through llvm_ir.row_ptr: C-contiguous arrays, or rows of neuron records.
             wdtype = types.uint8 if nibbles else types.int8
-            if not (isinstance(qs, types.Array) and qs.dtype == wdtype and qs.layout == "C"
-                    and isinstance(d, types.Array) and d.dtype in (types.float32, types.uint16) and d.layout == "C"
+            if not (_rows_array(qs, wdtype) and _rows_array(d, types.float32, types.uint16)
                     and isinstance(r, types.Integer)
                     and isinstance(xq, types.Array) and xq.dtype == types.int8 and xq.layout == "C"
                     and isinstance(dx, types.Array) and dx.dtype == types.float32 and dx.layout == "C"):
@@ -205,15 +204,10 @@ if NUMBA:
 
             def codegen(context, builder, sig, args):
                 qs_v, d_v, r_v, xq_v, dx_v = args
-                qs_a = context.make_array(sig.args[0])(context, builder, qs_v)
-                d_a = context.make_array(sig.args[1])(context, builder, d_v)
                 xq_a = context.make_array(sig.args[3])(context, builder, xq_v)
                 dx_a = context.make_array(sig.args[4])(context, builder, dx_v)
-                half = builder.extract_value(qs_a.shape, 1)
-                nb = builder.extract_value(d_a.shape, 1)
-                r64 = builder.sext(r_v, _I64) if r_v.type.width < 64 else r_v
-                qrow = builder.gep(qs_a.data, [builder.mul(r64, half)])
-                drow = builder.gep(d_a.data, [builder.mul(r64, nb)])
+                qrow, _ = _row_ptr(context, builder, sig.args[0], qs_v, r_v)
+                drow, nb = _row_ptr(context, builder, sig.args[1], d_v, r_v)
                 zero = ir.Constant(_vec(_F32, 8), [0.0] * 8)
                 entry = builder.block
                 loop = builder.function.append_basic_block("q4dot.loop")
@@ -333,8 +327,7 @@ if NUMBA:
         return res
 
     def _is_scales(s):
-        return (isinstance(s, types.Array) and s.ndim == 2 and s.layout == "C"
-                and s.dtype in (types.float32, types.uint16))
+        return _rows_array(s, types.float32, types.uint16)
 
     def _is_vec(v):
         return isinstance(v, types.Array) and v.dtype == types.float32 and v.layout == "C"

@@ -37,16 +37,29 @@ def c_array(a, ndim, *dtypes):
     return isinstance(a, types.Array) and a.ndim == ndim and a.layout == "C" and a.dtype in dtypes
 
 
+def rows_array(a, *dtypes):
+    """Whether numba type a is a 2-D array of one of dtypes that row_ptr can address: C-contiguous, or
+    any layout ("A") whose rows are each contiguous, as a field of neuron records (kernels/neuron_records.py)
+    is: rows a fixed stride apart. numba's type does not say whether an "A" array's rows are
+    contiguous; the kernels taking one check its strides first (kernels/sparse_ffn._rows_ok)."""
+    return isinstance(a, types.Array) and a.ndim == 2 and a.layout in ("C", "A") and a.dtype in dtypes
+
+
 def data(context, builder, ty, val):
     """The data pointer of a numba array."""
     return context.make_array(ty)(context, builder, val).data
 
 
 def row_ptr(context, builder, ty, val, r):
-    """(pointer to row r, row length in elements) of a C-contiguous 2-D array."""
+    """(pointer to row r, row length in elements) of a 2-D array whose rows are contiguous (rows_array):
+    rows shape[1] elements apart when C-contiguous, else strides[0] bytes apart."""
     a = context.make_array(ty)(context, builder, val)
     n = builder.extract_value(a.shape, 1)
-    return builder.gep(a.data, [builder.mul(to_i64(builder, r), n)]), n
+    if ty.layout == "C":
+        return builder.gep(a.data, [builder.mul(to_i64(builder, r), n)]), n
+    off = builder.mul(to_i64(builder, r), builder.extract_value(a.strides, 0))
+    p = builder.gep(builder.bitcast(a.data, I8.as_pointer()), [off])
+    return builder.bitcast(p, a.data.type), n
 
 
 def prefetch(builder, p):
@@ -63,15 +76,16 @@ def prefetch(builder, p):
 
 
 def prefetch_target(context, builder, ty, val, r):
-    """A prefetch target: (i8 pointer to row r of a C-contiguous 2-D array, its bytes); bytes 0 when
-    r < 0 (nothing to fetch)."""
+    """A prefetch target: (i8 pointer to row r of a 2-D array with contiguous rows (rows_array), its
+    bytes); bytes 0 when r < 0 (nothing to fetch)."""
     a = context.make_array(ty)(context, builder, val)
     item = context.get_abi_sizeof(context.get_data_type(ty.dtype))
     nbytes = builder.mul(builder.extract_value(a.shape, 1), const64(item))
+    stride = nbytes if ty.layout == "C" else builder.extract_value(a.strides, 0)
     r64 = to_i64(builder, r)
     ok = builder.icmp_signed(">=", r64, const64(0))
     base = builder.gep(builder.bitcast(a.data, I8.as_pointer()),
-                       [builder.mul(builder.select(ok, r64, const64(0)), nbytes)])
+                       [builder.mul(builder.select(ok, r64, const64(0)), stride)])
     return base, builder.select(ok, nbytes, const64(0))
 
 

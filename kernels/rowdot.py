@@ -116,6 +116,7 @@ if NUMBA:
 
     from kernels.llvm_ir import F32 as _F32, I8 as _I8, I16 as _I16, I32 as _I32, I64 as _I64
     from kernels.llvm_ir import c_array as _c_array, const64 as _c, data as _data, lanes as _lanes
+    from kernels.llvm_ir import rows_array as _rows_array
     from kernels.llvm_ir import prefetch_line as _prefetch_line, prefetch_target as _target, row_ptr as _row_ptr
     from kernels.llvm_ir import splat as _splat, vec as _vec
 
@@ -353,8 +354,8 @@ if NUMBA:
             rest = args[2 * nmats:]
             j, jp = rest[0], (rest[1] if prefetch else None)
             xq, xp, xc, dx = rest[-4:]
-            if not (all(_c_array(w, 2, wdtype) for w in ws)
-                    and all(_c_array(d, 2, types.float32, types.uint16) for d in ds)
+            if not (all(_rows_array(w, wdtype) for w in ws)
+                    and all(_rows_array(d, types.float32, types.uint16) for d in ds)
                     and isinstance(j, types.Integer) and (jp is None or isinstance(jp, types.Integer))
                     and _c_array(xq, 1, types.int8) and _c_array(xp, 1, types.int8)
                     and _c_array(xc, 1, types.int32) and _c_array(dx, 1, types.float32)):

@@ -15,6 +15,10 @@ pass empty (rows, 0) float32 arrays where a layout has none):
   uint8 qs (rows, cols/2) Q4, GGUF Q4_0 nibble order, block-32 scales, m empty for Q4_0
   int8 q                  I8, block-B scales (B = cols / d.shape[1]), optional mins
 Scales are float32 or f16 bits (uint16) everywhere: read through dequant.scale_f32.
+Any 2-D array may also be a field of neuron records (kernels/neuron_records.py): a view whose rows are
+contiguous but a record apart, numba layout "A". The Q4 and 32-block I8 row products and axpys address
+its rows through the stride (kernels/llvm_ir.row_ptr) and give the same bits as on separate arrays;
+the kernels raise ValueError on a 2-D array whose rows are not contiguous.
 
 `dscale` (hidden,) f32 multiplies the output element-wise: a quantized downT is stored divided by the
 largest |value| of each hidden dimension (SmoothQuant-style, arXiv 2211.10438), because its blocks of 32
@@ -360,8 +364,8 @@ if NUMBA:
     def _axpy4_ov(w, d, m, j, a, acc, bits16):
         dt = w.dtype
         if dt == types.int8:
-            return _axpy4_i8_ir.py_func if _c_layout(w, d, j, a, acc) else _axpy4_i8.py_func
-        if dt == types.uint8 and _c_layout(w, d, m, j, a, acc):
+            return _axpy4_i8_ir.py_func if _rows_layout(w, d, j, a, acc) else _axpy4_i8.py_func
+        if dt == types.uint8 and _rows_layout(w, d, m, j, a, acc):
             return _axpy4_q4_ir.py_func
         if dt == types.float32:
             return _axpy4_f32.py_func
@@ -383,8 +387,10 @@ if NUMBA:
         return None
 
 
-def _c_layout(*arrays):
-    return all(a.layout == "C" for a in arrays)
+def _rows_layout(*arrays):
+    """Whether the intrinsics can take these numba array types: 1-D ones C-contiguous, 2-D ones with
+    contiguous rows (C, or the "A" fields of neuron records: kernels/llvm_ir.rows_array)."""
+    return all(a.layout == "C" or (a.ndim == 2 and a.layout == "A") for a in arrays)
 
 
 def _gu(gw, gd, gm, uw, ud, um, j, jp, x, xq, xp, xc, dx, xsum, gate, bits16):
@@ -427,7 +433,7 @@ if NUMBA:
 
     @overload(_gu, inline="always", jit_options={"fastmath": True})
     def _gu_ov(gw, gd, gm, uw, ud, um, j, jp, x, xq, xp, xc, dx, xsum, gate, bits16):
-        if gw.dtype == uw.dtype and gd.dtype == ud.dtype and _c_layout(gw, gd, gm, uw, ud, um):
+        if gw.dtype == uw.dtype and gd.dtype == ud.dtype and _rows_layout(gw, gd, gm, uw, ud, um):
             if gw.dtype == types.uint8:
                 return _gu_q4.py_func
             if gw.dtype == types.int8:
@@ -451,9 +457,9 @@ if NUMBA:
 
     @overload(_axpy4p, inline="always", jit_options={"fastmath": True})
     def _axpy4p_ov(w, d, m, j, a, pf, acc, bits16):
-        if w.dtype == types.int8 and _c_layout(w, d, j, a, pf, acc):
+        if w.dtype == types.int8 and _rows_layout(w, d, j, a, pf, acc):
             return _axpy4p_i8.py_func
-        if w.dtype == types.uint8 and _c_layout(w, d, m, j, a, pf, acc):
+        if w.dtype == types.uint8 and _rows_layout(w, d, m, j, a, pf, acc):
             return _axpy4p_q4.py_func
         return _axpy4p_rows.py_func
 
@@ -466,8 +472,28 @@ _act = act_scalar   # act(g) * u per neuron, shared with the dense GLU (kernels/
 PREFETCH_AHEAD = 2
 
 
+@jit()
+def _rows_ok(a):
+    """Raise unless each row of a is contiguous: the row pointers of the intrinsics assume it, and numba's
+    "A" layout (the fields of neuron records) does not say so (kernels/neuron_records.rows_contiguous)."""
+    if a.shape[1] > 1 and a.strides[1] != a.itemsize:
+        raise ValueError("sparse FFN: each row of a weight or scale array must be contiguous")
+
+
+@jit()
+def _weights_ok(gw, gd, gm, uw, ud, um):
+    _rows_ok(gw)
+    _rows_ok(gd)
+    _rows_ok(gm)
+    _rows_ok(uw)
+    _rows_ok(ud)
+    _rows_ok(um)
+
+
 @jit(parallel=True)
 def _sparse_ffn_numba(gw, gd, gm, uw, ud, um, dw, dd, dm, dscale, bits16, x, idx, gate, act, threads, acts, out):
+    _weights_ok(gw, gd, gm, uw, ud, um)
+    _weights_ok(dw, dd, dm, dw, dd, dm)
     hidden = out.shape[0]
     n = idx.shape[0]
     # x rounded to int8 per 32-block with its block scales, and its float32 block sums (the min
@@ -519,6 +545,7 @@ def _sparse_ffn_numba(gw, gd, gm, uw, ud, um, dw, dd, dm, dscale, bits16, x, idx
 
 @jit(parallel=True)
 def _sparse_acts_numba(gw, gd, gm, uw, ud, um, bits16, x, idx, act, threads, acts):
+    _weights_ok(gw, gd, gm, uw, ud, um)
     n = idx.shape[0]
     hidden = x.shape[0]
     nb = hidden // 32 if hidden % 32 == 0 else 0
@@ -540,6 +567,7 @@ def _sparse_acts_numba(gw, gd, gm, uw, ud, um, bits16, x, idx, act, threads, act
 
 @jit(parallel=True)
 def _sparse_down_numba(dw, dd, dm, bits16, idx, acts, bounds, parts):
+    _weights_ok(dw, dd, dm, dw, dd, dm)
     # One chunk per prange iteration, its rows accumulated in list order four at a time as in
     # _sparse_ffn_numba (zeros skipped): a chunk's bits depend on its own neurons only.
     for k in prange(bounds.shape[0] - 1):

@@ -17,6 +17,7 @@ from engine.predictor import LayerPredictor
 from kernels import dequant
 from kernels import sparse_ffn as S
 from kernels.backend import NUMBA
+from kernels.neuron_records import layout, pack, rows_contiguous
 
 REPO = Path(__file__).resolve().parent.parent
 RTOL = 1e-5          # fastmath reassociates f32 sums; errors are measured against sum |terms|
@@ -111,6 +112,9 @@ def act64(g, u, kind):
     return np.maximum(g, 0) * np.maximum(u, 0)
 
 
+RECORDED = {("q4-f16-sym", "i8-f16-32-nomin"), ("i8-f16-32-nomin", "i8-f16-32-nomin")}   # Q4_0, Q8_0
+
+
 def kernels():
     return [S.sparse_ffn, S.sparse_ffn_numpy]
 
@@ -150,6 +154,18 @@ def check(rng, layout, down_layout, hidden, ffn, idx, kind, given_gate=False):
         outs.append(out)
     # numba and its twin agree more tightly than either agrees with float64
     assert (np.abs(outs[0] - outs[1]) / scale).max() < RTOL
+    # The same arrays as fields of neuron records (kernels/neuron_records.py): only the addresses change,
+    # so the kernels give the same bits. Run for the layouts of Q4_0 and Q8_0 models with the int8 downT,
+    # which engine/sparse.py records: each other compiled form of the kernel would cost the cold suite
+    # ~15 s, and the row pointers are the intrinsics' code for every Q4 and 32-block I8 layout.
+    records = (layout, down_layout) in RECORDED
+    if records:
+        _, (rgw, ruw, rdw, rgd, rud, rdd, rgm, rum, rdm) = pack([gw, uw, dw, gd, ud, dd, gm, um, dm])
+    for fn, ref_out in zip(kernels(), outs if records else ()):
+        out = np.full(hidden, np.nan, np.float32)
+        fn(rgw, rgd, rgm, ruw, rud, rum, rdw, rdd, rdm, dscale, bits16, x, idx, gate, kind, 2,
+           np.full(len(idx), np.nan, np.float32), out)
+        assert np.array_equal(out, ref_out), fn.__name__
     if not given_gate:
         # The flash executor's split of the same sum: activations, then down sums per chunk added in order.
         bounds = np.unique(np.r_[0:len(idx):7, len(idx)]).astype(np.int64)    # chunks of 7, last shorter
@@ -160,6 +176,11 @@ def check(rng, layout, down_layout, hidden, ffn, idx, kind, given_gate=False):
             parts = down_fn(dw, dd, dm, bits16, idx, acts, bounds, parts)
             out = parts.sum(axis=0, dtype=np.float32) * dscale
             assert (np.abs(out - want) / scale).max() < RTOL, down_fn.__name__
+            if records:
+                racts = acts_fn(rgw, rgd, rgm, ruw, rud, rum, bits16, x, idx, kind, 2,
+                                np.full(len(idx), np.nan, np.float32))
+                rparts = down_fn(rdw, rdd, rdm, bits16, idx, acts, bounds, np.full_like(parts, np.nan))
+                assert np.array_equal(racts, acts) and np.array_equal(rparts, parts), down_fn.__name__
     return outs[0]
 
 
@@ -193,6 +214,42 @@ def test_activations_and_given_gate(kind):
     idx = np.arange(0, 96, 2)
     check(rng, "q4-f16", "i8-f16-32-nomin", 64, 96, idx, kind)
     check(rng, "f32", "f32", 64, 96, idx, kind, given_gate=True)
+
+
+def test_neuron_records_pack():
+    rng = np.random.default_rng(5)
+    q4 = rng.integers(0, 256, (7, 48), dtype=np.uint8)
+    i8 = rng.integers(-127, 128, (7, 96), dtype=np.int8)
+    d16 = rng.integers(0, 2**16, (7, 3), dtype=np.uint16)
+    d32 = rng.standard_normal((7, 3)).astype(np.float32)
+    empty = np.zeros((7, 0), np.uint16)
+    fields = [q4, i8, d16, empty, d32]
+    offsets, size = layout(fields)
+    assert offsets == [0, 48, 144, 150, 152] and size == 192     # f32 after 6 bytes of f16: padded to 152
+    records, views = pack(fields)
+    assert records.shape == (7, size) and records.dtype == np.uint8 and size % 64 == 0
+    assert views[3] is empty                                      # nothing to place
+    for f, v, off in zip(fields, views, offsets):
+        assert v.dtype == f.dtype and v.shape == f.shape and np.array_equal(v, f) and rows_contiguous(v)
+        if f.shape[1]:
+            assert v.strides[0] == size and np.shares_memory(v, records)
+            assert v.__array_interface__["data"][0] - records.ctypes.data == off
+    assert not rows_contiguous(q4[:, ::2])
+    with pytest.raises(ValueError, match="7 rows"):
+        pack([q4, i8[:5]])
+
+
+@pytest.mark.skipif(not NUMBA, reason="the row-contiguity check is the numba kernels'")
+def test_kernels_refuse_rows_that_are_not_contiguous():
+    rng = np.random.default_rng(6)
+    (gw, gd, gm), _, _ = make(rng, "q4-f16", 8, 128)
+    (dw, dd, dm), _, _ = make(rng, "i8-f16-32-nomin", 8, 64)
+    x = rng.standard_normal(64).astype(np.float32)
+    idx = np.arange(8, dtype=np.int32)
+    wide = np.repeat(gw, 2, axis=1)[:, ::2]                      # (8, 64) uint8, every other byte
+    with pytest.raises(ValueError, match="contiguous"):
+        S.sparse_ffn(wide, gd[:, :2], gm, wide, gd[:, :2], gm, dw, dd, dm, np.ones(64, np.float32), 0, x, idx,
+                     np.zeros(0, np.float32), 0, 2, np.empty(8, np.float32), np.empty(64, np.float32))
 
 
 def test_many_threads_uneven_shares():
