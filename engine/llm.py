@@ -140,11 +140,12 @@ KV_CACHE_TYPES = {"f16": np.uint16, "f32": np.float32}   # the cache's element: 
 
 
 def load(source: str | os.PathLike = "smollm2-135m-instruct", *, threads: int | None = None, plan=None,
-         n_ctx: int | None = None, kv_cache: str | None = None, progress=None) -> LLM:
+         n_ctx: int | None = None, kv_cache: str | None = None, progress=None, sparse: bool = True) -> LLM:
     """Load a model: an HF directory, a .gguf file, a deploy directory or a registry alias (pulled on
     first use). threads defaults to the physical core count; n_ctx to min(model context, 4096);
     kv_cache ("f16" or "f32") to half for GGUF files, as llama.cpp, and float32 for HF checkpoints
-    (their float reference)."""
+    (their float reference). sparse=False: every in-RAM FFN dense, whatever the defaults or the
+    deploy's plan say (eval-sparsity builds its own executor beside the untouched dense path)."""
     from engine import registry
 
     if kv_cache is not None and kv_cache not in KV_CACHE_TYPES:
@@ -210,17 +211,28 @@ def load(source: str | os.PathLike = "smollm2-135m-instruct", *, threads: int | 
     ctx = min(config.max_position_embeddings, 4096) if n_ctx is None else int(n_ctx)
     if ctx < 2:
         raise ValueError(f"n_ctx must be at least 2, got {ctx}")
-    model = Transformer(config, weights)
+    from engine import flash_plan
+    from engine.sparse import attach, decode_plan
+    on_flash = deploy is not None and flash_plan.uses_flash(deploy)
+    # The in-RAM decode modes: a deploy's plan.json, else the defaults (relu-exact for ReLU-family
+    # models, dense for the rest). Sparse layers move their gate and up into neuron records
+    # (engine/sparse.py), so the model skips the one-call decode stacks that would copy them first.
+    if on_flash:
+        modes, predictors, cluster = None, None, 1
+    elif not sparse:
+        modes, predictors, cluster = ["dense"] * config.num_hidden_layers, {}, 1
+    else:
+        modes, predictors, cluster = decode_plan(deploy_root / "plan.json" if deploy is not None else None, config)
+    model = Transformer(config, weights, decode_stacks=on_flash or all(m == "dense" for m in modes))
     model.kv_dtype = kv_dtype
     trim_heap()      # the arrays Transformer restacked (engine/model.py) leave holes in the heap
-    from engine import flash_plan
-    if deploy is not None and flash_plan.uses_flash(deploy):
+    if on_flash:
         # A plan below 100%: FFNs from the bundle file (issue 6); their matrices were never loaded.
         flash_plan.attach_flash(model, deploy_root, deploy)
         del weights
     else:
-        from engine.sparse import attach
-        attach(model)   # the default in-RAM decode plan: relu-exact for ReLU-family models, else dense
+        attach(model, modes, predictors=predictors, cluster=cluster, records="move")
+        trim_heap()  # the stacked gate|up the records replaced
     model.warm_up()
     release_compiler_pages()
     llm = LLM(model, tokenizer, source=str(path), n_ctx=ctx, threads=threads, file_bytes=file_bytes)

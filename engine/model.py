@@ -66,7 +66,10 @@ class ModelWeights:
 
 
 class Transformer:
-    def __init__(self, config: ModelConfig, weights: ModelWeights):
+    def __init__(self, config: ModelConfig, weights: ModelWeights, decode_stacks: bool = True):
+        """decode_stacks=False: no one-call decode paths (see drop_decode_stacks), for a model whose
+        sparse layers will move their gate and up into neuron records: stacking every layer's arrays
+        first would put a second copy of gate|up in the load's peak memory."""
         self.config = config
         self.weights = weights
         self._freqs = inv_freq(config, weights.rope_freq_factors)
@@ -75,9 +78,10 @@ class Transformer:
         for lw in weights.layers:
             _fuse(lw)
         # One compiled call per layer for decode when every layer has the Q4 layout and no biases.
-        self._fused_decode = decode_layer_q4 is not None and all(_q4_layer(lw) for lw in weights.layers)
+        self._fused_decode = (decode_stacks and decode_layer_q4 is not None
+                              and all(_q4_layer(lw) for lw in weights.layers))
         # kernels/decode_token.py's layer arrays, when it applies: one call per token.
-        self._stacked = (_stack_layers(weights.layers) if decode_token is not None
+        self._stacked = (_stack_layers(weights.layers) if decode_stacks and decode_token is not None
                          and all(_token_layer(lw) for lw in weights.layers) else None)
         self._scratch = None
         self._token_out = self._token_scratch = None      # kernels/decode_token.py's buffers, made once
@@ -155,6 +159,25 @@ class Transformer:
         cache.length = pos + 1
         rmsnorm(x, self.weights.norm, c.rms_norm_eps, x)
         return self.weights.lm_head.matmul(x)
+
+    def drop_decode_stacks(self) -> None:
+        """Give up the one-call decode paths (kernels/decode_token.py, decode_layer_q4): engine/sparse.py
+        calls this once sparse layers have moved their gate and up rows into neuron records, which those
+        paths cannot read. Dense decode then runs layer by layer, as it does beside sparse layers anyway.
+        The dense layers' gate|up, views of one array stacked over every layer, become their own arrays,
+        so that the stack is freed: the moved layers' rows in it are no longer used."""
+        had_stacks = self._stacked is not None
+        self._stacked = None
+        self._fused_decode = False
+        self._scratch = self._layer_args = None
+        self._token_out = self._token_scratch = None
+        if not had_stacks:
+            return
+        for lw in self.weights.layers:
+            w = lw.w_gate_up
+            if w is not None and any(a.base is not None for a in w._arrays()):
+                lw.w_gate_up = type(w)(*[a.copy() for a in w._arrays()])
+                _split_views(lw, "w_gate_up", ("w_gate", "w_up"))
 
     def _decode_token(self, token: int, cache: KVCache) -> np.ndarray:
         """kernels/decode_token.py: one parallel region for all layers; (1, vocab) f32 logits."""

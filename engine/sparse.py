@@ -31,6 +31,19 @@ down), so each chosen neuron reads one contiguous row. Its storage precision (`d
   2 threads, 0.17 against 0.11 ms from cache and 0.37 against 0.27 ms from DRAM.
 The dense copy of down stays for prefill (batched, through BLAS); the extra memory is downT's bytes.
 
+Neuron records (`records`, Q4 and I8 gate/up only): each sparse layer keeps, per neuron, its gate row,
+up row, downT row and their scales side by side in one record (kernels/neuron_records.py), so that a
+chosen neuron is one contiguous read and runs of neighbouring neurons one stream: the sparse FFN took
+0.62-0.80x the time of the same rows in separate arrays (Llama-2-7B shapes, Q4_0, 90% sparsity,
+tools/bench_sparse.py, BENCHMARKS.md). relu-exact's records leave gate out: it reads gate densely.
+- "move" (engine.llm's loads): the layer's gate and up Weights become views of the records (prefill and
+  any dense use read them there, strided), so the records cost no memory beyond downT's. The model
+  then gives up its one-call decode paths, which read every layer's stacked gate|up
+  (Transformer.drop_decode_stacks): with sparse layers, decode runs layer by layer anyway.
+- "copy" (the default; eval-sparsity, tools): the records are a copy and the model is untouched, so
+  dense decode measured beside the sparse path is the real dense path. Costs gate and up once more.
+- "off": the separate arrays, as before.
+
 The executor keeps per-layer statistics (tokens, neurons chosen, FFN seconds; with `track_truth`
 also the true active set for recall/precision), which `pocketinfer eval-sparsity` reports.
 """
@@ -50,9 +63,11 @@ from engine.predictor import LayerPredictor, load_predictors
 from engine.weights import BF16Weight, F16Weight, F32Weight, I8Weight, Q4Weight, Weight
 from kernels.activation import DRELU, RELU, glu
 from kernels.backend import NUMBA
+from kernels.neuron_records import pack
 from kernels.sparse_ffn import predict, select, sparse_ffn
 
 MODES = ("dense", "relu-exact", "predicted", "oracle")
+RECORDS = ("off", "copy", "move")
 DOWN_FORMATS = ("auto", "i8", "q4", "f32")
 _EMPTY = np.zeros(0, dtype=np.float32)     # "no precomputed gate" for the kernel
 _TILE_ROWS = 256                            # rows of down dequantized at a time while transposing
@@ -139,6 +154,12 @@ def transpose_down(down: Weight, down_format: str = "auto") -> tuple[np.ndarray,
     return q, d, m, scale, -1
 
 
+def _recordable(lw) -> bool:
+    """Whether a layer's gate and up can go into neuron records: the Q4 and I8 layouts, whose Weights
+    take the records' row views (the float layouts keep separate arrays)."""
+    return type(lw.w_gate) is type(lw.w_up) and isinstance(lw.w_gate, (Q4Weight, I8Weight))
+
+
 def _flags(*flags: int) -> int:
     kinds = {f for f in flags if f >= 0}
     if len(kinds) > 1:
@@ -163,19 +184,39 @@ class LayerStats:
 
 class _Layer:
     def __init__(self, lw, mode: str, down_format: str, predictor: LayerPredictor | None,
-                 oracle_threshold: float | None):
+                 oracle_threshold: float | None, records: str):
         self.mode = mode
         self.lw = lw
         self.predictor = predictor
         self.oracle_threshold = oracle_threshold
+        self.moved = False
         if mode == "dense":
             return
         gw, gd, gm, gf = _arrays(lw.w_gate)
         uw, ud, um, uf = _arrays(lw.w_up)
         dw, dd, dm, dscale, df = transpose_down(lw.w_down, down_format)
         self.bits16 = _flags(gf, uf, df)
-        self.args = (gw, gd, gm, uw, ud, um, dw, dd, dm, dscale, self.bits16)
+        # What this executor adds to the model's memory (the records' gate and up rows replace the
+        # model's under "move"; under "copy" they are a measuring convenience, not counted).
         self.down_bytes = dw.nbytes + dd.nbytes + dm.nbytes + dscale.nbytes
+        if records != "off" and _recordable(lw):
+            with_gate = mode != "relu-exact"       # relu-exact's gate is one dense matvec: a matrix
+            fields = [gw, uw, dw, gd, ud, dd, gm, um, dm] if with_gate else [uw, dw, ud, dd, um, dm]
+            model_rows = sum(a.nbytes for a in ((gw, gd, gm, uw, ud, um) if with_gate else (uw, ud, um)))
+            self.records, views = pack(fields)     # (ffn, R) uint8
+            if with_gate:
+                gw, uw, dw, gd, ud, dd, gm, um, dm = views
+            else:
+                uw, dw, ud, dd, um, dm = views
+            self.down_bytes = self.records.nbytes - model_rows + dscale.nbytes
+            if records == "move":
+                g = lw.w_gate
+                lw.w_gate = (type(g)(gw, gd, gm) if with_gate
+                             else type(g)(*[a.copy() for a in g._arrays()]))    # off the stacked gate|up
+                lw.w_up = type(lw.w_up)(uw, ud, um)
+                lw.w_gate_up = None
+                self.moved = True
+        self.args = (gw, gd, gm, uw, ud, um, dw, dd, dm, dscale, self.bits16)
 
 
 class SparseFFN:
@@ -183,13 +224,15 @@ class SparseFFN:
 
     def __init__(self, model, modes: list[str], *, predictors: dict[int, LayerPredictor] | None = None,
                  oracle_thresholds: list[float] | None = None, down_format: str = "auto", cluster: int = 1,
-                 track_truth: bool = False, run_dense: bool = False):
+                 track_truth: bool = False, run_dense: bool = False, records: str = "copy"):
         c = model.config
         layers = model.weights.layers
         if len(modes) != len(layers):
             raise ConfigError(f"{len(modes)} sparse modes given for {len(layers)} layers")
         if cluster < 1 or c.intermediate_size % cluster:
             raise ConfigError(f"cluster size {cluster} must be positive and divide the FFN size {c.intermediate_size}")
+        if records not in RECORDS:
+            raise ConfigError(f"records={records!r} is not one of {', '.join(RECORDS)}")
         predictors = predictors or {}
         self.config = c
         self.ffn_size = c.intermediate_size
@@ -209,7 +252,9 @@ class SparseFFN:
             if mode == "oracle" and (oracle_thresholds is None or oracle_thresholds[i] is None):
                 raise ConfigError(f"layer {i}: mode oracle needs a threshold (calibrate with oracle_thresholds())")
             self.layers.append(_Layer(lw, mode, down_format, predictors.get(i),
-                                      None if oracle_thresholds is None else oracle_thresholds[i]))
+                                      None if oracle_thresholds is None else oracle_thresholds[i], records))
+        if any(layer.moved for layer in self.layers):
+            model.drop_decode_stacks()
         self.any_sparse = any(layer.mode != "dense" for layer in self.layers)
         f, hdim = c.intermediate_size, c.hidden_size
         self._out = np.empty(hdim, np.float32)                # (hidden,) f32 FFN output
@@ -323,12 +368,22 @@ def attach(model, modes: list[str] | None = None, **kwargs) -> SparseFFN | None:
     return model.sparse
 
 
-def read_plan(path: str | Path, model) -> tuple[list[str], dict[int, LayerPredictor], int]:
-    """The decode part of a plan: (modes, predictors, cluster). `path` is a predictors.npz (every layer
-    with a predictor runs predicted, the rest dense) or a plan.json whose "decode" holds
-    {"layers": [{"mode": ..., "threshold": optional float}, ...], "cluster_size": optional int,
-    "predictors": optional path relative to the plan}. A layer threshold overrides the predictor's."""
-    c = model.config
+def decode_plan(path: str | Path | None, config) -> tuple[list[str], dict[int, LayerPredictor], int]:
+    """(modes, predictors, cluster) for in-RAM decode: a deploy's plan.json (read_plan), or with no
+    plan the defaults (default_modes, no predictors, clusters of one)."""
+    if path is None:
+        return default_modes(config), {}, 1
+    return read_plan(path, config)
+
+
+def read_plan(path: str | Path, config) -> tuple[list[str], dict[int, LayerPredictor], int]:
+    """The decode part of a plan for a model with this config: (modes, predictors, cluster). `path` is
+    a predictors.npz (every layer with a predictor runs predicted, the rest dense) or a plan.json whose
+    "decode" holds {"layers": [{"mode": ..., "threshold": optional float}, ...], "cluster_size":
+    optional int, "predictors": optional path relative to the plan}. A layer threshold overrides the
+    predictor's. `pocketinfer plan`'s plan.json says "sparse" for a layer its predictor runs (read as
+    predicted) and names the predictor file in files.predictors."""
+    c = config
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such plan or predictor file")
@@ -345,12 +400,14 @@ def read_plan(path: str | Path, model) -> tuple[list[str], dict[int, LayerPredic
     if len(layers) != c.num_hidden_layers:
         raise ModelFormatError(f"{path}: decode.layers has {len(layers)} entries, the model has "
                                f"{c.num_hidden_layers} layers; the plan is for another model")
+    modes_in = [layer.get("mode", "dense") if isinstance(layer, dict) else None for layer in layers]
+    modes_in = ["predicted" if m == "sparse" else m for m in modes_in]       # the planner's word
+    pred_file = decode.get("predictors") or (plan.get("files") or {}).get("predictors")
     preds = {}
-    if decode.get("predictors"):
-        preds = load_predictors(path.parent / decode["predictors"], c.hidden_size, c.intermediate_size)
+    if pred_file and "predicted" in modes_in:
+        preds = load_predictors(path.parent / pred_file, c.hidden_size, c.intermediate_size)
     modes = []
-    for i, layer in enumerate(layers):
-        mode = layer.get("mode", "dense") if isinstance(layer, dict) else None
+    for i, (layer, mode) in enumerate(zip(layers, modes_in)):
         if mode not in MODES:
             raise ModelFormatError(f"{path}: decode.layers[{i}].mode is {mode!r}, expected one of {', '.join(MODES)}")
         if layer.get("threshold") is not None and i in preds:

@@ -135,7 +135,7 @@ def test_predicted_mode(models, tmp_path, name):
     # a real threshold: some neurons skipped, output differs but stays finite; clusters widen the set
     path = tmp_path / "predictors.npz"
     save_predictors(path, _predictors(m, 0.0), m.config.hidden_size, m.config.intermediate_size)
-    modes, preds, cluster = read_plan(path, m)
+    modes, preds, cluster = read_plan(path, m.config)
     assert modes == ["predicted"] * L and cluster == 1
     chosen = {}
     for c in (1, 8):
@@ -193,14 +193,19 @@ def test_read_plan_json(models, tmp_path):
     plan = {"decode": {"predictors": "p.npz", "cluster_size": 4,
                        "layers": [{"mode": "predicted", "threshold": 2.5}, {"mode": "dense"}]}}
     (tmp_path / "plan.json").write_text(json.dumps(plan))
-    modes, preds, cluster = read_plan(tmp_path / "plan.json", m)
+    modes, preds, cluster = read_plan(tmp_path / "plan.json", m.config)
     assert modes == ["predicted", "dense"] and cluster == 4 and preds[0].threshold == 2.5
-    plan["decode"]["layers"][1]["mode"] = "sparse"
+    # `pocketinfer plan`'s own words: "sparse" layers, the predictors named in files
+    planner = {"decode": {"layers": [{"mode": "dense"}, {"mode": "sparse"}]}, "files": {"predictors": "p.npz"}}
+    (tmp_path / "deploy.json").write_text(json.dumps(planner))
+    modes, preds, cluster = read_plan(tmp_path / "deploy.json", m.config)
+    assert modes == ["dense", "predicted"] and cluster == 1 and sorted(preds) == [0, 1]
+    plan["decode"]["layers"][1]["mode"] = "fast"
     (tmp_path / "bad.json").write_text(json.dumps(plan))
     with pytest.raises(ModelFormatError, match=r"decode.layers\[1\].mode"):
-        read_plan(tmp_path / "bad.json", m)
+        read_plan(tmp_path / "bad.json", m.config)
     with pytest.raises(FileNotFoundError):
-        read_plan(tmp_path / "missing.json", m)
+        read_plan(tmp_path / "missing.json", m.config)
 
 
 def cli(*args):
@@ -232,3 +237,59 @@ def test_eval_sparsity_bad_input(models, tmp_path):
     assert r.stderr.strip().count("\n") == 0 and "relu-exact needs a ReLU" in r.stderr
     r = cli("eval-sparsity", "-m", str(models["llama"]), "--plan", str(tmp_path / "nope.npz"))
     assert r.returncode == 1 and "nope.npz: no such plan" in r.stderr and r.stderr.strip().count("\n") == 0
+
+
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q8_0"])
+def test_neuron_records(tmp_path, qtype):
+    """Neuron records (engine/sparse.py) change addresses only: "off", "copy" and "move" give the same
+    logits, for relu-exact (records without gate) and predicted layers (with it). "move" hands the
+    layers' gate and up over to the records, frees the stacked gate|up the one-call decode read, and
+    the model still prefills, and decodes dense once the executor is detached."""
+    hf = tmp_path / "hf"
+    make_hf_model("llama-relu", hf, num_hidden_layers=3)
+    llm = engine.load(str(hf_to_gguf(hf, tmp_path / "m.gguf", qtype, VOCAB)), threads=2)
+    m = llm.model
+    m.config = dataclasses.replace(m.config, hidden_act="relu")   # GGUF's llama loads as SiLU
+    assert m._stacked is not None                                  # Q4/I8 everywhere: one-call decode
+    modes = ["relu-exact", "predicted", "dense"]
+    preds = _predictors(m, 0.0)
+    stack = m.weights.layers[0].w_gate_up._arrays()[0].base        # (layers, 2 ffn, .) one array
+    assert stack is not None and stack.shape[0] == 3
+    m.sparse = None
+    cache = m.new_cache(len(PROMPT))
+    prefill = m.forward(np.array(PROMPT), cache, all_logits=True)
+    saved = m._stacked, m._fused_decode
+    m._stacked, m._fused_decode = None, False                      # the unfused dense path, what "move" leaves
+    dense = decode_logits(m)
+    m._stacked, m._fused_decode = saved
+    out, extra = {}, {}
+    for records in ("off", "copy", "move"):
+        attach(m, modes, predictors=preds, records=records)
+        out[records] = decode_logits(m)
+        assert all(st.tokens == len(STEPS) for st, mode in zip(m.sparse.stats, modes) if mode != "dense")
+        extra[records] = m.sparse.extra_bytes
+    assert np.array_equal(out["copy"], out["off"]) and np.array_equal(out["move"], out["off"])
+    # what the executor adds to the model: downT either way (records pad to cache lines); "copy" counts
+    # what "move" would cost, not its convenience copy of gate and up
+    assert extra["copy"] == extra["move"] >= extra["off"]
+    lw = m.weights.layers
+    assert lw[0].w_gate_up is None and lw[1].w_gate_up is None and lw[2].w_gate_up is not None
+    assert np.shares_memory(lw[1].w_gate._arrays()[0], m.sparse.layers[1].records)      # predicted: gate moved
+    assert not np.shares_memory(lw[0].w_gate._arrays()[0], m.sparse.layers[0].records)  # relu-exact: its own
+    assert np.shares_memory(lw[0].w_up._arrays()[0], m.sparse.layers[0].records)
+    # nothing refers to the stacked gate|up any more (the dense layer got its own copy)
+    assert m._stacked is None and not any(np.shares_memory(a, stack) for layer in lw
+                                          for w in (layer.w_gate, layer.w_up) for a in w._arrays())
+    m.sparse = None
+    cache = m.new_cache(len(PROMPT))
+    assert max_rel(m.forward(np.array(PROMPT), cache, all_logits=True), prefill) < 1e-5   # prefill on records
+    assert max_rel(decode_logits(m), dense) < 1e-6
+
+
+def test_decode_plan_defaults(models):
+    from engine.sparse import decode_plan
+
+    llm = engine.load(str(models["llama-relu"]), threads=2, sparse=False)
+    assert llm.model.sparse is None                       # the default would attach relu-exact
+    modes, preds, cluster = decode_plan(None, llm.config)
+    assert modes == ["relu-exact"] * llm.config.num_hidden_layers and preds == {} and cluster == 1

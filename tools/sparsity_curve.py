@@ -251,7 +251,7 @@ def main(argv=None) -> int:
     jsonl = out / "points.jsonl"
     jsonl.write_text("")
     t_start = time.time()
-    llm = engine.load(args.model, threads=args.threads)
+    llm = engine.load(args.model, threads=args.threads, sparse=False)   # dense as shipped; executors are copies
     model = llm.model
     c = model.config
     text = Path(args.file).read_text(encoding="utf-8")
@@ -303,7 +303,7 @@ def main(argv=None) -> int:
             layered = rethreshold(preds, profile, rule, value)
             path = out / f"predictors_r{rank}_{rule}{value:g}.npz"
             save_predictors(path, layered, c.hidden_size, c.intermediate_size)
-            modes, loaded, cluster = read_plan(path, model)         # what `eval-sparsity --plan` reads
+            modes, loaded, cluster = read_plan(path, model.config)         # what `eval-sparsity --plan` reads
             assert all(m == "predicted" for m in modes) and cluster == 1
             sp = SparseFFN(model, modes, predictors=loaded)
             record({"mode": "predicted", "rank": rank, "rule": rule, "target": value, "npz": str(path),

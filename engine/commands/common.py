@@ -35,8 +35,9 @@ def sampling_kwargs(args) -> dict:
                 min_p=args.min_p, repeat_penalty=args.repeat_penalty, seed=args.seed, stop=args.stop or None)
 
 
-def load_model(args):
-    """Load args.model, pulling a registry model first with visible progress if it is not cached."""
+def load_model(args, sparse: bool = True):
+    """Load args.model, pulling a registry model first with visible progress if it is not cached;
+    sparse as engine.llm.load's."""
     import time
 
     from engine import registry
@@ -52,7 +53,8 @@ def load_model(args):
 
         pull.run(argparse.Namespace(alias=args.model, force=False, list=False, quiet_path=True))
     t0 = time.perf_counter()
-    llm = load(args.model, threads=args.threads, n_ctx=args.ctx, kv_cache=getattr(args, "kv_cache", None))
+    llm = load(args.model, threads=args.threads, n_ctx=args.ctx, kv_cache=getattr(args, "kv_cache", None),
+               sparse=sparse)
     if args.verbose:
         c = llm.config
         print(f"loaded {llm.source} in {time.perf_counter() - t0:.2f} s: {c.num_hidden_layers} layers, "

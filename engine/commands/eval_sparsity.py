@@ -54,12 +54,12 @@ def run(args) -> int:
         raise ValueError(f"--cluster must be at least 1, got {args.cluster}")
     text = _read_text(args.file)
     calib = _read_text(args.calib) if args.mode == "oracle" else None
-    llm = load_model(args)
+    llm = load_model(args, sparse=False)   # the dense path as shipped; the executor below is a copy
     model = llm.model
     predictors, cluster = {}, 1
     modes = default_modes(model.config)
     if args.plan:
-        modes, predictors, cluster = read_plan(args.plan, model)
+        modes, predictors, cluster = read_plan(args.plan, model.config)
     if args.mode:
         modes = [args.mode] * model.config.num_hidden_layers
     if args.cluster is not None:
