@@ -95,11 +95,12 @@ def warm_up_kernels(g: GGUFFile, config: ModelConfig, kv_dtype=np.uint16) -> Non
     miniature, and give the compiler's memory back (engine/memory.py): call before reading the weights."""
     from engine.memory import release_compiler_pages
     from engine.model import Transformer
-    from engine.sparse import attach
+    from engine.sparse import attach, default_modes
 
-    model = Transformer(*gguf_miniature(g, config))
+    modes = default_modes(config)                   # as engine.llm.load runs a model without a plan
+    model = Transformer(*gguf_miniature(g, config), decode_stacks=all(m == "dense" for m in modes))
     model.kv_dtype = kv_dtype
-    attach(model)
+    attach(model, modes, records="move")
     model.warm_up()
     del model
     release_compiler_pages()

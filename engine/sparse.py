@@ -33,9 +33,10 @@ The dense copy of down stays for prefill (batched, through BLAS); the extra memo
 
 Neuron records (`records`, Q4 and I8 gate/up only): each sparse layer keeps, per neuron, its gate row,
 up row, downT row and their scales side by side in one record (kernels/neuron_records.py), so that a
-chosen neuron is one contiguous read and runs of neighbouring neurons one stream: the sparse FFN took
-0.62-0.80x the time of the same rows in separate arrays (Llama-2-7B shapes, Q4_0, 90% sparsity,
-tools/bench_sparse.py, BENCHMARKS.md). relu-exact's records leave gate out: it reads gate densely.
+chosen neuron is one contiguous read and runs of neighbouring neurons one stream: the sparse kernel took
+0.63-0.76x the time of the same rows in separate arrays with Q4_0 weights, 0.84-0.99x with Q8_0
+(Llama-2-7B shapes, 90% sparsity, 2 threads, tools/bench_sparse.py, BENCHMARKS.md). relu-exact's
+records leave gate out: it reads gate densely.
 - "move" (engine.llm's loads): the layer's gate and up Weights become views of the records (prefill and
   any dense use read them there, strided), so the records cost no memory beyond downT's. The model
   then gives up its one-call decode paths, which read every layer's stacked gate|up
@@ -190,6 +191,7 @@ class _Layer:
         self.predictor = predictor
         self.oracle_threshold = oracle_threshold
         self.moved = False
+        self.records = None                        # (ffn, R) uint8 neuron records, when used
         if mode == "dense":
             return
         gw, gd, gm, gf = _arrays(lw.w_gate)
@@ -211,8 +213,10 @@ class _Layer:
             self.down_bytes = self.records.nbytes - model_rows + dscale.nbytes
             if records == "move":
                 g = lw.w_gate
-                lw.w_gate = (type(g)(gw, gd, gm) if with_gate
-                             else type(g)(*[a.copy() for a in g._arrays()]))    # off the stacked gate|up
+                if with_gate:
+                    lw.w_gate = type(g)(gw, gd, gm)
+                elif lw.w_gate_up is not None:     # gate is a view of the stacked gate|up: its own rows
+                    lw.w_gate = type(g)(*[a.copy() for a in g._arrays()])
                 lw.w_up = type(lw.w_up)(uw, ud, um)
                 lw.w_gate_up = None
                 self.moved = True

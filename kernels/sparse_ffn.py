@@ -51,8 +51,9 @@ and written once per four rows: the int8 downT with 32-blocks (engine/sparse.py'
 through gather's vector IR, which also prefetches the down rows of the next four listed neurons; the
 other layouts through numba loops per scale block (scale hoisted, run-time trip count: the form that
 vectorizes for stores, see kernels/dequant.py). At Llama-2-7B shapes, 90% sparsity, 2 threads, the kernel reads its
-rows at 18-24 GB/s (tools/bench_sparse.py, Q4_0 and Q8_0, hot-first or scattered neurons), 51-78% of
-what the dense matvecs stream in the same run.
+rows at 16-21 GB/s from separate arrays and 20-26 GB/s from neuron records (tools/bench_sparse.py,
+Q4_0 and Q8_0, hot-first or scattered neurons): 54-94% and 75-104% of what the dense matvecs stream in
+the same runs.
 """
 
 import numpy as np

@@ -15,7 +15,10 @@ Per token and layer, what is timed:
               weights; its cost is counted, its choice is replaced by the sampled active set) + the
               sparse kernel on that set;
 - kernel:     the sparse kernel alone (for the bandwidth figure);
-- relu-exact: dense gate matvec + selection + the sparse kernel with the gate given.
+- records:    "pred" and "kernel" again with each neuron's gate row, up row, downT row and their scales
+              in one contiguous record (kernels/neuron_records.py) instead of six separate arrays:
+              same rows, same math, same bits, other addresses;
+- relu-exact: dense gate matvec + selection + the sparse kernel with the gate given (separate arrays).
 Rounds alternate dense and sparse (A B A B); each figure is the median over all tokens of all rounds
 (the machine is shared: medians of many short samples resist other people's load). Bandwidth = bytes
 the kernel must read (rows of gate, up and downT for the active neurons) / its time.
@@ -39,6 +42,7 @@ from engine.predictor import LayerPredictor     # noqa: E402
 from engine.threads import set_threads          # noqa: E402
 from kernels.activation import RELU, SILU, glu        # noqa: E402
 from kernels.matvec import matvec_i8, matvec_q4  # noqa: E402
+from kernels.neuron_records import pack          # noqa: E402
 from kernels.sparse_ffn import predict, select, sparse_ffn  # noqa: E402
 
 HIDDEN, FFN = 4096, 11008
@@ -70,7 +74,9 @@ def make_layer(rng, fmt, down_fmt):
                   np.zeros((FFN, 0), np.uint16), ones)
     gate = tuple(a[:FFN] for a in gu)
     up = tuple(a[FFN:] for a in gu)
-    return dict(gu=gu, gate=gate, up=up, down=down, down_t=down_t)
+    _, (gw, uw, dw, gd, ud, dd) = pack([gate[0], up[0], down_t[0], gate[1], up[1], down_t[1]])
+    rec = (gw, gd, gate[2], uw, ud, up[2], dw, dd, down_t[2], down_t[3])
+    return dict(gu=gu, gate=gate, up=up, down=down, down_t=down_t, rec=rec)
 
 
 def row_bytes(arrs):
@@ -144,9 +150,12 @@ def main(argv=None):
         def kernel(L, idx):
             sparse_ffn(*L["gate"], *L["up"], *L["down_t"], 0, x, idx, e, SILU, args.threads, acts[:len(idx)], out)
 
-        def predicted(L, P, idx):
+        def kernel_rec(L, idx):
+            sparse_ffn(*L["rec"], 0, x, idx, e, SILU, args.threads, acts[:len(idx)], out)
+
+        def predicted(L, P, idx, kern=kernel):
             predict(*P, x, np.float32(0.0), args.threads, scores, pidx)
-            kernel(L, idx)
+            kern(L, idx)
 
         def relu_exact(L, idx):
             g = mv(*L["gate"], x, gu_out[:FFN])
@@ -166,8 +175,10 @@ def main(argv=None):
 
         print(f"\n{fmt}: dense FFN {dense_bytes / 2**20:.1f} MiB/layer, {per_neuron} B/neuron sparse "
               f"(gate+up+downT rows), predictor {pred_bytes / 2**20:.2f} MiB/layer")
+        print(f"{'':15} {'':9} {'separate arrays':-^47} {'neuron records':-^37}")
         print(f"{'sparsity':>8} {'hot20%':>6} {'dense ms':>9} {'pred ms':>8} {'ratio':>6} {'kern ms':>8} "
-              f"{'ratio':>6} {'relu-ex ms':>10} {'ratio':>6} {'dense GB/s':>10} {'kern GB/s':>9} {'bw %':>5}")
+              f"{'ratio':>6} {'GB/s':>5} {'bw %':>5} {'pred ms':>8} {'ratio':>6} {'kern ms':>8} {'GB/s':>5} "
+              f"{'bw %':>5} {'relu-ex ms':>10} {'ratio':>6} {'dense GB/s':>10}")
         for s in sparsities:
             p = activation_probs(rng, s, args.order)
             sets = [[np.flatnonzero(rng.random(FFN) < p).astype(np.int32) for _ in layers] for _ in range(args.tokens)]
@@ -175,21 +186,26 @@ def main(argv=None):
             # warm-up (compiles on first use) then alternating rounds
             for fn in (lambda li, L, idx: dense_ffn(L), lambda li, L, idx: kernel(L, idx)):
                 fn(0, layers[0], sets[0][0])
-            res = {k: [] for k in ("dense", "pred", "kern", "relu")}
+            kernel_rec(layers[0], sets[0][0])
+            res = {k: [] for k in ("dense", "pred", "kern", "pred_rec", "kern_rec", "relu")}
+            runs = (("pred", lambda li, L, idx: predicted(L, preds[li], idx)),
+                    ("pred_rec", lambda li, L, idx: predicted(L, preds[li], idx, kernel_rec)),
+                    ("kern", lambda li, L, idx: kernel(L, idx)),
+                    ("kern_rec", lambda li, L, idx: kernel_rec(L, idx)),
+                    ("relu", lambda li, L, idx: relu_exact(L, idx)))
             for _ in range(args.rounds):
-                res["dense"] += timed(lambda li, L, idx: dense_ffn(L), sets)
-                res["pred"] += timed(lambda li, L, idx: predicted(L, preds[li], idx), sets)
-                res["dense"] += timed(lambda li, L, idx: dense_ffn(L), sets)
-                res["kern"] += timed(lambda li, L, idx: kernel(L, idx), sets)
-                res["dense"] += timed(lambda li, L, idx: dense_ffn(L), sets)
-                res["relu"] += timed(lambda li, L, idx: relu_exact(L, idx), sets)
+                for key, fn in runs:
+                    res["dense"] += timed(lambda li, L, idx: dense_ffn(L), sets)
+                    res[key] += timed(fn, sets)
             m = {k: statistics.median(v) for k, v in res.items()}
             dense_gbs = dense_bytes / m["dense"] / 1e9
-            kern_gbs = n_mean * per_neuron / m["kern"] / 1e9
-            print(f"{s:8.2f} {hot_share(p):6.2f} {m['dense'] * 1e3:9.3f} {m['pred'] * 1e3:8.3f} "
-                  f"{m['pred'] / m['dense']:6.3f} {m['kern'] * 1e3:8.3f} {m['kern'] / m['dense']:6.3f} "
-                  f"{m['relu'] * 1e3:10.3f} {m['relu'] / m['dense']:6.3f} {dense_gbs:10.1f} {kern_gbs:9.1f} "
-                  f"{100 * kern_gbs / dense_gbs:5.0f}")
+            gbs = {k: n_mean * per_neuron / m[k] / 1e9 for k in ("kern", "kern_rec")}
+            print(f"{s:8.2f} {hot_share(p):6.2f} {m['dense'] * 1e3:9.3f} "
+                  + " ".join(f"{m[p_] * 1e3:8.3f} {m[p_] / m['dense']:6.3f} {m[k] * 1e3:8.3f} "
+                             + (f"{m[k] / m['dense']:6.3f} " if k == "kern" else "")
+                             + f"{gbs[k]:5.1f} {100 * gbs[k] / dense_gbs:5.0f}"
+                             for p_, k in (("pred", "kern"), ("pred_rec", "kern_rec")))
+                  + f" {m['relu'] * 1e3:10.3f} {m['relu'] / m['dense']:6.3f} {dense_gbs:10.1f}")
     return 0
 
 
