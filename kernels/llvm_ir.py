@@ -41,7 +41,7 @@ def rows_array(a, *dtypes):
     """Whether numba type a is a 2-D array of one of dtypes that row_ptr can address: C-contiguous, or
     any layout ("A") whose rows are each contiguous, as a field of neuron records (kernels/neuron_records.py)
     is: rows a fixed stride apart. numba's type does not say whether an "A" array's rows are
-    contiguous; the kernels taking one check its strides first (kernels/sparse_ffn._rows_ok)."""
+    contiguous; the kernels taking one check its strides first (kernels/neuron_records.check_rows)."""
     return isinstance(a, types.Array) and a.ndim == 2 and a.layout in ("C", "A") and a.dtype in dtypes
 
 

@@ -16,10 +16,14 @@ stream (tools/bench_sparse.py measures both layouts side by side).
                numba layout "A": kernels/llvm_ir.rows_array); empty fields (k_i = 0) stay as they are
 
 The kernels take the views where they took the separate arrays, with the same results bit for bit:
-only the addresses change. Numpy only: packing is a copy.
+only the addresses change. Packing is a numpy copy; `check_rows` is the numba kernels' guard (its
+numpy twin is rows_contiguous): numba types a view's layout as "A" whatever its strides, and the
+intrinsics' row pointers (kernels/llvm_ir.row_ptr) assume contiguous rows.
 """
 
 import numpy as np
+
+from kernels.backend import jit
 
 LINE = 64          # bytes: the record stride is a multiple of a cache line
 
@@ -58,3 +62,10 @@ def pack(fields):
 def rows_contiguous(a) -> bool:
     """Whether each row of 2-D array a is contiguous (what the kernels' row pointers assume)."""
     return a.ndim == 2 and (a.shape[1] <= 1 or a.strides[1] == a.itemsize)
+
+
+@jit()
+def check_rows(a):
+    """Raise ValueError unless each row of 2-D array a is contiguous (rows_contiguous, in numba)."""
+    if a.shape[1] > 1 and a.strides[1] != a.itemsize:
+        raise ValueError("each row of a weight or scale array must be contiguous (a C array or a neuron-record field)")

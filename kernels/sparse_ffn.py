@@ -18,7 +18,7 @@ Scales are float32 or f16 bits (uint16) everywhere: read through dequant.scale_f
 Any 2-D array may also be a field of neuron records (kernels/neuron_records.py): a view whose rows are
 contiguous but a record apart, numba layout "A". The Q4 and 32-block I8 row products and axpys address
 its rows through the stride (kernels/llvm_ir.row_ptr) and give the same bits as on separate arrays;
-the kernels raise ValueError on a 2-D array whose rows are not contiguous.
+the kernels raise ValueError on a 2-D array whose rows are not contiguous (neuron_records.check_rows).
 
 `dscale` (hidden,) f32 multiplies the output element-wise: a quantized downT is stored divided by the
 largest |value| of each hidden dimension (SmoothQuant-style, arXiv 2211.10438), because its blocks of 32
@@ -62,6 +62,7 @@ from kernels import dequant, gather, intdot, rowdot
 from kernels.activation import act_scalar, glu_numpy
 from kernels.backend import NUMBA, jit, pick
 from kernels.dequant import scales_f32_numpy
+from kernels.neuron_records import check_rows
 
 if NUMBA:
     from numba import prange, types
@@ -474,21 +475,14 @@ PREFETCH_AHEAD = 2
 
 
 @jit()
-def _rows_ok(a):
-    """Raise unless each row of a is contiguous: the row pointers of the intrinsics assume it, and numba's
-    "A" layout (the fields of neuron records) does not say so (kernels/neuron_records.rows_contiguous)."""
-    if a.shape[1] > 1 and a.strides[1] != a.itemsize:
-        raise ValueError("sparse FFN: each row of a weight or scale array must be contiguous")
-
-
-@jit()
 def _weights_ok(gw, gd, gm, uw, ud, um):
-    _rows_ok(gw)
-    _rows_ok(gd)
-    _rows_ok(gm)
-    _rows_ok(uw)
-    _rows_ok(ud)
-    _rows_ok(um)
+    """The row-contiguity guard on two weights' arrays (kernels/neuron_records.check_rows)."""
+    check_rows(gw)
+    check_rows(gd)
+    check_rows(gm)
+    check_rows(uw)
+    check_rows(ud)
+    check_rows(um)
 
 
 @jit(parallel=True)

@@ -250,6 +250,9 @@ def test_kernels_refuse_rows_that_are_not_contiguous():
     with pytest.raises(ValueError, match="contiguous"):
         S.sparse_ffn(wide, gd[:, :2], gm, wide, gd[:, :2], gm, dw, dd, dm, np.ones(64, np.float32), 0, x, idx,
                      np.zeros(0, np.float32), 0, 2, np.empty(8, np.float32), np.empty(64, np.float32))
+    from kernels.matvec import matvec_q4
+    with pytest.raises(ValueError, match="contiguous"):                 # the dense matvec guards alike
+        matvec_q4(wide, gd[:, :2], gm, np.zeros(128, np.float32), np.empty(8, np.float32))
 
 
 def test_many_threads_uneven_shares():
