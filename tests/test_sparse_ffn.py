@@ -241,18 +241,21 @@ def test_neuron_records_pack():
 
 @pytest.mark.skipif(not NUMBA, reason="the row-contiguity check is the numba kernels'")
 def test_kernels_refuse_rows_that_are_not_contiguous():
+    # Q4_0 records, with the gate's bytes swapped for every other byte of a wider array: the numba types
+    # of the Q4_0 record test above (compiled once), but rows that are not contiguous.
     rng = np.random.default_rng(6)
-    (gw, gd, gm), _, _ = make(rng, "q4-f16", 8, 128)
-    (dw, dd, dm), _, _ = make(rng, "i8-f16-32-nomin", 8, 64)
-    x = rng.standard_normal(64).astype(np.float32)
-    idx = np.arange(8, dtype=np.int32)
+    (gw, gd, gm), _, _ = make(rng, "q4-f16-sym", 8, 128)
+    (dw, dd, dm), _, _ = make(rng, "i8-f16-32-nomin", 8, 128)
+    _, (rgw, ruw, rdw, rgd, rud, rdd, rgm, rum, rdm) = pack([gw, gw, dw, gd, gd, dd, gm, gm, dm])
     wide = np.repeat(gw, 2, axis=1)[:, ::2]                      # (8, 64) uint8, every other byte
+    x = rng.standard_normal(128).astype(np.float32)
+    idx = np.arange(8, dtype=np.int32)
     with pytest.raises(ValueError, match="contiguous"):
-        S.sparse_ffn(wide, gd[:, :2], gm, wide, gd[:, :2], gm, dw, dd, dm, np.ones(64, np.float32), 0, x, idx,
-                     np.zeros(0, np.float32), 0, 2, np.empty(8, np.float32), np.empty(64, np.float32))
+        S.sparse_ffn(wide, rgd, rgm, ruw, rud, rum, rdw, rdd, rdm, np.ones(128, np.float32), 0, x, idx,
+                     np.zeros(0, np.float32), 0, 2, np.empty(8, np.float32), np.empty(128, np.float32))
     from kernels.matvec import matvec_q4
     with pytest.raises(ValueError, match="contiguous"):                 # the dense matvec guards alike
-        matvec_q4(wide, gd[:, :2], gm, np.zeros(128, np.float32), np.empty(8, np.float32))
+        matvec_q4(wide, rgd, rgm, x, np.empty(8, np.float32))
 
 
 def test_many_threads_uneven_shares():
