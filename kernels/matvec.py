@@ -27,7 +27,7 @@ import numpy as np
 from kernels import dequant, intdot, rowdot
 from kernels.dequant import scales_f32_numpy
 from kernels.backend import NUMBA, jit, pick
-from kernels.neuron_records import check_rows
+from kernels.neuron_records import check_weight_rows
 
 if NUMBA:
     from numba import prange
@@ -164,19 +164,11 @@ def matvec_q4_numpy(qs, d, m, x, out):
     return out
 
 
-@jit()
-def _rows_ok(w, d, m):
-    """The intrinsics' row pointers assume contiguous rows: kernels/neuron_records.check_rows."""
-    check_rows(w)
-    check_rows(d)
-    check_rows(m)
-
-
 @jit(parallel=True)
 def _matvec_q4_intdot(qs, d, m, x, out):
     """qs, d, m with contiguous rows (the weights' own arrays, or neuron-record fields:
     kernels/neuron_records.py; q4_row_dot walks raw rows)."""
-    _rows_ok(qs, d, m)
+    check_weight_rows(qs, d, m)
     rows, half = qs.shape
     nb = d.shape[1]
     xq = np.empty(2 * half, dtype=np.int8)       # (cols,) x rounded per block of 32
@@ -191,7 +183,7 @@ def _matvec_q4_intdot(qs, d, m, x, out):
 @jit(parallel=True)
 def _matvec_q4_rowdot(qs, d, m, x, out):
     """As _matvec_q4_intdot, four blocks per step (kernels/rowdot.py: x rearranged once per call)."""
-    _rows_ok(qs, d, m)
+    check_weight_rows(qs, d, m)
     rows, half = qs.shape
     nb = d.shape[1]
     xq = np.empty(2 * half, dtype=np.int8)       # (cols,) x rounded per block of 32
@@ -255,7 +247,7 @@ def _i8_row_f32(row, dr, x, block):
 def _matvec_i8x32_intdot(q, d, m, x, out):
     """Blocks of 32 with x rounded to int8 per block: integer SIMD products (kernels/intdot.py); rows
     contiguous, as _matvec_q4_intdot's."""
-    _rows_ok(q, d, m)
+    check_weight_rows(q, d, m)
     rows, cols = q.shape
     nb = d.shape[1]
     xq = np.empty(cols, dtype=np.int8)           # (cols,) x rounded per block of 32
@@ -270,7 +262,7 @@ def _matvec_i8x32_intdot(q, d, m, x, out):
 @jit(parallel=True)
 def _matvec_i8x32_rowdot(q, d, m, x, out):
     """As _matvec_i8x32_intdot, four blocks per step (kernels/rowdot.py)."""
-    _rows_ok(q, d, m)
+    check_weight_rows(q, d, m)
     rows, cols = q.shape
     nb = d.shape[1]
     xq = np.empty(cols, dtype=np.int8)           # (cols,) x rounded per block of 32

@@ -16,7 +16,8 @@ stream (tools/bench_sparse.py measures both layouts side by side).
                numba layout "A": kernels/llvm_ir.rows_array); empty fields (k_i = 0) stay as they are
 
 The kernels take the views where they took the separate arrays, with the same results bit for bit:
-only the addresses change. Packing is a numpy copy; `check_rows` is the numba kernels' guard (its
+only the addresses change. Packing is a numpy copy; `check_rows` (`check_weight_rows` for one weight's
+three arrays) is the numba kernels' guard (its
 numpy twin is rows_contiguous): numba types a view's layout as "A" whatever its strides, and the
 intrinsics' row pointers (kernels/llvm_ir.row_ptr) assume contiguous rows.
 """
@@ -69,3 +70,11 @@ def check_rows(a):
     """Raise ValueError unless each row of 2-D array a is contiguous (rows_contiguous, in numba)."""
     if a.shape[1] > 1 and a.strides[1] != a.itemsize:
         raise ValueError("each row of a weight or scale array must be contiguous (a C array or a neuron-record field)")
+
+
+@jit()
+def check_weight_rows(w, d, m):
+    """check_rows on one weight's three arrays (values, scales, mins): the kernels' guard."""
+    check_rows(w)
+    check_rows(d)
+    check_rows(m)

@@ -18,7 +18,8 @@ Scales are float32 or f16 bits (uint16) everywhere: read through dequant.scale_f
 Any 2-D array may also be a field of neuron records (kernels/neuron_records.py): a view whose rows are
 contiguous but a record apart, numba layout "A". The Q4 and 32-block I8 row products and axpys address
 its rows through the stride (kernels/llvm_ir.row_ptr) and give the same bits as on separate arrays;
-the kernels raise ValueError on a 2-D array whose rows are not contiguous (neuron_records.check_rows).
+the kernels raise ValueError on a 2-D array whose rows are not contiguous
+(neuron_records.check_weight_rows).
 
 `dscale` (hidden,) f32 multiplies the output element-wise: a quantized downT is stored divided by the
 largest |value| of each hidden dimension (SmoothQuant-style, arXiv 2211.10438), because its blocks of 32
@@ -62,7 +63,7 @@ from kernels import dequant, gather, intdot, rowdot
 from kernels.activation import act_scalar, glu_numpy
 from kernels.backend import NUMBA, jit, pick
 from kernels.dequant import scales_f32_numpy
-from kernels.neuron_records import check_rows
+from kernels.neuron_records import check_weight_rows
 
 if NUMBA:
     from numba import prange, types
@@ -474,21 +475,11 @@ _act = act_scalar   # act(g) * u per neuron, shared with the dense GLU (kernels/
 PREFETCH_AHEAD = 2
 
 
-@jit()
-def _weights_ok(gw, gd, gm, uw, ud, um):
-    """The row-contiguity guard on two weights' arrays (kernels/neuron_records.check_rows)."""
-    check_rows(gw)
-    check_rows(gd)
-    check_rows(gm)
-    check_rows(uw)
-    check_rows(ud)
-    check_rows(um)
-
-
 @jit(parallel=True)
 def _sparse_ffn_numba(gw, gd, gm, uw, ud, um, dw, dd, dm, dscale, bits16, x, idx, gate, act, threads, acts, out):
-    _weights_ok(gw, gd, gm, uw, ud, um)
-    _weights_ok(dw, dd, dm, dw, dd, dm)
+    check_weight_rows(gw, gd, gm)
+    check_weight_rows(uw, ud, um)
+    check_weight_rows(dw, dd, dm)
     hidden = out.shape[0]
     n = idx.shape[0]
     # x rounded to int8 per 32-block with its block scales, and its float32 block sums (the min
@@ -540,7 +531,8 @@ def _sparse_ffn_numba(gw, gd, gm, uw, ud, um, dw, dd, dm, dscale, bits16, x, idx
 
 @jit(parallel=True)
 def _sparse_acts_numba(gw, gd, gm, uw, ud, um, bits16, x, idx, act, threads, acts):
-    _weights_ok(gw, gd, gm, uw, ud, um)
+    check_weight_rows(gw, gd, gm)
+    check_weight_rows(uw, ud, um)
     n = idx.shape[0]
     hidden = x.shape[0]
     nb = hidden // 32 if hidden % 32 == 0 else 0
@@ -562,7 +554,7 @@ def _sparse_acts_numba(gw, gd, gm, uw, ud, um, bits16, x, idx, act, threads, act
 
 @jit(parallel=True)
 def _sparse_down_numba(dw, dd, dm, bits16, idx, acts, bounds, parts):
-    _weights_ok(dw, dd, dm, dw, dd, dm)
+    check_weight_rows(dw, dd, dm)
     # One chunk per prange iteration, its rows accumulated in list order four at a time as in
     # _sparse_ffn_numba (zeros skipped): a chunk's bits depend on its own neurons only.
     for k in prange(bounds.shape[0] - 1):

@@ -184,9 +184,9 @@ def main(argv=None):
             sets = [[np.flatnonzero(rng.random(FFN) < p).astype(np.int32) for _ in layers] for _ in range(args.tokens)]
             n_mean = np.mean([len(i) for row in sets for i in row])
             # warm-up (compiles on first use) then alternating rounds
-            for fn in (lambda li, L, idx: dense_ffn(L), lambda li, L, idx: kernel(L, idx)):
-                fn(0, layers[0], sets[0][0])
-            kernel_rec(layers[0], sets[0][0])
+            dense_ffn(layers[0])
+            for fn in (kernel, kernel_rec):
+                fn(layers[0], sets[0][0])
             res = {k: [] for k in ("dense", "pred", "kern", "pred_rec", "kern_rec", "relu")}
             runs = (("pred", lambda li, L, idx: predicted(L, preds[li], idx)),
                     ("pred_rec", lambda li, L, idx: predicted(L, preds[li], idx, kernel_rec)),
