@@ -10,10 +10,10 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
-from engine.detokenizer import StreamingDetokenizer
-from engine.kv_cache import KVCache
-from engine.model import Transformer
-from engine.stopping import StopChecker
+from engine.text.detokenizer import StreamingDetokenizer
+from engine.model.kv_cache import KVCache
+from engine.model.transformer import Transformer
+from engine.text.stopping import StopChecker
 
 
 @dataclass
@@ -26,10 +26,10 @@ class Stats:
     ttft_s: float = 0.0             # time to first token, from the call
     peak_rss_mb: float = 0.0
     rss_mb: float = 0.0             # resident set at the end of the call
-    # Models running their FFNs from flash (engine/flash_ffn.py): this call's FlashStats.summary() (hit
+    # Models running their FFNs from flash (engine/executors/flash_ffn.py): this call's FlashStats.summary() (hit
     # rates per segment, flash bytes and I/O wait per token, overlap ratio), prefill reads under
     # "prefill_bytes", and "lm_head_bytes" read when the embeddings / LM head stream from flash
-    # (engine/flash_matrix.py); None for resident models.
+    # (engine/flash/matrix.py); None for resident models.
     flash: dict | None = None
 
 
@@ -137,6 +137,6 @@ def stream_generate(model: Transformer, cache: KVCache, prompt_ids: list[int], r
         delta = flash.stats.minus(flash_before)
         stats.flash = dict(delta.summary(), prefill_bytes=delta.prefill_bytes)
     if head is not None:
-        # engine/flash_matrix.py: embedding rows and LM head passes read from the weights file (prefill's too)
+        # engine/flash/matrix.py: embedding rows and LM head passes read from the weights file (prefill's too)
         stats.flash = dict(stats.flash or {}, lm_head_bytes=head.bytes_read - head_before)
     yield Chunk(tail, None, finish, stats)

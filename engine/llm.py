@@ -14,10 +14,10 @@ import numpy as np
 from engine.errors import ContextLengthError, ModelFormatError
 from engine.generate import Chunk, Response, stream_generate
 from engine.memory import pin_mmap_threshold, release_compiler_pages, start_compiler, trim_heap
-from engine.model import Transformer
-from engine.sampling import SamplingParams, make_sampler
+from engine.model.transformer import Transformer
+from engine.text.sampling import SamplingParams, make_sampler
 from engine.threads import set_threads
-from engine.tokenizer import Tokenizer
+from engine.text.tokenizer import Tokenizer
 
 _SAMPLING_KEYS = ("temperature", "top_k", "top_p", "min_p", "repeat_penalty", "repeat_last_n", "seed")
 DEFAULT_MAX_TOKENS = 256
@@ -146,7 +146,7 @@ def load(source: str | os.PathLike = "smollm2-135m-instruct", *, threads: int | 
     kv_cache ("f16" or "f32") to half for GGUF files, as llama.cpp, and float32 for HF checkpoints
     (their float reference). sparse=False: every in-RAM FFN dense, whatever the defaults or the
     deploy's plan say (eval-sparsity builds its own executor beside the untouched dense path)."""
-    from engine import registry
+    from engine.formats import registry
 
     if kv_cache is not None and kv_cache not in KV_CACHE_TYPES:
         raise ValueError(f"kv_cache={kv_cache!r} is not one of {', '.join(KV_CACHE_TYPES)}")
@@ -158,7 +158,7 @@ def load(source: str | os.PathLike = "smollm2-135m-instruct", *, threads: int | 
     if path.is_dir() and (path / "plan.json").exists():
         # A deploy directory: its weights, checked against the plan's fingerprint. This version runs them
         # fully resident (the flash-resident path comes with its own issue); plan.json says so.
-        from engine import deploy_dir
+        from engine.formats import deploy as deploy_dir
 
         deploy = deploy_dir.read_plan(path)
         deploy_root = path
@@ -174,25 +174,25 @@ def load(source: str | os.PathLike = "smollm2-135m-instruct", *, threads: int | 
         raise ModelFormatError(f"{deploy_root / 'plan.json'}: the plan streams the LM head from flash, which this "
                                "version supports for GGUF weights only; re-run `pocketinfer plan` with a larger budget")
     if path.is_dir():
-        from engine import hf_loader
-        from engine.tokenizer import from_hf_dir
+        from engine.formats import hf_loader
+        from engine.text.tokenizer import from_hf_dir
 
         config = hf_loader.load_config(path)
         weights = hf_loader.load_weights(path, config, progress)
         tokenizer = from_hf_dir(path, config.eos_ids, config.bos_token_id)
         file_bytes = sum(f.stat().st_size for f in path.glob("*.safetensors"))
     elif path.suffix.lower() == ".gguf" or _is_gguf(path):
-        from engine import gguf_loader
-        from engine.gguf_file import GGUFFile
-        from engine.tokenizer import from_gguf
+        from engine.formats import gguf_loader
+        from engine.formats.gguf_file import GGUFFile
+        from engine.text.tokenizer import from_gguf
 
         g = GGUFFile(path)
         config = gguf_loader.config_from_gguf(g)
         if deploy is None:
             # Kernels first, on a miniature of the model: the compiler's memory is then given back
-            # before the weights arrive, not on top of them (engine/miniature.py). A deploy's flash FFN
+            # before the weights arrive, not on top of them (engine/model/miniature.py). A deploy's flash FFN
             # warms up on the model itself below.
-            from engine.miniature import warm_up_kernels
+            from engine.model.miniature import warm_up_kernels
 
             warm_up_kernels(g, config, kv_dtype)
         tokenizer = from_gguf(g.meta, str(path))
@@ -202,7 +202,7 @@ def load(source: str | os.PathLike = "smollm2-135m-instruct", *, threads: int | 
         skip = deploy_dir.unloaded_weights(deploy, config.num_hidden_layers) if deploy is not None else None
         weights = gguf_loader.load_weights(g, config, progress, skip=skip)
         if deploy is not None and deploy_dir.head_on_flash(deploy):
-            from engine.flash_matrix import attach_head
+            from engine.flash.matrix import attach_head
             attach_head(weights, g, direct=bool(deploy.get("io", {}).get("direct_io", True)))
         file_bytes = path.stat().st_size
         del g  # drop the file mapping: the weights were copied into their own layout
@@ -211,12 +211,12 @@ def load(source: str | os.PathLike = "smollm2-135m-instruct", *, threads: int | 
     ctx = min(config.max_position_embeddings, 4096) if n_ctx is None else int(n_ctx)
     if ctx < 2:
         raise ValueError(f"n_ctx must be at least 2, got {ctx}")
-    from engine import flash_plan
-    from engine.sparse import attach, decode_plan
+    from engine.executors import flash_plan
+    from engine.executors.sparse import attach, decode_plan
     on_flash = deploy is not None and flash_plan.uses_flash(deploy)
     # The in-RAM decode modes: a deploy's plan.json, else the defaults (relu-exact for ReLU-family
     # models, dense for the rest). Sparse layers move their gate and up into neuron records
-    # (engine/sparse.py), so the model skips the one-call decode stacks that would copy them first.
+    # (engine/executors/sparse.py), so the model skips the one-call decode stacks that would copy them first.
     if on_flash:
         modes, predictors, cluster = None, None, 1
     elif not sparse:
@@ -225,7 +225,7 @@ def load(source: str | os.PathLike = "smollm2-135m-instruct", *, threads: int | 
         modes, predictors, cluster = decode_plan(deploy_root / "plan.json" if deploy is not None else None, config)
     model = Transformer(config, weights, decode_stacks=on_flash or all(m == "dense" for m in modes))
     model.kv_dtype = kv_dtype
-    trim_heap()      # the arrays Transformer restacked (engine/model.py) leave holes in the heap
+    trim_heap()      # the arrays Transformer restacked (engine/model/transformer.py) leave holes in the heap
     if on_flash:
         # A plan below 100%: FFNs from the bundle file (issue 6); their matrices were never loaded.
         flash_plan.attach_flash(model, deploy_root, deploy)

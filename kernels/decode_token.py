@@ -22,7 +22,7 @@ token, so a thread running ahead never clobbers what the other still reads):
 and the residual x += o_out[i], then x += dn_out[i], privately. x (1, hidden) gets the last layer's
 output. The LM head stays with the caller (one parallel call of its own).
 
-The arithmetic is the unfused path's (engine/model.py; kernels/matvec.py's rowdot products, the
+The arithmetic is the unfused path's (engine/model/transformer.py; kernels/matvec.py's rowdot products, the
 same RMSNorm, RoPE, attention and activation functions), each output element computed by one thread
 in the same order whichever thread it is: the results do not depend on the thread count. That unfused
 path is the numpy twin; tests/test_fused_decode.py compares the two. None when numba is off or the
@@ -149,7 +149,7 @@ if NUMBA and rowdot.AVAILABLE:
                             gu_m, dn_qs, dn_d, dn_m, k_caches, v_caches, cos, sin, pos, window, n_heads, n_kv,
                             head_dim, act, eps, counters, xs, hs, xqs, xps, xcs, dxs, xsums, scores, qkv, attn, o_out,
                             act_out, dn_out):
-        """x (1, hidden) f32 in and out. Stacked per layer (first axis layers; engine/model.py's
+        """x (1, hidden) f32 in and out. Stacked per layer (first axis layers; engine/model/transformer.py's
         _stack_layers): the norms (L, hidden) f32, the weight arrays (qs or q, d, m) of q|k|v, o, gate|up
         and down, and the KV caches (L, n_kv, max_seq, hd) f32; cos, sin (1, hd/2) f32 of position `pos`. counters from counters_for(layers, threads).
         Scratch per thread (first axis `threads`): xs (T, hidden), hs (T, hidden), xqs and xps (T, C)

@@ -13,19 +13,19 @@ loop here issues, in each iteration, one prefetch of the next rows' lines per li
 and up row dots do the same in kernels/rowdot.py (q4_gu, i8_gu, q4_row1p, i8_row1p).
 
 - axpy4_i8(w, d, j, a, acc): acc (cols,) f32 += sum over r < 4 of a[r] * row j[r] of an I8 weight with
-  32-blocks and no mins (the int8 downT of engine/sparse.py), as explicit <16 x float> vectors: the
+  32-blocks and no mins (the int8 downT of engine/executors/sparse.py), as explicit <16 x float> vectors: the
   numba loop it replaces took ~2.2x as long on rows in cache (231 against 105 ns per 4096-wide row, one
   thread: per-block scale conversions, a run-time 32-long trip count). axpy4_i8_pf(w, d, j, a, pf, acc)
   also prefetches rows pf[0..3] of w and d (pf[r] < 0: none). The scales are loaded two blocks at a
   time as a vector: a scalar half load compiles to vpinsrw into a register LLVM picks, and where that
   was an accumulator every scale waited for the previous block's sums (1.6x the time per row).
 - axpy4_q4(w, d, m, j, a, acc) and axpy4_q4_pf(w, d, m, j, a, pf, acc): the same for a Q4 weight (the
-  4-bit downT of engine/sparse.py, GGUF nibble order: byte t of a block holds element t in its low
+  4-bit downT of engine/executors/sparse.py, GGUF nibble order: byte t of a block holds element t in its low
   nibble and element t + 16 in its high one), with mins m (rows, cols/32) or, m empty, Q4_0's -8 * d.
   Per block and row: one 16-byte load, a mask and a shift, and two 16-lane conversions; the min term
   is one sum over the four rows per block. It reads 2,560 bytes per 4096-wide row where the int8 one
   reads 4,352, but the unpacking costs: 1.5x the int8 axpy's time on rows in cache, and no faster from
-  DRAM (engine/sparse.py). The numba loop per row it replaced took 2.2x as long (0.79 against 0.37 ms
+  DRAM (engine/executors/sparse.py). The numba loop per row it replaced took 2.2x as long (0.79 against 0.37 ms
   for 1,100 rows at Llama-2-7B shapes, 2 threads, from DRAM).
 
 Numerics: the float operations of the numpy twin happen in the same order except what fastmath

@@ -1,7 +1,7 @@
-"""Scatter neuron bundles from a read buffer into the flash FFN's slot arrays (engine/flash_ffn.py).
+"""Scatter neuron bundles from a read buffer into the flash FFN's slot arrays (engine/executors/flash_ffn.py).
 
 A bundle record holds nine fields side by side (gate row, scales, mins; up; down row: see
-engine/bundle_file.py), and the kernels read each field from its own (slots, cols) array. Copying a
+engine/flash/bundles.py), and the kernels read each field from its own (slots, cols) array. Copying a
 landed run field by field through numpy structured views cost ~230 us per run of records on SmolLM2
 (strided gathers, nine fancy-indexed copies each): 76 of the 87 ms of a 60%-budget decode token.
 Here one call copies every record of a run: for each record, each field's bytes are one contiguous

@@ -5,7 +5,7 @@
 with gate, up (ffn, hidden) in any layout of kernels/layouts.md and downT (ffn, hidden) the down
 projection stored neuron-major (row j = column j of down), so that one neuron's down weights are one
 contiguous row (DESIGN.md, "Flash layout"). `idx` (n,) int32 lists the neurons to compute in ascending
-order; the executor (engine/sparse.py) builds it from whole clusters, so consecutive entries are mostly
+order; the executor (engine/executors/sparse.py) builds it from whole clusters, so consecutive entries are mostly
 adjacent rows in memory and the hardware prefetchers see long runs.
 
 Layouts, by the dtype of the first array of each weight (the other two are the layout's scales and mins;
@@ -31,7 +31,7 @@ computes gate for every neuron first), else an empty array and the kernel comput
 `threads` is numba.get_num_threads() from the caller: inside a kernel that call makes numba refuse to
 cache the compiled code (it reads a ctypes global), which would cost seconds at every start.
 
-The same FFN split in two, for the flash executor (engine/flash_ffn.py), whose neurons arrive from
+The same FFN split in two, for the flash executor (engine/executors/flash_ffn.py), whose neurons arrive from
 flash in an order that depends on what its cache holds, but whose output must not:
   sparse_acts  acts (n,) = act(gate[idx[t]] . x, up[idx[t]] . x): each neuron on its own, so any split
                of the neurons into calls gives the same bits;
@@ -48,7 +48,7 @@ to int8 per block (so sparse and dense round alike), in the form that reads a ne
 rows in one pass and software-prefetches the rows of the neuron PREFETCH_AHEAD places on: the rows
 are scattered, and without it they arrived at 5-7 GB/s per core; the other layouts take 1-D long
 float loops. The down axpy takes four neurons per pass, so that the (hidden,) accumulator is read
-and written once per four rows: the int8 downT with 32-blocks (engine/sparse.py's) and Q4 downT
+and written once per four rows: the int8 downT with 32-blocks (engine/executors/sparse.py's) and Q4 downT
 through gather's vector IR, which also prefetches the down rows of the next four listed neurons; the
 other layouts through numba loops per scale block (scale hoisted, run-time trip count: the form that
 vectorizes for stores, see kernels/dequant.py). At Llama-2-7B shapes, 90% sparsity, 2 threads, the kernel reads its
@@ -122,7 +122,7 @@ def _dots_numpy(w, d, m, bits16, rows, x):
 def _rowdot(a, x):
     """(n, k) f32 rows dot (k,) f32 -> (n,) f32, each row summed on its own: a BLAS matrix-vector product
     may round a row differently with the number of rows beside it, and the flash executor computes a
-    neuron with whichever others its cache state groups it with (engine/flash_ffn.py)."""
+    neuron with whichever others its cache state groups it with (engine/executors/flash_ffn.py)."""
     return (a * x).sum(axis=1, dtype=np.float32)
 
 
@@ -169,7 +169,7 @@ def sparse_down_numpy(dw, dd, dm, bits16, idx, acts, bounds, parts):
 
 
 def predict_numpy(w1, s1, b1, w2, s2, b2, h, threshold, threads, scores, idx):
-    """Low-rank predictor (engine/predictor.py): scores (ffn,) = relu((h * s1) @ w1 + b1) @ w2 * s2 + b2
+    """Low-rank predictor (engine/executors/predictor.py): scores (ffn,) = relu((h * s1) @ w1 + b1) @ w2 * s2 + b2
     for h (hidden,) f32, w1 (hidden, rank) int8 with row scales s1 (hidden,) f32, b1 (rank,) f32,
     w2 (rank, ffn) int8 with column scales s2 (ffn,) f32, b2 (ffn,) f32. Writes the neurons with
     scores > threshold, ascending, into idx (ffn,) int32 and returns their count."""

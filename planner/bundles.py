@@ -1,10 +1,10 @@
-"""Writes the FFN neuron-bundle file (format: engine/bundle_file.py) from a loaded model's FFN weights.
+"""Writes the FFN neuron-bundle file (format: engine/flash/bundles.py) from a loaded model's FFN weights.
 
 Per layer the neurons go hot to cold, in the order the planner's activation frequencies give (the same
 order whose first H neurons the solver made hot), so the resident segment is one sequential read at load
 and the warm cold neurons sit next to each other, where merged reads pick them up together.
 
-The down projection is stored transposed, through engine.sparse.transpose_down: F32/F16/BF16 exactly,
+The down projection is stored transposed, through engine.executors.sparse.transpose_down: F32/F16/BF16 exactly,
 quantized sources re-quantized to `down_format` ("i8" by default: int8 with one f16 scale per 32 values;
 its perplexity cost is measured in the issue 6 closing note).
 """
@@ -20,15 +20,15 @@ from typing import Callable
 
 import numpy as np
 
-from engine.bundle_file import (FIELD_NAMES, FORMAT, VERSION, _PREFIX, align_up, encode_f32, encode_order, pack_prefix,
+from engine.flash.bundles import (FIELD_NAMES, FORMAT, VERSION, _PREFIX, align_up, encode_f32, encode_order, pack_prefix,
                                 record_dtype)
 from engine.errors import PlanError
-from engine.sparse import _arrays, _flags, transpose_down
+from engine.executors.sparse import _arrays, _flags, transpose_down
 
 
 def layer_arrays(lw, down_format: str = "auto") -> tuple[list[np.ndarray], np.ndarray, int]:
     """The nine kernel arrays (each (ffn, cols)) of one layer's bundles, downT's per-hidden output scale
-    (hidden,) f32 (engine.sparse.transpose_down) and the bits16 flag."""
+    (hidden,) f32 (engine.executors.sparse.transpose_down) and the bits16 flag."""
     gw, gd, gm, gf = _arrays(lw.w_gate)
     uw, ud, um, uf = _arrays(lw.w_up)
     dw, dd, dm, dscale, df = transpose_down(lw.w_down, down_format)

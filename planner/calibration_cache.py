@@ -22,7 +22,7 @@ from typing import Callable
 
 
 def _root() -> Path:
-    from engine.registry import cache_dir
+    from engine.formats.registry import cache_dir
 
     return cache_dir() / "device" / "calibration"
 

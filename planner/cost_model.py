@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from engine.flash_matrix import CHUNK_BYTES as FLASH_CHUNK_BYTES
+from engine.flash.matrix import CHUNK_BYTES as FLASH_CHUNK_BYTES
 from planner.device import PREDICT, DeviceProfile
 
 # Where the device profile has no measured sparse kernel ("sparse_q4_1"), a sparse FFN is assumed to run
@@ -49,7 +49,7 @@ class ModelShape:
     # (plan.json's model.format); fmt above is the kernel family whose measured speed applies.
     weight_format: str = ""
     # Whether the runtime can stream the embeddings / LM head from the weights file when the budget
-    # cannot hold them (engine/flash_matrix.py reads GGUF tensors; not safetensors yet).
+    # cannot hold them (engine/flash/matrix.py reads GGUF tensors; not safetensors yet).
     head_streamable: bool = False
     # One neuron's bundle record as planner/bundles.py writes it (down re-stored transposed, so it is
     # not ffn_bytes / ffn: SmolLM2's Q4_1 neurons are 1080 bytes in the GGUF, 1332 as bundles); 0:
@@ -85,7 +85,7 @@ class ModelShape:
     @property
     def fixed_bytes_head_on_flash(self) -> int:
         """Always resident when the embeddings / LM head stream from flash: attention, norms and the
-        streaming buffers (engine/flash_matrix.py: two chunk buffers and a row buffer per matrix, each
+        streaming buffers (engine/flash/matrix.py: two chunk buffers and a row buffer per matrix, each
         widened to 4096-byte bounds)."""
         mats = [self.embed_bytes] + ([self.lm_head_bytes] if self.lm_head_bytes else [])
         buffers = sum(2 * (min(FLASH_CHUNK_BYTES, b) + 2 * 4096) + b // self.vocab + 2 * 4096 for b in mats)
@@ -93,9 +93,9 @@ class ModelShape:
 
 
 def weight_format(wt) -> str:
-    """A weight's storage as loaded (engine/weights.py): "q4_0", "q4_1", "int8/32" (int8 in blocks of 32),
+    """A weight's storage as loaded (engine/model/weights.py): "q4_0", "q4_1", "int8/32" (int8 in blocks of 32),
     "int8/16+min", "f16", "bf16" or "f32"."""
-    from engine.weights import BF16Weight, F16Weight, I8Weight, Q4Weight
+    from engine.model.weights import BF16Weight, F16Weight, I8Weight, Q4Weight
     if isinstance(wt, Q4Weight):
         return "q4_1" if wt.m.shape[1] else "q4_0"
     if isinstance(wt, I8Weight):
@@ -108,7 +108,7 @@ def weight_format(wt) -> str:
 
 
 def shape_of(llm) -> ModelShape:
-    from engine.weights import F32Weight, I8Weight, Q4Weight
+    from engine.model.weights import F32Weight, I8Weight, Q4Weight
     from planner.bundles import layer_arrays
 
     c = llm.config
@@ -175,7 +175,7 @@ class CostModel:
 
     def fixed_decode_s(self, head_on_flash: bool = False) -> float:
         """Attention, lm_head and per-call overheads of one token, all layers. With the LM head on flash
-        its reads overlap its compute chunk by chunk (engine/flash_matrix.py), so it costs the longer
+        its reads overlap its compute chunk by chunk (engine/flash/matrix.py), so it costs the longer
         of the two."""
         s = self.shape
         attn = s.n_layers * s.attn_bytes / self._speed(s.attn_matrix_bytes)
@@ -224,7 +224,7 @@ class CostModel:
         return max(self.flash_ffn_s(s.ffn, s.ffn - hot), io), io
 
     def flash_ffn_s(self, n_needed: float, n_landed: float) -> float:
-        """Compute of a layer run by the flash FFN (engine/flash_ffn.py): every needed neuron through the
+        """Compute of a layer run by the flash FFN (engine/executors/flash_ffn.py): every needed neuron through the
         sparse kernels (resident and landed alike), each landed bundle first copied from its read buffer
         into a slot (kernels/records.py, at the profile's "scatter" speed)."""
         rows = n_needed * self.shape.bundle_bytes / self.sparse_gbps(n_needed)
@@ -249,7 +249,7 @@ class CostModel:
     def staging_bytes(self) -> int:
         """The flash FFN's read buffers and staging ring (engine/flash_ffn.io_bytes) at the largest
         request the plans use (stream_request) and io_threads(): held whenever anything lives on flash."""
-        from engine.flash_ffn import io_bytes
+        from engine.executors.flash_ffn import io_bytes
 
         s = self.shape
         return io_bytes(max(1, round(s.bundle_bytes)), s.ffn, self.io_threads(), self.stream_request())

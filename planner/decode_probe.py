@@ -36,15 +36,15 @@ FLASH_TOKENS = (3, 12)    # untimed, then timed tokens
 
 
 def measure_flash_layer(llm, directory, request_bytes: int, io_threads: int) -> float:
-    """Seconds per layer of the flash FFN (engine/flash_ffn.py) streaming every neuron of a layer from
+    """Seconds per layer of the flash FFN (engine/executors/flash_ffn.py) streaming every neuron of a layer from
     flash: a bundle file of a few of this model's layers, written in `directory` (the deploy's storage),
     read with O_DIRECT in dense mode with nothing hot, timed over a few tokens with read-ahead, as a
     deploy runs them. The kernel and storage figures miss what this adds up: the copies from the read
     buffers, the kernels called in pieces as reads land, and the Python per request and per layer."""
     from pathlib import Path
 
-    from engine.bundle_file import open_bundles
-    from engine.flash_ffn import FlashFFN, LayerPlan
+    from engine.flash.bundles import open_bundles
+    from engine.executors.flash_ffn import FlashFFN, LayerPlan
     from planner.bundles import write_bundles
 
     model = llm.model

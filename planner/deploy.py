@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Callable
 
 from engine.errors import PlanError
-from engine.predictor import save_predictors
+from engine.executors.predictor import save_predictors
 
 _COPY_CHUNK = 8 << 20
 # What an HF directory needs besides the weights: config, tokenizer and chat template files.

@@ -275,7 +275,7 @@ def save_profile(profile: DeviceProfile, path: str | os.PathLike) -> Path:
 
 def default_path() -> Path:
     """This machine's cached profile: $POCKETINFER_HOME/device/<hostname>.json."""
-    from engine.registry import cache_dir
+    from engine.formats.registry import cache_dir
 
     host = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in socket.gethostname()) or "localhost"
     return cache_dir() / "device" / f"{host}.json"

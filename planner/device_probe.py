@@ -171,7 +171,7 @@ def kernel_info(threads: int, shapes=DEFAULT_SHAPES) -> KernelInfo:
     points.append(KernelPoint(STREAM, 2752, 4096, total, threads,
                               round(total / _timed(lambda: [w.matvec(x, out) for w in mats]) / 1e9, 2)))
     del mats
-    # An f32 GEMV (the f32 models' matvec) and the int8 predictor kernel (engine/predictor.py) at
+    # An f32 GEMV (the f32 models' matvec) and the int8 predictor kernel (engine/executors/predictor.py) at
     # SmolLM2's shape, rank 64: what a predictor costs per token.
     a = rng.standard_normal((576, 1536), dtype=np.float32)
     v = rng.standard_normal(576, dtype=np.float32)
@@ -195,7 +195,7 @@ def kernel_info(threads: int, shapes=DEFAULT_SHAPES) -> KernelInfo:
 def predictor_point(threads: int, rng: np.random.Generator, hidden: int = 576, rank: int = 64,
                     ffn: int = 1536) -> KernelPoint:
     """The predictor kernel (kernels/sparse_ffn.predict) on a random int8 predictor: bytes per second."""
-    from engine.predictor import LayerPredictor
+    from engine.executors.predictor import LayerPredictor
     from kernels.sparse_ffn import predict
     p = LayerPredictor.from_float(rng.standard_normal((hidden, rank), dtype=np.float32),
                                   rng.standard_normal(rank, dtype=np.float32),
@@ -215,7 +215,7 @@ SPARSE_ACTIVE = (0.1, 1.0)          # shares of the neurons computed
 
 def sparse_points(threads: int, rng: np.random.Generator) -> list[KernelPoint]:
     """The sparse FFN kernel (kernels/sparse_ffn.py: gate and up rows in the engine's Q4_1 layout, int8
-    down rows, the layout of engine/sparse.py and of the flash bundles) on scattered neurons, as
+    down rows, the layout of engine/executors/sparse.py and of the flash bundles) on scattered neurons, as
     "sparse_q4_1" points: rows = neurons computed, nbytes = the bytes of the rows they read, gbps over
     those bytes. And "scatter": landed bundle records copied into the flash FFN's slot arrays
     (kernels/records.py) from buffers that, like reads from flash, are not in the caches."""
@@ -273,7 +273,7 @@ def sparse_points(threads: int, rng: np.random.Generator) -> list[KernelPoint]:
 def random_gguf_weight(fmt: str, rows: int, cols: int, rng: np.random.Generator):
     """A Weight in the engine's layout for a GGUF Q4_1 or Q8_0 tensor of random blocks, built through
     the engine's own GGUF converter so that the timing follows whatever layout it uses."""
-    from engine.gguf_quants import Q4_1, Q8_0, weight_from_gguf
+    from engine.formats.gguf_quants import Q4_1, Q8_0, weight_from_gguf
 
     nb = rows * cols // 32
     if fmt == "q4_1":

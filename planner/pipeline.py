@@ -36,7 +36,7 @@ def load_device(spec, progress: Progress | None = None):
     cached = device.default_path()
     if cached.exists():
         return device.load_profile(cached)
-    from engine.registry import cache_dir
+    from engine.formats.registry import cache_dir
     from planner.device_probe import profile_device
 
     stages = ["cpu topology", "memory bandwidth", "storage reads", "kernels", "call overhead"]
@@ -50,8 +50,8 @@ def load_device(spec, progress: Progress | None = None):
 def make_deploy(source: str | os.PathLike, budget_text: str, out: str | os.PathLike, *, device_profile=None,
                 calibration=None, recall_floor: float | None = None, threads: int | None = None,
                 overwrite: bool = False, progress: Progress | None = None) -> Result:
-    from engine import registry
-    from engine.deploy_dir import fingerprint, weight_files
+    from engine.formats import registry
+    from engine.formats.deploy import fingerprint, weight_files
     from engine.errors import PlanError
     from engine.llm import load
     from planner.budget import parse_budget

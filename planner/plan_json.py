@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import math
 
-from engine.deploy_dir import PLAN_SCHEMA, PLAN_SCHEMA_VERSION
+from engine.formats.deploy import PLAN_SCHEMA, PLAN_SCHEMA_VERSION
 from planner.budget import format_bytes
 from planner.solver import Solution
 
@@ -69,7 +69,7 @@ def build(sol: Solution, *, cost, device, fingerprint: str, model_name: str, bud
     if bundles is not None:
         plan["execution"] = {"weights": "flash"}
     if sol.head_on_flash:
-        # engine/flash_matrix.py: the embeddings / LM head are read from the weights file on every use.
+        # engine/flash/matrix.py: the embeddings / LM head are read from the weights file on every use.
         plan["execution"]["lm_head"] = "flash"
     if bundles is not None:
         plan["files"]["bundles"] = BUNDLE_FILE

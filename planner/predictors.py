@@ -1,5 +1,5 @@
 """Train per-layer activation predictors in numpy (no torch): a low-rank MLP from the FFN input h to the
-neurons whose |act| exceeds the layer's label threshold (the format is engine/predictor.py's).
+neurons whose |act| exceeds the layer's label threshold (the format is engine/executors/predictor.py's).
 
 Training is plain minibatch Adam (Kingma & Ba, ICLR 2015, Algorithm 1) on the mean binary
 cross-entropy with logits. Inputs are standardized per feature during training and the scaling is then
@@ -19,7 +19,7 @@ from typing import Callable
 
 import numpy as np
 
-from engine.predictor import LayerPredictor
+from engine.executors.predictor import LayerPredictor
 from planner.model_profile import ModelProfile
 
 DEFAULT_RECALL = 0.99
@@ -118,7 +118,7 @@ def train_layer(h: np.ndarray, y: np.ndarray, rank: int, seed: int, label_thresh
     # Fold the standardization into the first layer: ((h - mu)/sigma) @ w1 + b1 = h @ w1' + b1'.
     w1 = (params["w1"] / sigma[:, None]).astype(np.float32)
     b1 = (params["b1"] - (mu / sigma) @ params["w1"]).astype(np.float32)
-    # Quantized here (engine/predictor.py), before the threshold is calibrated on its scores.
+    # Quantized here (engine/executors/predictor.py), before the threshold is calibrated on its scores.
     return LayerPredictor.from_float(w1, b1, params["w2"], params["b2"], threshold=0.0,
                                      label_threshold=float(label_threshold))
 

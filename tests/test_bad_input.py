@@ -149,7 +149,7 @@ def test_gguf_unsupported_tensor_type(stories_dir, tmp_path):
     path = hf_to_gguf(stories_dir, tmp_path / "s.gguf", "Q4_0", _vocab_meta(stories_dir))
     data = bytearray(path.read_bytes())
     # Rewrite the first tensor-info type field that says Q4_0 (2) into IQ4_NL (20): same block size.
-    from engine.gguf_file import GGUFFile
+    from engine.formats.gguf_file import GGUFFile
     g = GGUFFile(path)
     name = next(n for n, t in g.tensors.items() if t.ggml_type == 2)
     key = name.encode()

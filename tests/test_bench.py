@@ -70,7 +70,7 @@ def test_bench_bad_arguments_give_one_line(stories_dir, args, words):
 
 def test_bench_library_counts_and_prompt(stories_dir):
     import engine
-    from engine import bench
+    from engine.measure import bench
 
     llm = engine.load(str(stories_dir), threads=1)
     for n in (1, 7, 300):
@@ -84,7 +84,7 @@ def test_bench_library_counts_and_prompt(stories_dir):
 
 
 def test_peer_protocol_matches_engine():
-    from engine import bench
+    from engine.measure import bench
 
     peer = load_tool("peer_llamacpp")
     ids = [5, 6, 7]

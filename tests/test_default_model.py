@@ -72,7 +72,7 @@ def test_teacher_forced_argmax_matches_llamacpp(llm, prompt):
 
 
 def test_perplexity_matches_llamacpp(llm):
-    from engine.perplexity import perplexity
+    from engine.measure.perplexity import perplexity
 
     ref = GOLDEN["perplexity"]
     assert hashlib.sha256(PPL_TEXT.read_bytes()).hexdigest() == GOLDEN["ppl_text_sha256"], (

@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from engine.detokenizer import StreamingDetokenizer
+from engine.text.detokenizer import StreamingDetokenizer
 
 STORIES_TOKENIZER = Path(__file__).resolve().parents[2] / "shared" / "models" / "stories260K" / "tokenizer.json"
 FFFD = "\ufffd"

@@ -1,4 +1,4 @@
-"""The bundle file (engine/bundle_file.py, planner/bundles.py) and the flash reader (engine/flash_reader.py):
+"""The bundle file (engine/flash/bundles.py, planner/bundles.py) and the flash reader (engine/flash/reader.py):
 round trip, load-time detection of truncated and mismatched files, short reads and O_DIRECT refusal."""
 
 from __future__ import annotations
@@ -10,11 +10,11 @@ import types
 import numpy as np
 import pytest
 
-from engine.bundle_file import ALIGN, FIELD_NAMES, open_bundles
+from engine.flash.bundles import ALIGN, FIELD_NAMES, open_bundles
 from engine.errors import FlashReadError, ModelFormatError
-from engine.flash_reader import FlashReader, aligned_buffer, merge_runs
-from engine.sparse import quantize_q4
-from engine.weights import F32Weight, Q4Weight
+from engine.flash.reader import FlashReader, aligned_buffer, merge_runs
+from engine.executors.sparse import quantize_q4
+from engine.model.weights import F32Weight, Q4Weight
 from planner.bundles import hot_to_cold, layer_arrays, write_bundles
 
 HIDDEN, FFN, LAYERS = 64, 96, 2

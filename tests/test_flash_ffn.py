@@ -1,4 +1,4 @@
-"""The flash FFN executor (engine/flash_ffn.py) and the neuron cache (engine/neuron_cache.py): output from
+"""The flash FFN executor (engine/executors/flash_ffn.py) and the neuron cache (engine/flash/cache.py): output from
 bundles equals the in-memory FFN for every segment split, policy and ablation switch, with the numba
 kernels and their numpy twins; injected read faults fail one call and leave the executor usable."""
 
@@ -7,11 +7,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-import engine.flash_ffn as flash_ffn
-from engine.bundle_file import open_bundles
+import engine.executors.flash_ffn as flash_ffn
+from engine.flash.bundles import open_bundles
 from engine.errors import FlashReadError
-from engine.flash_ffn import FlashFFN, LayerPlan
-from engine.neuron_cache import SegmentCache
+from engine.executors.flash_ffn import FlashFFN, LayerPlan
+from engine.flash.cache import SegmentCache
 from kernels.activation import RELU, SILU, glu
 from kernels.sparse_ffn import (sparse_acts, sparse_acts_numpy, sparse_down, sparse_down_numpy,
                                 sparse_ffn_numpy)

@@ -1,4 +1,4 @@
-"""engine/flash_matrix.py: a matrix streamed from its model file gives exactly the resident weight's
+"""engine/flash/matrix.py: a matrix streamed from its model file gives exactly the resident weight's
 results (one-token matmul and row lookups; several tokens within float rounding), through chunk boundaries, an unaligned tail at the end of the file,
 O_DIRECT or its buffered fallback; a truncated file is refused at open, a failing read raises."""
 
@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 from engine.errors import FlashReadError
-from engine.flash_matrix import FlashMatrix
-from engine.gguf_file import GGUFFile
-from engine.gguf_quants import weight_from_gguf
+from engine.flash.matrix import FlashMatrix
+from engine.formats.gguf_file import GGUFFile
+from engine.formats.gguf_quants import weight_from_gguf
 
 
 def _gguf(path, qtype, rows=300, cols=256, seed=0):

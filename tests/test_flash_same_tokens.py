@@ -1,4 +1,4 @@
-"""Issue 6, "Same tokens": the flash FFN (engine/flash_ffn.py) gives bitwise the same output whatever its
+"""Issue 6, "Same tokens": the flash FFN (engine/executors/flash_ffn.py) gives bitwise the same output whatever its
 cache holds, whatever the hot count, request size, pipelining or bundling, so a deploy at any budget
 decodes the same greedy tokens, with the same logits, as the same bundles fully resident. The cache
 changes where weights come from, never the arithmetic.
@@ -12,9 +12,9 @@ import json
 import numpy as np
 import pytest
 
-import engine.flash_ffn as flash_ffn
-from engine.bundle_file import open_bundles
-from engine.flash_ffn import FlashFFN, LayerPlan
+import engine.executors.flash_ffn as flash_ffn
+from engine.flash.bundles import open_bundles
+from engine.executors.flash_ffn import FlashFFN, LayerPlan
 from kernels.activation import SILU
 from kernels.sparse_ffn import sparse_acts, sparse_acts_numpy, sparse_down, sparse_down_numpy
 from planner.bundles import write_bundles

@@ -12,10 +12,10 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T
 from gguf.quants import dequantize
 from hypothesis import given, settings, strategies as st
 
-from engine import gguf_quants as gq
+from engine.formats import gguf_quants as gq
 from engine.errors import ModelFormatError
-from engine.gguf_quants import GGML_TYPE_NAMES, tensor_nbytes, vector_from_gguf, weight_from_gguf
-from engine.weights import BF16Weight, F16Weight, F32Weight, I8Weight, Q4Weight
+from engine.formats.gguf_quants import GGML_TYPE_NAMES, tensor_nbytes, vector_from_gguf, weight_from_gguf
+from engine.model.weights import BF16Weight, F16Weight, F32Weight, I8Weight, Q4Weight
 
 # type -> (expected layout, block B of its scales or None, byte offsets of its float16 scale fields)
 TYPES = {

@@ -1,4 +1,4 @@
-"""engine.gguf_tokenizer against llama.cpp (recorded ids) and against HF's own tokenizer.json.
+"""engine.text.gguf_tokenizer against llama.cpp (recorded ids) and against HF's own tokenizer.json.
 
 The llama.cpp ids live in tests/data/tok_*_llamacpp.json, written by tests/data/tok_make_llamacpp_fixture.py
 (see the "produced_by" field), so these tests need neither llama.cpp nor the network.
@@ -23,7 +23,7 @@ import pytest
 import tokenizers
 
 from engine.errors import ModelFormatError
-from engine.gguf_tokenizer import gguf_add_bos, tokenizer_from_gguf
+from engine.text.gguf_tokenizer import gguf_add_bos, tokenizer_from_gguf
 
 DATA = Path(__file__).resolve().parent / "data"
 STORIES = Path(__file__).resolve().parents[2] / "shared" / "models" / "stories260K"
@@ -135,7 +135,7 @@ def smollm2_path() -> Path | None:
     """$POCKETINFER_TEST_GGUF, else the registry's cached copy, else the developers' unpacked copy."""
     if os.environ.get("POCKETINFER_TEST_GGUF"):
         return Path(os.environ["POCKETINFER_TEST_GGUF"])
-    from engine.registry import cache_dir
+    from engine.formats.registry import cache_dir
 
     for path in (cache_dir() / "models" / "smollm2-135m-instruct" / SMOLLM2_FILE, SMOLLM2_DEV_PATH):
         if path.is_file():

@@ -5,7 +5,7 @@ import sys
 import numpy as np
 import pytest
 
-from engine.kv_cache import KVCache
+from engine.model.kv_cache import KVCache
 from engine.memory import small_pages
 
 linux = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="madvise and /proc/self/smaps are Linux")

@@ -1,4 +1,4 @@
-"""engine/miniature.py: a GGUF model's miniature has the same weight layouts and makes Transformer take
+"""engine/model/miniature.py: a GGUF model's miniature has the same weight layouts and makes Transformer take
 the same paths, so warming up on it compiles what the real model runs."""
 
 from __future__ import annotations
@@ -8,10 +8,10 @@ import dataclasses
 import numpy as np
 import pytest
 
-from engine.gguf_file import GGUFFile
-from engine.gguf_loader import config_from_gguf, load_weights
-from engine.miniature import WIDTH, gguf_miniature
-from engine.model import Transformer
+from engine.formats.gguf_file import GGUFFile
+from engine.formats.gguf_loader import config_from_gguf, load_weights
+from engine.model.miniature import WIDTH, gguf_miniature
+from engine.model.transformer import Transformer
 
 pytest.importorskip("torch", reason="the test models are made with the [test] extra (torch, transformers)")
 

@@ -96,7 +96,7 @@ def test_deploy_twice_is_byte_identical_and_loads(tmp_path, relu_model, calibrat
     assert (a.path / "plan.json").read_bytes() == (b.path / "plan.json").read_bytes()
     plan = json.loads((a.path / "plan.json").read_text())
     assert plan["schema_version"] == 1 and len(plan["model"]["fingerprint"]) == 64
-    # Below 100% the FFNs run from the bundle file (issue 6; engine/flash_plan.py).
+    # Below 100% the FFNs run from the bundle file (issue 6; engine/executors/flash_plan.py).
     assert plan["execution"]["weights"] == "flash" and (a.path / plan["files"]["bundles"]).exists()
     assert set(plan["predicted"]) == {"ttft_s", "decode_tps", "peak_rss_mb", "flash_bytes_per_token"}
     assert len(plan["decode"]["layers"]) == 2
@@ -166,7 +166,7 @@ def test_fingerprint_ignores_the_renamed_copy(tmp_path):
     and another file of the same size must not."""
     import shutil
 
-    from engine.deploy_dir import fingerprint
+    from engine.formats.deploy import fingerprint
 
     rng = np.random.default_rng(0)
     src = tmp_path / "SmolLM2.Q4_1.gguf"

@@ -139,7 +139,7 @@ def test_a_budget_below_the_lm_head_streams_it_from_flash():
 def test_weight_format_labels_the_storage_not_the_kernel_family():
     """plan.json's model.format: Q4_0 and Q4_1 both run the Q4 kernels (ModelShape.fmt "q4_1"), but a
     reader of the plan is told which one the model is."""
-    from engine.weights import BF16Weight, F32Weight, I8Weight, Q4Weight
+    from engine.model.weights import BF16Weight, F32Weight, I8Weight, Q4Weight
     from planner.cost_model import weight_format
     z = np.zeros
     assert weight_format(Q4Weight(z((2, 16), np.uint8), z((2, 1), np.uint16), z((2, 0), np.uint16))) == "q4_0"

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from engine import registry
+from engine.formats import registry
 from engine.errors import RegistryError
 
 MEMBER = "fake_model/tiny.gguf"

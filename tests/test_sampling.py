@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from engine.sampling import (
+from engine.text.sampling import (
     SamplingParams,
     apply_repeat_penalty,
     draw,

@@ -1,4 +1,4 @@
-"""Sparse decode (engine/sparse.py) in the model: relu-exact equals dense on ReLU and dReLU checkpoints,
+"""Sparse decode (engine/executors/sparse.py) in the model: relu-exact equals dense on ReLU and dReLU checkpoints,
 predicted and oracle modes run and degrade gracefully to dense at their limits, plans are read and
 checked, and `pocketinfer eval-sparsity` reports (or fails with one line)."""
 
@@ -16,10 +16,10 @@ import pytest
 
 import engine
 from engine.errors import ConfigError, ModelFormatError
-from engine.predictor import LayerPredictor, save_predictors
-from engine.sparse import SparseFFN, attach, oracle_thresholds, quantize_i8, quantize_q4, read_plan, transpose_down
-from engine.model import Transformer
-from engine.weights import F32Weight, Q4Weight
+from engine.executors.predictor import LayerPredictor, save_predictors
+from engine.executors.sparse import SparseFFN, attach, oracle_thresholds, quantize_i8, quantize_q4, read_plan, transpose_down
+from engine.model.transformer import Transformer
+from engine.model.weights import F32Weight, Q4Weight
 from model_factory import hf_to_gguf, make_hf_model
 
 pytest.importorskip("torch", reason="the test models are made with the [test] extra (torch, transformers)")
@@ -240,7 +240,7 @@ def test_eval_sparsity_bad_input(models, tmp_path):
 
 
 def test_neuron_records(tmp_path):
-    """Neuron records (engine/sparse.py) change addresses only: "off", "copy" and "move" give the same
+    """Neuron records (engine/executors/sparse.py) change addresses only: "off", "copy" and "move" give the same
     logits, for relu-exact (records without gate) and predicted layers (with it). "move" hands the
     layers' gate and up over to the records, frees the stacked gate|up the one-call decode read, and
     the model still prefills, and decodes dense once the executor is detached. Q4_0 only: every
@@ -288,7 +288,7 @@ def test_neuron_records(tmp_path):
 
 
 def test_decode_plan_defaults(models):
-    from engine.sparse import decode_plan
+    from engine.executors.sparse import decode_plan
 
     llm = engine.load(str(models["llama-relu"]), threads=2, sparse=False)
     assert llm.model.sparse is None                       # the default would attach relu-exact

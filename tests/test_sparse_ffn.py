@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from engine.predictor import LayerPredictor
+from engine.executors.predictor import LayerPredictor
 from kernels import dequant
 from kernels import sparse_ffn as S
 from kernels.backend import NUMBA
@@ -156,7 +156,7 @@ def check(rng, layout, down_layout, hidden, ffn, idx, kind, given_gate=False):
     assert (np.abs(outs[0] - outs[1]) / scale).max() < RTOL
     # The same arrays as fields of neuron records (kernels/neuron_records.py): only the addresses change,
     # so the kernels give the same bits. Run for the layouts of Q4_0 and Q8_0 models with the int8 downT,
-    # which engine/sparse.py records: each other compiled form of the kernel would cost the cold suite
+    # which engine/executors/sparse.py records: each other compiled form of the kernel would cost the cold suite
     # ~15 s, and the row pointers are the intrinsics' code for every Q4 and 32-block I8 layout.
     records = (layout, down_layout) in RECORDED
     if records:
@@ -279,7 +279,7 @@ def test_many_threads_uneven_shares():
 def test_split_kernels_bits_do_not_depend_on_grouping(layout, down):
     """sparse_acts of a neuron and sparse_down of a chunk give the same bits whichever other neurons or
     chunks share the call, with any thread count: what the flash executor's same-tokens guarantee
-    rests on (engine/flash_ffn.py)."""
+    rests on (engine/executors/flash_ffn.py)."""
     rng = np.random.default_rng(11)
     hidden, ffn = 64, 150
     (gw, gd, gm), f1, _ = make(rng, layout, ffn, hidden)

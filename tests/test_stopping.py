@@ -4,7 +4,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from engine.stopping import StopChecker
+from engine.text.stopping import StopChecker
 
 
 def run(stop, chunks):

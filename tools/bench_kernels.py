@@ -4,7 +4,7 @@
     python tools/bench_kernels.py --reps 30 --json out.json
     python tools/bench_kernels.py --formats Q4_1,Q8_0 --shapes 576x1536 --threads 2
 
-Weights are random valid GGUF blocks converted by engine.gguf_quants.weight_from_gguf, so the kernels
+Weights are random valid GGUF blocks converted by engine.formats.gguf_quants.weight_from_gguf, so the kernels
 read exactly the arrays the engine reads (F32 goes through the same path: numpy/BLAS GEMV). Reported:
 
   us        median time of one matvec call (Weight._matvec, the engine's call), microseconds
@@ -38,7 +38,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from engine import gguf_quants as gq  # noqa: E402
+from engine.formats import gguf_quants as gq  # noqa: E402
 from kernels import backend  # noqa: E402
 
 FORMATS = ["F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K"]

@@ -80,7 +80,7 @@ def main() -> int:
     py = args.llamacpp_venv / "bin" / "python"
     if not py.exists():
         raise SystemExit(f"bench_memcap: no llama.cpp venv at {args.llamacpp_venv}; see tools/bench_peers.py --install-llamacpp")
-    from engine.bench import PARAGRAPH
+    from engine.measure.bench import PARAGRAPH
 
     with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False) as f:
         f.write(PARAGRAPH)

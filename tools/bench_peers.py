@@ -5,7 +5,7 @@ Peers: llama.cpp through llama-cpp-python (tools/peer_llamacpp.py, run by the py
 and, with --transformers, Hugging Face transformers on torch fp32 (tools/peer_transformers.py, run
 by this python). Every measurement is a fresh process: `python -m engine bench --json` for
 pocketinfer and the peer scripts for the others, all on the same model file with the same threads,
-the same prompt ids (engine.bench.PARAGRAPH repeated; each side prints a digest of its ids) and the
+the same prompt ids (engine.measure.bench.PARAGRAPH repeated; each side prints a digest of its ids) and the
 same token counts. Rounds alternate the sides (A B A B ...); the tables show the median over rounds.
 
     python tools/bench_peers.py                                  # default model, 2 threads, 3 rounds
@@ -54,7 +54,7 @@ pocketinfer beside its peers, written by `python tools/bench_peers.py --write` (
 thread count and token counts; a new run replaces its section). Each side runs in its own process on
 the same GGUF file, with the same threads, the same prompt token ids and the same token counts, after an
 untimed warm-up; rounds alternate the sides and the tables give the median (min–max) over rounds. The
-protocol is in `engine/bench.py`: prefill is one evaluation of the whole prompt, TTFT is prefill plus
+protocol is in `engine/measure/bench.py`: prefill is one evaluation of the whole prompt, TTFT is prefill plus
 picking the first token, decode is the remaining tokens one at a time, greedy, end-of-sequence ignored.
 Peak RSS is the process's high-water mark, loading included; "RSS after load" is what stays resident.
 
@@ -253,7 +253,7 @@ def resolve_model(source: str) -> Path:
     """A GGUF path as given, or a registry alias resolved (pulled on first use) by pocketinfer."""
     if str(REPO) not in sys.path:
         sys.path.append(str(REPO))
-    from engine import registry
+    from engine.formats import registry
 
     path = registry.resolve(source)
     if not path.is_file():
@@ -340,9 +340,9 @@ def main(argv: list[str] | None = None) -> int:
 
     model = resolve_model(args.model)
     machine = machine_info()
-    from engine.bench import PARAGRAPH
+    from engine.measure.bench import PARAGRAPH
     # The children's peak RSS is theirs alone only while this process maps no libllvmlite: a page two
-    # processes map cannot be paged out (engine/memory.py, engine/bench.py).
+    # processes map cannot be paged out (engine/memory.py, engine/measure/bench.py).
     assert "llvmlite" not in sys.modules, "bench_peers imported the kernels"
 
     with tempfile.TemporaryDirectory() as tmp:

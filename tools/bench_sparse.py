@@ -11,7 +11,7 @@ reordering would leave them.
 
 Per token and layer, what is timed:
 - dense:      gate|up Q matvec (one stacked call), GLU, down matvec (the engine's dense decode FFN);
-- predicted:  the low-rank predictor (rank --rank, int8 as engine/predictor.py stores it, random
+- predicted:  the low-rank predictor (rank --rank, int8 as engine/executors/predictor.py stores it, random
               weights; its cost is counted, its choice is replaced by the sampled active set) + the
               sparse kernel on that set;
 - kernel:     the sparse kernel alone (for the bandwidth figure);
@@ -38,7 +38,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from engine.predictor import LayerPredictor     # noqa: E402
+from engine.executors.predictor import LayerPredictor     # noqa: E402
 from engine.threads import set_threads          # noqa: E402
 from kernels.activation import RELU, SILU, glu        # noqa: E402
 from kernels.matvec import matvec_i8, matvec_q4  # noqa: E402

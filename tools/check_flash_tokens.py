@@ -13,7 +13,7 @@ With --predicted, also every layer in predicted mode (the deploy's predictors), 
 counts and the --cache) against predicted fully resident: each token then needs its own neurons, so
 hits, misses and merged reads vary from token to token.
 All must give the same tokens and bitwise the same logits at every step: the cache changes where the
-weights come from, never the arithmetic (engine/flash_ffn.py). The first deploy's resident run is the
+weights come from, never the arithmetic (engine/executors/flash_ffn.py). The first deploy's resident run is the
 reference for all of them (deploys of one model share the bundle layout when their modes agree).
 
 --dense SOURCE also runs the source model loaded directly (the default in-RAM plan: fused dense Q4
@@ -35,9 +35,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from engine.flash_ffn import FlashFFN, LayerPlan  # noqa: E402
+from engine.executors.flash_ffn import FlashFFN, LayerPlan  # noqa: E402
 from engine.llm import load  # noqa: E402
-from engine.predictor import load_predictors  # noqa: E402
+from engine.executors.predictor import load_predictors  # noqa: E402
 
 PROMPT = "Write a long story about a lighthouse keeper who finds a message in a bottle."
 

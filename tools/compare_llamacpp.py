@@ -134,7 +134,7 @@ def import_from_repo() -> None:
 def resolve_model(source: str) -> Path:
     """A GGUF path as given, or a registry alias resolved (and fetched on first use) by pocketinfer."""
     import_from_repo()
-    from engine import registry
+    from engine.formats import registry
 
     path = registry.resolve(source)
     if not path.is_file():
@@ -183,7 +183,7 @@ def pocketinfer_side(model: Path, ref: dict, threads: int, ctx: int, max_windows
                      tie_margin: float) -> dict:
     import_from_repo()
     import engine
-    from engine.perplexity import perplexity
+    from engine.measure.perplexity import perplexity
 
     t0 = time.perf_counter()
     llm = engine.load(str(model), threads=threads)

@@ -5,7 +5,7 @@ imports pocketinfer (it needs only the standard library and numpy). tools/peer_t
 imports the protocol helpers below, so both peers measure exactly the same way:
 
 - the prompt is the text of --text-file tokenized without BOS, repeated and cut to --prompt-tokens
-  ids (the same rule as engine/bench.py; "prompt_digest" shows whether the ids came out equal);
+  ids (the same rule as engine/measure/bench.py; "prompt_digest" shows whether the ids came out equal);
 - untimed warm-up: a prefill of 8 tokens and 2 decode steps;
 - each of --repeats runs starts from an empty KV cache. prefill = one evaluation of all prompt ids
   (logits of the last position only); ttft = prefill + argmax; decode = --gen-tokens - 1

@@ -1,19 +1,19 @@
-"""Quality against sparsity of the sparse decode path (engine/sparse.py), per mode and predictor size.
+"""Quality against sparsity of the sparse decode path (engine/executors/sparse.py), per mode and predictor size.
 QUALITY ONLY: nothing here is timed, so it says nothing about speed.
 
 What it measures, on held-out text (default tests/data/ppl_text.txt; never trained or calibrated on):
 - oracle mode: for each target sparsity S (--oracle-sparsities), per-layer thresholds on |act(gate)*up|
   calibrated exactly as `pocketinfer eval-sparsity --mode oracle --oracle-sparsity S --calib FILE` does
-  (engine.sparse.oracle_thresholds on the first --ctx tokens of the calibration text);
+  (engine.executors.sparse.oracle_thresholds on the first --ctx tokens of the calibration text);
 - predicted mode: for each rank (--ranks), per-layer low-rank predictors trained with the planner's numpy
   trainer (planner.predictors.train_all on planner.model_profile.profile_model of the calibration text,
   labels at the profile's per-layer label threshold), then re-thresholded per layer on the trainer's
   threshold split (planner.predictors.split_chunks) by two rules:
     recall R   the highest score threshold keeping recall >= R on that split (planner's with_threshold);
     sparsity S the score quantile that marks a share 1-S of the neurons active on that split.
-  Each (rank, rule) is written as a predictors.npz (engine/predictor.py's format, save_predictors) under
-  --out and read back through engine.sparse.read_plan, the path `eval-sparsity --plan FILE` takes.
-Each point is decoded one token at a time with engine/sparse_eval.py's own functions (_windows,
+  Each (rank, rule) is written as a predictors.npz (engine/executors/predictor.py's format, save_predictors) under
+  --out and read back through engine.executors.sparse.read_plan, the path `eval-sparsity --plan FILE` takes.
+Each point is decoded one token at a time with engine/measure/sparsity.py's own functions (_windows,
 dense_nll, sparse_quality, _greedy) and reports what `eval-sparsity --json` reports for quality: realized
 FFN sparsity, recall and precision against the true active set (track_truth), perplexity and its change
 against dense decode, greedy agreement (teacher-forced share, and the identical free-running prefix).
@@ -48,10 +48,10 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from engine.bench import PARAGRAPH  # noqa: E402
-from engine.predictor import LayerPredictor, save_predictors  # noqa: E402
-from engine.sparse import SparseFFN, oracle_thresholds, read_plan  # noqa: E402
-from engine.sparse_eval import _greedy, _windows, dense_nll, sparse_quality  # noqa: E402
+from engine.measure.bench import PARAGRAPH  # noqa: E402
+from engine.executors.predictor import LayerPredictor, save_predictors  # noqa: E402
+from engine.executors.sparse import SparseFFN, oracle_thresholds, read_plan  # noqa: E402
+from engine.measure.sparsity import _greedy, _windows, dense_nll, sparse_quality  # noqa: E402
 from planner.model_profile import profile_model  # noqa: E402
 from planner.predictors import split_chunks, train_all, with_threshold  # noqa: E402
 

@@ -1,0 +1,118 @@
+"""Loads a GGUF file (llama architecture): config from metadata, weights repacked for our kernels,
+tokenizer and chat template from the `tokenizer.*` keys."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from engine.formats import weight_map
+from engine.formats.assemble import assemble
+from engine.model.config import ModelConfig
+from engine.errors import ModelFormatError
+from engine.formats.gguf_file import GGUFFile
+from engine.formats.gguf_quants import vector_from_gguf, weight_from_gguf
+from engine.model.transformer import ModelWeights
+from engine.model.weights import Weight
+
+SUPPORTED_ARCHS = ("llama",)
+
+
+def _get(meta: dict, key: str, source: str, default=None, required: bool = False):
+    if key in meta:
+        return meta[key]
+    if required:
+        raise ModelFormatError(f"{source}: GGUF metadata key {key!r} is missing; re-convert the model with llama.cpp")
+    return default
+
+
+def config_from_gguf(g: GGUFFile) -> ModelConfig:
+    src, meta = str(g.path), g.meta
+    arch = meta.get("general.architecture")
+    if arch not in SUPPORTED_ARCHS:
+        raise ModelFormatError(f"{src}: general.architecture={arch!r} is not supported "
+                               f"(supported: {', '.join(SUPPORTED_ARCHS)})")
+    a = arch + "."
+    heads = int(_get(meta, a + "attention.head_count", src, required=True))
+    hidden = int(_get(meta, a + "embedding_length", src, required=True))
+    tokens = meta.get("tokenizer.ggml.tokens")
+    vocab = _get(meta, a + "vocab_size", src, default=len(tokens) if tokens is not None else None)
+    if vocab is None and "token_embd.weight" in g.tensors:
+        vocab = g.tensors["token_embd.weight"].shape[0]
+    scaling = None
+    if _get(meta, a + "rope.scaling.type", src) == "linear":
+        scaling = {"rope_type": "linear", "factor": float(meta[a + "rope.scaling.factor"])}
+    d = {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+        "vocab_size": vocab,
+        "hidden_size": hidden,
+        "intermediate_size": _get(meta, a + "feed_forward_length", src, required=True),
+        "num_hidden_layers": _get(meta, a + "block_count", src, required=True),
+        "num_attention_heads": heads,
+        "num_key_value_heads": _get(meta, a + "attention.head_count_kv", src, default=heads),
+        "head_dim": _get(meta, a + "attention.key_length", src, default=hidden // heads),
+        "max_position_embeddings": _get(meta, a + "context_length", src, default=2048),
+        "rms_norm_eps": float(_get(meta, a + "attention.layer_norm_rms_epsilon", src, default=1e-5)),
+        "rope_theta": float(_get(meta, a + "rope.freq_base", src, default=10000.0)),
+        "rope_scaling": scaling,
+        "hidden_act": "silu",
+        "tie_word_embeddings": "output.weight" not in g.tensors,
+        "bos_token_id": meta.get("tokenizer.ggml.bos_token_id"),
+        "eos_token_id": meta.get("tokenizer.ggml.eos_token_id"),
+    }
+    d = {k: (int(v) if isinstance(v, (np.integer,)) else v) for k, v in d.items()}
+    for k in ("vocab_size", "intermediate_size", "num_hidden_layers", "num_key_value_heads", "head_dim",
+              "max_position_embeddings"):
+        d[k] = int(d[k])
+    return ModelConfig.from_hf_dict(d, source=src)
+
+
+def _unpermute_order(rows: int, n_head: int) -> np.ndarray:
+    """Row order that turns llama.cpp's Q/K rows back into Hugging Face's.
+
+    llama.cpp's converter permutes each head's rows so that RoPE pairs are adjacent (interleaved),
+    GGUF row h*hd + 2i + t holding HF row h*hd + t*hd/2 + i. Without undoing it, RoPE rotates the
+    wrong pairs and the output diverges after a few tokens.
+    """
+    hd = rows // n_head
+    return np.arange(rows).reshape(n_head, hd // 2, 2).transpose(0, 2, 1).reshape(-1)
+
+
+def load_weights(g: GGUFFile, config: ModelConfig, progress=None, skip=None) -> ModelWeights:
+    """skip: a set of our weight names ("embed", "lm_head", "layers.3.w_gate", ...) left unloaded (None)."""
+    src = str(g.path)
+
+    def matrix(name) -> Weight:
+        t = g.tensors[name]
+        if len(t.shape) != 2:
+            raise ModelFormatError(f"{src}: tensor {name!r} has shape {t.shape}, expected a matrix")
+        w = weight_from_gguf(t.ggml_type, g.raw(name), t.shape, name, src)
+        g.release(name)
+        return w
+
+    def vector(name) -> np.ndarray:
+        t = g.tensors[name]
+        n = int(np.prod(t.shape))
+        v = vector_from_gguf(t.ggml_type, g.raw(name), n, name, src).reshape(t.shape)
+        g.release(name)
+        return v
+
+    def fix(ours: str, w: Weight) -> Weight:
+        field = ours.rsplit(".", 1)[-1]
+        if field == "wq":
+            return w.take_rows(_unpermute_order(w.shape[0], config.num_attention_heads))
+        if field == "wk":
+            return w.take_rows(_unpermute_order(w.shape[0], config.num_key_value_heads))
+        return w
+
+    weights = assemble(config, weight_map.GGUF, src, matrix, vector, lambda n: n in g.tensors, fix, progress,
+                       skip=(lambda ours: ours in skip) if skip else (lambda ours: False))
+    for i, lw in enumerate(weights.layers):  # Q/K biases (rare in llama GGUFs) follow their rows
+        if lw.bq is not None:
+            lw.bq = lw.bq[_unpermute_order(len(lw.bq), config.num_attention_heads)]
+        if lw.bk is not None:
+            lw.bk = lw.bk[_unpermute_order(len(lw.bk), config.num_key_value_heads)]
+    if "rope_freqs.weight" in g.tensors:
+        weights.rope_freq_factors = vector("rope_freqs.weight")
+    return weights

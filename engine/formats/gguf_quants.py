@@ -1,0 +1,373 @@
+"""GGUF tensor bytes -> the repacked weight layouts of engine/model/weights.py (kernels/layouts.md).
+
+One tensor at a time: `raw` is exactly that tensor's bytes (usually a view into the memmapped file).
+Every result array is freshly allocated, C-contiguous and owned, so the file can be closed afterwards.
+
+Block formats (ggml, little-endian; "f16" is an IEEE half; "element j" counts within the block):
+  Q4_0  32 el, 18 B: d f16, qs[16]            value = d*(q-8); qs[j] = el j (low nibble), el j+16 (high)
+  Q4_1  32 el, 20 B: d f16, m f16, qs[16]     value = d*q + m; nibbles as Q4_0
+  Q5_0  32 el, 22 B: d f16, qh[4], qs[16]     value = d*(q-16); q = nibble | bit j of qh (u32) << 4
+  Q5_1  32 el, 24 B: d, m f16, qh[4], qs[16]  value = d*q + m
+  Q8_0  32 el, 34 B: d f16, qs int8[32]       value = d*q
+  Q4_K 256 el, 144 B: d, dmin f16, scales[12], qs[128]
+        8 sub-blocks of 32 with 6-bit scale sc and min mn: value = d*sc*q - dmin*mn. qs is 4 chunks of
+        32 bytes; chunk c holds sub-block 2c in its low nibbles and 2c+1 in its high nibbles.
+  Q5_K 256 el, 176 B: d, dmin f16, scales[12], qh[32], qs[128]: Q4_K plus bit s of qh[l] as bit 4
+        of element l of sub-block s.
+  Q6_K 256 el, 210 B: ql[128], qh[64], scales int8[16], d f16: value = d*scale[e//16]*(q-32), q six
+        bits; within each half of 128 elements, element i takes low bits from ql[i%64] (nibble i//64)
+        and high bits from qh[i%32] (bit pair i//32).
+
+Scales that are f16 in the file stay f16, kept as uint16 bit patterns (numba has no float16 arrays; the
+kernels convert in registers). K-quant scales are products d*sc of an f16 and a 6- or 8-bit integer,
+which f16 cannot hold exactly: they become float32. 5- and 6-bit values are widened to int8.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+
+from engine.errors import ModelFormatError
+from engine.model.weights import BF16Weight, F16Weight, F32Weight, I8Weight, Q4Weight, Weight
+
+# ggml's type ids (ggml.h `enum ggml_type`); ids 4 and 5 were removed formats.
+GGML_TYPE_NAMES: dict[int, str] = {
+    0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 6: "Q5_0", 7: "Q5_1", 8: "Q8_0", 9: "Q8_1",
+    10: "Q2_K", 11: "Q3_K", 12: "Q4_K", 13: "Q5_K", 14: "Q6_K", 15: "Q8_K",
+    16: "IQ2_XXS", 17: "IQ2_XS", 18: "IQ3_XXS", 19: "IQ1_S", 20: "IQ4_NL", 21: "IQ3_S", 22: "IQ2_S",
+    23: "IQ4_XS", 24: "I8", 25: "I16", 26: "I32", 27: "I64", 28: "F64", 29: "IQ1_M", 30: "BF16",
+    34: "TQ1_0", 35: "TQ2_0", 39: "MXFP4",
+}
+
+# (elements per block, bytes per block) for every type whose size is known, so a reader can walk a
+# file that also holds tensors we cannot convert (the error then names the tensor, not the file).
+_SIZES: dict[int, tuple[int, int]] = {
+    0: (1, 4), 1: (1, 2), 2: (32, 18), 3: (32, 20), 6: (32, 22), 7: (32, 24), 8: (32, 34), 9: (32, 40),
+    10: (256, 84), 11: (256, 110), 12: (256, 144), 13: (256, 176), 14: (256, 210), 15: (256, 292),
+    16: (256, 66), 17: (256, 74), 18: (256, 98), 19: (256, 50), 20: (32, 18), 21: (256, 110),
+    22: (256, 82), 23: (256, 136), 24: (1, 1), 25: (1, 2), 26: (1, 4), 27: (1, 8), 28: (1, 8),
+    29: (256, 56), 30: (1, 2), 34: (256, 54), 35: (256, 66), 39: (32, 17),
+}
+
+F32, F16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K, BF16 = 0, 1, 2, 3, 6, 7, 8, 12, 13, 14, 30
+
+# The bit-unpacking converters work on this many elements at a time, so that a chunk's output and
+# scratch stay in L2 cache while numpy passes over them several times.
+_CHUNK_ELEMS = 1 << 19
+
+_FIX = "re-quantize it to Q4_K_M, Q4_0 or Q8_0 with llama.cpp's llama-quantize"
+
+
+def type_name(ggml_type: int) -> str:
+    return GGML_TYPE_NAMES.get(int(ggml_type), f"unknown type {int(ggml_type)}")
+
+
+def tensor_nbytes(ggml_type: int, n_elements: int) -> int:
+    """Bytes the tensor takes in the file; ModelFormatError for unknown types or partial blocks."""
+    if int(ggml_type) not in _SIZES:
+        raise ModelFormatError(f"GGML tensor type {int(ggml_type)} is unknown to pocketinfer; {_FIX}")
+    block, size = _SIZES[int(ggml_type)]
+    if n_elements % block:
+        raise ModelFormatError(
+            f"a {type_name(ggml_type)} tensor of {n_elements} elements is not a whole number of "
+            f"{block}-element blocks: the file is corrupt; {_FIX}")
+    return n_elements // block * size
+
+
+# ---------------------------------------------------------------- public API
+
+def weight_from_gguf(ggml_type: int, raw: np.ndarray, shape: tuple[int, int], name: str, source: str) -> Weight:
+    """raw: exactly this tensor's bytes; shape = (rows, cols) in numpy order (cols = GGUF ne[0])."""
+    ggml_type = int(ggml_type)
+    rows, cols = (int(s) for s in shape)
+    flat = _checked_bytes(ggml_type, raw, rows, cols, name, source)
+    return _CONVERTERS[ggml_type](flat, rows, cols)
+
+
+def vector_from_gguf(ggml_type: int, raw: np.ndarray, n: int, name: str, source: str) -> np.ndarray:
+    """Norm weights and biases: (n,) float32, whatever the stored type."""
+    ggml_type = int(ggml_type)
+    flat = _checked_bytes(ggml_type, raw, 1, int(n), name, source)
+    if ggml_type == F32:
+        return flat.view("<f4").astype(np.float32)
+    if ggml_type == F16:
+        return flat.view("<f2").astype(np.float32)
+    if ggml_type == BF16:
+        return (flat.view("<u2").astype(np.uint32) << 16).view(np.float32)
+    return _CONVERTERS[ggml_type](flat, 1, int(n)).to_float32()[0]
+
+
+def _checked_bytes(ggml_type, raw, rows, cols, name, source) -> np.ndarray:
+    """raw as a flat uint8 array after checking type, block alignment and byte count."""
+    tname = type_name(ggml_type)
+    if ggml_type not in _CONVERTERS:
+        raise ModelFormatError(
+            f"{source}: tensor {name!r} has type {tname}, which pocketinfer cannot load; {_FIX}")
+    block, size = _SIZES[ggml_type]
+    if cols % block:
+        raise ModelFormatError(
+            f"{source}: tensor {name!r} ({tname}) has rows of {cols} values, not a multiple of the "
+            f"{block}-value block: the file is corrupt or was written by an incompatible tool; {_FIX}")
+    if sys.byteorder != "little":
+        raise ModelFormatError(f"{source}: reading GGUF tensors needs a little-endian CPU")
+    want = rows * (cols // block) * size
+    raw = np.asarray(raw)
+    if raw.nbytes != want:
+        raise ModelFormatError(
+            f"{source}: tensor {name!r} ({tname}, {rows}x{cols}) has {raw.nbytes} bytes where "
+            f"{want} are expected: the file is truncated or corrupt; download or convert it again")
+    return np.ascontiguousarray(raw).reshape(-1).view(np.uint8)
+
+
+# ---------------------------------------------------------------- dense
+
+def _f32(flat, rows, cols):
+    w = np.empty((rows, cols), dtype=np.float32)
+    w.reshape(-1)[:] = flat.view("<f4")
+    return F32Weight(w)
+
+
+def _bits16(flat, rows, cols):
+    bits = np.empty((rows, cols), dtype=np.uint16)
+    bits.reshape(-1)[:] = flat.view("<u2")
+    return bits
+
+
+# ---------------------------------------------------------------- how the converters stay fast
+#
+# numpy pays ~20 ns per inner loop and runs uint8 shifts one byte at a time, so a naive version (ops
+# on (n, 16) slices of the blocks) runs at ~0.2 GB/s. Instead: (1) fields are declared as opaque
+# void items ("V16", "V32") and copied or replicated into place with one memcpy per item; (2) all
+# bit arithmetic runs on whole chunks viewed as uint64 lanes (8 bytes per operation); a per-byte
+# shift becomes a per-lane shift plus a byte mask, and where the shift differs along the block it
+# comes from a full-length tiled pattern, never a small broadcast array. The uint64 views assume a
+# little-endian host (x86-64, ARM), as GGUF's byte order is.
+
+_U64 = np.uint64
+_NIBBLES = _U64(0x0F0F0F0F0F0F0F0F)
+_PATTERNS: dict[tuple[int, ...], np.ndarray] = {}
+
+
+def _lanes(per_lane: tuple[int, ...], n: int) -> np.ndarray:
+    """(n,) uint64: `per_lane` repeated (cached; sliced from one long array)."""
+    p = _PATTERNS.get(per_lane)
+    if p is None or len(p) < n:
+        p = np.tile(np.array(per_lane, dtype=_U64), -(-max(n, _CHUNK_ELEMS // 8) // len(per_lane)))
+        _PATTERNS[per_lane] = p
+    return p[:n]
+
+
+def _runs(*values: int, lanes: int) -> tuple[int, ...]:
+    """(v0 x lanes, v1 x lanes, ...): one value per run of `lanes` uint64 lanes."""
+    return tuple(v for v in values for _ in range(lanes))
+
+
+def _spread_bits(byte_value: int) -> np.ndarray:
+    """(256,) uint64: byte i of entry b is `byte_value` where bit i of b is set, else 0."""
+    bits = np.unpackbits(np.arange(256, dtype=np.uint8)[:, None], axis=1, bitorder="little")
+    return (bits * np.uint8(byte_value)).view(_U64).reshape(256)
+
+
+# Q5_0/Q5_1 high bits as uint64 lanes of 8 elements: Q5_1 adds 16 where the bit is set; Q5_0's q-16
+# is the nibble with 0xF0 (-16 in two's complement) where the bit is clear, and the nibble where set.
+_Q5_HIGH = _spread_bits(0x10)
+_Q5_0_HIGH = _spread_bits(0xF0) ^ _U64(0xF0F0F0F0F0F0F0F0)
+
+
+def _u64(a: np.ndarray) -> np.ndarray:
+    return a.reshape(-1).view(_U64)
+
+
+# ---------------------------------------------------------------- 32-element block formats
+
+_Q4_0 = np.dtype([("d", "<f2"), ("qs", "V16")])
+_Q4_1 = np.dtype([("d", "<f2"), ("m", "<f2"), ("qs", "V16")])
+_Q5_0 = np.dtype([("d", "<f2"), ("qh", "V4"), ("qs", "V16")])
+_Q5_1 = np.dtype([("d", "<f2"), ("m", "<f2"), ("qh", "V4"), ("qs", "V16")])
+_Q8_0 = np.dtype([("d", "<f2"), ("qs", "V32")])
+
+
+def _f16_bits(blocks: np.ndarray, name: str, rows: int, nb: int) -> np.ndarray:
+    """A block field of f16 scales kept as their uint16 bit patterns: (rows, nb) uint16. The kernels
+    read them through kernels.dequant.scale_f32, so the scales cost the file's bytes, not twice that."""
+    out = np.empty((rows, nb), dtype=np.uint16)
+    out.reshape(-1)[:] = blocks[name].view(np.uint16)
+    return out
+
+
+def _q4_legacy(flat, rows, cols, with_min):
+    # Q4_0/Q4_1 nibbles are already in the Q4 layout's order: a strided copy, no unpacking.
+    blocks = flat.view(_Q4_1 if with_min else _Q4_0)
+    qs = np.empty((rows, cols // 2), dtype=np.uint8)     # (rows, cols/2)
+    qs.reshape(-1, 16).view("V16")[:, 0] = blocks["qs"]
+    d = _f16_bits(blocks, "d", rows, cols // 32)         # (rows, cols/32) f16 bits
+    # Q4_0 keeps no min: the layout's empty m means value = d*(q-8), as in the file.
+    m = _f16_bits(blocks, "m", rows, cols // 32) if with_min else np.empty((rows, 0), dtype=np.uint16)
+    return Q4Weight(qs, d, m)
+
+
+def _q8_0(flat, rows, cols):
+    blocks = flat.view(_Q8_0)
+    q = np.empty((rows, cols), dtype=np.int8)
+    q.reshape(-1, 32).view("V32")[:, 0] = blocks["qs"]
+    d = _f16_bits(blocks, "d", rows, cols // 32)         # (rows, cols/32) f16 bits
+    return I8Weight(q, d, np.empty((rows, 0), dtype=np.uint16))
+
+
+def _q5_legacy(flat, rows, cols, with_min):
+    blocks = flat.view(_Q5_1 if with_min else _Q5_0)
+    nb = cols // 32
+    q = np.empty((rows, cols), dtype=np.int8)
+    d = _f16_bits(blocks, "d", rows, nb)                  # (rows, nb) f16 bits
+    high_table = _Q5_HIGH if with_min else _Q5_0_HIGH
+    qv = q.view(np.uint8).reshape(-1, 32)                 # (blocks, elements 0-15 then 16-31)
+    step = min(rows, max(1, _CHUNK_ELEMS // cols)) * nb
+    qh = np.empty((step, 4), dtype=np.uint8)              # scratch
+    high = np.empty(step * 4, dtype=_U64)                 # scratch
+    for b0 in range(0, rows * nb, step):
+        blk = blocks[b0 : b0 + step]
+        n = len(blk)
+        o = qv[b0 : b0 + n]
+        o.view("V16")[:] = blk["qs"][:, None]             # both halves get the 16 bytes...
+        f = _u64(o)
+        f >>= _lanes((0, 0, 4, 4), f.size)                # ...low nibbles first, high nibbles second
+        f &= _NIBBLES
+        # qh is a little-endian u32 whose bit j is bit 4 of element j: byte k of qh, bits i, go to
+        # elements 8k+i, i.e. one uint64 lane of output per qh byte.
+        qh[:n].view("V4")[:, 0] = blk["qh"]
+        np.take(high_table, qh[:n].reshape(-1), out=high[: 4 * n])
+        f |= high[: 4 * n]
+    m = _f16_bits(blocks, "m", rows, nb) if with_min else np.empty((rows, 0), dtype=np.uint16)
+    return I8Weight(q, d, m)
+
+
+# ---------------------------------------------------------------- K-quants (256-element super-blocks)
+
+_Q4_K = np.dtype([("d", "<f2"), ("dmin", "<f2"), ("scales", "V12"), ("qs", "V128")])
+_Q5_K = np.dtype([("d", "<f2"), ("dmin", "<f2"), ("scales", "V12"), ("qh", "V32"), ("qs", "V32", (4,))])
+_Q6_K = np.dtype([("ql", "V32", (4,)), ("qh", "V32", (2,)), ("scales", "i1", (16,)), ("d", "<f2")])
+
+
+def _superblock_chunks(rows: int, cols: int):
+    """(first super-block, count) per chunk of whole rows."""
+    per_row = cols // 256
+    step = max(1, _CHUNK_ELEMS // cols) * per_row
+    for b0 in range(0, rows * per_row, step):
+        yield b0, min(step, rows * per_row - b0)
+
+
+def _k_scales(blk, d_out, m_out):
+    """Sub-block scale d*sc and offset -dmin*mn, into (n, 8) each, from 12 bytes of 6-bit pairs.
+
+    Bytes 0-3 hold sc0-3 (low 6 bits), bytes 4-7 hold mn0-3; sc4-7 and mn4-7 take their low 4 bits
+    from the nibbles of bytes 8-11 and their top 2 bits from the top bits of bytes 0-3 and 4-7.
+    Worked on four bytes at a time as uint32 lanes.
+    """
+    n = len(blk)
+    s = np.ascontiguousarray(blk["scales"]).view("<u4").reshape(n, 3)
+    lo, mid, hi = s[:, 0], s[:, 1], s[:, 2]
+    packed = np.empty((n, 4), dtype=np.uint32)            # bytes: sc0-3, sc4-7, mn0-3, mn4-7
+    np.bitwise_and(lo, 0x3F3F3F3F, out=packed[:, 0])
+    packed[:, 1] = (hi & 0x0F0F0F0F) | ((lo >> 2) & 0x30303030)
+    np.bitwise_and(mid, 0x3F3F3F3F, out=packed[:, 2])
+    packed[:, 3] = ((hi >> 4) & 0x0F0F0F0F) | ((mid >> 2) & 0x30303030)
+    sm = packed.view(np.uint8).reshape(n, 2, 8)
+    np.multiply(sm[:, 0], blk["d"].astype(np.float32)[:, None], out=d_out)
+    np.multiply(sm[:, 1], -blk["dmin"].astype(np.float32)[:, None], out=m_out)
+
+
+def _q4_k(flat, rows, cols):
+    blocks = flat.view(_Q4_K)
+    qs_out = np.empty((rows, cols // 2), dtype=np.uint8)
+    d = np.empty((rows, cols // 32), dtype=np.float32)
+    m = np.empty_like(d)
+    qv, dv, mv = qs_out.reshape(-1, 128), d.reshape(-1, 8), m.reshape(-1, 8)
+    t_buf = np.empty(min(rows * cols, max(_CHUNK_ELEMS, cols)) // 16, dtype=_U64)  # scratch
+    for b0, n in _superblock_chunks(rows, cols):
+        blk = blocks[b0 : b0 + n]
+        _k_scales(blk, dv[b0 : b0 + n], mv[b0 : b0 + n])
+        o = qv[b0 : b0 + n]
+        o.view("V128")[:, 0] = blk["qs"]
+        # In each 32-byte chunk, byte l holds element l of sub-block 2c (low nibble) and of 2c+1
+        # (high). The Q4 layout wants byte j of a sub-block to hold its elements j and j+16, so
+        # bytes j (A) and j+16 (B) of a chunk swap A's high nibble with B's low nibble:
+        # t = (A>>4 ^ B) & 15; A ^= t<<4; B ^= t (XOR swap). In uint64 lanes B is 2 lanes after A;
+        # t is masked to zero in the lanes that hold B.
+        f = _u64(o)
+        t = t_buf[: f.size - 2]
+        np.right_shift(f[:-2], 4, out=t)
+        t ^= f[2:]
+        t &= _lanes((0x0F0F0F0F0F0F0F0F, 0x0F0F0F0F0F0F0F0F, 0, 0), t.size)
+        f[2:] ^= t
+        t <<= 4
+        f[:-2] ^= t
+    return Q4Weight(qs_out, d, m)
+
+
+def _q5_k(flat, rows, cols):
+    blocks = flat.view(_Q5_K)
+    q_out = np.empty((rows, cols), dtype=np.int8)
+    d = np.empty((rows, cols // 32), dtype=np.float32)
+    m = np.empty_like(d)
+    qv, dv, mv = q_out.view(np.uint8).reshape(-1, 256), d.reshape(-1, 8), m.reshape(-1, 8)
+    h_buf = np.empty((min(rows * cols, max(_CHUNK_ELEMS, cols)) // 256, 256), dtype=np.uint8)  # scratch
+    for b0, n in _superblock_chunks(rows, cols):
+        blk = blocks[b0 : b0 + n]
+        _k_scales(blk, dv[b0 : b0 + n], mv[b0 : b0 + n])
+        o = qv[b0 : b0 + n]                               # (n, chunk c, nibble, 32)
+        o.view("V32").reshape(n, 4, 2)[:] = blk["qs"][:, :, None]
+        f = _u64(o)
+        f >>= _lanes(_runs(0, 4, lanes=4), f.size)
+        f &= _NIBBLES
+        high = h_buf[:n]                                  # (n, sub-block s, 32): (qh >> s) & 1
+        high.view("V32")[:] = blk["qh"][:, None]
+        h = _u64(high)
+        h >>= _lanes(_runs(*range(8), lanes=4), h.size)
+        h &= _U64(0x0101010101010101)
+        h <<= 4
+        f |= h
+    return I8Weight(q_out, d, m)
+
+
+def _q6_k(flat, rows, cols):
+    blocks = flat.view(_Q6_K)
+    q_out = np.empty((rows, cols), dtype=np.int8)
+    d = np.empty((rows, cols // 16), dtype=np.float32)
+    qv, dv = q_out.view(np.uint8).reshape(-1, 256), d.reshape(-1, 16)
+    h_buf = np.empty((min(rows * cols, max(_CHUNK_ELEMS, cols)) // 256, 256), dtype=np.uint8)  # scratch
+    for b0, n in _superblock_chunks(rows, cols):
+        blk = blocks[b0 : b0 + n]
+        np.multiply(blk["scales"], blk["d"].astype(np.float32)[:, None], out=dv[b0 : b0 + n])
+        # Quarter t (32 elements) of each half takes its low 4 bits from ql bytes 32*(t%2) + l of
+        # that half, nibble t//2, and its top 2 bits from bit pair t of qh byte l of that half.
+        o = qv[b0 : b0 + n]                               # (n, half, t//2, t%2, 32)
+        o.view("V32").reshape(n, 2, 2, 2)[:] = blk["ql"].reshape(n, 2, 1, 2)
+        f = _u64(o)
+        f >>= _lanes(_runs(0, 4, lanes=8), f.size)
+        f &= _NIBBLES
+        high = h_buf[:n]                                  # (n, half, t, 32)
+        high.view("V32").reshape(n, 2, 4)[:] = blk["qh"][:, :, None]
+        h = _u64(high)
+        h >>= _lanes(_runs(0, 2, 4, 6, lanes=4), h.size)
+        h &= _U64(0x0303030303030303)
+        h <<= 4
+        f |= h
+        o -= 32                                           # wraps in uint8: the int8 view reads q-32
+    return I8Weight(q_out, d, np.empty((rows, 0), dtype=np.float32))
+
+
+_CONVERTERS = {
+    F32: _f32,
+    F16: lambda f, r, c: F16Weight(_bits16(f, r, c)),
+    BF16: lambda f, r, c: BF16Weight(_bits16(f, r, c)),
+    Q4_0: lambda f, r, c: _q4_legacy(f, r, c, with_min=False),
+    Q4_1: lambda f, r, c: _q4_legacy(f, r, c, with_min=True),
+    Q5_0: lambda f, r, c: _q5_legacy(f, r, c, with_min=False),
+    Q5_1: lambda f, r, c: _q5_legacy(f, r, c, with_min=True),
+    Q8_0: _q8_0,
+    Q4_K: _q4_k,
+    Q5_K: _q5_k,
+    Q6_K: _q6_k,
+}

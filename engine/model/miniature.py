@@ -1,0 +1,106 @@
+"""A miniature of a GGUF model: the same weight layouts and dtypes at tiny shapes, all zeros, so that
+every kernel the model will run is compiled or loaded from numba's cache *before* the weights are read.
+
+Why: loading kernels touches ~20-30 MiB of the JIT compiler's code and heap, which engine/memory.py
+gives back afterwards. Warming up on the real model put that on top of the weights, and it was the
+process's peak RSS (220 MiB on SmolLM2 against 200 once loaded). numba compiles per argument *types*
+(dtype, dimensions, layout), not per shape, so a model with the same layouts at 256-wide shapes selects
+the same compiled code, and Transformer makes the same decisions for it (fused decode, layer
+stacking, sparse attach).
+
+The miniature keeps, from the real model: each tensor's GGUF type, the head dimension, whether K/V
+heads are shared (GQA) or not, biases, tied or separate LM head, and one layer per distinct
+combination of layer tensor types (so a mixed-type model stays mixed). Everything else is small:
+hidden and FFN width 256 (the largest GGUF block), a query width that is a multiple of 256, vocab 256.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+
+from engine.formats.assemble import assemble
+from engine.model.config import ModelConfig
+from engine.formats.gguf_file import GGUFFile
+from engine.formats.gguf_quants import tensor_nbytes, vector_from_gguf, weight_from_gguf
+from engine.model.transformer import ModelWeights
+from engine.formats.weight_map import GGUF, LAYER_BIASES, LAYER_MATRICES, LAYER_VECTORS, source_name
+
+WIDTH = 256      # hidden, FFN and query widths are multiples of this (the K-quants' 256-value blocks)
+
+
+def _layer_types(g: GGUFFile, i: int) -> tuple:
+    names = [source_name(GGUF, f"layers.{i}.{f}") for f in LAYER_MATRICES + LAYER_VECTORS + LAYER_BIASES]
+    return tuple(int(g.tensors[n].ggml_type) if n in g.tensors else None for n in names)
+
+
+def gguf_miniature(g: GGUFFile, config: ModelConfig) -> tuple[ModelConfig, ModelWeights]:
+    """(config, weights) of the miniature of the GGUF model `g` whose config is `config`."""
+    hd = config.head_dim
+    heads = WIDTH // math.gcd(WIDTH, hd)              # query width heads * hd: a multiple of WIDTH
+    kv = 1 if config.num_key_value_heads < config.num_attention_heads else heads
+    distinct, layer_of = [], []                        # the real layer each miniature layer stands for
+    for i in range(config.num_hidden_layers):
+        types = _layer_types(g, i)
+        if types not in distinct:
+            distinct.append(types)
+            layer_of.append(i)
+    mini = dataclasses.replace(config, vocab_size=WIDTH, hidden_size=WIDTH, intermediate_size=WIDTH,
+                               num_hidden_layers=len(layer_of), num_attention_heads=heads,
+                               num_key_value_heads=kv, head_dim=hd, source=f"{config.source} (miniature)")
+    shapes = _mini_shapes(mini)
+
+    def real_name(name: str) -> str:
+        if name.startswith("blk."):
+            _, i, rest = name.split(".", 2)
+            return f"blk.{layer_of[int(i)]}.{rest}"
+        return name
+
+    def short(name: str) -> str:
+        return name.split(".", 2)[2] if name.startswith("blk.") else name
+
+    def matrix(name):
+        t = g.tensors[real_name(name)]
+        rows, cols = shapes[short(name)]
+        raw = np.zeros(tensor_nbytes(t.ggml_type, rows * cols), np.uint8)
+        return weight_from_gguf(t.ggml_type, raw, (rows, cols), name, mini.source)
+
+    def vector(name):
+        t = g.tensors[real_name(name)]
+        (n,) = shapes[short(name)]
+        raw = np.zeros(tensor_nbytes(t.ggml_type, n), np.uint8)
+        return vector_from_gguf(t.ggml_type, raw, n, name, mini.source)
+
+    weights = assemble(mini, GGUF, mini.source, matrix, vector, lambda n: real_name(n) in g.tensors)
+    if "rope_freqs.weight" in g.tensors:
+        weights.rope_freq_factors = np.ones(hd // 2, np.float32)
+    return mini, weights
+
+
+def _mini_shapes(c: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Shapes by GGUF name without the "blk.N." prefix, in numpy (rows, cols) order."""
+    q, kv = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
+    h, f = c.hidden_size, c.intermediate_size
+    return {"token_embd.weight": (c.vocab_size, h), "output.weight": (c.vocab_size, h), "output_norm.weight": (h,),
+            "attn_norm.weight": (h,), "ffn_norm.weight": (h,), "attn_q.weight": (q, h), "attn_k.weight": (kv, h),
+            "attn_v.weight": (kv, h), "attn_output.weight": (h, q), "ffn_gate.weight": (f, h),
+            "ffn_up.weight": (f, h), "ffn_down.weight": (h, f), "attn_q.bias": (q,), "attn_k.bias": (kv,),
+            "attn_v.bias": (kv,), "attn_output.bias": (h,)}
+
+
+def warm_up_kernels(g: GGUFFile, config: ModelConfig, kv_dtype=np.uint16) -> None:
+    """Compile or load every kernel the GGUF model will run with a KV cache of kv_dtype, on its
+    miniature, and give the compiler's memory back (engine/memory.py): call before reading the weights."""
+    from engine.memory import release_compiler_pages
+    from engine.model.transformer import Transformer
+    from engine.executors.sparse import attach, default_modes
+
+    modes = default_modes(config)                   # as engine.llm.load runs a model without a plan
+    model = Transformer(*gguf_miniature(g, config), decode_stacks=all(m == "dense" for m in modes))
+    model.kv_dtype = kv_dtype
+    attach(model, modes, records="move")
+    model.warm_up()
+    del model
+    release_compiler_pages()

@@ -1,0 +1,48 @@
+"""Rotary embedding frequency tables: inverse frequencies with optional scaling, then cos/sin per position."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from engine.model.config import ModelConfig
+
+
+def inv_freq(config: ModelConfig, freq_factors: np.ndarray | None = None) -> np.ndarray:
+    """(head_dim/2,) float64 inverse frequencies theta^(-2i/d), after Llama-3 scaling if configured.
+
+    freq_factors: GGUF's `rope_freqs.weight`, llama.cpp's precomputed Llama-3 divisors; it replaces
+    the rope_scaling computation for GGUF files.
+    """
+    d = config.head_dim
+    base = 1.0 / (config.rope_theta ** (np.arange(0, d, 2, dtype=np.float64) / d))
+    if freq_factors is not None:
+        return base / freq_factors.astype(np.float64)
+    rs = config.rope_scaling
+    if not rs or rs.get("rope_type", rs.get("type")) in (None, "default", "linear"):
+        return base
+    # Llama 3.1 "llama3" scaling (Meta's reference apply_scaling): long wavelengths are divided by
+    # `factor`, short ones kept, and the band between interpolated smoothly.
+    factor = float(rs["factor"])
+    low, high = float(rs.get("low_freq_factor", 1.0)), float(rs.get("high_freq_factor", 4.0))
+    old_ctx = float(rs.get("original_max_position_embeddings", 8192))
+    wavelen = 2 * math.pi / base
+    smooth = (old_ctx / wavelen - low) / (high - low)
+    scaled = np.where(wavelen > old_ctx / low, base / factor, base)
+    mid = (wavelen >= old_ctx / high) & (wavelen <= old_ctx / low)
+    return np.where(mid, (1 - smooth) * base / factor + smooth * base, scaled)
+
+
+def position_scale(config: ModelConfig) -> float:
+    """Linear rope scaling divides positions by `factor`."""
+    rs = config.rope_scaling
+    if rs and rs.get("rope_type", rs.get("type")) == "linear":
+        return 1.0 / float(rs["factor"])
+    return 1.0
+
+
+def cos_sin(positions: np.ndarray, freqs: np.ndarray, pos_scale: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """positions (n,) int -> cos, sin (n, head_dim/2) float32 (computed in float64, then rounded)."""
+    angles = np.outer(positions.astype(np.float64) * pos_scale, freqs)
+    return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)

@@ -1,0 +1,1 @@
+"""The text side: tokenizer, streaming detokenizer, chat template, sampling and stop strings."""
