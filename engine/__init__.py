@@ -7,8 +7,8 @@
 
 
 def load(source="smollm2-135m-instruct", **kwargs):
-    """See engine.llm.load (imported lazily so `pocketinfer --help` starts fast)."""
-    from engine.llm import load as _load
+    """See engine.loader.load (imported lazily so `pocketinfer --help` starts fast)."""
+    from engine.loader import load as _load
 
     return _load(source, **kwargs)
 

@@ -26,10 +26,10 @@ class Stats:
     ttft_s: float = 0.0             # time to first token, from the call
     peak_rss_mb: float = 0.0
     rss_mb: float = 0.0             # resident set at the end of the call
-    # Models running their FFNs from flash (engine/executors/flash_ffn.py): this call's FlashStats.summary() (hit
-    # rates per segment, flash bytes and I/O wait per token, overlap ratio), prefill reads under
-    # "prefill_bytes", and "lm_head_bytes" read when the embeddings / LM head stream from flash
-    # (engine/flash/matrix.py); None for resident models.
+    # What the model's executors counted during this call (engine/executors/base.Executors.report): for FFNs
+    # run from flash (engine/executors/flash_ffn.py) hit rates per segment, flash bytes and I/O wait per
+    # token, overlap ratio and "prefill_bytes"; "lm_head_bytes" when the embeddings / LM head stream from
+    # flash (engine/flash/matrix.py); None for resident models.
     flash: dict | None = None
 
 
@@ -96,10 +96,7 @@ def stream_generate(model: Transformer, cache: KVCache, prompt_ids: list[int], r
     history = list(prompt_ids)
     t_first = None
     finish = "length"
-    flash = getattr(model, "flash", None)
-    flash_before = flash.stats.snapshot() if flash is not None else None
-    head = model.weights.lm_head if hasattr(model.weights.lm_head, "bytes_read") else None   # on flash
-    head_before = head.bytes_read if head is not None else 0
+    counted = model.executors.snapshot()
     for tok in generate_step(model, cache, prompt_ids[reuse:], sample, history, max_tokens, stop_ids):
         now = time.perf_counter()
         if t_first is None:
@@ -133,10 +130,5 @@ def stream_generate(model: Transformer, cache: KVCache, prompt_ids: list[int], r
                 tail += stopper.flush()
     stats.peak_rss_mb = peak_rss_mb()
     stats.rss_mb = rss_mb()
-    if flash is not None:
-        delta = flash.stats.minus(flash_before)
-        stats.flash = dict(delta.summary(), prefill_bytes=delta.prefill_bytes)
-    if head is not None:
-        # engine/flash/matrix.py: embedding rows and LM head passes read from the weights file (prefill's too)
-        stats.flash = dict(stats.flash or {}, lm_head_bytes=head.bytes_read - head_before)
+    stats.flash = model.executors.report(counted)
     yield Chunk(tail, None, finish, stats)

@@ -4,7 +4,7 @@ Per layer the neurons go hot to cold, in the order the planner's activation freq
 order whose first H neurons the solver made hot), so the resident segment is one sequential read at load
 and the warm cold neurons sit next to each other, where merged reads pick them up together.
 
-The down projection is stored transposed, through engine.executors.sparse.transpose_down: F32/F16/BF16 exactly,
+The down projection is stored transposed, through engine.model.layout.transpose_down: F32/F16/BF16 exactly,
 quantized sources re-quantized to `down_format` ("i8" by default: int8 with one f16 scale per 32 values;
 its perplexity cost is measured in the issue 6 closing note).
 """
@@ -23,16 +23,16 @@ import numpy as np
 from engine.flash.bundles import (FIELD_NAMES, FORMAT, VERSION, _PREFIX, align_up, encode_f32, encode_order, pack_prefix,
                                 record_dtype)
 from engine.errors import PlanError
-from engine.executors.sparse import _arrays, _flags, transpose_down
+from engine.model.layout import bits16_flag, kernel_arrays, transpose_down
 
 
 def layer_arrays(lw, down_format: str = "auto") -> tuple[list[np.ndarray], np.ndarray, int]:
     """The nine kernel arrays (each (ffn, cols)) of one layer's bundles, downT's per-hidden output scale
-    (hidden,) f32 (engine.executors.sparse.transpose_down) and the bits16 flag."""
-    gw, gd, gm, gf = _arrays(lw.w_gate)
-    uw, ud, um, uf = _arrays(lw.w_up)
+    (hidden,) f32 (engine.model.layout.transpose_down) and the bits16 flag."""
+    gw, gd, gm, gf = kernel_arrays(lw.w_gate)
+    uw, ud, um, uf = kernel_arrays(lw.w_up)
     dw, dd, dm, dscale, df = transpose_down(lw.w_down, down_format)
-    return [gw, gd, gm, uw, ud, um, dw, dd, dm], np.asarray(dscale, np.float32), _flags(gf, uf, df)
+    return [gw, gd, gm, uw, ud, um, dw, dd, dm], np.asarray(dscale, np.float32), bits16_flag(gf, uf, df)
 
 
 def write_bundles(path: str | os.PathLike, layers: list, orders: list[np.ndarray], *, fingerprint: str = "",

@@ -1,7 +1,8 @@
 """The model profile: FFN activation statistics from calibration text run through the engine.
 
-The engine's `Transformer.ffn_observer` hands over, per layer and chunk of tokens, the FFN input h and
-the pre-activation gate, up and the product act = act_fn(gate) * up (what the down projection reads).
+The engine's observed FFN executors (engine.executors.choose.observing) hand over, per layer and chunk
+of tokens, the FFN input h and the pre-activation gate, up and the product act = act_fn(gate) * up
+(what the down projection reads).
 From them, per layer and neuron:
 - activation frequency (|act| above the layer's label threshold) and magnitude (mean and max |act|);
 - how often gate, up and down co-activate: gate "on" when |act_fn(gate)| is above its own per-layer
@@ -109,6 +110,7 @@ def calibration_ids(tokenizer, text: str, source: str, max_tokens: int) -> list[
 def profile_model(llm, calibration: str | os.PathLike | None = None,
                   progress: Callable[[str, int, int], None] | None = None) -> ModelProfile:
     """Run the calibration text through llm (an engine.llm.LLM) and gather the statistics."""
+    from engine.executors.choose import observing
     from kernels.activation import glu
 
     source = str(calibration or DEFAULT_CALIBRATION)
@@ -143,9 +145,7 @@ def profile_model(llm, calibration: str | os.PathLike | None = None,
                                                             np.empty((k, ffn), np.float32))), 65000.0)
 
     model = llm.model
-    previous = model.ffn_observer
-    model.ffn_observer = observer
-    try:
+    with model.running(observing(model, observer)):
         for i, ch in enumerate(chunks):
             cache = model.new_cache(len(ch))
             model.forward(np.asarray(ch), cache, all_logits=False)
@@ -153,8 +153,6 @@ def profile_model(llm, calibration: str | os.PathLike | None = None,
             at[0] += len(ch)
             if progress:
                 progress("calibration", at[0], n)
-    finally:
-        model.ffn_observer = previous
     assert at[0] == n, "every calibration token was observed"
 
     layers, active = [], np.empty((n_layers, n, ffn), dtype=bool)

@@ -53,7 +53,7 @@ def make_deploy(source: str | os.PathLike, budget_text: str, out: str | os.PathL
     from engine.formats import registry
     from engine.formats.deploy import fingerprint, weight_files
     from engine.errors import PlanError
-    from engine.llm import load
+    from engine.loader import load
     from planner.budget import parse_budget
     from planner.cost_model import CostModel, shape_of
     from planner.decode_probe import measure_decode_step, measure_flash_layer

@@ -10,7 +10,6 @@ import json
 import math
 
 from engine.formats.deploy import PLAN_SCHEMA, PLAN_SCHEMA_VERSION
-from planner.budget import format_bytes
 from planner.solver import Solution
 
 BUNDLE_FILE = "ffn.bundles"
@@ -18,9 +17,10 @@ BUNDLE_FILE = "ffn.bundles"
 
 def build(sol: Solution, *, cost, device, fingerprint: str, model_name: str, budget_text: str, weights_file: str,
           copied: list[str], recall_floor: float, predictor_reports: list, bundles: dict | None = None) -> dict:
-    """bundles: the header planner/bundles.py wrote (plans below 100%), else None."""
+    """bundles: the header planner/bundles.py wrote: plans below 100% run every FFN from it."""
     s = cost.shape
     full = sol.budget_bytes >= s.weight_bytes
+    assert full or bundles is not None, "below 100% the FFNs run from a bundle file"
     reports = {r.layer: r for r in predictor_reports}
     layers = []
     for ev, c in zip(sol.evidence, sol.layers):
@@ -35,7 +35,6 @@ def build(sol: Solution, *, cost, device, fingerprint: str, model_name: str, bud
             "label_sparsity": ev.label_sparsity,
             "rationale": _layer_reason(ev, c, s.ffn, recall_floor),
         })
-    dense_full_s = cost.fixed_decode_s() + s.n_layers * cost.dense_ffn_s()
     rationale = list(sol.rationale)
     if bundles is None:
         rationale.append("files: the weights are a copy of the source model, all resident")
@@ -62,33 +61,20 @@ def build(sol: Solution, *, cost, device, fingerprint: str, model_name: str, bud
                    "runtime_overhead_bytes": sol.runtime_bytes + sol.kv_bytes},
         "predicted": {"ttft_s": sol.ttft_s, "decode_tps": 1.0 / sol.decode_s, "peak_rss_mb": sol.peak_rss_bytes / 2**20,
                       "flash_bytes_per_token": sol.flash_bytes_per_token},
-        "execution": {"weights": "resident" if full else "fully-resident-fallback"},
+        "execution": {"weights": "resident"},
         "files": {"weights": weights_file, "predictors": "predictors.npz", "copied": sorted(copied)},
         "rationale": rationale,
     }
     if bundles is not None:
         plan["execution"] = {"weights": "flash"}
-    if sol.head_on_flash:
-        # engine/flash/matrix.py: the embeddings / LM head are read from the weights file on every use.
-        plan["execution"]["lm_head"] = "flash"
-    if bundles is not None:
         plan["files"]["bundles"] = BUNDLE_FILE
         plan["flash"] = {"file": BUNDLE_FILE, "file_bytes": bundles["file_bytes"], "record_bytes": bundles["record_bytes"],
                          "down_format": bundles["down_format"], "layer_offsets": [x["offset"] for x in bundles["layers"]],
-                         # frequency-aware: the best measured hit rate (tools/bench_flash.py: freq 57%, window 49%, lru 48%)
+                         # frequency-aware: the best measured hit rate of the policies (tools/bench_flash.py)
                          "cache_policy": "freq"}
-    elif not full:
-        fb_rss = (s.weight_bytes + sol.kv_bytes + sol.runtime_bytes) / 2**20
-        plan["execution"]["fallback_reason"] = (
-            f"this version of the runtime has no flash-resident FFN path (a sibling issue), so it loads all "
-            f"{format_bytes(s.weight_bytes)} of weights and ignores the budget of {format_bytes(sol.budget_bytes)}; "
-            "`predicted` is for the plan as solved, `fallback_predicted` for what runs now")
-        plan["fallback_predicted"] = {"decode_tps": 1.0 / dense_full_s, "peak_rss_mb": fb_rss, "flash_bytes_per_token": 0,
-                                      "ttft_s": cost.prefill_s(128, device.kernels.matmul_gflops["numpy"])}
-        rationale.append(f"fallback: runs fully resident until the flash-resident path exists: predicted "
-                         f"{1.0 / dense_full_s:.1f} tok/s and {fb_rss:.0f} MiB peak RSS, above the budget")
-    elif any(c.mode == "sparse" for c in sol.layers):
-        rationale.append("sparse layers run dense until the runtime reads per-layer decode modes from plan.json")
+    if sol.head_on_flash:
+        # engine/flash/matrix.py: the embeddings / LM head are read from the weights file on every use.
+        plan["execution"]["lm_head"] = "flash"
     return _round(plan)
 
 

@@ -40,10 +40,6 @@ def format_plan(plan: dict) -> str:
     if ex["weights"] == "flash":
         lines.append(f"runs with FFNs from {plan['flash']['file']} (neuron bundles on flash, segmented cache)"
                      + ("; embeddings / LM head streamed from the weights file" if head_flash else ""))
-    elif ex["weights"] != "resident":
-        fb = plan["fallback_predicted"]
-        lines.append(f"runs now as: {ex['fallback_reason']}")
-        lines.append(f"  fallback predicted: decode {fb['decode_tps']:.1f} tok/s, peak RSS {fb['peak_rss_mb']:.0f} MiB")
     lines += ["", "reasons:"] + [f"  - {r}" for r in plan["rationale"]]
     return "\n".join(lines)
 

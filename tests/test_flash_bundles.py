@@ -13,7 +13,7 @@ import pytest
 from engine.flash.bundles import ALIGN, FIELD_NAMES, open_bundles
 from engine.errors import FlashReadError, ModelFormatError
 from engine.flash.reader import FlashReader, aligned_buffer, merge_runs
-from engine.executors.sparse import quantize_q4
+from engine.model.layout import quantize_q4
 from engine.model.weights import F32Weight, Q4Weight
 from planner.bundles import hot_to_cold, layer_arrays, write_bundles
 

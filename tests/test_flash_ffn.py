@@ -199,7 +199,7 @@ def test_deploy_below_budget_runs_ffns_from_bundles(tmp_path):
     bundle file; greedy tokens equal those of the same bundles fully resident (every neuron hot)."""
     import json
 
-    from engine.llm import load
+    from engine.loader import load
     from model_factory import make_hf_model
     from planner.pipeline import make_deploy
 
@@ -211,13 +211,16 @@ def test_deploy_below_budget_runs_ffns_from_bundles(tmp_path):
     plan = json.loads((res.path / "plan.json").read_text())
     assert plan["execution"]["weights"] == "flash"
     llm = load(res.path, threads=1)
-    assert llm.model.flash is not None and llm.model.weights.layers[0].w_gate is None
-    got = llm.generate([5, 6, 7], max_tokens=24, temperature=0).tokens
-    assert llm.model.flash.stats.tokens > 0
+    store = flash_ffn.store_of(llm.model.executors)
+    assert isinstance(store, FlashFFN) and llm.model.weights.layers[0].w_gate is None
+    assert "FFN flash (dense" in llm.describe() and "FFN flash (bundle file" in llm.describe()
+    r = llm.generate([5, 6, 7], max_tokens=24, temperature=0)
+    got = r.tokens
+    assert store.stats.tokens > 0 and r.stats.flash["tokens"] == len(got) - 1   # reported through generate
     # The same bundles, every neuron resident: same arithmetic, no flash reads.
     for lay in plan["decode"]["layers"]:
         lay.update(hot_neurons=plan["model"]["ffn"], cold_cache_neurons=0)
     (res.path / "plan.json").write_text(json.dumps(plan))
     ref = load(res.path, threads=1)
     assert ref.generate([5, 6, 7], max_tokens=24, temperature=0).tokens == got
-    assert ref.model.flash.stats.misses == 0
+    assert flash_ffn.store_of(ref.model.executors).stats.misses == 0

@@ -14,6 +14,7 @@ import pytest
 
 import engine.executors.flash_ffn as flash_ffn
 from engine.flash.bundles import open_bundles
+from engine.executors.choose import layer_by_layer
 from engine.executors.flash_ffn import FlashFFN, LayerPlan
 from kernels.activation import SILU
 from kernels.sparse_ffn import sparse_acts, sparse_acts_numpy, sparse_down, sparse_down_numpy
@@ -121,7 +122,7 @@ def test_greedy_tokens_at_two_budgets_equal_the_fully_resident_run(tmp_path):
     accepts for it (embeddings and attention are most of its bytes): STEPS greedy tokens and every
     step's logits equal those of the same bundles with every neuron resident, and those of the same
     plan with a cold-neuron cache added (the planner gives this model none)."""
-    from engine.llm import load
+    from engine.loader import load
     from model_factory import make_hf_model
     from planner.pipeline import make_deploy
 
@@ -137,7 +138,7 @@ def test_greedy_tokens_at_two_budgets_equal_the_fully_resident_run(tmp_path):
         plan = json.loads((res.path / "plan.json").read_text())
         assert plan["execution"]["weights"] == "flash"
         llm = load(res.path, threads=1)
-        flash = llm.model.flash
+        flash = flash_ffn.store_of(llm.model.executors)
         F = flash.bundles.ffn
         hot_counts.append([L.H for L in flash.layers])
         assert sum(hot_counts[-1]) < LAYERS * F                    # some neurons really come from flash
@@ -145,11 +146,12 @@ def test_greedy_tokens_at_two_budgets_equal_the_fully_resident_run(tmp_path):
         assert flash.stats.misses > 0
         runs = {}
         for name, hot, cache in (("cached", None, F // 3), ("resident", F, 0)):
-            llm.model.flash = FlashFFN(flash.bundles, [LayerPlan(L.mode, hot=L.H if hot is None else hot, cache=cache)
-                                                       for L in flash.layers], flash.act, io_threads=1)
-            runs[name] = greedy(llm.model, prompt)
-            assert llm.model.flash.stats.hits > 0 if name == "cached" else llm.model.flash.stats.misses == 0
-            llm.model.flash.close()
+            store = FlashFFN(flash.bundles, [LayerPlan(L.mode, hot=L.H if hot is None else hot, cache=cache)
+                                             for L in flash.layers], flash.act, io_threads=1)
+            with llm.model.running(layer_by_layer(llm.model, store.layer_ffns(False), store.layer_ffns(True))):
+                runs[name] = greedy(llm.model, prompt)
+            assert store.stats.hits > 0 if name == "cached" else store.stats.misses == 0
+            store.close()
         flash.close()
         want_tokens, want_logits = runs["resident"]
         for tokens, logits in (got, runs["cached"]):

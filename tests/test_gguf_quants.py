@@ -14,7 +14,7 @@ from hypothesis import given, settings, strategies as st
 
 from engine.formats import gguf_quants as gq
 from engine.errors import ModelFormatError
-from engine.formats.gguf_quants import GGML_TYPE_NAMES, tensor_nbytes, vector_from_gguf, weight_from_gguf
+from engine.formats.gguf_quants import tensor_nbytes, type_name, vector_from_gguf, weight_from_gguf
 from engine.model.weights import BF16Weight, F16Weight, F32Weight, I8Weight, Q4Weight
 
 # type -> (expected layout, block B of its scales or None, byte offsets of its float16 scale fields)
@@ -234,10 +234,10 @@ def test_partial_block(qtype, cols):
 
 def test_tensor_nbytes_and_names():
     for qtype, (block, size) in GGML_QUANT_SIZES.items():
-        if int(qtype) in GGML_TYPE_NAMES:
-            assert GGML_TYPE_NAMES[int(qtype)] == qtype.name
-            assert tensor_nbytes(int(qtype), 4 * block) == 4 * size
-    for qtype in TYPES:
-        assert int(qtype) in GGML_TYPE_NAMES
+        assert type_name(int(qtype)) == qtype.name
+        assert tensor_nbytes(int(qtype), 4 * block) == 4 * size
+    assert type_name(5) == "unknown type 5"
     with pytest.raises(ModelFormatError):
         tensor_nbytes(int(T.Q4_K), 100)
+    with pytest.raises(ModelFormatError, match="unknown to pocketinfer"):
+        tensor_nbytes(5, 32)

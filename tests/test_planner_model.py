@@ -32,7 +32,7 @@ def calibration(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def profile(relu_model, calibration):
-    from engine.llm import load
+    from engine.loader import load
     from planner.model_profile import profile_model
 
     return profile_model(load(relu_model, threads=1), calibration)
@@ -89,7 +89,7 @@ def _deploy(src, out, cal, budget="100%", **kw):
 
 
 def test_deploy_twice_is_byte_identical_and_loads(tmp_path, relu_model, calibration):
-    from engine.llm import load
+    from engine.loader import load
 
     a = _deploy(relu_model, tmp_path / "a", calibration, "90%")
     b = _deploy(relu_model, tmp_path / "b", calibration, "90%")
@@ -109,7 +109,7 @@ def test_deploy_twice_is_byte_identical_and_loads(tmp_path, relu_model, calibrat
 
 
 def test_fingerprint_mismatch_is_refused(tmp_path, relu_model, calibration):
-    from engine.llm import load
+    from engine.loader import load
 
     r = _deploy(relu_model, tmp_path / "d", calibration)
     other = tmp_path / "other"

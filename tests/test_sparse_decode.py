@@ -16,9 +16,15 @@ import pytest
 
 import engine
 from engine.errors import ConfigError, ModelFormatError
+from engine.executors.choose import layer_by_layer
+from engine.executors.dense import DenseFFN
+from engine.executors.one_region import OneRegionDecode
+from engine.executors.plan import Plan, default_plan, read_plan
 from engine.executors.predictor import LayerPredictor, save_predictors
-from engine.executors.sparse import SparseFFN, attach, oracle_thresholds, quantize_i8, quantize_q4, read_plan, transpose_down
-from engine.model.transformer import Transformer
+from engine.executors.sparse import LayerStats, SparseFFN, decode_ffns
+from engine.measure.sparsity import oracle_thresholds
+from engine.model.layout import quantize_i8, quantize_q4, transpose_down
+from engine.model.transformer import build
 from engine.model.weights import F32Weight, Q4Weight
 from model_factory import hf_to_gguf, make_hf_model
 
@@ -51,28 +57,48 @@ def max_rel(a, b):
     return float(np.abs(a - b).max() / max(1.0, np.abs(b).max()))
 
 
+def dense_ffns(m):
+    return [DenseFFN(lw, m.config.act_kind) for lw in m.weights.layers]
+
+
+def sparse_run(m, modes, **kw):
+    """Decode executors beside the model's own (records copied unless `records` says otherwise): the
+    FFN executors, and executors that decode with them and prefill dense, both for the model's config
+    as it is now (tests give a GGUF model back its ReLU)."""
+    ffns = decode_ffns(m.config, m.weights.layers, modes, **{"records": "copy", **kw})
+    return ffns, layer_by_layer(m, ffns, dense_ffns(m))
+
+
+def dense_run(m):
+    """Dense FFNs run layer by layer in both phases: the path sparse layers ride on."""
+    return layer_by_layer(m, dense_ffns(m), dense_ffns(m))
+
+
 @pytest.mark.parametrize("name", ["llama-relu", "bamboo-drelu"])
 def test_relu_exact_equals_dense(models, name):
     llm = engine.load(str(models[name]), threads=2)
     m = llm.model
-    assert m.sparse is not None and {layer.mode for layer in m.sparse.layers} == {"relu-exact"}  # the default
-    m.sparse.reset_stats()                                   # load's warm-up decoded a token
+    ffns = m.executors.decode.ffns
+    assert {f.mode for f in ffns} == {"relu-exact"}                 # the default
+    assert "FFN sparse (relu-exact, clusters of 1)" in llm.describe()
+    for f in ffns:
+        f.stats = LayerStats()                                      # load's warm-up decoded a token
     sparse = decode_logits(m)
     f = m.config.intermediate_size
-    realized = [st.sparsity(f) for st in m.sparse.stats]
-    assert all(st.tokens == len(STEPS) for st in m.sparse.stats)
+    realized = [ex.stats.sparsity(f) for ex in ffns]
+    assert all(ex.stats.tokens == len(STEPS) for ex in ffns)
     assert all(0.2 < s < 0.8 for s in realized), realized      # random weights: about half the gates are <= 0
-    m.sparse = None
-    dense = decode_logits(m)
+    with m.running(dense_run(m)):
+        dense = decode_logits(m)
     assert max_rel(sparse, dense) < 1e-4
 
 
 def test_swiglu_defaults_to_dense(models):
     llm = engine.load(str(models["llama"]), threads=2)
-    assert llm.model.sparse is None
-    assert attach(llm.model, ["dense"] * llm.config.num_hidden_layers) is None
+    assert all(isinstance(f, DenseFFN) for f in llm.model.executors.decode.ffns)
+    assert "SparseFFN" not in repr(llm.model.executors.decode.ffns) and "sparse" not in llm.describe()
     with pytest.raises(ConfigError, match="relu-exact needs a ReLU"):
-        SparseFFN(llm.model, ["relu-exact"] * llm.config.num_hidden_layers)
+        sparse_run(llm.model, ["relu-exact"] * llm.config.num_hidden_layers)
 
 
 def _dequantized(m):
@@ -83,7 +109,8 @@ def _dequantized(m):
                                   **{n: F32Weight(getattr(lw, n).to_float32()) for n in mats}) for lw in w.layers]
     emb = F32Weight(w.embed.to_float32())
     head = emb if w.lm_head is w.embed else F32Weight(w.lm_head.to_float32())
-    return Transformer(m.config, dataclasses.replace(w, layers=layers, embed=emb, lm_head=head))
+    dense = Plan(decode=("dense",) * m.config.num_hidden_layers)
+    return build(m.config, dataclasses.replace(w, layers=layers, embed=emb, lm_head=head), dense, m.kv_dtype)
 
 
 @pytest.mark.parametrize("qtype", ["Q4_0", "Q8_0"])
@@ -96,15 +123,13 @@ def test_relu_exact_quantized(models, tmp_path, qtype):
     # GGUF's llama architecture has no activation field (the file loads as SiLU): put ReLU back.
     m.config = dataclasses.replace(m.config, hidden_act="relu")
     ref = decode_logits(_dequantized(m))
-    m.sparse = None
-    # The unfused dense path: the kernels the sparse layers share (gate matvec, row products). The
-    # fused one may run numba code cached before those kernels changed, so it is not the yardstick.
-    m._fused_decode = False
-    dense_err = max_rel(decode_logits(m), ref)
+    # Dense FFNs layer by layer: the kernels the sparse layers share (gate matvec, row products).
+    with m.running(dense_run(m)):
+        dense_err = max_rel(decode_logits(m), ref)
     out = {}
     for fmt in ("f32", "i8", "q4"):
-        attach(m, down_format=fmt)
-        out[fmt] = decode_logits(m)
+        with m.running(sparse_run(m, default_plan(m.config).decode, down_format=fmt)[1]):
+            out[fmt] = decode_logits(m)
     assert max_rel(out["f32"], ref) <= max(1e-4, 1.5 * dense_err), dense_err
     # what re-quantizing the transposed down costs, against the exact transposed copy
     errs = {fmt: max_rel(out[fmt], out["f32"]) for fmt in ("i8", "q4")}
@@ -124,26 +149,28 @@ def _predictors(m, threshold, rank=4, seed=0):
 
 @pytest.mark.parametrize("name", ["llama", "bamboo-drelu"])
 def test_predicted_mode(models, tmp_path, name):
-    llm = engine.load(str(models[name]), threads=2)
+    llm = engine.load(str(models[name]), threads=2, sparse=False)
     m = llm.model
     L = m.config.num_hidden_layers
-    m.sparse = None
     dense = decode_logits(m)
     # predicting every neuron active is the dense FFN
-    attach(m, ["predicted"] * L, predictors=_predictors(m, -1e30))
-    assert max_rel(decode_logits(m), dense) < 1e-4
+    with m.running(sparse_run(m, ["predicted"] * L, predictors=_predictors(m, -1e30))[1]):
+        assert max_rel(decode_logits(m), dense) < 1e-4
     # a real threshold: some neurons skipped, output differs but stays finite; clusters widen the set
     path = tmp_path / "predictors.npz"
     save_predictors(path, _predictors(m, 0.0), m.config.hidden_size, m.config.intermediate_size)
-    modes, preds, cluster = read_plan(path, m.config)
-    assert modes == ["predicted"] * L and cluster == 1
+    plan = read_plan(path, m.config)
+    assert plan.decode == ("predicted",) * L and plan.cluster == 1
     chosen = {}
     for c in (1, 8):
-        attach(m, modes, predictors=preds, cluster=c, track_truth=True)
-        out = decode_logits(m)
+        ffns, run = sparse_run(m, plan.decode, predictors=plan.predictors, cluster=c)
+        for f in ffns:
+            f.track_truth = True
+        with m.running(run):
+            out = decode_logits(m)
         assert np.isfinite(out).all() and max_rel(out, dense) > 1e-4
-        chosen[c] = sum(st.chosen for st in m.sparse.stats)
-        assert all(0 < st.hits <= min(st.chosen, st.true_active) for st in m.sparse.stats)
+        chosen[c] = sum(f.stats.chosen for f in ffns)
+        assert all(0 < f.stats.hits <= min(f.stats.chosen, f.stats.true_active) for f in ffns)
     assert chosen[8] > chosen[1]
 
 
@@ -151,18 +178,20 @@ def test_oracle_mode(models):
     llm = engine.load(str(models["llama"]), threads=2)
     m = llm.model
     L, f = m.config.num_hidden_layers, m.config.intermediate_size
-    m.sparse = None
     dense = decode_logits(m)
     calib = list(range(3, 67))
-    attach(m, ["oracle"] * L, oracle_thresholds=oracle_thresholds(m, calib, 0.0))
-    assert max_rel(decode_logits(m), dense) < 1e-4
-    attach(m, ["oracle"] * L, oracle_thresholds=oracle_thresholds(m, calib, 0.5), track_truth=True)
-    out = decode_logits(m)
-    for st in m.sparse.stats:
+    with m.running(sparse_run(m, ["oracle"] * L, oracle_thresholds=oracle_thresholds(m, calib, 0.0))[1]):
+        assert max_rel(decode_logits(m), dense) < 1e-4
+    ffns, run = sparse_run(m, ["oracle"] * L, oracle_thresholds=oracle_thresholds(m, calib, 0.5))
+    for ex in ffns:
+        ex.track_truth = True
+    with m.running(run):
+        out = decode_logits(m)
+    for st in (ex.stats for ex in ffns):
         assert 0.2 < st.sparsity(f) < 0.8 and st.hits == st.chosen == st.true_active   # exact by construction
     assert max_rel(out, dense) > 1e-4
     with pytest.raises(ConfigError, match="oracle needs a threshold"):
-        SparseFFN(m, ["oracle"] * L)
+        sparse_run(m, ["oracle"] * L)
 
 
 def test_transposed_down_formats():
@@ -190,18 +219,18 @@ def test_read_plan_json(models, tmp_path):
     llm = engine.load(str(models["llama"]), threads=2)
     m = llm.model
     save_predictors(tmp_path / "p.npz", _predictors(m, 0.0), m.config.hidden_size, m.config.intermediate_size)
-    plan = {"decode": {"predictors": "p.npz", "cluster_size": 4,
-                       "layers": [{"mode": "predicted", "threshold": 2.5}, {"mode": "dense"}]}}
-    (tmp_path / "plan.json").write_text(json.dumps(plan))
-    modes, preds, cluster = read_plan(tmp_path / "plan.json", m.config)
-    assert modes == ["predicted", "dense"] and cluster == 4 and preds[0].threshold == 2.5
+    doc = {"decode": {"predictors": "p.npz", "cluster_size": 4,
+                      "layers": [{"mode": "predicted", "threshold": 2.5}, {"mode": "dense"}]}}
+    (tmp_path / "plan.json").write_text(json.dumps(doc))
+    plan = read_plan(tmp_path / "plan.json", m.config)
+    assert plan.decode == ("predicted", "dense") and plan.cluster == 4 and plan.predictors[0].threshold == 2.5
     # `pocketinfer plan`'s own words: "sparse" layers, the predictors named in files
     planner = {"decode": {"layers": [{"mode": "dense"}, {"mode": "sparse"}]}, "files": {"predictors": "p.npz"}}
     (tmp_path / "deploy.json").write_text(json.dumps(planner))
-    modes, preds, cluster = read_plan(tmp_path / "deploy.json", m.config)
-    assert modes == ["dense", "predicted"] and cluster == 1 and sorted(preds) == [0, 1]
-    plan["decode"]["layers"][1]["mode"] = "fast"
-    (tmp_path / "bad.json").write_text(json.dumps(plan))
+    plan = read_plan(tmp_path / "deploy.json", m.config)
+    assert plan.decode == ("dense", "predicted") and plan.cluster == 1 and sorted(plan.predictors) == [0, 1]
+    doc["decode"]["layers"][1]["mode"] = "fast"
+    (tmp_path / "bad.json").write_text(json.dumps(doc))
     with pytest.raises(ModelFormatError, match=r"decode.layers\[1\].mode"):
         read_plan(tmp_path / "bad.json", m.config)
     with pytest.raises(FileNotFoundError):
@@ -240,57 +269,59 @@ def test_eval_sparsity_bad_input(models, tmp_path):
 
 
 def test_neuron_records(tmp_path):
-    """Neuron records (engine/executors/sparse.py) change addresses only: "off", "copy" and "move" give the same
-    logits, for relu-exact (records without gate) and predicted layers (with it). "move" hands the
-    layers' gate and up over to the records, frees the stacked gate|up the one-call decode read, and
-    the model still prefills, and decodes dense once the executor is detached. Q4_0 only: every
-    compiled form of the sparse kernel costs the cold suite ~15 s, and tests/test_sparse_ffn.py checks
-    the Q8_0 layout's records bit for bit."""
+    """Neuron records (engine/model/layout.sparse_arrays) change addresses only: "off", "copy" and "move"
+    give the same logits, for relu-exact (records without gate) and predicted layers (with it). "move",
+    what a load with sparse layers does, hands the layers' gate and up over to the records, and the
+    model still prefills, and decodes dense. Q4_0 only: every compiled form of the sparse kernel costs
+    the cold suite ~15 s, and tests/test_sparse_ffn.py checks the Q8_0 layout's records bit for bit."""
+    from engine.formats.gguf_file import GGUFFile
+    from engine.formats.gguf_loader import load_weights
+
     hf = tmp_path / "hf"
     make_hf_model("llama-relu", hf, num_hidden_layers=3)
-    llm = engine.load(str(hf_to_gguf(hf, tmp_path / "m.gguf", "Q4_0", VOCAB)), threads=2)
+    gguf = hf_to_gguf(hf, tmp_path / "m.gguf", "Q4_0", VOCAB)
+    llm = engine.load(str(gguf), threads=2)
     m = llm.model
     m.config = dataclasses.replace(m.config, hidden_act="relu")   # GGUF's llama loads as SiLU
-    assert m._stacked is not None                                  # Q4/I8 everywhere: one-call decode
+    assert isinstance(m.executors.decode, OneRegionDecode)          # Q4/I8 everywhere, dense: one region
     modes = ["relu-exact", "predicted", "dense"]
     preds = _predictors(m, 0.0)
-    stack = m.weights.layers[0].w_gate_up._arrays()[0].base        # (layers, 2 ffn, .) one array
-    assert stack is not None and stack.shape[0] == 3
-    m.sparse = None
-    cache = m.new_cache(len(PROMPT))
-    prefill = m.forward(np.array(PROMPT), cache, all_logits=True)
-    saved = m._stacked, m._fused_decode
-    m._stacked, m._fused_decode = None, False                      # the unfused dense path, what "move" leaves
-    dense = decode_logits(m)
-    m._stacked, m._fused_decode = saved
+    with m.running(dense_run(m)):
+        prefill = m.forward(np.array(PROMPT), m.new_cache(len(PROMPT)), all_logits=True)
+        dense = decode_logits(m)
     out, extra = {}, {}
-    for records in ("off", "copy", "move"):
-        attach(m, modes, predictors=preds, records=records)
-        out[records] = decode_logits(m)
-        assert all(st.tokens == len(STEPS) for st, mode in zip(m.sparse.stats, modes) if mode != "dense")
-        extra[records] = m.sparse.extra_bytes
+    for records in ("off", "copy"):
+        ffns, run = sparse_run(m, modes, predictors=preds, records=records)
+        with m.running(run):
+            out[records] = decode_logits(m)
+        assert all(f.stats.tokens == len(STEPS) for f, mode in zip(ffns, modes) if mode != "dense")
+        extra[records] = sum(f.extra_bytes for f in ffns if isinstance(f, SparseFFN))
+    # "move": the model built for a plan with these modes, as engine.load builds it
+    moved = build(m.config, load_weights(GGUFFile(gguf), m.config), Plan(decode=tuple(modes), predictors=preds),
+                  m.kv_dtype)
+    ffns = moved.executors.decode.ffns
+    out["move"] = decode_logits(moved)
+    extra["move"] = sum(f.extra_bytes for f in ffns if isinstance(f, SparseFFN))
     assert np.array_equal(out["copy"], out["off"]) and np.array_equal(out["move"], out["off"])
     # what the executor adds to the model: downT either way (records pad to cache lines); "copy" counts
     # what "move" would cost, not its convenience copy of gate and up
     assert extra["copy"] == extra["move"] >= extra["off"]
-    lw = m.weights.layers
+    lw = moved.weights.layers
     assert lw[0].w_gate_up is None and lw[1].w_gate_up is None and lw[2].w_gate_up is not None
-    assert np.shares_memory(lw[1].w_gate._arrays()[0], m.sparse.layers[1].records)      # predicted: gate moved
-    assert not np.shares_memory(lw[0].w_gate._arrays()[0], m.sparse.layers[0].records)  # relu-exact: its own
-    assert np.shares_memory(lw[0].w_up._arrays()[0], m.sparse.layers[0].records)
-    # nothing refers to the stacked gate|up any more (the dense layer got its own copy)
-    assert m._stacked is None and not any(np.shares_memory(a, stack) for layer in lw
-                                          for w in (layer.w_gate, layer.w_up) for a in w._arrays())
-    m.sparse = None
-    cache = m.new_cache(len(PROMPT))
-    assert max_rel(m.forward(np.array(PROMPT), cache, all_logits=True), prefill) < 1e-5   # prefill on records
-    assert max_rel(decode_logits(m), dense) < 1e-6
+    assert np.shares_memory(lw[1].w_gate._arrays()[0], ffns[1].arrays.records)      # predicted: gate moved
+    assert not np.shares_memory(lw[0].w_gate._arrays()[0], ffns[0].arrays.records)  # relu-exact: its own
+    assert np.shares_memory(lw[0].w_up._arrays()[0], ffns[0].arrays.records)
+    # sparse layers: no layer stack was built (it would have held a second copy of gate|up)
+    assert lw[2].w_gate_up._arrays()[0].base is None and lw[0].wqkv._arrays()[0].base is None
+    cache = moved.new_cache(len(PROMPT))
+    assert max_rel(moved.forward(np.array(PROMPT), cache, all_logits=True), prefill) < 1e-5   # prefill on records
+    with moved.running(dense_run(moved)):
+        assert max_rel(decode_logits(moved), dense) < 1e-6
 
 
-def test_decode_plan_defaults(models):
-    from engine.executors.sparse import decode_plan
-
+def test_default_plan(models):
     llm = engine.load(str(models["llama-relu"]), threads=2, sparse=False)
-    assert llm.model.sparse is None                       # the default would attach relu-exact
-    modes, preds, cluster = decode_plan(None, llm.config)
-    assert modes == ["relu-exact"] * llm.config.num_hidden_layers and preds == {} and cluster == 1
+    assert all(isinstance(f, DenseFFN) for f in llm.model.executors.decode.ffns)   # the default: relu-exact
+    plan = default_plan(llm.config)
+    assert plan.decode == ("relu-exact",) * llm.config.num_hidden_layers and plan.predictors == {}
+    assert plan.cluster == 1 and plan.flash is None and not plan.head_on_flash

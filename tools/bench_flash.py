@@ -5,7 +5,7 @@ style: naive -> + bundling -> + cache -> + pipeline, against the fully resident 
 
 What it builds (label every figure synthetic):
 - random weights, hidden 4096, FFN 11008, Q4_1 gate/up, down re-quantized transposed to int8 rows
-  (engine.executors.sparse.transpose_down "i8"); one layer's weights reused for every layer, each layer its own
+  (engine.model.layout.transpose_down "i8"); one layer's weights reused for every layer, each layer its own
   region of the bundle file on disk (so every layer is read from the device, never from another's copy);
 - skewed activations: neuron j fires with probability p_j from a power law over a random hot-to-cold
   rank, scaled so 10% fire per token (90% sparsity; probabilities clipped at 1) and the hottest 20% carry ~80% of the firings.
@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from engine.flash.bundles import open_bundles  # noqa: E402
 from engine.executors.flash_ffn import FlashFFN, LayerPlan  # noqa: E402
-from engine.executors.sparse import quantize_q4  # noqa: E402
+from engine.model.layout import quantize_q4  # noqa: E402
 from engine.model.weights import I8Weight, Q4Weight  # noqa: E402
 from kernels.activation import RELU  # noqa: E402
 from planner.bundles import write_bundles  # noqa: E402

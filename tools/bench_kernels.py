@@ -62,7 +62,7 @@ def gguf_bytes(fmt: str, rows: int, cols: int, rng: np.random.Generator) -> np.n
         return rng.uniform(-2, 2, n).astype(np.float16).view(np.uint8)
     if fmt == "BF16":
         return (rng.standard_normal(n, dtype=np.float32).view(np.uint32) >> 16).astype(np.uint16).view(np.uint8)
-    block, size = gq._SIZES[tid]
+    block, size = gq.block_size(tid)
     nblk = n // block
     raw = rng.integers(0, 256, (nblk, size), dtype=np.uint8)
     for off in SCALE_FIELDS[fmt]:
@@ -72,7 +72,7 @@ def gguf_bytes(fmt: str, rows: int, cols: int, rng: np.random.Generator) -> np.n
 
 
 def supported(fmt: str, cols: int) -> bool:
-    return cols % gq._SIZES[TYPE_IDS[fmt]][0] == 0
+    return cols % gq.block_size(TYPE_IDS[fmt])[0] == 0
 
 
 def copies_for(nbytes: int, cold_mb: float) -> int:

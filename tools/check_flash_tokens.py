@@ -35,8 +35,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from engine.executors.flash_ffn import FlashFFN, LayerPlan  # noqa: E402
-from engine.llm import load  # noqa: E402
+from engine.executors.choose import layer_by_layer  # noqa: E402
+from engine.executors.flash_ffn import FlashFFN, LayerPlan, store_of  # noqa: E402
+from engine.loader import load  # noqa: E402
 from engine.executors.predictor import load_predictors  # noqa: E402
 
 PROMPT = "Write a long story about a lighthouse keeper who finds a message in a bottle."
@@ -74,9 +75,9 @@ def run_all(model, ids, steps: int, runs: list) -> list:
     """Greedy decode with each (name, FlashFFN) in turn -> [(name, tokens, logits)]."""
     results = []
     for name, ff in runs:
-        model.flash = ff
         t0 = time.perf_counter()
-        tok, lg = greedy(model, ids, steps)
+        with model.running(layer_by_layer(model, ff.layer_ffns(False), ff.layer_ffns(True))):
+            tok, lg = greedy(model, ids, steps)
         s = ff.stats.summary()
         print(f"  {name}: {time.perf_counter() - t0:.1f} s; hot {s['hot_hit_rate']:.3f} of the active neurons, "
               f"cache hit {s['cache_hit_rate']:.3f} of the cold ones, "
@@ -120,7 +121,7 @@ def main() -> int:
     for d in a.deploys:
         llm = load(d)
         model = llm.model
-        flash = model.flash
+        flash = store_of(model.executors)
         if flash is None:
             print(f"{d}: not a flash deploy (plan at 100%?): nothing to compare")
             continue

@@ -41,6 +41,7 @@ def main() -> None:
     args = ap.parse_args()
 
     import engine
+    from engine.executors.one_region import OneRegionDecode
     from kernels.norm import rmsnorm
 
     llm = engine.load(args.model, threads=args.threads)
@@ -61,31 +62,15 @@ def main() -> None:
         "LM head": lambda: w.lm_head.matmul(x),
         "greedy pick (argmax)": lambda: int(np.argmax(logits[-1])),
     }
-    if m._stacked is not None:
+    decode = m.executors.decode
+    if isinstance(decode, OneRegionDecode):
+        cos, sin = m.rope.table(args.pos, 1)
+
         def all_layers():
-            cache.length = args.pos
-            m.token_layers(5, cache)
+            decode.run(x.copy(), cache, args.pos, cos, sin)
         # Every layer in one call: timed in place, so its weights stream from DRAM as in a real step.
-        parts["embedding + all layers (one parallel region, kernels/decode_token.py)"] = all_layers
+        parts["all layers (one parallel region, kernels/decode_token.py)"] = all_layers
         scale = {}
-    elif m._fused_decode:
-        from kernels.fused import decode_layer_q4
-
-        lw = w.layers[0]
-        a, o, g, d = lw.wqkv, lw.wo, lw.w_gate_up, lw.w_down
-        hq, hkv = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
-        cos, sin = m._rope_table(args.pos + 1)
-        scratch = (np.empty((1, c.hidden_size), np.float32), np.empty(hq + 2 * hkv, np.float32),
-                   np.empty((1, c.num_attention_heads, c.head_dim), np.float32),
-                   np.empty(2 * c.intermediate_size, np.float32), np.empty(c.hidden_size, np.float32))
-
-        def one_layer():
-            decode_layer_q4(x.copy(), lw.attn_norm, lw.ffn_norm, c.rms_norm_eps, a.qs, a.d, a.m, o.qs, o.d, o.m,
-                            g.qs, g.d, g.m, d.qs, d.d, d.m, cos[args.pos:args.pos + 1], sin[args.pos:args.pos + 1],
-                            cache.k[0], cache.v[0], args.pos, c.window, c.num_attention_heads,
-                            c.num_key_value_heads, c.head_dim, c.intermediate_size, c.act_kind, *scratch)
-        parts[f"layers (one fused layer x {c.num_hidden_layers})"] = one_layer
-        scale = {f"layers (one fused layer x {c.num_hidden_layers})": c.num_hidden_layers}
     else:
         lw = w.layers[0]
         for name in ("wqkv", "wo", "w_gate_up", "w_down"):

@@ -4,7 +4,7 @@ QUALITY ONLY: nothing here is timed, so it says nothing about speed.
 What it measures, on held-out text (default tests/data/ppl_text.txt; never trained or calibrated on):
 - oracle mode: for each target sparsity S (--oracle-sparsities), per-layer thresholds on |act(gate)*up|
   calibrated exactly as `pocketinfer eval-sparsity --mode oracle --oracle-sparsity S --calib FILE` does
-  (engine.executors.sparse.oracle_thresholds on the first --ctx tokens of the calibration text);
+  (engine.measure.sparsity.oracle_thresholds on the first --ctx tokens of the calibration text);
 - predicted mode: for each rank (--ranks), per-layer low-rank predictors trained with the planner's numpy
   trainer (planner.predictors.train_all on planner.model_profile.profile_model of the calibration text,
   labels at the profile's per-layer label threshold), then re-thresholded per layer on the trainer's
@@ -12,12 +12,12 @@ What it measures, on held-out text (default tests/data/ppl_text.txt; never train
     recall R   the highest score threshold keeping recall >= R on that split (planner's with_threshold);
     sparsity S the score quantile that marks a share 1-S of the neurons active on that split.
   Each (rank, rule) is written as a predictors.npz (engine/executors/predictor.py's format, save_predictors) under
-  --out and read back through engine.executors.sparse.read_plan, the path `eval-sparsity --plan FILE` takes.
-Each point is decoded one token at a time with engine/measure/sparsity.py's own functions (_windows,
-dense_nll, sparse_quality, _greedy) and reports what `eval-sparsity --json` reports for quality: realized
+  --out and read back through engine.executors.plan.read_plan, the path `eval-sparsity --plan FILE` takes.
+Each point is decoded one token at a time with engine/measure/sparsity.py's own functions (text_windows,
+dense_nll, sparse_quality, greedy) and reports what `eval-sparsity --json` reports for quality: realized
 FFN sparsity, recall and precision against the true active set (track_truth), perplexity and its change
 against dense decode, greedy agreement (teacher-forced share, and the identical free-running prefix).
-It does not call sparse_eval.evaluate() because that also times dense and sparse decode (A B A B) and
+It does not call engine.measure.sparsity.evaluate() because that also times dense and sparse decode (A B A B) and
 recomputes the dense baselines for every point; here the dense baselines are computed once and reused
 (decode is deterministic), and the aggregation is evaluate()'s, restricted to all-sparse plans.
 
@@ -50,8 +50,9 @@ sys.path.insert(0, str(ROOT))
 
 from engine.measure.bench import PARAGRAPH  # noqa: E402
 from engine.executors.predictor import LayerPredictor, save_predictors  # noqa: E402
-from engine.executors.sparse import SparseFFN, oracle_thresholds, read_plan  # noqa: E402
-from engine.measure.sparsity import _greedy, _windows, dense_nll, sparse_quality  # noqa: E402
+from engine.executors.plan import read_plan  # noqa: E402
+from engine.executors.sparse import SparseFFN, decode_ffns  # noqa: E402
+from engine.measure.sparsity import dense_nll, greedy, oracle_thresholds, sparse_quality, text_windows  # noqa: E402
 from planner.model_profile import profile_model  # noqa: E402
 from planner.predictors import split_chunks, train_all, with_threshold  # noqa: E402
 
@@ -76,25 +77,20 @@ def baselines(llm, wins, prompt, gen_tokens):
     """Dense decode (the engine's default path) and dense FFNs on the unfused path sparse layers ride on,
     as sparse_eval.evaluate computes them."""
     model = llm.model
-    try:
-        nll_dense, nll_unfused, _ = dense_nll(model, wins)
-        dense_tokens = _greedy(model, prompt, gen_tokens, None)
-    finally:
-        model.sparse = None
+    nll_dense, nll_unfused, _ = dense_nll(model, wins)
+    dense_tokens = greedy(model, prompt, gen_tokens)
     return {"ppl_dense": math.exp(float(nll_dense.mean())), "ppl_dense_unfused": math.exp(float(nll_unfused.mean())),
             "scored_tokens": int(len(nll_dense)), "dense_tokens": dense_tokens}
 
 
-def quality(llm, sparse: SparseFFN, wins, prompt, base) -> dict:
-    """sparse_eval.evaluate's quality half for an all-sparse executor, against precomputed baselines."""
+def quality(llm, ffns: list, wins, prompt, base) -> dict:
+    """engine.measure.sparsity.evaluate's quality half for all-sparse FFN executors, against precomputed
+    baselines."""
     model = llm.model
     f = model.config.intermediate_size
     n = len(base["dense_tokens"])
-    try:
-        nll, stats, prefix, agree = sparse_quality(model, sparse, wins, prompt, base["dense_tokens"])
-    finally:
-        model.sparse = None
-    assert all(layer.mode != "dense" for layer in sparse.layers), "all-sparse executors only"
+    assert all(isinstance(ex, SparseFFN) for ex in ffns), "all-sparse executors only"
+    nll, stats, prefix, agree = sparse_quality(model, ffns, wins, prompt, base["dense_tokens"])
     tokens = stats[0].tokens
     assert all(st.tokens == tokens for st in stats) and tokens == base["scored_tokens"] + len(wins)
     hits = sum(st.hits for st in stats)
@@ -256,7 +252,7 @@ def main(argv=None) -> int:
     c = model.config
     text = Path(args.file).read_text(encoding="utf-8")
     calib = Path(args.calib).read_text(encoding="utf-8")
-    wins = _windows(llm, llm.tokenizer.encode(text), args.ctx, args.windows)
+    wins = text_windows(llm, llm.tokenizer.encode(text), args.ctx, args.windows)
     prompt = llm.tokenizer.encode(PARAGRAPH)[:16]                  # eval-sparsity's greedy prompt
     lw0 = model.weights.layers[0]
     res = {"args": {k: v for k, v in vars(args).items()}, "model": args.model,
@@ -280,7 +276,8 @@ def main(argv=None) -> int:
     calib_ids = llm.tokenizer.encode(calib)[: args.ctx]
     for s in args.oracle_sparsities:
         thr = oracle_thresholds(model, calib_ids, s)
-        sp = SparseFFN(model, ["oracle"] * c.num_hidden_layers, oracle_thresholds=thr)
+        sp = decode_ffns(c, model.weights.layers, ["oracle"] * c.num_hidden_layers, oracle_thresholds=thr,
+                         records="copy")
         record({"mode": "oracle", "target": s, **quality(llm, sp, wins, prompt, base)})
         del sp
 
@@ -303,9 +300,10 @@ def main(argv=None) -> int:
             layered = rethreshold(preds, profile, rule, value)
             path = out / f"predictors_r{rank}_{rule}{value:g}.npz"
             save_predictors(path, layered, c.hidden_size, c.intermediate_size)
-            modes, loaded, cluster = read_plan(path, model.config)         # what `eval-sparsity --plan` reads
-            assert all(m == "predicted" for m in modes) and cluster == 1
-            sp = SparseFFN(model, modes, predictors=loaded)
+            plan = read_plan(path, model.config)                            # what `eval-sparsity --plan` reads
+            loaded = plan.predictors
+            assert all(m == "predicted" for m in plan.decode) and plan.cluster == 1
+            sp = decode_ffns(c, model.weights.layers, plan.decode, predictors=loaded, records="copy")
             record({"mode": "predicted", "rank": rank, "rule": rule, "target": value, "npz": str(path),
                     "thresholds": [loaded[i].threshold for i in range(c.num_hidden_layers)],
                     **offline(loaded, profile), **quality(llm, sp, wins, prompt, base)})

@@ -42,7 +42,7 @@ def load_model(args, sparse: bool = True):
 
     from engine.formats import registry
     from engine.errors import RegistryError
-    from engine.llm import load
+    from engine.loader import load
 
     try:
         alias_cached = registry.is_cached(args.model)
@@ -60,7 +60,8 @@ def load_model(args, sparse: bool = True):
         print(f"loaded {llm.source} in {time.perf_counter() - t0:.2f} s: {c.num_hidden_layers} layers, "
               f"hidden {c.hidden_size}, vocab {c.vocab_size}, weights {llm.weight_bytes / 2**20:.1f} MiB "
               f"(file {llm.file_bytes / 2**20:.1f} MiB), ctx {llm.n_ctx}, threads {llm.threads}", file=sys.stderr)
-        p = (getattr(llm, "plan", None) or {}).get("predicted")
+        print(llm.describe(), file=sys.stderr)
+        p = (llm.plan or {}).get("predicted")
         if p:   # a deploy directory: what the planner predicted, to read against the measured line at the end
             print(f"plan predicts: decode {p['decode_tps']:.1f} tok/s, ttft {p['ttft_s'] * 1000:.0f} ms, "
                   f"peak rss {p['peak_rss_mb']:.0f} MB, flash {p['flash_bytes_per_token'] / 2**20:.2f} MiB/token",

@@ -45,8 +45,9 @@ def _read_text(path: str | None) -> str:
 
 
 def run(args) -> int:
-    from engine.executors.sparse import SparseFFN, default_modes, oracle_thresholds, read_plan
-    from engine.measure.sparsity import evaluate
+    from engine.executors.plan import default_plan, read_plan
+    from engine.executors.sparse import decode_ffns
+    from engine.measure.sparsity import evaluate, oracle_thresholds
 
     if args.windows < 1:
         raise ValueError(f"--windows must be at least 1, got {args.windows}")
@@ -54,26 +55,21 @@ def run(args) -> int:
         raise ValueError(f"--cluster must be at least 1, got {args.cluster}")
     text = _read_text(args.file)
     calib = _read_text(args.calib) if args.mode == "oracle" else None
-    llm = load_model(args, sparse=False)   # the dense path as shipped; the executor below is a copy
+    llm = load_model(args, sparse=False)   # the dense path as shipped; the sparse executors below copy
     model = llm.model
-    predictors, cluster = {}, 1
-    modes = default_modes(model.config)
-    if args.plan:
-        modes, predictors, cluster = read_plan(args.plan, model.config)
-    if args.mode:
-        modes = [args.mode] * model.config.num_hidden_layers
-    if args.cluster is not None:
-        cluster = args.cluster
+    plan = read_plan(args.plan, model.config) if args.plan else default_plan(model.config)
+    modes = [args.mode] * model.config.num_hidden_layers if args.mode else plan.decode
+    cluster = plan.cluster if args.cluster is None else args.cluster
     thresholds = None
     if args.mode == "oracle":
         ids = llm.tokenizer.encode(calib)[: args.ctx]
         thresholds = oracle_thresholds(model, ids, args.oracle_sparsity)
-    sparse = SparseFFN(model, modes, predictors=predictors, oracle_thresholds=thresholds,
-                       down_format=args.down_format, cluster=cluster)
+    ffns = decode_ffns(model.config, model.weights.layers, modes, predictors=plan.predictors,
+                       oracle_thresholds=thresholds, down_format=args.down_format, cluster=cluster, records="copy")
     from engine.measure.bench import PARAGRAPH
 
     prompt = llm.tokenizer.encode(PARAGRAPH)[:16]
-    r = evaluate(llm, sparse, llm.tokenizer.encode(text), prompt, ctx=args.ctx, windows=args.windows,
+    r = evaluate(llm, ffns, llm.tokenizer.encode(text), prompt, ctx=args.ctx, windows=args.windows,
                  gen_tokens=args.gen_tokens)
     if args.json:
         print(json.dumps(r.as_dict()))

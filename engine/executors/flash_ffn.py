@@ -39,10 +39,11 @@ from dataclasses import dataclass, fields
 
 import numpy as np
 
-from engine.flash.bundles import ALIGN, FIELD_NAMES, BundleFile
 from engine.errors import ConfigError
-from engine.flash.reader import FlashReader, aligned_buffer, merge_runs
+from engine.executors.base import Executor
+from engine.flash.bundles import ALIGN, FIELD_NAMES, BundleFile, open_bundles
 from engine.flash.cache import SegmentCache
+from engine.flash.reader import FlashReader, aligned_buffer, merge_runs
 from engine.model.weights import BF16Weight, F16Weight, F32Weight, I8Weight, Q4Weight
 from kernels.activation import glu
 from kernels.backend import NUMBA
@@ -153,7 +154,8 @@ class _Layer:
 
 
 class FlashFFN:
-    """FFN of every layer from a bundle file. `Transformer.flash` holds one (engine/model/transformer.py)."""
+    """The FFNs of every layer from one bundle file: the store the per-layer executors (FlashLayerFFN)
+    share, and what they report through (snapshot, since)."""
 
     def __init__(self, bundles: BundleFile, plans: list[LayerPlan], act_kind: int, *, predictors=None,
                  direct: bool = True, io_threads: int = 2, policy: str = "lru", pipeline: bool = True,
@@ -225,6 +227,21 @@ class FlashFFN:
         self._drop_ahead()
         self.reader.close()
 
+    # ------------------------------------------------------------------ as executors
+
+    def layer_ffns(self, batched: bool) -> list["FlashLayerFFN"]:
+        """One FFN executor per layer, for prefill (batched) or decode."""
+        return [FlashLayerFFN(self, i, batched) for i in range(len(self.layers))]
+
+    def snapshot(self) -> FlashStats:
+        return self.stats.snapshot()
+
+    def since(self, before: FlashStats) -> dict:
+        """Hit rates per segment, flash bytes and I/O wait per token, overlap (FlashStats.summary) and
+        the bytes prefill read, since `before`."""
+        delta = self.stats.minus(before)
+        return dict(delta.summary(), prefill_bytes=delta.prefill_bytes)
+
     # ------------------------------------------------------------------ read-ahead
 
     def _predictable(self, j: int) -> bool:
@@ -270,9 +287,6 @@ class FlashFFN:
         self._ahead_layer, self._ahead_runs = -1, []
 
     # ------------------------------------------------------------------ decode
-
-    def handles(self, i: int) -> bool:
-        return True
 
     def ffn(self, i: int, h: np.ndarray, neurons: np.ndarray | None = None) -> np.ndarray:
         """h (hidden,) f32 FFN input -> (hidden,) f32 FFN output (a buffer reused by the next call).
@@ -560,6 +574,44 @@ class FlashFFN:
         act = glu(g, u, self.act, g)
         down = _weight(a[6], a[7], a[8], self.bits16)             # (s1-s0, hidden)
         out += (act @ down.dequantize(0, s1 - s0, np.empty((s1 - s0, self.bundles.hidden), np.float32))) * L.meta.dscale
+
+
+class FlashLayerFFN(Executor):
+    """Layer i's FFN from the store, for one phase: decode runs FlashFFN.ffn, prefill FlashFFN.ffn_batch."""
+
+    kind = "flash"
+
+    def __init__(self, store: FlashFFN, i: int, batched: bool):
+        self.store = store
+        self.i = i
+        self.batched = batched
+
+    def describe(self) -> str:
+        if self.batched:
+            return f"flash (bundle file, tiles of {_PREFILL_TILE} neurons)"
+        L = self.store.layers[self.i]
+        return f"flash ({L.mode}, {L.H} hot + {L.C} cached of {self.store.bundles.ffn} neurons)"
+
+    def reports(self) -> list:
+        return [self.store]
+
+    def __call__(self, h: np.ndarray) -> np.ndarray:
+        """h (n, hidden) f32 -> (n, hidden) f32, or (hidden,) f32 for one token."""
+        return self.store.ffn_batch(self.i, h) if self.batched else self.store.ffn(self.i, h[0])
+
+
+def store_of(executors) -> FlashFFN | None:
+    """The bundle-file store a model's executors decode from, or None (tools and tests look at it)."""
+    return next((c for c in executors.decode.reports() if isinstance(c, FlashFFN)), None)
+
+
+def open_flash(config, plan) -> FlashFFN:
+    """The store of a plan whose FFNs run from the bundle file (engine/executors/plan.FlashPlan)."""
+    fp = plan.flash
+    bundles = open_bundles(fp.bundles, fingerprint=fp.fingerprint, n_layers=config.num_hidden_layers,
+                           hidden=config.hidden_size, ffn=config.intermediate_size)
+    return FlashFFN(bundles, list(fp.layers), config.act_kind, predictors=plan.predictors, direct=fp.direct_io,
+                    io_threads=fp.reader_threads, request_bytes=fp.request_bytes, policy=fp.cache_policy)
 
 
 @dataclass

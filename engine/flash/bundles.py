@@ -87,7 +87,7 @@ class BundleLayer:
     order: np.ndarray        # (ffn,) int32 neuron id at each position, hot to cold
     inverse: np.ndarray      # (ffn,) int32 position of each neuron id
     crc32: int
-    dscale: np.ndarray       # (hidden,) f32 output scale of the downT rows (engine.executors.sparse.transpose_down)
+    dscale: np.ndarray       # (hidden,) f32 output scale of the downT rows (engine.model.layout.transpose_down)
 
 
 @dataclass(frozen=True)

@@ -64,6 +64,21 @@ class FlashMatrix:
     def close(self) -> None:
         self.reader.close()
 
+    # ------------------------------------------------------------------ what it reports (engine/executors/base.py)
+
+    def describe(self) -> str:
+        return f"{self.name}: streamed from the weights file at every use (flash)"
+
+    def reports(self) -> list:
+        return [self]
+
+    def snapshot(self) -> int:
+        return self.bytes_read
+
+    def since(self, before: int) -> dict:
+        """Bytes of embedding rows and LM head passes read since `before` (prefill's too)."""
+        return {"lm_head_bytes": self.bytes_read - before}
+
     # ------------------------------------------------------------------ reads
 
     def _span(self, r0: int, r1: int) -> tuple[int, int, int]:

@@ -34,14 +34,14 @@ def assemble(config: ModelConfig, table: dict, source: str,
              matrix: Callable[[str], Weight], vector: Callable[[str], np.ndarray], has: Callable[[str], bool],
              fix_matrix: Callable[[str, Weight], Weight] = lambda ours, w: w,
              progress: Callable[[int, int], None] | None = None,
-             skip: Callable[[str], bool] = lambda ours: False) -> ModelWeights:
-    """skip(ours) True leaves that matrix unloaded (None): a deploy's flash plan serves it from the file,
-    so loading it would only raise the peak memory the plan budgets."""
+             skip: frozenset[str] = frozenset()) -> ModelWeights:
+    """skip: our names of matrices left unloaded (None), such as "layers.3.w_gate" or "embed": a deploy's
+    flash plan serves them from the file, so loading them would only raise the peak memory it budgets."""
     shapes = expected_shapes(config)
 
     def fetch(ours: str, required: bool = True):
         name = source_name(table, ours)
-        if has(name) and skip(ours):
+        if has(name) and ours in skip:
             return None
         if not has(name):
             if required:

@@ -1,5 +1,9 @@
 """Parses GGUF files (v2 and v3): header, metadata key/values, tensor infos, then memory-maps the data.
 
+Hand-written rather than gguf-py's GGUFReader (whose type tables and constants it uses): on SmolLM2's
+file GGUFReader takes ~5x as long and ~90 MiB more memory, making an object per token string
+(BENCHMARKS.md).
+
 Layout (ggml's docs/gguf.md): magic "GGUF", uint32 version, uint64 tensor count, uint64 kv count,
 kv pairs (string key, uint32 type, value), tensor infos (name, uint32 n_dims, uint64 dims[n_dims]
 with dims[0] the fastest-varying, uint32 ggml type, uint64 offset), padding to `general.alignment`
@@ -13,16 +17,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from gguf import GGML_QUANT_SIZES, GGUF_DEFAULT_ALIGNMENT, GGUFValueType as V
 
 from engine.errors import ModelFormatError
 from engine.formats.filemap import map_file, release
-from engine.formats.gguf_quants import GGML_TYPE_NAMES, tensor_nbytes
+from engine.formats.gguf_quants import tensor_nbytes
 
-# GGUF value type -> (struct format, size) for scalars; 8 string, 9 array.
-_SCALARS = {0: ("<B", 1), 1: ("<b", 1), 2: ("<H", 2), 3: ("<h", 2), 4: ("<I", 4), 5: ("<i", 4),
-            6: ("<f", 4), 7: ("<?", 1), 10: ("<Q", 8), 11: ("<q", 8), 12: ("<d", 8)}
-_NUMPY = {0: np.uint8, 1: np.int8, 2: np.uint16, 3: np.int16, 4: np.uint32, 5: np.int32,
-          6: np.float32, 7: np.bool_, 10: np.uint64, 11: np.int64, 12: np.float64}
+# GGUF value type -> (struct format, size) for scalars, and numpy dtypes for arrays of them.
+_SCALARS = {V.UINT8: ("<B", 1), V.INT8: ("<b", 1), V.UINT16: ("<H", 2), V.INT16: ("<h", 2), V.UINT32: ("<I", 4),
+            V.INT32: ("<i", 4), V.FLOAT32: ("<f", 4), V.BOOL: ("<?", 1), V.UINT64: ("<Q", 8), V.INT64: ("<q", 8),
+            V.FLOAT64: ("<d", 8)}
+_NUMPY = {v: np.dtype(fmt) for v, (fmt, _) in _SCALARS.items()}
 
 
 @dataclass(frozen=True)
@@ -50,7 +55,7 @@ class _Cursor:
         return struct.unpack(fmt, self.take(size))[0]
 
     def string(self) -> str:
-        n = self.scalar(10)
+        n = self.scalar(V.UINT64)
         try:
             return bytes(self.take(n)).decode("utf-8")
         except UnicodeDecodeError:
@@ -59,13 +64,13 @@ class _Cursor:
     def value(self, vtype: int):
         if vtype in _SCALARS:
             return self.scalar(vtype)
-        if vtype == 8:
+        if vtype == V.STRING:
             return self.string()
-        if vtype == 9:
-            item_type, count = self.scalar(4), self.scalar(10)
+        if vtype == V.ARRAY:
+            item_type, count = self.scalar(V.UINT32), self.scalar(V.UINT64)
             if item_type in _NUMPY:
-                size = np.dtype(_NUMPY[item_type]).itemsize
-                return np.frombuffer(self.take(count * size), dtype=_NUMPY[item_type]).copy()
+                dtype = _NUMPY[item_type]
+                return np.frombuffer(self.take(count * dtype.itemsize), dtype=dtype).copy()
             return [self.value(item_type) for _ in range(count)]
         raise ModelFormatError(f"{self.path}: corrupt GGUF metadata (value type {vtype}); re-download the file")
 
@@ -79,30 +84,30 @@ class GGUFFile:
         cur = _Cursor(memoryview(self._mm), self.path)
         if bytes(cur.take(4)) != b"GGUF":
             raise ModelFormatError(f"{self.path}: not a GGUF file (bad magic); check the path or re-download it")
-        self.version = cur.scalar(4)
+        self.version = cur.scalar(V.UINT32)
         if self.version not in (2, 3):
             raise ModelFormatError(f"{self.path}: GGUF version {self.version} is not supported (2 and 3 are); "
                                    "re-convert it with a current llama.cpp")
-        n_tensors, n_kv = cur.scalar(10), cur.scalar(10)
+        n_tensors, n_kv = cur.scalar(V.UINT64), cur.scalar(V.UINT64)
         if n_tensors > 1_000_000 or n_kv > 1_000_000:
             raise ModelFormatError(f"{self.path}: corrupt GGUF header (counts {n_tensors}, {n_kv}); re-download it")
         self.meta: dict[str, object] = {}
         for _ in range(n_kv):
             key = cur.string()
-            self.meta[key] = cur.value(cur.scalar(4))
+            self.meta[key] = cur.value(cur.scalar(V.UINT32))
         infos = []
         for _ in range(n_tensors):
             name = cur.string()
-            n_dims = cur.scalar(4)
+            n_dims = cur.scalar(V.UINT32)
             if n_dims > 4:
                 raise ModelFormatError(f"{self.path}: corrupt tensor info for {name!r} ({n_dims} dims); re-download it")
-            dims = [cur.scalar(10) for _ in range(n_dims)]
-            infos.append((name, dims, cur.scalar(4), cur.scalar(10)))
-        align = int(self.meta.get("general.alignment", 32))
+            dims = [cur.scalar(V.UINT64) for _ in range(n_dims)]
+            infos.append((name, dims, cur.scalar(V.UINT32), cur.scalar(V.UINT64)))
+        align = int(self.meta.get("general.alignment", GGUF_DEFAULT_ALIGNMENT))
         data_start = (cur.pos + align - 1) // align * align
         self.tensors: dict[str, TensorInfo] = {}
         for name, dims, gtype, offset in infos:
-            if gtype not in GGML_TYPE_NAMES:
+            if gtype not in GGML_QUANT_SIZES:
                 raise ModelFormatError(
                     f"{self.path}: tensor {name!r} has unknown ggml type {gtype}; this file needs a newer reader "
                     "or is corrupt")

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from engine.formats import weight_map
+from engine.flash.matrix import attach_head
 from engine.formats.assemble import assemble
 from engine.model.config import ModelConfig
 from engine.errors import ModelFormatError
@@ -79,8 +80,11 @@ def _unpermute_order(rows: int, n_head: int) -> np.ndarray:
     return np.arange(rows).reshape(n_head, hd // 2, 2).transpose(0, 2, 1).reshape(-1)
 
 
-def load_weights(g: GGUFFile, config: ModelConfig, progress=None, skip=None) -> ModelWeights:
-    """skip: a set of our weight names ("embed", "lm_head", "layers.3.w_gate", ...) left unloaded (None)."""
+def load_weights(g: GGUFFile, config: ModelConfig, progress=None, skip: frozenset[str] = frozenset(),
+                 direct_io: bool = True) -> ModelWeights:
+    """skip: our names of matrices left unloaded (engine/formats/assemble.py); when they include the
+    embeddings, those and the LM head are streamed from the file at every use instead
+    (engine/flash/matrix.py, O_DIRECT reads unless direct_io is False)."""
     src = str(g.path)
 
     def matrix(name) -> Weight:
@@ -107,7 +111,7 @@ def load_weights(g: GGUFFile, config: ModelConfig, progress=None, skip=None) -> 
         return w
 
     weights = assemble(config, weight_map.GGUF, src, matrix, vector, lambda n: n in g.tensors, fix, progress,
-                       skip=(lambda ours: ours in skip) if skip else (lambda ours: False))
+                       skip=skip)
     for i, lw in enumerate(weights.layers):  # Q/K biases (rare in llama GGUFs) follow their rows
         if lw.bq is not None:
             lw.bq = lw.bq[_unpermute_order(len(lw.bq), config.num_attention_heads)]
@@ -115,4 +119,6 @@ def load_weights(g: GGUFFile, config: ModelConfig, progress=None, skip=None) -> 
             lw.bk = lw.bk[_unpermute_order(len(lw.bk), config.num_key_value_heads)]
     if "rope_freqs.weight" in g.tensors:
         weights.rope_freq_factors = vector("rope_freqs.weight")
+    if "embed" in skip:
+        attach_head(weights, g, direct_io)
     return weights

@@ -28,30 +28,14 @@ from __future__ import annotations
 import sys
 
 import numpy as np
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T
 
 from engine.errors import ModelFormatError
 from engine.model.weights import BF16Weight, F16Weight, F32Weight, I8Weight, Q4Weight, Weight
 
-# ggml's type ids (ggml.h `enum ggml_type`); ids 4 and 5 were removed formats.
-GGML_TYPE_NAMES: dict[int, str] = {
-    0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 6: "Q5_0", 7: "Q5_1", 8: "Q8_0", 9: "Q8_1",
-    10: "Q2_K", 11: "Q3_K", 12: "Q4_K", 13: "Q5_K", 14: "Q6_K", 15: "Q8_K",
-    16: "IQ2_XXS", 17: "IQ2_XS", 18: "IQ3_XXS", 19: "IQ1_S", 20: "IQ4_NL", 21: "IQ3_S", 22: "IQ2_S",
-    23: "IQ4_XS", 24: "I8", 25: "I16", 26: "I32", 27: "I64", 28: "F64", 29: "IQ1_M", 30: "BF16",
-    34: "TQ1_0", 35: "TQ2_0", 39: "MXFP4",
-}
-
-# (elements per block, bytes per block) for every type whose size is known, so a reader can walk a
-# file that also holds tensors we cannot convert (the error then names the tensor, not the file).
-_SIZES: dict[int, tuple[int, int]] = {
-    0: (1, 4), 1: (1, 2), 2: (32, 18), 3: (32, 20), 6: (32, 22), 7: (32, 24), 8: (32, 34), 9: (32, 40),
-    10: (256, 84), 11: (256, 110), 12: (256, 144), 13: (256, 176), 14: (256, 210), 15: (256, 292),
-    16: (256, 66), 17: (256, 74), 18: (256, 98), 19: (256, 50), 20: (32, 18), 21: (256, 110),
-    22: (256, 82), 23: (256, 136), 24: (1, 1), 25: (1, 2), 26: (1, 4), 27: (1, 8), 28: (1, 8),
-    29: (256, 56), 30: (1, 2), 34: (256, 54), 35: (256, 66), 39: (32, 17),
-}
-
-F32, F16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K, BF16 = 0, 1, 2, 3, 6, 7, 8, 12, 13, 14, 30
+# ggml's type ids (gguf-py's GGMLQuantizationType, an IntEnum: the same ints as ggml.h's enum ggml_type).
+F32, F16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 = (T.F32, T.F16, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0)
+Q4_K, Q5_K, Q6_K, BF16 = T.Q4_K, T.Q5_K, T.Q6_K, T.BF16
 
 # The bit-unpacking converters work on this many elements at a time, so that a chunk's output and
 # scratch stay in L2 cache while numpy passes over them several times.
@@ -61,14 +45,24 @@ _FIX = "re-quantize it to Q4_K_M, Q4_0 or Q8_0 with llama.cpp's llama-quantize"
 
 
 def type_name(ggml_type: int) -> str:
-    return GGML_TYPE_NAMES.get(int(ggml_type), f"unknown type {int(ggml_type)}")
+    try:
+        return T(int(ggml_type)).name
+    except ValueError:
+        return f"unknown type {int(ggml_type)}"
+
+
+def block_size(ggml_type: int) -> tuple[int, int]:
+    """(elements, bytes) of one block, from gguf-py's table of every type ggml defines, so that a reader
+    can walk a file that also holds tensors we cannot convert (the error then names the tensor)."""
+    try:
+        return GGML_QUANT_SIZES[T(int(ggml_type))]
+    except (ValueError, KeyError):
+        raise ModelFormatError(f"GGML tensor type {int(ggml_type)} is unknown to pocketinfer; {_FIX}") from None
 
 
 def tensor_nbytes(ggml_type: int, n_elements: int) -> int:
     """Bytes the tensor takes in the file; ModelFormatError for unknown types or partial blocks."""
-    if int(ggml_type) not in _SIZES:
-        raise ModelFormatError(f"GGML tensor type {int(ggml_type)} is unknown to pocketinfer; {_FIX}")
-    block, size = _SIZES[int(ggml_type)]
+    block, size = block_size(ggml_type)
     if n_elements % block:
         raise ModelFormatError(
             f"a {type_name(ggml_type)} tensor of {n_elements} elements is not a whole number of "
@@ -105,7 +99,7 @@ def _checked_bytes(ggml_type, raw, rows, cols, name, source) -> np.ndarray:
     if ggml_type not in _CONVERTERS:
         raise ModelFormatError(
             f"{source}: tensor {name!r} has type {tname}, which pocketinfer cannot load; {_FIX}")
-    block, size = _SIZES[ggml_type]
+    block, size = block_size(ggml_type)
     if cols % block:
         raise ModelFormatError(
             f"{source}: tensor {name!r} ({tname}) has rows of {cols} values, not a multiple of the "

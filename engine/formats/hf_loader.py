@@ -55,7 +55,8 @@ def _open_shards(directory: Path) -> dict[str, SafetensorsFile]:
                            "pocketinfer reads safetensors checkpoints (convert .bin files first)")
 
 
-def load_weights(directory: Path, config: ModelConfig, progress=None) -> ModelWeights:
+def load_weights(directory: Path, config: ModelConfig, progress=None, skip: frozenset[str] = frozenset()) -> ModelWeights:
+    """skip: our names of matrices left unloaded (engine/formats/assemble.py)."""
     shards = _open_shards(directory)
 
     def matrix(name):
@@ -73,7 +74,8 @@ def load_weights(directory: Path, config: ModelConfig, progress=None) -> ModelWe
         return v
 
     try:
-        return assemble(config, weight_map.HF, str(directory), matrix, vector, lambda n: n in shards, progress=progress)
+        return assemble(config, weight_map.HF, str(directory), matrix, vector, lambda n: n in shards, progress=progress,
+                        skip=skip)
     except ValueError as e:
         if isinstance(e, (ModelFormatError, ConfigError)):
             raise

@@ -1,19 +1,21 @@
 """What sparse decode costs and saves, measured against dense decode (behind `pocketinfer eval-sparsity`).
 
 Sparse FFNs only run in single-token decode, so every figure here is taken by decoding one token at a
-time: perplexity too (teacher-forced over non-overlapping windows, like engine/measure/perplexity.py but
-token by token), so that it measures the path that actually runs.
+time: perplexity too (teacher-forced over non-overlapping windows, like engine/measure/perplexity.py
+but token by token), so that it measures the path that actually runs.
 
-- quality: perplexity (sparse vs dense; also dense FFNs on the unfused decode path that sparse layers
-  ride on, which here already differs from the fused path by its own rounding), greedy agreement (the share of steps where sparse decode's
-  argmax equals dense decode's, teacher-forced on dense's greedy continuation, plus how many leading
-  tokens of a free-running greedy continuation are identical);
+- quality: perplexity (sparse vs dense; also dense FFNs run layer by layer, the path sparse layers
+  ride on, which can differ from the model's own dense decode by its rounding), greedy agreement (the
+  share of steps where sparse decode's argmax equals dense decode's, teacher-forced on dense's greedy
+  continuation, plus how many leading tokens of a free-running greedy continuation are identical);
 - sparsity and predictor quality per layer: realized sparsity (share of neurons not computed), recall
   and precision of the chosen set against the true active set (engine/executors/sparse.py, track_truth);
 - speed: FFN seconds per token per layer (the predictor included) and end-to-end decode tok/s, with
-  dense and sparse runs alternated (A B A B) and medians reported. Dense decode is the engine's
-  default path (the fused one when the model has it).
-Like the rest of the library it never prints and raises ValueError for bad arguments.
+  dense and sparse runs alternated (A B A B) and medians reported. Dense decode is the model's own
+  decode executor.
+The sparse executors come from engine.executors.sparse.decode_ffns(..., records="copy"), so that the
+model's own dense path stays untouched beside them. Like the rest of the library this module never
+prints and raises ValueError for bad arguments.
 """
 
 from __future__ import annotations
@@ -26,8 +28,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from engine.executors.base import Executor
+from engine.executors.choose import layer_by_layer, observing
+from engine.executors.dense import DenseFFN
+from engine.executors.sparse import LayerStats, SparseFFN
 from engine.measure.perplexity import window_nll
-from engine.executors.sparse import SparseFFN
 
 
 @dataclass
@@ -38,7 +43,7 @@ class LayerReport:
     recall: float | None
     precision: float | None
     ffn_ms: float          # sparse FFN per token, predictor included
-    dense_ffn_ms: float    # the unfused dense FFN of the same layer per token
+    dense_ffn_ms: float    # the dense FFN of the same layer per token, run layer by layer
 
 
 @dataclass
@@ -48,7 +53,7 @@ class SparsityReport:
     recall: float | None
     precision: float | None
     ppl_dense: float
-    ppl_dense_unfused: float   # dense FFNs on the unfused decode path, the one sparse layers ride on
+    ppl_dense_unfused: float   # dense FFNs run layer by layer, the path sparse layers ride on
     ppl_sparse: float
     scored_tokens: int
     greedy_agreement: float
@@ -69,6 +74,37 @@ class SparsityReport:
         return d
 
 
+class Timed(Executor):
+    """An FFN executor timed per call (FFN seconds per token of a dense layer)."""
+
+    def __init__(self, ffn):
+        self.ffn = ffn
+        self.kind = ffn.describe()
+        self.stats = LayerStats()
+
+    def __call__(self, h):
+        t0 = time.perf_counter()
+        out = self.ffn(h)
+        self.stats.seconds += time.perf_counter() - t0
+        self.stats.tokens += 1
+        return out
+
+
+def oracle_thresholds(model, ids: np.ndarray, sparsity: float) -> list[float]:
+    """Per-layer thresholds on |act(gate)*up| that leave `sparsity` of the neurons below them, on the
+    calibration tokens `ids` (a quantile per layer; DESIGN.md: the product, not |act(gate)| alone)."""
+    if not 0.0 <= sparsity < 1.0:
+        raise ValueError(f"oracle sparsity must be in [0, 1), got {sparsity}")
+    thr = [0.0] * model.config.num_hidden_layers
+
+    def observe(i, h, gate, up, act):
+        thr[i] = float(np.quantile(np.abs(act), sparsity)) if sparsity > 0 else -1.0
+
+    with model.running(observing(model, observe)):
+        model.forward(np.asarray(ids), model.new_cache(len(ids)))
+    return thr
+
+
 def decode_nll(model, ids: np.ndarray) -> np.ndarray:
     """(len(ids)-1,) float64 NLL of ids[1:], each from a single-token decode step."""
     cache = model.new_cache(len(ids))
@@ -78,7 +114,8 @@ def decode_nll(model, ids: np.ndarray) -> np.ndarray:
     return window_nll(logits, ids)
 
 
-def _windows(llm, ids: list[int], ctx: int, max_windows: int) -> list[np.ndarray]:
+def text_windows(llm, ids: list[int], ctx: int, max_windows: int) -> list[np.ndarray]:
+    """Up to max_windows windows of ctx tokens of `ids`, each starting with BOS if the model adds one."""
     if ctx < 2:
         raise ValueError(f"ctx must be at least 2, got {ctx}")
     ids = np.asarray(ids, dtype=np.int64)
@@ -96,8 +133,8 @@ def _windows(llm, ids: list[int], ctx: int, max_windows: int) -> list[np.ndarray
     return out
 
 
-def _greedy(model, prompt: list[int], n: int, sparse) -> list[int]:
-    model.sparse = sparse
+def greedy(model, prompt: list[int], n: int) -> list[int]:
+    """n greedy tokens after `prompt`, with the executors the model runs now."""
     cache = model.new_cache(len(prompt) + n)
     logits = model.forward(np.asarray(prompt), cache, all_logits=False)[0]
     out = []
@@ -108,9 +145,8 @@ def _greedy(model, prompt: list[int], n: int, sparse) -> list[int]:
     return out
 
 
-def _agreement(model, prompt: list[int], dense_tokens: list[int], sparse) -> float:
-    """Share of steps where sparse decode's argmax equals dense's, fed dense's own tokens."""
-    model.sparse = sparse
+def _agreement(model, prompt: list[int], dense_tokens: list[int]) -> float:
+    """Share of steps where the model's argmax equals dense's, fed dense's own tokens."""
     cache = model.new_cache(len(prompt) + len(dense_tokens))
     logits = model.forward(np.asarray(prompt), cache, all_logits=False)[0]
     same = 0
@@ -120,8 +156,7 @@ def _agreement(model, prompt: list[int], dense_tokens: list[int], sparse) -> flo
     return same / max(1, len(dense_tokens))
 
 
-def _decode_seconds(model, prompt: list[int], n: int, sparse) -> float:
-    model.sparse = sparse
+def _decode_seconds(model, prompt: list[int], n: int) -> float:
     cache = model.new_cache(len(prompt) + n)
     model.forward(np.asarray(prompt), cache, all_logits=False)
     tok = prompt[-1]
@@ -132,42 +167,43 @@ def _decode_seconds(model, prompt: list[int], n: int, sparse) -> float:
     return time.perf_counter() - t0
 
 
-def dense_nll(model, wins: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray, SparseFFN]:
-    """Per-token NLL of dense decode (the fused default path) and of dense FFNs run through an executor
-    (the unfused path that sparse layers ride on), and that dense-mode executor."""
-    model.sparse = None
+def dense_nll(model, wins: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray, list[Timed]]:
+    """Per-token NLL of the model's own dense decode and of dense FFNs run layer by layer (the path
+    sparse layers ride on), and those timed layer-by-layer FFN executors."""
     nll_dense = np.concatenate([decode_nll(model, w) for w in wins])
-    dense_exec = SparseFFN(model, ["dense"] * model.config.num_hidden_layers, run_dense=True)
-    model.sparse = dense_exec
-    nll_unfused = np.concatenate([decode_nll(model, w) for w in wins])
-    model.sparse = None
-    return nll_dense, nll_unfused, dense_exec
+    timed = [Timed(DenseFFN(lw, model.config.act_kind)) for lw in model.weights.layers]
+    with model.running(layer_by_layer(model, timed)):
+        nll_unfused = np.concatenate([decode_nll(model, w) for w in wins])
+    return nll_dense, nll_unfused, timed
 
 
-def sparse_quality(model, sparse: SparseFFN, wins: list[np.ndarray], prompt_ids: list[int],
+def sparse_quality(model, ffns: list, wins: list[np.ndarray], prompt_ids: list[int],
                    dense_tokens: list[int]) -> tuple[np.ndarray, list, int, float]:
-    """Quality of `sparse` against dense decode, untimed (the true active sets are counted, which costs a
-    dense FFN per step): per-token NLL, per-layer stats of that pass, the identical greedy prefix and the
-    teacher-forced greedy agreement over dense_tokens."""
+    """Quality of decode through `ffns` (one executor per layer) against dense decode, untimed (the
+    true active sets are counted, which costs a dense FFN per step): per-token NLL, per-layer stats of
+    that pass (None for dense layers), the identical greedy prefix and the teacher-forced greedy
+    agreement over dense_tokens."""
     n = len(dense_tokens)
-    sparse.track_truth = True
-    sparse.reset_stats()
-    model.sparse = sparse
-    try:
-        nll_sparse = np.concatenate([decode_nll(model, w) for w in wins])
-    finally:
-        sparse.track_truth = False
-    quality_stats = [copy.copy(st) for st in sparse.stats]
-    sparse_tokens = _greedy(model, prompt_ids, n, sparse)
-    prefix = next((i for i, (a, b) in enumerate(zip(dense_tokens, sparse_tokens)) if a != b), n)
-    agree = _agreement(model, prompt_ids, dense_tokens, sparse)
-    model.sparse = None
+    sparse = [f for f in ffns if isinstance(f, SparseFFN)]
+    with model.running(layer_by_layer(model, ffns)):
+        for f in sparse:
+            f.track_truth, f.stats = True, LayerStats()
+        try:
+            nll_sparse = np.concatenate([decode_nll(model, w) for w in wins])
+        finally:
+            for f in sparse:
+                f.track_truth = False
+        quality_stats = [copy.copy(f.stats) if isinstance(f, SparseFFN) else None for f in ffns]
+        sparse_tokens = greedy(model, prompt_ids, n)
+        prefix = next((i for i, (a, b) in enumerate(zip(dense_tokens, sparse_tokens)) if a != b), n)
+        agree = _agreement(model, prompt_ids, dense_tokens)
     return nll_sparse, quality_stats, prefix, agree
 
 
-def evaluate(llm, sparse: SparseFFN, text_ids: list[int], prompt_ids: list[int], *, ctx: int = 256,
+def evaluate(llm, ffns: list, text_ids: list[int], prompt_ids: list[int], *, ctx: int = 256,
              windows: int = 2, gen_tokens: int = 32, rounds: int = 3) -> SparsityReport:
-    """Compare `sparse` (an executor built for llm.model) with dense decode; see the module docstring."""
+    """Compare decode through `ffns` (engine.executors.sparse.decode_ffns for llm.model, records="copy")
+    with dense decode; see the module docstring."""
     if gen_tokens < 2:
         raise ValueError(f"gen_tokens must be at least 2, got {gen_tokens}")
     if not prompt_ids:
@@ -175,44 +211,41 @@ def evaluate(llm, sparse: SparseFFN, text_ids: list[int], prompt_ids: list[int],
     model = llm.model
     if len(prompt_ids) + gen_tokens > llm.n_ctx or ctx > llm.n_ctx:
         raise ValueError(f"prompt + {gen_tokens} tokens or ctx {ctx} exceed the context of {llm.n_ctx}")
-    before = model.sparse
     f = model.config.intermediate_size
-    try:
-        wins = _windows(llm, text_ids, ctx, windows)
-        nll_dense, nll_unfused, dense_exec = dense_nll(model, wins)
-        dense_tokens = _greedy(model, prompt_ids, gen_tokens, None)
-        nll_sparse, quality_stats, prefix, agree = sparse_quality(model, sparse, wins, prompt_ids, dense_tokens)
-        # speed: alternate dense and sparse decode; FFN times from a dense-mode executor and the sparse one
-        _decode_seconds(model, prompt_ids, 2, sparse)              # warm-up (kernel compilation)
-        _decode_seconds(model, prompt_ids, 2, dense_exec)
-        _decode_seconds(model, prompt_ids, 2, None)
-        sparse.reset_stats()
-        dense_exec.reset_stats()
-        t_dense, t_sparse = [], []
-        for _ in range(rounds):
-            t_dense.append(_decode_seconds(model, prompt_ids, gen_tokens, None))
-            t_sparse.append(_decode_seconds(model, prompt_ids, gen_tokens, sparse))
-            _decode_seconds(model, prompt_ids, gen_tokens, dense_exec)
-    finally:
-        model.sparse = before
+    wins = text_windows(llm, text_ids, ctx, windows)
+    nll_dense, nll_unfused, timed = dense_nll(model, wins)
+    dense_tokens = greedy(model, prompt_ids, gen_tokens)
+    nll_sparse, quality_stats, prefix, agree = sparse_quality(model, ffns, wins, prompt_ids, dense_tokens)
+    # speed: alternate dense and sparse decode; FFN times from timed dense executors and the sparse ones
+    sparse_run, timed_run = layer_by_layer(model, ffns), layer_by_layer(model, timed)
+    for executors in (model.executors, sparse_run, timed_run):          # warm-up (kernel compilation)
+        with model.running(executors):
+            _decode_seconds(model, prompt_ids, 2)
+    for ex in [f for f in ffns if isinstance(f, SparseFFN)] + timed:
+        ex.stats = LayerStats()
+    t_dense, t_sparse = [], []
+    for _ in range(rounds):
+        t_dense.append(_decode_seconds(model, prompt_ids, gen_tokens))
+        with model.running(sparse_run):
+            t_sparse.append(_decode_seconds(model, prompt_ids, gen_tokens))
+        with model.running(timed_run):
+            _decode_seconds(model, prompt_ids, gen_tokens)
     layers = []
-    for i, (q, s, d) in enumerate(zip(quality_stats, sparse.stats, dense_exec.stats)):
-        dense_ms = 1e3 * d.seconds / max(1, d.tokens)
-        is_dense = sparse.layers[i].mode == "dense"     # run inline by the model, not by the executor
+    for i, (q, s, d) in enumerate(zip(quality_stats, ffns, timed)):
+        dense_ms = 1e3 * d.stats.seconds / max(1, d.stats.tokens)
+        is_dense = q is None
         layers.append(LayerReport(
-            layer=i, mode=sparse.layers[i].mode, sparsity=0.0 if is_dense else q.sparsity(f),
-            recall=q.hits / q.true_active if q.true_active else None,
-            precision=q.hits / q.chosen if q.chosen and q.true_active else None,
-            ffn_ms=dense_ms if is_dense else 1e3 * s.seconds / max(1, s.tokens), dense_ffn_ms=dense_ms))
-    sparse_layers = [q for q, lay in zip(quality_stats, sparse.layers) if lay.mode != "dense"]
+            layer=i, mode="dense" if is_dense else s.mode, sparsity=0.0 if is_dense else q.sparsity(f),
+            recall=None if is_dense or not q.true_active else q.hits / q.true_active,
+            precision=q.hits / q.chosen if not is_dense and q.chosen and q.true_active else None,
+            ffn_ms=dense_ms if is_dense else 1e3 * s.stats.seconds / max(1, s.stats.tokens), dense_ffn_ms=dense_ms))
+    sparse_layers = [q for q in quality_stats if q is not None]
     hits = sum(q.hits for q in sparse_layers)
     true = sum(q.true_active for q in sparse_layers)
     chosen = sum(q.chosen for q in sparse_layers)
-    tokens = max(1, quality_stats[0].tokens)
-    all_chosen = sum(q.chosen if lay.mode != "dense" else tokens * f for q, lay in zip(quality_stats, sparse.layers))
-    notes = []
-    if any(lay.mode == "dense" for lay in sparse.layers):
-        notes.append("dense layers count as 0% sparsity in the overall figure")
+    tokens = sum(len(w) for w in wins)                       # decode steps of the quality pass
+    all_chosen = sum(q.chosen if q is not None else tokens * f for q in quality_stats)
+    notes = ["dense layers count as 0% sparsity in the overall figure"] if len(sparse_layers) < len(ffns) else []
     return SparsityReport(
         layers=layers, sparsity=1.0 - all_chosen / (tokens * f * len(layers)),
         recall=hits / true if true else None, precision=hits / chosen if chosen and true else None,
@@ -221,4 +254,4 @@ def evaluate(llm, sparse: SparseFFN, text_ids: list[int], prompt_ids: list[int],
         scored_tokens=len(nll_dense), greedy_agreement=agree, greedy_prefix=prefix, greedy_tokens=gen_tokens,
         ffn_ms=sum(lr.ffn_ms for lr in layers), dense_ffn_ms=sum(lr.dense_ffn_ms for lr in layers),
         decode_tps=gen_tokens / statistics.median(t_sparse), dense_decode_tps=gen_tokens / statistics.median(t_dense),
-        extra_bytes=sparse.extra_bytes, notes=notes)
+        extra_bytes=sum(f.extra_bytes for f in ffns if isinstance(f, SparseFFN)), notes=notes)

@@ -2,15 +2,15 @@
 every kernel the model will run is compiled or loaded from numba's cache *before* the weights are read.
 
 Why: loading kernels touches ~20-30 MiB of the JIT compiler's code and heap, which engine/memory.py
-gives back afterwards. Warming up on the real model put that on top of the weights, and it was the
-process's peak RSS (220 MiB on SmolLM2 against 200 once loaded). numba compiles per argument *types*
-(dtype, dimensions, layout), not per shape, so a model with the same layouts at 256-wide shapes selects
-the same compiled code, and Transformer makes the same decisions for it (fused decode, layer
-stacking, sparse attach).
+gives back afterwards; warming up on the real model would put that on top of the weights, where it
+sets the process's peak RSS. numba compiles per argument *types* (dtype, dimensions, layout), not per
+shape, so a model with the same layouts at 256-wide shapes selects the same compiled code, and the
+same executors are chosen for it (one-region decode, layer stacking, sparse records): the model and
+its miniature are both built by engine/model/transformer.build, under the same plan.
 
 The miniature keeps, from the real model: each tensor's GGUF type, the head dimension, whether K/V
 heads are shared (GQA) or not, biases, tied or separate LM head, and one layer per distinct
-combination of layer tensor types (so a mixed-type model stays mixed). Everything else is small:
+combination of layer tensor types and decode mode (so a mixed model stays mixed). Everything else is small:
 hidden and FFN width 256 (the largest GGUF block), a query width that is a multiple of 256, vocab 256.
 """
 
@@ -36,14 +36,17 @@ def _layer_types(g: GGUFFile, i: int) -> tuple:
     return tuple(int(g.tensors[n].ggml_type) if n in g.tensors else None for n in names)
 
 
-def gguf_miniature(g: GGUFFile, config: ModelConfig) -> tuple[ModelConfig, ModelWeights]:
-    """(config, weights) of the miniature of the GGUF model `g` whose config is `config`."""
+def gguf_miniature(g: GGUFFile, config: ModelConfig, modes: tuple[str, ...] | None = None
+                   ) -> tuple[ModelConfig, ModelWeights, list[int]]:
+    """(config, weights, layer_of) of the miniature of the GGUF model `g` whose config is `config`:
+    one layer per distinct combination of the layer's tensor types and its decode mode (modes, one per
+    layer, engine/executors/plan.py), layer_of[j] the real layer miniature layer j stands for."""
     hd = config.head_dim
     heads = WIDTH // math.gcd(WIDTH, hd)              # query width heads * hd: a multiple of WIDTH
     kv = 1 if config.num_key_value_heads < config.num_attention_heads else heads
     distinct, layer_of = [], []                        # the real layer each miniature layer stands for
     for i in range(config.num_hidden_layers):
-        types = _layer_types(g, i)
+        types = (_layer_types(g, i), modes[i] if modes else "dense")
         if types not in distinct:
             distinct.append(types)
             layer_of.append(i)
@@ -76,7 +79,7 @@ def gguf_miniature(g: GGUFFile, config: ModelConfig) -> tuple[ModelConfig, Model
     weights = assemble(mini, GGUF, mini.source, matrix, vector, lambda n: real_name(n) in g.tensors)
     if "rope_freqs.weight" in g.tensors:
         weights.rope_freq_factors = np.ones(hd // 2, np.float32)
-    return mini, weights
+    return mini, weights, layer_of
 
 
 def _mini_shapes(c: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -90,17 +93,16 @@ def _mini_shapes(c: ModelConfig) -> dict[str, tuple[int, ...]]:
             "attn_v.bias": (kv,), "attn_output.bias": (h,)}
 
 
-def warm_up_kernels(g: GGUFFile, config: ModelConfig, kv_dtype=np.uint16) -> None:
-    """Compile or load every kernel the GGUF model will run with a KV cache of kv_dtype, on its
-    miniature, and give the compiler's memory back (engine/memory.py): call before reading the weights."""
+def warm_up_kernels(g: GGUFFile, config: ModelConfig, plan, kv_dtype=np.uint16) -> None:
+    """Compile or load every kernel the GGUF model will run under `plan` (engine/executors/plan.py;
+    resident and without predictors) with a KV cache of kv_dtype, on its miniature, and give the
+    compiler's memory back (engine/memory.py): call before reading the weights."""
     from engine.memory import release_compiler_pages
-    from engine.model.transformer import Transformer
-    from engine.executors.sparse import attach, default_modes
+    from engine.model.transformer import build
 
-    modes = default_modes(config)                   # as engine.llm.load runs a model without a plan
-    model = Transformer(*gguf_miniature(g, config), decode_stacks=all(m == "dense" for m in modes))
-    model.kv_dtype = kv_dtype
-    attach(model, modes, records="move")
+    mini, weights, layer_of = gguf_miniature(g, config, plan.decode)
+    mini_plan = dataclasses.replace(plan, decode=tuple(plan.decode[i] for i in layer_of))
+    model = build(mini, weights, mini_plan, kv_dtype)
     model.warm_up()
     del model
     release_compiler_pages()

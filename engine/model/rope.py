@@ -46,3 +46,18 @@ def cos_sin(positions: np.ndarray, freqs: np.ndarray, pos_scale: float = 1.0) ->
     """positions (n,) int -> cos, sin (n, head_dim/2) float32 (computed in float64, then rounded)."""
     angles = np.outer(positions.astype(np.float64) * pos_scale, freqs)
     return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+
+
+class RopeTable:
+    """cos, sin of every position used so far, grown by doubling and reused."""
+
+    def __init__(self, config: ModelConfig, freq_factors: np.ndarray | None = None):
+        self.freqs = inv_freq(config, freq_factors)
+        self.pos_scale = position_scale(config)
+        self.cos = self.sin = np.zeros((0, config.head_dim // 2), dtype=np.float32)   # (positions, hd/2) f32
+
+    def table(self, start: int, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """cos, sin (n, head_dim/2) f32 for positions start..start+n-1."""
+        if len(self.cos) < start + n:
+            self.cos, self.sin = cos_sin(np.arange(max(start + n, 2 * len(self.cos))), self.freqs, self.pos_scale)
+        return self.cos[start:start + n], self.sin[start:start + n]

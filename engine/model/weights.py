@@ -69,23 +69,6 @@ class Weight:
         """Rows r0..r1 as a view (no copy)."""
         return type(self)(*[a[r0:r1] for a in self._arrays()])
 
-
-def concat_rows(weights: list[Weight]) -> Weight | None:
-    """One weight holding the rows of all `weights`, or None when their layouts differ.
-
-    Decode runs q/k/v (and gate/up) as one matvec over the stacked rows: one parallel kernel launch
-    instead of three (about 3 us each here, measured back to back; DESIGN.md's ~25 us is the cost on
-    a busier machine), and longer row loops for each thread."""
-    first = weights[0]
-    parts = [w._arrays() for w in weights]
-    if any(type(w) is not type(first) for w in weights):
-        return None
-    # Same layout also means the same number of scale blocks per row (I8's B = 16 or 32) and the same
-    # scale dtype (float32, or f16 bits), else np.concatenate would silently convert.
-    if any(tuple((a.shape[1:], a.dtype) for a in p) != tuple((a.shape[1:], a.dtype) for a in parts[0]) for p in parts):
-        return None
-    return type(first)(*[np.concatenate(arrs) for arrs in zip(*parts)])
-
     # layout-specific
     def _arrays(self) -> tuple[np.ndarray, ...]:
         raise NotImplementedError

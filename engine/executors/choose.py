@@ -1,0 +1,64 @@
+"""Choosing the executors, once, at load (STYLE.md: choose once; DESIGN.md: the polymorphic engine).
+
+From the plan (engine/executors/plan.py), the model's weight layouts and the kernels this machine has:
+- prefill: the layer-by-layer stack, every FFN dense (BLAS tiles), or flash when the plan streams FFNs;
+- decode:
+  - flash, when the plan streams every FFN from the bundle file (engine/executors/flash_ffn.py);
+  - the one-region decode (engine/executors/one_region.py), when every layer is dense and it can run
+    them all (numba with the row dots; Q4 or 32-block I8 layouts, no biases, the same shapes);
+  - else the layer-by-layer stack with each layer's FFN executor: dense, or sparse in the plan's mode.
+engine/model/layout.py arranges the weights for what was chosen, the same way for the model and for its
+miniature (engine/model/miniature.py), and `Executors.describe()` prints the choice.
+
+`observing` and `layer_by_layer` make the other executor sets that measurement code runs a model with
+(Transformer.running): every FFN observed, or the layers through given FFN executors.
+"""
+
+from __future__ import annotations
+
+from engine.executors.base import Executors
+from engine.executors.dense import DenseFFN, ObservedFFN
+from engine.executors.one_region import AVAILABLE as ONE_REGION, OneRegionDecode
+from engine.executors.plan import Plan
+from engine.executors.sparse import decode_ffns
+from engine.executors.stack import LayerStack
+from engine.model import layout
+
+
+def choose(config, weights, plan: Plan) -> Executors:
+    """The executors that run `weights` (a model's ModelWeights, arranged here in place) under `plan`."""
+    layers = weights.layers
+    for lw in layers:
+        layout.fuse(lw)
+    extra = (weights.lm_head,) if plan.head_on_flash else ()
+    if plan.flash is not None:
+        from engine.executors.flash_ffn import open_flash
+
+        store = open_flash(config, plan)
+        return Executors(LayerStack(config, layers, store.layer_ffns(batched=True), batched=True),
+                         LayerStack(config, layers, store.layer_ffns(batched=False), batched=False), extra)
+    dense = all(m == "dense" for m in plan.decode)
+    if (dense and ONE_REGION and all(layout.one_region_layer(lw) for lw in layers)
+            and layout.same_layouts(layers)):
+        decode = OneRegionDecode(config, layout.stack_layers(layers))
+    else:
+        decode = LayerStack(config, layers, decode_ffns(config, layers, plan.decode, predictors=plan.predictors,
+                                                        cluster=plan.cluster), batched=False)
+    prefill = LayerStack(config, layers, [DenseFFN(lw, config.act_kind) for lw in layers], batched=True)
+    return Executors(prefill, decode, extra)
+
+
+def observing(model, observer) -> Executors:
+    """The model's layers with every FFN dense and observed (engine/executors/dense.ObservedFFN), in
+    both phases."""
+    c = model.config
+    ffns = [ObservedFFN(lw, c.act_kind, i, observer) for i, lw in enumerate(model.weights.layers)]
+    return layer_by_layer(model, ffns, ffns)
+
+
+def layer_by_layer(model, decode_ffns: list, prefill_ffns: list | None = None) -> Executors:
+    """The model's layers run layer by layer with the given FFN executors (one per layer) in decode,
+    and in prefill too when prefill_ffns is given (else the model's own prefill)."""
+    c, layers = model.config, model.weights.layers
+    prefill = model.executors.prefill if prefill_ffns is None else LayerStack(c, layers, prefill_ffns, batched=True)
+    return Executors(prefill, LayerStack(c, layers, decode_ffns, batched=False), model.executors.extra)

@@ -1,0 +1,117 @@
+"""The execution plan the runtime follows: a deploy directory's plan.json (written by `pocketinfer
+plan`; this module never imports planner/), or the defaults for a model run directly.
+
+plan.json's parts read here:
+- decode.layers[i].mode: "dense", or "sparse" (the planner's word for predicted: the layer's predictor
+  picks the neurons; predictors from files.predictors). decode.layers[i].threshold overrides a
+  predictor's threshold; decode.cluster_size groups neurons. relu-exact and oracle are accepted too;
+- execution.weights == "flash": every FFN runs from the bundle file files.bundles, per layer with
+  hot_neurons resident and cold_cache_neurons cached; io.direct_io, io.reader_threads and
+  io.request_bytes set its reader, flash.cache_policy the cache;
+- execution.lm_head == "flash": the embeddings and LM head stream from the weights file.
+Without a plan (`default_plan`): relu-exact for ReLU-family models (exact, and trained ReLU models leave
+85-97% of neurons at zero), dense for the rest. Why dense for SwiGLU: on SmolLM2-135M even a perfect
+(oracle) neuron selection keeps perplexity within 2% only up to about 50% sparsity, low-rank
+predictors reach 56-60% precision, and the sparse path decodes slower than dense on such small
+matrices (BENCHMARKS.md, tools/sparsity_curve.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from engine.errors import ModelFormatError
+from engine.executors.flash_ffn import LayerPlan
+from engine.executors.predictor import LayerPredictor, load_predictors
+from kernels.activation import DRELU, RELU
+
+MODES = ("dense", "relu-exact", "predicted", "oracle")
+
+
+@dataclass(frozen=True)
+class FlashPlan:
+    bundles: Path              # the bundle file
+    fingerprint: str           # the model's, checked against the bundle file's header
+    layers: tuple[LayerPlan, ...]
+    direct_io: bool = True
+    reader_threads: int = 1
+    request_bytes: int = 256 << 10
+    cache_policy: str = "lru"
+
+
+@dataclass(frozen=True)
+class Plan:
+    decode: tuple[str, ...]                                    # per layer: one of MODES
+    predictors: dict[int, LayerPredictor] = field(default_factory=dict)
+    cluster: int = 1                                           # neurons per cluster in sparse layers
+    flash: FlashPlan | None = None                             # FFNs from the bundle file, else resident
+    head_on_flash: bool = False                                # embeddings / LM head streamed from the file
+    source: str = "defaults"                                   # where the plan came from, for describe()
+
+    def unloaded(self) -> set[str]:
+        """Our names of the matrices the plan serves from flash, which the reader must not load."""
+        out = set()
+        if self.flash is not None:
+            out |= {f"layers.{i}.{f}" for i in range(len(self.decode)) for f in ("w_gate", "w_up", "w_down")}
+        if self.head_on_flash:
+            out |= {"embed", "lm_head"}
+        return out
+
+
+def default_plan(config, sparse: bool = True) -> Plan:
+    """The plan of a model run without one (module docstring); sparse=False: every layer dense."""
+    mode = "relu-exact" if sparse and config.act_kind in (RELU, DRELU) else "dense"
+    return Plan(decode=(mode,) * config.num_hidden_layers)
+
+
+def read_plan(path: str | Path, config) -> Plan:
+    """The plan in `path`: a deploy's plan.json (module docstring), or a predictors.npz (every layer
+    with a predictor runs predicted, the rest dense)."""
+    c = config
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such plan or predictor file")
+    if path.suffix == ".npz":
+        preds = load_predictors(path, c.hidden_size, c.intermediate_size)
+        modes = tuple("predicted" if i in preds else "dense" for i in range(c.num_hidden_layers))
+        return Plan(decode=modes, predictors=preds, source=str(path))
+    try:
+        plan = json.loads(path.read_text(encoding="utf-8"))
+        decode = plan["decode"]
+        layers = decode["layers"]
+        modes = tuple(layer.get("mode", "dense") for layer in layers)
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise ModelFormatError(f"{path}: not a plan with a decode.layers list ({e}); re-run `pocketinfer plan`") from None
+    if len(layers) != c.num_hidden_layers:
+        raise ModelFormatError(f"{path}: decode.layers has {len(layers)} entries, the model has "
+                               f"{c.num_hidden_layers} layers; the plan is for another model")
+    modes = tuple("predicted" if m == "sparse" else m for m in modes)       # the planner's word
+    for i, mode in enumerate(modes):
+        if mode not in MODES:
+            raise ModelFormatError(f"{path}: decode.layers[{i}].mode is {mode!r}, expected one of {', '.join(MODES)}")
+    files = plan.get("files") or {}
+    pred_file = decode.get("predictors") or files.get("predictors")
+    preds = {}
+    if pred_file and "predicted" in modes:
+        preds = load_predictors(path.parent / pred_file, c.hidden_size, c.intermediate_size)
+    for i, layer in enumerate(layers):
+        if layer.get("threshold") is not None and i in preds:
+            preds[i] = dataclasses.replace(preds[i], threshold=float(layer["threshold"]))
+    execution = plan.get("execution") or {}
+    flash = None
+    if execution.get("weights") == "flash":
+        if "bundles" not in files:
+            raise ModelFormatError(f"{path}: a flash plan without files.bundles; re-run `pocketinfer plan`")
+        io = plan.get("io") or {}
+        flash = FlashPlan(
+            bundles=path.parent / files["bundles"], fingerprint=plan["model"]["fingerprint"],
+            layers=tuple(LayerPlan("predicted" if m == "predicted" else "dense", int(lay.get("hot_neurons", 0)),
+                                    int(lay.get("cold_cache_neurons", 0))) for m, lay in zip(modes, layers)),
+            direct_io=bool(io.get("direct_io", True)), reader_threads=max(1, int(io.get("reader_threads") or 1)),
+            request_bytes=int(io.get("request_bytes") or 256 << 10),
+            cache_policy=(plan.get("flash") or {}).get("cache_policy", "lru"))
+    return Plan(decode=modes, predictors=preds, cluster=int(decode.get("cluster_size", 1)), flash=flash,
+                head_on_flash=execution.get("lm_head") == "flash", source=str(path))

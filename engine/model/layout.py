@@ -1,0 +1,241 @@
+"""The one module that arranges a model's weights for the executors chosen at load
+(engine/executors/choose.py): everything that rewrites LayerWeights or builds a second layout of them.
+
+- fuse: wq|wk|wv and w_gate|w_up stacked into one weight each where their layouts match, the separate
+  weights turned into row views of the stack (no extra memory): one matvec launch instead of three.
+- stack_layers: every layer's arrays in one (layers, ...) array per field, for the one-region decode
+  (kernels/decode_token.py walks the layers by index in one call).
+- transpose_down: down (hidden, ffn) as downT (ffn, hidden), neuron-major, in int8 for quantized
+  sources, so that a chosen neuron reads one contiguous row (engine/executors/sparse.py explains the
+  precision).
+- sparse_arrays: a sparse layer's gate row, up row and downT row of each neuron side by side in one
+  neuron record (kernels/neuron_records.py); at load the layer's gate and up become views of the
+  records, so that they cost no memory beyond downT's.
+
+engine/executors/choose.py calls these for the executors it chose, for a loaded model and for its
+miniature (engine/model/miniature.py) alike, so that the warm-up compiles exactly the layouts the model
+will run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from engine.errors import ConfigError
+from engine.memory import trim_heap
+from engine.model.weights import BF16Weight, F16Weight, F32Weight, I8Weight, Q4Weight, Weight
+from kernels.neuron_records import pack
+
+FUSED = (("wqkv", ("wq", "wk", "wv")), ("w_gate_up", ("w_gate", "w_up")))
+ONE_REGION_MATS = ("wqkv", "wo", "w_gate_up", "w_down")   # kernels/decode_token.py's matrices, in its order
+DOWN_FORMATS = ("auto", "i8", "q4", "f32")
+_TILE_ROWS = 256                            # rows of down dequantized at a time while transposing
+
+
+# ---------------------------------------------------------------- fused rows and layer stacks
+
+def fuse(lw) -> None:
+    """Stack wq|wk|wv and w_gate|w_up where their layouts match (module docstring)."""
+    for fused_name, names in FUSED:
+        parts = [getattr(lw, n) for n in names]
+        if any(w is None for w in parts):     # left on flash by a deploy's plan
+            continue
+        fused = concat_rows(parts)
+        if fused is not None:
+            setattr(lw, fused_name, fused)
+            _split_views(lw, fused_name, names)
+
+
+def concat_rows(weights: list[Weight]) -> Weight | None:
+    """One weight holding the rows of all `weights`, or None when their layouts differ.
+
+    Decode runs q/k/v (and gate/up) as one matvec over the stacked rows: one parallel kernel launch
+    instead of three (a few microseconds each, DESIGN.md), and longer row loops for each thread."""
+    first = weights[0]
+    parts = [w._arrays() for w in weights]
+    if any(type(w) is not type(first) for w in weights):
+        return None
+    # Same layout also means the same number of scale blocks per row (I8's B = 16 or 32) and the same
+    # scale dtype (float32, or f16 bits), else np.concatenate would silently convert.
+    if any(tuple((a.shape[1:], a.dtype) for a in p) != tuple((a.shape[1:], a.dtype) for a in parts[0]) for p in parts):
+        return None
+    return type(first)(*[np.concatenate(arrs) for arrs in zip(*parts)])
+
+
+def _split_views(lw, fused_name: str, names: tuple[str, ...]) -> None:
+    """The separate weights `names` as row views of the fused one, in order."""
+    fused, r0 = getattr(lw, fused_name), 0
+    for n in names:
+        rows = getattr(lw, n).shape[0]
+        setattr(lw, n, fused.row_slice(r0, r0 + rows))
+        r0 += rows
+
+
+def one_region_layer(lw) -> bool:
+    """Whether kernels/decode_token.py runs this layer: Q4 or 32-block I8 matrices, no biases."""
+    mats = [getattr(lw, f) for f in ONE_REGION_MATS]
+    return (all(isinstance(w, Q4Weight) or (isinstance(w, I8Weight) and w.q.shape[1] == 32 * w.d.shape[1])
+                for w in mats) and all(b is None for b in (lw.bq, lw.bk, lw.bv, lw.bo)))
+
+
+def same_layouts(layers) -> bool:
+    """Whether every layer's one-region matrices have the same array shapes and dtypes (stackable)."""
+    def sig(lw):
+        return [(a.shape, a.dtype) for f in ONE_REGION_MATS for a in getattr(lw, f)._arrays()]
+    return len({str(sig(lw)) for lw in layers}) == 1
+
+
+def stack_layers(layers) -> tuple[np.ndarray, ...]:
+    """Every layer's norms and arrays of q|k|v, o, gate|up and down in one (layers, ...) array per
+    field, the layers' weights turned into views of them. Arrays passed one by one would cost ~450
+    unboxings per token, numba's typed lists ~50 MiB of compiler memory at load. Layer by layer, so the
+    copy adds one layer to the peak."""
+    L = len(layers)
+    norms = (np.stack([lw.attn_norm for lw in layers]), np.stack([lw.ffn_norm for lw in layers]))
+    stacks = [np.empty((L,) + a.shape, a.dtype) for f in ONE_REGION_MATS for a in getattr(layers[0], f)._arrays()]
+    for i, lw in enumerate(layers):
+        lw.attn_norm, lw.ffn_norm = norms[0][i], norms[1][i]
+        k = 0
+        for f in ONE_REGION_MATS:
+            w = getattr(lw, f)
+            parts = []
+            for a in w._arrays():
+                stacks[k][i] = a
+                parts.append(stacks[k][i])
+                k += 1
+            setattr(lw, f, type(w)(*parts))
+        for fused_name, names in FUSED:       # drop the views of the old arrays, freeing them
+            _split_views(lw, fused_name, names)
+        trim_heap()     # glibc keeps freed blocks of these sizes on its heap: give each layer's back now
+    return norms + tuple(stacks)
+
+
+# ---------------------------------------------------------------- sparse decode: downT and neuron records
+
+def kernel_arrays(w: Weight) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """A weight's arrays as kernels/sparse_ffn.py takes them, (w, d, m), and the bits16 flag (1 = BF16,
+    0 = F16, -1 = not 16-bit)."""
+    if isinstance(w, (Q4Weight, I8Weight)):
+        return (*w._arrays(), -1)
+    if not isinstance(w, (F32Weight, F16Weight, BF16Weight)):
+        raise ConfigError(f"sparse decode has no kernel for weight layout {type(w).__name__}")
+    e = np.zeros((w.shape[0], 0), np.float32)
+    if isinstance(w, F32Weight):
+        return w.w, e, e, -1
+    return w.bits, e, e, int(isinstance(w, BF16Weight))
+
+
+def bits16_flag(*flags: int) -> int:
+    """The one 16-bit float kind of an FFN's arrays (0 when none is 16-bit)."""
+    kinds = {f for f in flags if f >= 0}
+    if len(kinds) > 1:
+        raise ConfigError("sparse decode cannot mix F16 and BF16 weights in one FFN layer; convert the model "
+                          "to one 16-bit format")
+    return kinds.pop() if kinds else 0
+def quantize_i8(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """a (rows, cols) f32, cols % 32 == 0 -> q (rows, cols) int8, d (rows, cols/32) uint16 f16 bits:
+    value = d*q with d = max|block|/127 (Q8_0's rule, the scale rounded to f16 before dividing)."""
+    rows, cols = a.shape
+    blocks = a.reshape(rows, cols // 32, 32)
+    d = (np.abs(blocks).max(axis=2) / 127.0).astype(np.float16)
+    inv = np.divide(1.0, d.astype(np.float32), out=np.zeros(d.shape, np.float32), where=d != 0)
+    q = np.clip(np.rint(blocks * inv[:, :, None]), -127, 127).astype(np.int8).reshape(rows, cols)
+    return q, d.view(np.uint16)
+
+
+def quantize_q4(a: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """a (rows, cols) f32 -> Q4_1-style qs (rows, cols/2) uint8 in GGUF nibble order, d and m
+    (rows, cols/32) uint16 f16 bits: value = d*q + m, q in 0..15 (kernels/layouts.md)."""
+    rows, cols = a.shape
+    blocks = a.reshape(rows, cols // 32, 32)
+    lo, hi = blocks.min(axis=2), blocks.max(axis=2)
+    d = ((hi - lo) / 15.0).astype(np.float16)
+    m = lo.astype(np.float16)
+    inv = np.divide(1.0, d.astype(np.float32), out=np.zeros(d.shape, np.float32), where=d != 0)
+    q = np.clip(np.rint((blocks - m.astype(np.float32)[:, :, None]) * inv[:, :, None]), 0, 15).astype(np.uint8)
+    qs = (q[:, :, :16] | (q[:, :, 16:] << 4)).reshape(rows, cols // 2)
+    return qs, d.view(np.uint16), m.view(np.uint16)
+
+
+def transpose_down(down: Weight, down_format: str = "auto") -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int]:
+    """down (hidden, ffn) -> the kernel arrays of downT (ffn, hidden), its per-hidden-dimension output
+    scale (hidden,) f32 and its bits16 flag (module docstring). Quantized formats are built one tile of
+    down's rows at a time (whole 32-blocks along hidden), so no full float32 copy ever exists; each
+    hidden dimension is divided by its largest |value| before quantizing (kernels/sparse_ffn.py)."""
+    if down_format not in DOWN_FORMATS:
+        raise ConfigError(f"down_format {down_format!r} is not one of {', '.join(DOWN_FORMATS)}")
+    hidden, ffn = down.shape
+    ones = np.ones(hidden, np.float32)
+    if isinstance(down, F32Weight) or (down_format == "f32"):
+        t = np.ascontiguousarray(down.w.T if isinstance(down, F32Weight) else down.to_float32().T)
+        e = np.zeros((ffn, 0), np.float32)
+        return t, e, e, ones, -1
+    if isinstance(down, (F16Weight, BF16Weight)):
+        e = np.zeros((ffn, 0), np.float32)
+        return np.ascontiguousarray(down.bits.T), e, e, ones, int(isinstance(down, BF16Weight))
+    fmt = "i8" if down_format == "auto" else down_format
+    if hidden % 32:
+        raise ConfigError(f"hidden size {hidden} is not a multiple of 32: use down_format='f32'")
+    q = np.empty((ffn, hidden if fmt == "i8" else hidden // 2), np.int8 if fmt == "i8" else np.uint8)
+    d = np.empty((ffn, hidden // 32), np.uint16)
+    m = np.empty((ffn, hidden // 32 if fmt == "q4" else 0), np.uint16)
+    scale = np.empty(hidden, np.float32)                              # (hidden,) f32
+    tile = np.empty((_TILE_ROWS, ffn), np.float32)                   # (rows of down, ffn) f32
+    for r0 in range(0, hidden, _TILE_ROWS):
+        r1 = min(hidden, r0 + _TILE_ROWS)
+        rows = down.dequantize(r0, r1, tile[: r1 - r0])
+        s = np.abs(rows).max(axis=1)
+        s[s == 0] = 1.0
+        scale[r0:r1] = s
+        cols = np.ascontiguousarray((rows / s[:, None]).T)           # (ffn, r1-r0) f32
+        b0, b1 = r0 // 32, r1 // 32
+        if fmt == "i8":
+            q[:, r0:r1], d[:, b0:b1] = quantize_i8(cols)
+        else:
+            q[:, r0 // 2:r1 // 2], d[:, b0:b1], m[:, b0:b1] = quantize_q4(cols)
+    return q, d, m, scale, -1
+
+
+
+@dataclass
+class SparseArrays:
+    """What a sparse layer's kernel reads: kernels/sparse_ffn.sparse_ffn's weight arguments."""
+    args: tuple                     # (gw, gd, gm, uw, ud, um, dw, dd, dm, dscale (hidden,) f32, bits16)
+    records: np.ndarray | None      # (ffn, R) uint8 neuron records the arrays are views of, or None
+    extra_bytes: int                # memory beyond the model's own weights: downT (and copied rows)
+
+
+def sparse_arrays(lw, with_gate: bool, down_format: str = "auto", records: str = "move") -> SparseArrays:
+    """The kernel arrays of a sparse layer: its gate and up as they are, downT (transpose_down) and,
+    for the Q4 and I8 layouts with records != "off", all three in neuron records.
+    with_gate=False leaves gate out of the records (relu-exact reads it densely, as one matvec).
+    records: "move" makes the layer's gate and up views of the records and drops its fused gate|up
+    (the records then cost no memory beyond downT); "copy" leaves the layer untouched (the records
+    are a copy, for measuring sparse decode beside the real dense path); "off" keeps separate arrays."""
+    gw, gd, gm, gf = kernel_arrays(lw.w_gate)
+    uw, ud, um, uf = kernel_arrays(lw.w_up)
+    dw, dd, dm, dscale, df = transpose_down(lw.w_down, down_format)
+    bits16 = bits16_flag(gf, uf, df)
+    extra = dw.nbytes + dd.nbytes + dm.nbytes + dscale.nbytes
+    recordable = type(lw.w_gate) is type(lw.w_up) and isinstance(lw.w_gate, (Q4Weight, I8Weight))
+    if records == "off" or not recordable:
+        return SparseArrays((gw, gd, gm, uw, ud, um, dw, dd, dm, dscale, bits16), None, extra)
+    fields = [gw, uw, dw, gd, ud, dd, gm, um, dm] if with_gate else [uw, dw, ud, dd, um, dm]
+    model_rows = sum(a.nbytes for a in ((gw, gd, gm, uw, ud, um) if with_gate else (uw, ud, um)))
+    rec, views = pack(fields)                                         # (ffn, R) uint8
+    if with_gate:
+        gw, uw, dw, gd, ud, dd, gm, um, dm = views
+    else:
+        uw, dw, ud, dd, um, dm = views
+    if records == "move":
+        g = lw.w_gate
+        if with_gate:
+            lw.w_gate = type(g)(gw, gd, gm)
+        elif lw.w_gate_up is not None:        # gate is a view of the fused gate|up: give it its own rows
+            lw.w_gate = type(g)(*[a.copy() for a in g._arrays()])
+        lw.w_up = type(lw.w_up)(uw, ud, um)
+        lw.w_gate_up = None
+    return SparseArrays((gw, gd, gm, uw, ud, um, dw, dd, dm, dscale, bits16), rec,
+                        rec.nbytes - model_rows + dscale.nbytes)
