@@ -39,6 +39,7 @@ def assert_one_line_error(result, *needles):
         assert n in lines[0], lines[0]
 
 
+@pytest.mark.slow
 def test_missing_safetensors(stories_copy):
     (stories_copy / "model.safetensors").unlink()
     with pytest.raises(ModelFormatError, match="no model.safetensors"):
@@ -46,6 +47,7 @@ def test_missing_safetensors(stories_copy):
     assert_one_line_error(cli("generate", "-m", str(stories_copy), "-p", "hi"), "model.safetensors")
 
 
+@pytest.mark.slow
 def test_truncated_safetensors(stories_copy):
     f = stories_copy / "model.safetensors"
     f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
@@ -63,6 +65,7 @@ def test_corrupt_safetensors_header(stories_copy):
         engine.load(str(stories_copy))
 
 
+@pytest.mark.slow
 def test_config_missing_required_field(stories_copy):
     cfg = json.loads((stories_copy / "config.json").read_text())
     del cfg["hidden_size"]
@@ -97,6 +100,7 @@ def stories_gguf(stories_dir, tmp_path):
     return hf_to_gguf(stories_dir, tmp_path / "stories.gguf", "Q8_0", _vocab_meta(stories_dir))
 
 
+@pytest.mark.slow
 def test_truncated_gguf(stories_gguf):
     data = stories_gguf.read_bytes()
     stories_gguf.write_bytes(data[: len(data) * 2 // 3])
@@ -119,12 +123,14 @@ def test_corrupt_gguf_magic(stories_gguf):
         engine.load(str(stories_gguf))
 
 
+@pytest.mark.slow
 def test_missing_gguf_file(tmp_path):
     with pytest.raises(RegistryError, match="nothere.gguf"):
         engine.load(str(tmp_path / "nothere.gguf"))
     assert_one_line_error(cli("generate", "-m", str(tmp_path / "nothere.gguf"), "-p", "hi"), "nothere.gguf")
 
 
+@pytest.mark.slow
 def test_gguf_unsupported_architecture(tmp_path):
     import gguf
 
@@ -164,6 +170,7 @@ def test_gguf_unsupported_tensor_type(stories_dir, tmp_path):
         engine.load(str(path))
 
 
+@pytest.mark.slow
 def test_prompt_longer_than_context(stories_dir):
     llm = engine.load(str(stories_dir), n_ctx=32)
     with pytest.raises(ContextLengthError, match="32"):
@@ -178,12 +185,14 @@ def test_generation_stops_at_full_context(stories_dir):
     assert r.finish_reason == "length" and len(r.tokens) == 23
 
 
+@pytest.mark.slow
 def test_unknown_alias():
     with pytest.raises(RegistryError, match="unknown|not a file"):
         engine.load("no-such-model-alias")
     assert_one_line_error(cli("generate", "-m", "no-such-model-alias", "-p", "hi"), "no-such-model-alias")
 
 
+@pytest.mark.slow
 def test_bad_sampling_values(stories_dir):
     llm = engine.load(str(stories_dir))
     with pytest.raises(ValueError, match="top_p"):
@@ -193,6 +202,7 @@ def test_bad_sampling_values(stories_dir):
     assert_one_line_error(cli("generate", "-m", str(stories_dir), "-p", "hi", "--top-p", "0"), "top_p")
 
 
+@pytest.mark.slow
 def test_perplexity_text_too_short(stories_dir, tmp_path):
     f = tmp_path / "short.txt"
     f.write_text("Once upon a time.")

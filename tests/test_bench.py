@@ -41,6 +41,7 @@ def peers():
 # ------------------------------------------------------------------------------------ the command
 
 
+@pytest.mark.slow
 def test_bench_json(stories_dir):
     r = cli("bench", "-m", str(stories_dir), "-t", "1", "--prompt-tokens", "9", "--gen-tokens", "5",
             "--repeats", "2", "--json")
@@ -54,6 +55,7 @@ def test_bench_json(stories_dir):
     assert out["prefill_tps"] > 0 and out["decode_tps"] > 0 and out["ttft_s"] > 0 and out["peak_rss_mb"] > 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args, words", [
     (["--gen-tokens", "0"], "--gen-tokens"),
     (["--prompt-tokens", "0"], "--prompt-tokens"),

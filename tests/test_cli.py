@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow      # every test starts `python -m engine` processes
 ROOT = Path(__file__).resolve().parents[1]
 
 

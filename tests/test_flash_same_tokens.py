@@ -51,6 +51,7 @@ def make(bf, mode, hot, cache, **kw):
     return FlashFFN(bf, [LayerPlan(mode, hot=hot, cache=cache)] * LAYERS, SILU, **kw)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("chunk", [8, flash_ffn.CHUNK])
 @pytest.mark.parametrize("mode", ["dense", "given"])
 def test_ffn_bits_do_not_depend_on_the_cache(bundles, kernels, mode, chunk, monkeypatch):

@@ -471,6 +471,7 @@ def test_numpy_twins_in_chunks(chunk, monkeypatch):
 
 # ---------------------------------------------------------------- numpy-only mode
 
+@pytest.mark.slow
 def test_numpy_only_mode():
     """This file again with POCKETINFER_NO_NUMBA=1, as on Termux where numba has no wheel."""
     if not backend.NUMBA:

@@ -96,6 +96,7 @@ def test_take_hands_out_every_item_once_serial(threads, n):
     assert alone[: len(own)] == own and sorted(alone[:n]) == list(range(n)) and alone[n] == -1
 
 
+@pytest.mark.slow
 def test_take_in_a_parallel_region():
     """The numba version with real threads: every item of many steps claimed exactly once, each
     finished before wait returns (each item's mark is visible to the thread that waited)."""

@@ -243,6 +243,7 @@ def cli(*args):
                           timeout=300, cwd=str(ROOT))
 
 
+@pytest.mark.slow
 def test_eval_sparsity_cli(models, tmp_path):
     text = tmp_path / "t.txt"
     text.write_text(" ".join(f"w{(i * 37) % 120 + 3}" for i in range(200)))
@@ -260,6 +261,7 @@ def test_eval_sparsity_cli(models, tmp_path):
     assert "overall: sparsity" in r.stdout and "perplexity" in r.stdout
 
 
+@pytest.mark.slow
 def test_eval_sparsity_bad_input(models, tmp_path):
     r = cli("eval-sparsity", "-m", str(models["llama"]), "--mode", "relu-exact", "-n", "4")
     assert r.returncode == 1

@@ -343,6 +343,7 @@ def test_predict_and_select(rank, ffn, threshold):
         np.testing.assert_array_equal(idx[:n], np.flatnonzero(want.astype(np.float32) > np.float32(threshold)))
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not NUMBA, reason="this run is already the numpy-only mode")
 def test_numpy_only_mode():
     """This file again with POCKETINFER_NO_NUMBA=1 (Termux has no numba): the selected kernels are the
@@ -369,6 +370,7 @@ def test_gathered_rows_given_gate_and_odd_blocks(layout, down, hidden):
     check(rng, layout, down, hidden, ffn, idx, kind=3, given_gate=True)
 
 
+@pytest.mark.slow
 def test_gather_twins(simd_code):
     """The sparse kernels' row reads against their numpy twins: kernels/rowdot.py's prefetching dots
     (gate and up rows of one neuron, or one row) and kernels/gather.py's 4-row axpys (I8; Q4 with and

@@ -27,6 +27,7 @@ def test_golden_greedy_byte_for_byte(llm, golden):
     assert r.finish_reason == "length"
 
 
+@pytest.mark.slow
 def test_golden_greedy_without_numba(stories_dir, golden):
     """The numpy twins alone (Termux, POCKETINFER_NO_NUMBA=1) give the same text."""
     import subprocess
@@ -60,6 +61,7 @@ def _vocab_meta(stories_dir):
     return {"model": "llama", "tokens": tokens, "scores": scores, "types": types}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("qtype,tol", [("F32", 1e-4), ("F16", 2e-2), ("Q8_0", 5e-2), ("Q4_0", 0.3), ("Q4_1", 0.3)])
 def test_gguf_conversion_matches_hf(stories_dir, llm, tmp_path, qtype, tol):
     """The weights' conversion, with the float32 KV cache of the HF reference; then the default half

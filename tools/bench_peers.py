@@ -12,6 +12,8 @@ same token counts. Rounds alternate the sides (A B A B ...); the tables show the
     python tools/bench_peers.py --prompt-tokens 32 --gen-tokens 16 --rounds 1   # a quick check
     python tools/bench_peers.py --transformers --write           # add HF transformers, update BENCHMARKS.md
     python tools/bench_peers.py --install-llamacpp               # create the llama.cpp venv (builds, minutes)
+    git worktree add ../before REV && python tools/bench_peers.py --no-llamacpp --baseline ../before
+                                                                 # this checkout against commit REV
 
 The llama.cpp venv is --llamacpp-venv, else $POCKETINFER_LLAMACPP_VENV, else .venv-llamacpp in the
 repo. Run it on an otherwise idle machine: on a busy one, multi-threaded decode waits for
@@ -224,11 +226,11 @@ def machine_info() -> str:
             f"{platform.release()}{load}")
 
 
-def git_revision() -> str:
+def git_revision(repo: Path = REPO) -> str:
     try:
-        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=repo, capture_output=True,
                              text=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo,
                                capture_output=True, text=True).stdout.strip()
     except OSError:
         return "unknown"
@@ -261,16 +263,19 @@ def resolve_model(source: str) -> Path:
     return path.resolve()
 
 
-def side_commands(args, model: Path, text_file: Path) -> dict[str, list[str]]:
+def side_commands(args, model: Path, text_file: Path) -> dict[str, tuple[list[str], Path]]:
+    """name -> (command, the pocketinfer checkout it imports from)."""
     counts = ["--prompt-tokens", str(args.prompt_tokens), "--gen-tokens", str(args.gen_tokens),
               "--repeats", str(args.repeats)]
-    cmds = {BASE: [sys.executable, "-m", "engine", "bench", "-m", str(model), "-t", str(args.threads), *counts,
-                   "--json"]}
+    ours = [sys.executable, "-m", "engine", "bench", "-m", str(model), "-t", str(args.threads), *counts, "--json"]
+    cmds = {BASE: (ours, REPO)}
+    if args.baseline:
+        cmds[f"{BASE}@{git_revision(args.baseline)}"] = (ours, args.baseline.resolve())
     peer = ["--model", str(model), "--text-file", str(text_file), "--threads", str(args.threads), *counts]
     if not args.no_llamacpp:
-        cmds["llama.cpp"] = [str(venv_python(args.llamacpp_venv)), str(TOOLS / "peer_llamacpp.py"), *peer]
+        cmds["llama.cpp"] = ([str(venv_python(args.llamacpp_venv)), str(TOOLS / "peer_llamacpp.py"), *peer], REPO)
     if args.transformers:
-        cmds["transformers"] = [sys.executable, str(TOOLS / "peer_transformers.py"), *peer]
+        cmds["transformers"] = ([sys.executable, str(TOOLS / "peer_transformers.py"), *peer], REPO)
     return cmds
 
 
@@ -278,9 +283,14 @@ class Skipped(Exception):
     pass
 
 
-def run_side(name: str, cmd: list[str]) -> dict:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)}
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, stdin=subprocess.DEVNULL)
+def run_side(name: str, cmd: list[str], root: Path) -> dict:
+    """Run one side from the checkout `root`; another checkout than this one keeps its compiled kernels
+    apart (numba's cache keys a kernel by its file's path and time, so two checkouts would recompile
+    each other's)."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(root), os.environ.get("PYTHONPATH")) if p)}
+    if root != REPO:
+        env["NUMBA_CACHE_DIR"] = str(root / ".numba-cache")
+    proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, stdin=subprocess.DEVNULL)
     if proc.returncode == SKIP_EXIT:
         raise Skipped(proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"{name} skipped")
     lines = proc.stdout.strip().splitlines()
@@ -327,6 +337,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--install-llamacpp", action="store_true", help="create/update the llama.cpp venv first")
     ap.add_argument("--no-llamacpp", action="store_true", help="leave llama.cpp out")
     ap.add_argument("--transformers", action="store_true", help="also run HF transformers (torch fp32)")
+    ap.add_argument("--baseline", type=Path, default=None, metavar="DIR",
+                    help="also run another pocketinfer checkout (e.g. `git worktree add DIR REV`) as a peer")
     ap.add_argument("--write", action="store_true", help=f"add or update this run's section in {BENCH_MD.name}")
     ap.add_argument("--json", action="store_true", help="end stdout with one JSON object of the results")
     args = ap.parse_args(argv)
@@ -352,12 +364,12 @@ def main(argv: list[str] | None = None) -> int:
         results: dict[str, list[dict]] = {name: [] for name in cmds}
         skipped: dict[str, str] = {}
         for rnd in range(args.rounds):
-            for name, cmd in cmds.items():
+            for name, (cmd, root) in cmds.items():
                 if name in skipped:
                     continue
                 print(f"round {rnd + 1}/{args.rounds}: {name} ...", file=sys.stderr, flush=True)
                 try:
-                    r = run_side(name, cmd)
+                    r = run_side(name, cmd, root)
                 except Skipped as e:
                     skipped[name] = str(e)
                     print(f"  {e}", file=sys.stderr)
@@ -371,6 +383,8 @@ def main(argv: list[str] | None = None) -> int:
     notes += [f"{name} was skipped: {why}" for name, why in skipped.items()]
     engines = {name: rounds[0]["engine"] for name, rounds in results.items()}
     engines[BASE] = f"pocketinfer (commit {git_revision()})"
+    if args.baseline:
+        engines.update({name: f"pocketinfer (commit {name.split('@', 1)[1]})" for name in results if "@" in name})
     command = shlex.join(["python", "tools/bench_peers.py", *(sys.argv[1:] if argv is None else argv)])
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
 
