@@ -1,12 +1,12 @@
 """Give back memory the runtime no longer needs once the kernels are loaded.
 
-Measured on SmolLM2-135M Q4_1 (2 threads, this machine): loading numba's compiled kernels, from its
-on-disk cache or by compiling, touches ~50 MiB of LLVM's own machine code in libllvmlite.so, on top of
-~40 MiB touched by `import numba`. Those pages are file-backed and clean, so they count in the
-process's RSS although decode never executes them: the kernels run from separately allocated memory.
-After a warm-up that has loaded every kernel, `release_compiler_pages` asks the kernel to page them out
-(MADV_PAGEOUT, Linux 5.4+). Nothing is lost: if numba compiles again later (a new argument type), the
-pages fault back in from the page cache. Steady-state RSS went from ~265 to ~200 MiB.
+Loading numba's compiled kernels, from its on-disk cache or by compiling, touches tens of MiB of
+LLVM's own machine code in libllvmlite.so, on top of what `import numba` touches. Those pages are
+file-backed and clean, so they count in the process's RSS although decode never executes them: the
+kernels run from separately allocated memory. After a warm-up that has loaded every kernel,
+`release_compiler_pages` asks the kernel to page them out (MADV_PAGEOUT, Linux 5.4+): about a quarter
+of SmolLM2's steady-state RSS. Nothing is lost: if numba compiles again later (a new argument type),
+the pages fault back in from the page cache.
 
 Linux only; elsewhere (macOS, Termux on old kernels, no numba) it does nothing and returns 0.
 """
@@ -54,8 +54,8 @@ def pin_mmap_threshold(nbytes: int = 1 << 20) -> bool:
 
     glibc serves blocks above a threshold with mmap, and each time such a block is freed it raises the
     threshold (up to 32 MiB), so that blocks of that size come from its heap instead, where freed
-    memory stays in the process until malloc_trim. Prefill's MiB-sized temporaries then kept SmolLM2's
-    process ~20 MiB above its loaded size after the first prompt (226 against 205 MiB). A fixed
+    memory stays in the process until malloc_trim, and prefill's MiB-sized temporaries would keep a
+    process ~10% above its loaded size after the first prompt. A fixed
     threshold turns the adjustment off: blocks of 1 MiB and more are mapped and unmapped, smaller ones
     (a decode step's, reused every token) stay on the heap. Returns whether it was set (glibc only)."""
     if not sys.platform.startswith("linux"):

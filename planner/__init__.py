@@ -1,2 +1,2 @@
-"""Offline planner (device and model profiles, cost model, deploy writer). Arrives with the planner issue;
-the runtime (engine/, kernels/) never imports it."""
+"""Offline planner: device and model profiles, predictors, cost model and solver, deploy writer. The
+runtime (engine/, kernels/) never imports it."""

@@ -6,7 +6,7 @@ and the warm cold neurons sit next to each other, where merged reads pick them u
 
 The down projection is stored transposed, through engine.model.layout.transpose_down: F32/F16/BF16 exactly,
 quantized sources re-quantized to `down_format` ("i8" by default: int8 with one f16 scale per 32 values;
-its perplexity cost is measured in the issue 6 closing note).
+its perplexity cost: engine/executors/sparse.py).
 """
 
 from __future__ import annotations

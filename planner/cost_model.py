@@ -23,9 +23,8 @@ from planner.device import PREDICT, DeviceProfile
 SPARSE_EFFICIENCY = 0.6
 # Process memory beyond the weights and KV cache: the interpreter with numpy, numba and tokenizers
 # (~76 MiB once the compiler's pages are given back), the loaded kernels (~10), the tokenizer (~8),
-# rope tables and scratch. Measured 2026-12-01 as peak RSS minus resident weights minus KV cache for
-# SmolLM2-135M Q4_1 generating 256 tokens (`python tools/check_plan.py`): 114 MiB at 100%, 118-120 MiB
-# for deploys at 60% and 30% (their kernels warm up beside the weights). Stated with ~7% margin.
+# rope tables and scratch: peak RSS minus resident weights minus KV cache for SmolLM2-135M Q4_1
+# generating 256 tokens (`python tools/check_plan.py`, BENCHMARKS.md), with ~7% margin.
 RUNTIME_BASE_BYTES = 128 << 20
 KV_TOKENS = 512            # tokens of KV cache the memory prediction counts (prompt + 256 generated, rounded up)
 TTFT_PROMPT_TOKENS = 128   # the prompt length TTFT is predicted for

@@ -37,7 +37,7 @@ TRACE_CAP_BYTES = 256 << 20  # f16 traces of h and |act| together stay below thi
 COACT_TOKENS = 256           # tokens whose gate/up magnitudes are kept for the co-activation rates
 # Quality floor, derived from DESIGN.md's measurement on SmolLM2-135M: thresholding |silu(gate)*up| per
 # layer at 50% sparsity costs +3% perplexity. Perplexity's rise is close to linear in the dropped energy
-# for small perturbations, so +2% (the issue's floor) allows 2/3 of the energy that 50% drops there;
+# for small perturbations, so +2% (the quality floor) allows 2/3 of the energy that 50% drops there;
 # MEASURED_E50 is that energy share, measured by this module on the shipped calibration text.
 MEASURED_E50 = 0.0199   # mean over SmolLM2-135M-Instruct Q4_1's 30 layers, 1536 calibration tokens
 MAX_DROPPED_ENERGY = MEASURED_E50 * 2.0 / 3.0

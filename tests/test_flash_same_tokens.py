@@ -1,4 +1,4 @@
-"""Issue 6, "Same tokens": the flash FFN (engine/executors/flash_ffn.py) gives bitwise the same output whatever its
+"""Same tokens at any budget: the flash FFN (engine/executors/flash_ffn.py) gives bitwise the same output whatever its
 cache holds, whatever the hot count, request size, pipelining or bundling, so a deploy at any budget
 decodes the same greedy tokens, with the same logits, as the same bundles fully resident. The cache
 changes where weights come from, never the arithmetic.

@@ -96,7 +96,7 @@ def test_deploy_twice_is_byte_identical_and_loads(tmp_path, relu_model, calibrat
     assert (a.path / "plan.json").read_bytes() == (b.path / "plan.json").read_bytes()
     plan = json.loads((a.path / "plan.json").read_text())
     assert plan["schema_version"] == 1 and len(plan["model"]["fingerprint"]) == 64
-    # Below 100% the FFNs run from the bundle file (issue 6; engine/executors/flash_plan.py).
+    # Below 100% the FFNs run from the bundle file (engine/executors/plan.py, flash_ffn.py).
     assert plan["execution"]["weights"] == "flash" and (a.path / plan["files"]["bundles"]).exists()
     assert set(plan["predicted"]) == {"ttft_s", "decode_tps", "peak_rss_mb", "flash_bytes_per_token"}
     assert len(plan["decode"]["layers"]) == 2

@@ -1,4 +1,4 @@
-"""Issue 6 "Same tokens": greedy decode of deploy directories below 100% against the fully resident run.
+"""Same tokens at any budget: greedy decode of deploy directories below 100% against the fully resident run.
 
     nice -n 19 /work/venv/bin/python tools/check_flash_tokens.py DEPLOY [DEPLOY ...] [--tokens 128]
         [--prompt TEXT] [--cache N] [--predicted] [--dense SOURCE]

@@ -4,7 +4,7 @@ RSS measured by `pocketinfer bench` in a child process, next to what its plan.js
     python tools/check_plan.py DEPLOY [DEPLOY ...] [--rounds 3] [--gen-tokens 256] [--threads 2]
 
 Rounds alternate the directories (A B A B ...) so that a slow spell on a shared machine hits them alike;
-each figure is the median over rounds. Checks printed per directory (issue 4's acceptance):
+each figure is the median over rounds. Checks printed per directory:
 - decode tok/s within +-30% of the plan's prediction;
 - peak RSS (the child's high-water mark, loading included, while generating --gen-tokens tokens with
   EOS ignored) at most the budget plus the runtime overhead plan.json states

@@ -16,7 +16,7 @@ import sys
 import numpy as np
 
 PRESETS = {
-    # TinyLlama-1.1B's shape (issue 3's scale check).
+    # TinyLlama-1.1B's shape (the scale check).
     "tinyllama": dict(layers=22, hidden=2048, ffn=5632, heads=32, kv_heads=4, vocab=32000, ctx=2048),
     "smollm2-135m": dict(layers=30, hidden=576, ffn=1536, heads=9, kv_heads=3, vocab=49152, ctx=8192),
 }

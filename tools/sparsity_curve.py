@@ -75,7 +75,7 @@ def _log(msg: str) -> None:
 
 def baselines(llm, wins, prompt, gen_tokens):
     """Dense decode (the engine's default path) and dense FFNs on the unfused path sparse layers ride on,
-    as sparse_eval.evaluate computes them."""
+    as engine.measure.sparsity.evaluate computes them."""
     model = llm.model
     nll_dense, nll_unfused, _ = dense_nll(model, wins)
     dense_tokens = greedy(model, prompt, gen_tokens)

@@ -18,7 +18,7 @@ One token through a layer:
   4. as each group of requests lands: its bundles are copied into their cache or staging slots, their
      activations computed, and every chunk now complete has its down sum (sparse_down);
   5. the output is the chunk sums added in chunk order, times the layer's dscale.
-Same tokens at any budget (issue 6): an activation depends on its neuron alone, and a chunk's down sum
+Same tokens at any budget: an activation depends on its neuron alone, and a chunk's down sum
 on its neurons in list order alone, so what is cached changes where weights come from and when they are
 computed, never the float32 arithmetic: logits are bitwise those of the same bundles fully resident.
 
@@ -170,13 +170,12 @@ class FlashFFN:
         self.pipeline = pipeline
         self.bundled = bundled
         # Records per request, and the gap (in records) worth reading through rather than splitting a
-        # request: about one 4 KiB page, whose cost is small next to a request's fixed ~200 us here.
+        # request: about one 4 KiB page, whose cost is small next to a request's fixed cost (flash/reader.py).
         self.max_gap = max(0, ALIGN // self.R) if max_gap is None else max_gap
         self.reader = reader or FlashReader(bundles.path, direct=direct, threads=io_threads)
         # Read-ahead: a layer whose reads are known before it runs (every neuron each token, no cache:
         # a dense layer streamed from flash) gets them submitted while the layer before it computes, into
-        # a second set of buffers; without it each layer's reads started only when the layer did, and a
-        # SmolLM2 deploy at 60% overlapped 27% of its I/O with compute.
+        # a second set of buffers, so that its reads overlap compute instead of starting with the layer.
         self.read_ahead = pipeline and bundled and read_ahead
         n_buf, self.max_len, ring = io_layout(self.R, bundles.ffn, self.reader.threads, request_bytes, pipeline,
                                               self.read_ahead)

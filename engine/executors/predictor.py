@@ -9,12 +9,11 @@ is predicted active when score[j] > threshold. Scores are logits of "|act_j| > l
 act = act_fn(gate) * up is the activation product the down projection reads.
 
 The two matrices are stored int8 with f32 scales: a predictor is read in full every token, and at 90%
-sparsity its f32 bytes were half of what the sparse FFN read besides it (rank 64 at Llama-2-7B shapes:
-3.7 MiB against 9.4 MiB of neuron rows). w1 has one scale per ROW (per input dimension): the planner
-folds the input standardization into w1 (w1 / sigma per row), so its rows differ in size by orders of
-magnitude as h's dimensions do, and one scale per column let the largest rows round the others to zero
-(SmolLM2, rank 16, recall >= 0.995: +11.5% perplexity against +1.6% in f32). w2 has one per column (per
-neuron scored). The planner quantizes right after training and calibrates the threshold on the
+sparsity f32 predictors would be a third of what the sparse FFN reads (rank 64 at Llama-2-7B shapes).
+w1 has one scale per ROW (per input dimension): the planner folds the input standardization into w1
+(w1 / sigma per row), so its rows differ in size by orders of magnitude as h's dimensions do, and one
+scale per column would let the largest rows round the others to zero (several times the perplexity
+cost, BENCHMARKS.md). w2 has one per column (per neuron scored). The planner quantizes right after training and calibrates the threshold on the
 quantized scores, so the threshold fits what runs.
 
 File: predictors.npz (np.savez, no pickles) holding, for each layer i that has a predictor,

@@ -6,7 +6,7 @@ neurons hot to cold) and always live in slots 0..H-1 (engine/executors/flash_ffn
 positions H..F-1 that are cached to the C slots of the dynamic segment, and picks victims.
 
 Policies (PowerInfer-2 section 4.3 uses LRU for cold neurons; the other two are tried against it and
-the best measured hit rate is the default, see tools/bench_flash.py and the issue 6 closing note):
+the best measured hit rate is the default: tools/bench_flash.py, BENCHMARKS.md):
 - "lru"   least recently used, at token granularity (every neuron a token uses is touched at once);
 - "freq"  frequency-aware: each position's access count decays by 2**(-1/half_life) per token (a
           soft window of ~half_life tokens); a miss is admitted only when its count beats the victim's,

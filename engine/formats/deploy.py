@@ -84,21 +84,3 @@ def model_path(directory: Path, plan: dict) -> Path:
 def deploy_threads(plan: dict) -> int | None:
     t = plan.get("threads", {}).get("compute")
     return int(t) if isinstance(t, int) and t > 0 and t <= (os.cpu_count() or t) else None
-
-
-def head_on_flash(plan: dict) -> bool:
-    """Whether the plan streams the token embeddings / LM head from the weights file (budgets too small
-    to hold them beside attention: engine/flash/matrix.py)."""
-    return plan.get("execution", {}).get("lm_head") == "flash"
-
-
-def unloaded_weights(plan: dict, n_layers: int) -> set[str]:
-    """Our names of the matrices a deploy's plan serves from flash, which load() must not read into
-    memory: the FFN matrices when the FFNs run from the bundle file, the embeddings and LM head when
-    they stream from the weights file."""
-    out = set()
-    if plan.get("execution", {}).get("weights") == "flash":
-        out |= {f"layers.{i}.{f}" for i in range(n_layers) for f in ("w_gate", "w_up", "w_down")}
-    if head_on_flash(plan):
-        out |= {"embed", "lm_head"}
-    return out

@@ -32,9 +32,9 @@ def release(mapped: np.ndarray, offset: int, nbytes: int) -> None:
 
     The range is widened by FOLIO_SLACK on both sides: the page cache holds files in large folios
     (up to 2 MiB on Linux 6.x), and a fault on one page maps its whole folio, so reading a tensor also
-    mapped most of its neighbours, which had been released already (13 MiB of SmolLM2's file stayed
-    resident after load, and was the load's peak). Dropping pages of a tensor not yet read costs
-    nothing: it faults them back in when it is read.
+    maps most of its neighbours, released already or not, which would then stay resident and set the
+    load's peak. Dropping pages of a tensor not yet read costs nothing: it faults them back in when it
+    is read.
     """
     mm = getattr(mapped, "_mmap", None)
     if mm is None or not hasattr(mm, "madvise") or not hasattr(mmap, "MADV_DONTNEED"):

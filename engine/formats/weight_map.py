@@ -8,7 +8,6 @@ Traps, stated where they bite:
 - GGUF dims are listed fastest-first: gguf_file.py reverses them to numpy's (rows, cols).
 """
 
-GLOBAL = ("embed", "norm", "lm_head")
 LAYER_MATRICES = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
 LAYER_VECTORS = ("attn_norm", "ffn_norm")
 LAYER_BIASES = ("bq", "bk", "bv", "bo")
