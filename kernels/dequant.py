@@ -9,27 +9,10 @@ Also home of the scalar 16-bit float conversions the numba kernels share (f16_to
 numba has no float16 arrays, so halves travel as uint16 bit patterns and convert in registers.
 """
 
-import platform
-
 import numpy as np
 
+from kernels import target
 from kernels.backend import NUMBA, jit, pick
-
-NATIVE_HALF = False   # whether f16_to_f32 is the hardware conversion (set below when numba is on)
-
-
-def _native_half() -> bool:
-    """Whether numba's compile target converts halves in hardware: x86 with F16C (every AVX2 CPU) or
-    AArch64. Mirrors numba's own choice of target features (NUMBA_CPU_FEATURES, else the host's)."""
-    from numba.core import codegen, config
-
-    arch = platform.machine().lower()
-    if arch in ("aarch64", "arm64"):
-        return True                                  # fcvt is baseline ARMv8
-    if arch not in ("x86_64", "amd64", "x86", "i686"):
-        return False
-    features = config.CPU_FEATURES if config.CPU_FEATURES is not None else codegen.get_host_cpu_features()
-    return "+f16c" in str(features).split(",")
 
 
 if NUMBA:
@@ -59,7 +42,7 @@ if NUMBA:
     @intrinsic
     def _half_to_f32(typingctx, bits):
         """uint16 IEEE-half bits -> float32 by LLVM's fpext: one instruction (x86 F16C vcvtph2ps,
-        AArch64 fcvt), exact for every pattern. Only for targets that have it (NATIVE_HALF):
+        AArch64 fcvt), exact for every pattern. Only for targets that have it (target.NATIVE_HALF):
         elsewhere LLVM emits a call to a runtime helper (__extendhfsf2) that numba's JIT cannot
         resolve, and the process aborts."""
         if not isinstance(bits, types.Integer):
@@ -101,8 +84,7 @@ if NUMBA:
         """uint16 bfloat16 bits -> float32: the top half of a float32."""
         return _as_f32(_U32(_U32(h) << 16))
 
-    NATIVE_HALF = _native_half()
-    f16_to_f32 = _half_to_f32 if NATIVE_HALF else f16_to_f32_int
+    f16_to_f32 = _half_to_f32 if target.NATIVE_HALF else f16_to_f32_int
 
     from numba.extending import overload
 

@@ -30,7 +30,7 @@ and up row dots do the same in kernels/rowdot.py (q4_gu, i8_gu, q4_row1p, i8_row
 
 Numerics: the float operations of the numpy twin happen in the same order except what fastmath
 contracts into fused multiply-adds. Generic vector IR, so ARM64 gets the same loop; f16 scales
-convert with fpext (one instruction on F16C x86 and ARM64).
+convert through kernels/llvm_ir.half_to_f32 (one instruction on F16C x86 and ARM64).
 """
 
 import numpy as np
@@ -75,7 +75,8 @@ if NUMBA:
     from numba import types
     from numba.core.extending import intrinsic
 
-    from kernels.llvm_ir import F32 as _F32, I32 as _I32, I8 as _I8, I64 as _I64, c_array, const64 as _c64
+    from kernels.llvm_ir import F32 as _F32, I8 as _I8, I16 as _I16, I32 as _I32, I64 as _I64, c_array, const64 as _c64
+    from kernels.llvm_ir import half_to_f32 as _half_to_f32
     from kernels.llvm_ir import lanes as _lanes, prefetch_line as _prefetch_line, prefetch_target as _target
     from kernels.llvm_ir import data as _data, row_ptr as _row, rows_array, splat as _const, vec as _vec
 
@@ -92,8 +93,8 @@ if NUMBA:
         if f16:
             raw = builder.load(builder.bitcast(builder.gep(drow, [b]), _I32.as_pointer()), align=2)
             v = builder.insert_element(_const(_I32, 4, 0), raw, ir.Constant(_I32, 0))
-            h = builder.bitcast(v, _vec(ir.HalfType(), 8))
-            return builder.fpext(builder.shuffle_vector(h, h, _lanes(0, 1, 2, 3)), _vec(_F32, 4))
+            h = builder.bitcast(v, _vec(_I16, 8))
+            return _half_to_f32(builder, builder.shuffle_vector(h, h, _lanes(0, 1, 2, 3)))
         v = builder.load(builder.bitcast(builder.gep(drow, [b]), _vec(_F32, 2).as_pointer()), align=4)
         return builder.shuffle_vector(v, v, _lanes(0, 1, 0, 1))
 
@@ -102,8 +103,8 @@ if NUMBA:
         if f16:
             raw = builder.zext(builder.load(builder.gep(drow, [b])), _I32)
             v = builder.insert_element(_const(_I32, 4, 0), raw, ir.Constant(_I32, 0))
-            h = builder.bitcast(v, _vec(ir.HalfType(), 8))
-            return builder.fpext(builder.shuffle_vector(h, h, _lanes(0, 1, 2, 3)), _vec(_F32, 4))
+            h = builder.bitcast(v, _vec(_I16, 8))
+            return _half_to_f32(builder, builder.shuffle_vector(h, h, _lanes(0, 1, 2, 3)))
         v = builder.insert_element(ir.Constant(_vec(_F32, 4), ir.Undefined), builder.load(builder.gep(drow, [b])),
                                    ir.Constant(_I32, 0))
         return v

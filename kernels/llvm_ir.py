@@ -1,11 +1,13 @@
 """Small LLVM IR building blocks shared by the hand-written intrinsics (kernels/intdot.py, rowdot.py,
-gather.py, records.py, sync.py): types, constants, array checks and pointers, prefetches.
+gather.py, records.py, sync.py): types, constants, array checks and pointers, half conversion, prefetches.
 
 Needs numba (llvmlite): import it only where kernels.backend.NUMBA holds.
 """
 
 from llvmlite import ir
 from numba import types
+
+from kernels import target
 
 I8, I16, I32, I64, F32 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64), ir.FloatType()
 
@@ -43,6 +45,33 @@ def rows_array(a, *dtypes):
     is: rows a fixed stride apart. numba's type does not say whether an "A" array's rows are
     contiguous; the kernels taking one check its strides first (kernels/neuron_records.check_rows)."""
     return isinstance(a, types.Array) and a.ndim == 2 and a.layout in ("C", "A") and a.dtype in dtypes
+
+
+def half_to_f32(builder, bits):
+    """IEEE-half bit patterns -> float32: an i16 or <n x i16> value -> float or <n x float>. One fpext
+    where the target converts halves in hardware (kernels/target.NATIVE_HALF: vcvtph2ps, fcvt). Elsewhere
+    LLVM would make that fpext a call to a runtime helper that numba's JIT cannot resolve, so the bits
+    are converted with integer operations instead, exact for every pattern as dequant.f16_to_f32_int's
+    (-0 becomes +0). Read when the calling kernel compiles, so tests can force either form."""
+    vector = isinstance(bits.type, ir.VectorType)
+    n = bits.type.count if vector else 0
+    ft = vec(F32, n) if vector else F32
+    if target.NATIVE_HALF:
+        return builder.fpext(builder.bitcast(bits, vec(ir.HalfType(), n) if vector else ir.HalfType()), ft)
+
+    def k(v):
+        return splat(I32, n, v) if vector else ir.Constant(I32, v)
+
+    h = builder.zext(bits, vec(I32, n) if vector else I32)
+    exp = builder.and_(h, k(0x7C00))
+    sign = builder.shl(builder.and_(h, k(0x8000)), k(16))
+    u = builder.add(builder.shl(builder.and_(h, k(0x7FFF)), k(13)), k(0x38000000))    # exponent bias 15 -> 127
+    u = builder.select(builder.icmp_unsigned("==", exp, k(0x7C00)), builder.add(u, k(0x38000000)), u)  # Inf/NaN
+    normal = builder.bitcast(builder.or_(u, sign), ft)
+    # zero and subnormals (m * 2**-24): read as 2**-14 * (1 + m/1024), then remove the 2**-14
+    low = builder.fsub(builder.bitcast(builder.or_(builder.add(u, k(0x00800000)), sign), ft),
+                       builder.bitcast(builder.or_(k(0x38800000), sign), ft))
+    return builder.select(builder.icmp_unsigned("==", exp, k(0)), low, normal)
 
 
 def data(context, builder, ty, val):

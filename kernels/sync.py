@@ -25,10 +25,9 @@ numba has no atomics, hence LLVM intrinsics (fetch_add, wait); the numpy twins a
 equivalents (one thread, no contention), used where numba is off.
 """
 
-import platform
-
 import numpy as np
 
+from kernels import target
 from kernels.backend import NUMBA, jit
 
 _LOW = (1 << 32) - 1
@@ -55,7 +54,12 @@ if NUMBA:
     from numba.core.extending import intrinsic
 
     from kernels.llvm_ir import c_array, to_i64
-    _X86 = platform.machine().lower() in ("x86_64", "amd64")
+
+    def _pause(builder):
+        """The spin-wait hint: x86's pause; nothing elsewhere."""
+        if target.ARCH == "x86_64":
+            fnty = ir.FunctionType(ir.VoidType(), [])
+            builder.call(builder.module.declare_intrinsic("llvm.x86.sse2.pause", fnty=fnty), [])
 
     def _word(context, builder, sig, args):
         a = context.make_array(sig.args[0])(context, builder, args[0])
@@ -77,7 +81,7 @@ if NUMBA:
 
     @intrinsic
     def wait(typingctx, counters, i, n):
-        """Return once counters[i] >= n; spins (with the CPU's pause hint on x86)."""
+        """Return once counters[i] >= n; spins, with the CPU's spin-wait hint (`_pause`) in the loop."""
         if not (_is_counters(counters) and isinstance(i, types.Integer) and isinstance(n, types.Integer)):
             return None
 
@@ -91,9 +95,7 @@ if NUMBA:
             seen = builder.load_atomic(ptr, "acquire", 8)
             builder.cbranch(builder.icmp_signed("<", seen, n64), spin, done)
             builder.position_at_end(spin)
-            if _X86:
-                pause = builder.module.declare_intrinsic("llvm.x86.sse2.pause", fnty=ir.FunctionType(ir.VoidType(), []))
-                builder.call(pause, [])
+            _pause(builder)
             builder.branch(check)
             builder.position_at_end(done)
             return context.get_dummy_value()

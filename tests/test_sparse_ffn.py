@@ -372,8 +372,8 @@ def test_gathered_rows_given_gate_and_odd_blocks(layout, down, hidden):
 def test_gather_twins(simd_code):
     """The sparse kernels' row reads against their numpy twins: kernels/rowdot.py's prefetching dots
     (gate and up rows of one neuron, or one row) and kernels/gather.py's 4-row axpys (I8; Q4 with and
-    without mins), on the AVX-512
-    VNNI, AVX2 and generic-vector code (each forced by compiling with the other flags off), both scale
+    without mins), on the AVX-512 VNNI, AVX2 and generic-vector code, the last with hardware or integer
+    half conversion (each forced by compiling with the other flags off: tests/conftest.py), both scale
     dtypes, every block-count tail, prefetch targets valid and absent, a repeated row."""
     if not NUMBA:
         pytest.skip("LLVM IR: numba only (the numpy twins are tested through the kernels above)")
@@ -381,8 +381,6 @@ def test_gather_twins(simd_code):
 
     from kernels import gather as G
     from kernels import intdot, rowdot
-    if not rowdot.AVAILABLE:
-        pytest.skip("rowdot needs hardware half conversion")
 
     @njit(cache=False)
     def run_dots(gq, gd, uq, ud, g8, u8, xq, xp, xc, dx, jp, out):
