@@ -53,13 +53,17 @@ if NUMBA:
     from numba import types
     from numba.core.extending import intrinsic
 
-    from kernels.llvm_ir import c_array, to_i64
+    from kernels.llvm_ir import I32, c_array, to_i64
 
     def _pause(builder):
-        """The spin-wait hint: x86's pause; nothing elsewhere."""
+        """The spin-wait hint: x86's pause; AArch64's isb (YIELD is a no-op on cores without SMT, most Arm
+        cores, while isb stalls briefly as pause does: Rust's spin_loop uses it too); nothing elsewhere."""
+        void = ir.VoidType()
         if target.ARCH == "x86_64":
-            fnty = ir.FunctionType(ir.VoidType(), [])
-            builder.call(builder.module.declare_intrinsic("llvm.x86.sse2.pause", fnty=fnty), [])
+            builder.call(builder.module.declare_intrinsic("llvm.x86.sse2.pause", fnty=ir.FunctionType(void, [])), [])
+        elif target.ARCH == "aarch64":
+            isb = builder.module.declare_intrinsic("llvm.aarch64.isb", fnty=ir.FunctionType(void, [I32]))
+            builder.call(isb, [ir.Constant(I32, 15)])            # 15: SY, the full-system form (isb sy)
 
     def _word(context, builder, sig, args):
         a = context.make_array(sig.args[0])(context, builder, args[0])
