@@ -2,9 +2,9 @@
 
 Each takes the layout's arrays for the wanted rows (already sliced) and writes out (rows, cols) float32.
 The numba versions are serial on purpose: prefill alternates dequantized tiles with OpenBLAS GEMMs, and
-numba's OpenMP pool and OpenBLAS's pthreads both spin-wait after their calls; on 2 cores, a parallel
-dequant made 2-thread prefill 4-5x slower than 1-thread (SmolLM2, 128 tokens: 96-100 tok/s against
-437-479 tok/s with serial dequant). Prefill parallelism comes from BLAS; decode's from the matvecs.
+numba's OpenMP pool and OpenBLAS's pthreads both spin-wait after their calls, so on few cores a
+parallel dequant leaves each pool spinning on the cores the other needs. Prefill parallelism comes
+from BLAS; decode's from the matvecs.
 Also home of the scalar 16-bit float conversions the numba kernels share (f16_to_f32, bf16_to_f32):
 numba has no float16 arrays, so halves travel as uint16 bit patterns and convert in registers.
 """
@@ -60,8 +60,8 @@ if NUMBA:
     def f16_to_f32_int(h):
         """uint16 IEEE-half bits -> float32 with integer arithmetic, exact for every pattern
         (subnormals, infinities, NaNs; -0 becomes +0): for targets without a half-conversion
-        instruction. Vectorizes (no 64K-entry table, so no gathers), ~3x slower than the hardware
-        conversion here.
+        instruction. Vectorizes (no 64K-entry table, so no gathers), but costs several instructions
+        where the hardware conversion is one.
 
         numba widens integer arithmetic to 64 bits: truncating after every step lets LLVM keep
         32-bit lanes (otherwise the loop runs on half-width int64 vectors). No float32 subnormal is
@@ -178,8 +178,7 @@ def _dequant_bf16_numba(bits, out):
 # alias the output and its address is not an affine function of k, so no run-time overlap check can be
 # built. Per-block inner loops over 1-D slices, with the block's scale hoisted and a trip count known
 # only at run time, vectorize (with an overlap check per block); a constant trip count of 16 or 32
-# would be fully unrolled first and then left scalar. (186x5632 tile, 1 thread, G elements/s: Q8_0
-# 0.6 -> 11, Q6_K 0.6 -> 7, Q4 3.0 -> 7, F16 3.0 -> 18 against the 2-D-indexed/table versions.)
+# would be fully unrolled first and then left scalar.
 
 @jit(parallel=False)
 def _dequant_q4_numba(qs, d, m, out):

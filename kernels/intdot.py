@@ -1,17 +1,15 @@
 """Integer dot products for 4-bit weights: activations quantized to int8 per block of 32, as ggml does.
 
 Why: a float kernel spends ~10 vector instructions per 32 weights unpacking nibbles, converting them
-to float and multiplying (kernels/matvec.py's float loop ran Q4 at 0.17-0.39x of f32 GEMV's GB/s,
-compute-bound, not memory-bound). With x in int8, the products of one block are two instructions on
-x86 (pmaddubsw: u8 x s8 -> pairwise i16 sums; pmaddwd by ones -> i32), then one convert and one fused
-multiply-add with the block's scale d_w * d_x: ~2.5x the float loop on SmolLM2's shapes (2 threads).
+to float and multiplying, which makes a Q4 matvec compute-bound, not memory-bound. With x in int8,
+the products of one block are two instructions on x86 (pmaddubsw: u8 x s8 -> pairwise i16 sums;
+pmaddwd by ones -> i32), then one convert and one fused multiply-add with the block's scale d_w * d_x.
 
 numba cannot express SIMD integer multiply-adds, so `q4_row_dot` is an LLVM intrinsic that builds the
 row loop in IR with explicit vector types:
 - x86 with AVX2: llvm.x86.avx2.pmadd.ub.sw and llvm.x86.avx2.pmadd.wd (what ggml's AVX2 path uses);
-- x86 with AVX-512 VNNI, Q4 only: one vpdpbusd over 64 bytes covers two blocks (1.14-1.34x the AVX2
-  code on this machine's shapes, measured alternating in one process; I8 stays on AVX2, whose sign
-  trick has no 512-bit form);
+- x86 with AVX-512 VNNI, Q4 only: one vpdpbusd over 64 bytes covers two blocks (I8 stays on AVX2,
+  whose sign trick has no 512-bit form);
 - any other target (ARM64, x86 without AVX2): the same arithmetic in generic vector IR (zext/sext,
   mul, add), which LLVM lowers for the target. Both are exact in integers, so they agree bit for bit
   on the integer block sums; only the float accumulation order differs.
@@ -21,8 +19,8 @@ it, integer operations elsewhere.
 Numerics: as llama.cpp's own Q8 rounding (d_x = max|x|/127 per block, nearest integer), including the
 min term of Q4_1/Q4_K/Q5_1/Q5_K and Q4_0's -8 offset, which use the block sums of the rounded x. Using
 float sums there looks more exact but is worse: the rounding errors then multiply d*q (all >= 0)
-instead of the centred weight, and SmolLM2's decode perplexity rose 2% (15.06 against 14.77 with
-unrounded x; 14.78 with rounded sums). The numpy twins round x the same way.
+instead of the centred weight, which costs SmolLM2 ~2% decode perplexity. The numpy twins round x the
+same way.
 """
 
 import numpy as np
@@ -332,8 +330,8 @@ if NUMBA:
     def _min_term_ir(typingctx, d, m, r, xsum):
         """The min term of row r of a Q4 or I8 weight: sum_b m[r, b] * xsum[b], or -8 sum_b d[r, b] *
         xsum[b] when m is empty (Q4_0). An intrinsic rather than a numba function with a branch: passing
-        arrays into a branchy jitted helper per row left numba's reference counting in the loop (atomic
-        increments on the arrays' shared counters: 3072x576 Q4_1 went 50 -> 175 us per call, 1 thread)."""
+        arrays into a branchy jitted helper per row leaves numba's reference counting in the loop (atomic
+        increments on the arrays' shared counters), which costs more than the row's arithmetic."""
         if not (_is_scales(d) and _is_scales(m) and isinstance(r, types.Integer) and _is_vec(xsum)):
             return None
 
@@ -376,7 +374,7 @@ def rounded_block_sums(xq, dx, out):
     """xq (32*nb,) int8, dx (nb,) f32 -> out (nb,) f32: the block sums of the rounded x. The min term (m,
     or Q4_0's -8d) multiplies these, not the float sums of x: then the whole weight meets the same
     rounded x and the rounding errors meet the centred weights, not d*q >= 0 alone. Float sums cost
-    SmolLM2 +2% decode perplexity (15.06 against 14.77 unrounded; 14.72 this way)."""
+    SmolLM2 ~2% decode perplexity."""
     for b in range(out.shape[0]):
         t = np.int32(0)
         for j in range(32):

@@ -92,12 +92,11 @@ def row_ptr(context, builder, ty, val, r):
 
 
 def prefetch(builder, p):
-    """A read prefetch of the line at p into L2 (llvm.prefetch, locality 2: prefetcht1 on x86). Into L1
-    as well (locality 3, prefetcht0) the sparse FFN ran 1.2x as long at Llama-2-7B shapes (1,100
-    scattered neurons, Q4_0, 2 threads; A/B alternating builds, 0.41-0.50 against 0.51-0.68 ms): a
-    prefetch into L1 holds one of the core's few L1 miss buffers until its line arrives, so a stream
-    of them caps the misses in flight, and the L1 (32 KiB) is too small to keep a row ahead anyway.
-    Locality 1 and 0 (prefetcht2, prefetchnta) were slower than 2 too."""
+    """A read prefetch of the line at p into L2 (llvm.prefetch, locality 2: prefetcht1 on x86). Not into
+    L1 as well (locality 3, prefetcht0): a prefetch into L1 holds one of the core's few L1 miss buffers
+    until its line arrives, so a stream of them caps the misses in flight, and the L1 (32 KiB) is too
+    small to keep a row ahead anyway. Locality 1 and 0 (prefetcht2, prefetchnta) are slower than 2 too
+    (tools/bench_sparse.py measures the sparse FFN that issues them)."""
     i8p = I8.as_pointer()
     fn = builder.module.declare_intrinsic("llvm.prefetch.p0", fnty=ir.FunctionType(
         ir.VoidType(), [i8p, I32, I32, I32]))

@@ -2,8 +2,8 @@
 
 Why: kernels/intdot.py's row dots handle one or two blocks per step, and each block then costs a
 scalar scale load, a conversion, a broadcast and a horizontal split of the partial sums: ~20 vector
-operations per 64 weights, which left the Q4 matvec compute-bound at 12-14 GB/s per core (3072x576
-Q4_1 from DRAM and from cache alike, 1 thread), below what one core can stream. Here one step covers
+operations per 64 weights, which leaves a Q4 matvec compute-bound (as fast from cache as from DRAM),
+below what one core can stream. Here one step covers
 four blocks (128 weights):
   - the integer partial sums come out with four i32 lanes per Q4 block (eight per I8 block), each
     lane a sum of four products: AVX-512 VNNI vpdpbusd, or AVX2 pmaddubsw + pmaddwd, or generic
@@ -311,7 +311,7 @@ if NUMBA:
         blocks. Rows stepped together share their x loads (LLVM merges the identical loads). targets:
         (i8 pointer, bytes) of rows to prefetch, one 64-byte line of each per loop iteration: the
         rows a sparse kernel reads next sit at scattered addresses, where the hardware prefetchers
-        find no stream (kernels/gather.py measured it)."""
+        find no stream (kernels/gather.py explains)."""
         fours = builder.ashr(nb, _c(2))
         zero = ir.Constant(_vec(_F32, 16), [0.0] * 16)
 

@@ -39,24 +39,22 @@ flash in an order that depends on what its cache holds, but whose output must no
                acts[t] * downT[idx[t]], in list order (no dscale): each chunk on its own, so any split
                of the chunks into calls gives the same bits. The caller sums the chunks in order.
 
-How the numba kernel runs: ONE prange launch per call (each launch costs 3-25 us here). The listed
+How the numba kernel runs: ONE prange launch per call (each launch costs ~3 us). The listed
 neurons are split into one contiguous share per thread with equal neuron counts (every neuron costs
 the same: up to two row dot products and one row axpy), each thread accumulates into its own partial
 (hidden,) row, and the partials are summed after the parallel loop. Row dot products round as the
 dense matvec's: Q4 and 32-block I8 rows take kernels/rowdot.py's integer SIMD product with x rounded
 to int8 per block (so sparse and dense round alike), in the form that reads a neuron's gate and up
 rows in one pass and software-prefetches the rows of the neuron PREFETCH_AHEAD places on: the rows
-are scattered, and without it they arrived at 5-7 GB/s per core; the other layouts take 1-D long
-float loops. The down axpy takes four neurons per pass, so that the (hidden,) accumulator is read
+are scattered, where the hardware prefetchers find no stream (kernels/gather.py); the other layouts
+take 1-D long float loops. The down axpy takes four neurons per pass, so that the (hidden,) accumulator is read
 and written once per four rows: the int8 downT with 32-blocks (engine/executors/sparse.py's) and Q4 downT
 through gather's vector IR, which also prefetches the down rows of the next four listed neurons; the
 other layouts through numba loops per scale block (scale hoisted, run-time trip count: the form that
 vectorizes for stores, see kernels/dequant.py). Where halves do not convert in hardware
 (rowdot.AVAILABLE False) no rowdot or gather intrinsic is used: rows take intdot's row products, as
-the dense matvecs there, and the axpys the numba loops. At Llama-2-7B shapes, 90% sparsity, 2 threads, the kernel reads its
-rows at 16-21 GB/s from separate arrays and 20-26 GB/s from neuron records (tools/bench_sparse.py,
-Q4_0 and Q8_0, hot-first or scattered neurons): 54-94% and 75-104% of what the dense matvecs stream in
-the same runs.
+the dense matvecs there, and the axpys the numba loops. tools/bench_sparse.py measures the kernel
+against the dense FFN, on separate arrays and on neuron records (BENCHMARKS.md).
 """
 
 import numpy as np
@@ -202,8 +200,7 @@ def _axpy(w, d, m, j, a, acc, bits16):
 
 def _axpy4(w, d, m, j, a, acc, bits16):
     """acc (cols,) f32 += sum over t < 4 of a[t] * row j[t]: four rows per pass over acc, which then
-    is loaded and stored once per four rows (one row at a time: ~2.5x slower, measured on 4096-wide
-    int8 rows); numba picks the layout from w's dtype."""
+    is loaded and stored once per four rows, not once per row; numba picks the layout from w's dtype."""
 
 
 if NUMBA:
@@ -475,8 +472,8 @@ if NUMBA:
 _act = act_scalar   # act(g) * u per neuron, shared with the dense GLU (kernels/activation.py)
 
 
-# Neurons ahead of the one computed whose gate and up rows the row dots prefetch (1, 2 and 4 ran
-# alike at Llama-2-7B shapes; kernels/gather.py).
+# Neurons ahead of the one computed whose gate and up rows the row dots prefetch (any distance from
+# 1 to 4 serves alike; kernels/gather.py).
 PREFETCH_AHEAD = 2
 
 
@@ -587,8 +584,8 @@ def _predict_numba(w1, s1, b1, w2, s2, b2, h, threshold, threads, scores, idx):
     hidden, rank = w1.shape
     ffn = w2.shape[1]
     z = np.zeros(rank, dtype=np.float32)           # (rank,) f32; rank-long rows of w1 vectorize
-    # Four rows of w1 per pass, so z is loaded and stored once per four (one row per pass: 3.3x the
-    # time, 4096 x 64, one thread, in cache: this part runs before the threads split the work).
+    # Four rows of w1 per pass, so z is loaded and stored once per four, not once per row: this part
+    # runs on one thread, before the threads split the work.
     k = 0
     while k + 4 <= hidden:
         h0, h1, h2, h3 = h[k] * s1[k], h[k + 1] * s1[k + 1], h[k + 2] * s1[k + 2], h[k + 3] * s1[k + 3]
@@ -612,8 +609,8 @@ def _predict_numba(w1, s1, b1, w2, s2, b2, h, threshold, threads, scores, idx):
             zl[nlive] = v
             nlive += 1
     # Columns of w2 in one share per thread, each walked as axpys over its slice, four rows per pass:
-    # four streams in flight and the scores read and written once per four rows (one row per pass:
-    # 1.2-1.3x the time, rank 64 x 11008, f32, interleaved A/B); the column scales and b2 at the end.
+    # four streams in flight and the scores read and written once per four rows, not once per row;
+    # the column scales and b2 at the end.
     shares = max(1, min(threads, ffn // 256))
     for s in prange(shares):
         c0 = s * ffn // shares

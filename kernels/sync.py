@@ -11,8 +11,8 @@ region (no thread can still be reading it).
 
 Why regions, not one shared counter: with items handed out in turn, the two threads read alternate
 12 KB pieces of each matrix, and the hardware prefetchers, which follow a stream past the piece a
-thread reads, fetched the other thread's pieces too: 2 threads were no faster than 1 (30 Q4 matrices
-of 3072x576, 1.95-2.0 ms either way; contiguous halves: 0.85 ms).
+thread reads, fetch the other thread's pieces too: 2 threads then read a matrix no faster than 1,
+while contiguous halves let each core's prefetchers stream its own half.
 
 Counters: (T + 1) int64 per step, zeroed by the caller before the region. Word u of a step packs the
 items taken from region u's front (low 32 bits) and back (high 32 bits); one atomic add takes from
