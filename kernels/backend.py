@@ -25,8 +25,8 @@ def _cache_dir() -> str:
     """Where numba keeps compiled kernels: a directory named by a hash of every kernels/*.py source.
 
     numba's own cache checks only the timestamp of the file that defines a jitted function, not of the
-    functions it calls: after kernels/matvec.py changed, kernels/fused.py's cached code silently kept
-    the old matvec. Keying the whole cache by the sources of all kernels makes any kernel change (or a
+    functions it calls: when kernels/matvec.py changes, kernels/fused.py's cached code would silently
+    keep the old matvec. Keying the whole cache by the sources of all kernels makes any kernel change (or a
     pocketinfer upgrade) start from a fresh cache. NUMBA_CACHE_DIR, if set, is the parent directory."""
     here = os.path.dirname(os.path.abspath(__file__))
     h = hashlib.sha1()
@@ -42,7 +42,7 @@ def _cache_dir() -> str:
 if NUMBA:
     # Small row helpers are inlined into their callers' loops (jit(inline=True), overloads with
     # inline="always"): a call per row passing arrays costs numba's reference counting on each array
-    # (atomic updates of counters both threads share), which tripled a Q4 matvec's time. numba's own
+    # (atomic updates of counters both threads share), more than the row's arithmetic. numba's own
     # pedantic SSA check then warns about the inlined loops' accumulators ("variable ... is not in
     # scope"), though the numpy-twin tests show the results are right; users should not see it.
     from numba.core.errors import NumbaIRAssumptionWarning

@@ -79,7 +79,8 @@ if NUMBA and rowdot.AVAILABLE:
         h = hs[t : t + 1]                       # (1, hidden) f32 its normed copy
         # This thread's rounded-x buffers as views of each width, taken once: a slice made inside a
         # loop costs an atomic reference-count update on the shared parent array per iteration, and two
-        # threads updating one counter made the 2-thread token slower than 1 thread.
+        # threads updating one counter contend for its cache line at every slice, enough to make two
+        # threads slower than one.
         sc = scores[t]
         xq_h, xp_h, xc_h = xqs[t, :hidden], xps[t, :hidden], xcs[t, : hidden // 4]
         dx_h, xs_h = dxs[t, : hidden // 32], xsums[t, : hidden // 32]

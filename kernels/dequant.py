@@ -2,34 +2,17 @@
 
 Each takes the layout's arrays for the wanted rows (already sliced) and writes out (rows, cols) float32.
 The numba versions are serial on purpose: prefill alternates dequantized tiles with OpenBLAS GEMMs, and
-numba's OpenMP pool and OpenBLAS's pthreads both spin-wait after their calls; on 2 cores, a parallel
-dequant made 2-thread prefill 4-5x slower than 1-thread (SmolLM2, 128 tokens: 96-100 tok/s against
-437-479 tok/s with serial dequant). Prefill parallelism comes from BLAS; decode's from the matvecs.
+numba's OpenMP pool and OpenBLAS's pthreads both spin-wait after their calls, so on few cores a
+parallel dequant leaves each pool spinning on the cores the other needs. Prefill parallelism comes
+from BLAS; decode's from the matvecs.
 Also home of the scalar 16-bit float conversions the numba kernels share (f16_to_f32, bf16_to_f32):
 numba has no float16 arrays, so halves travel as uint16 bit patterns and convert in registers.
 """
 
-import platform
-
 import numpy as np
 
+from kernels import target
 from kernels.backend import NUMBA, jit, pick
-
-NATIVE_HALF = False   # whether f16_to_f32 is the hardware conversion (set below when numba is on)
-
-
-def _native_half() -> bool:
-    """Whether numba's compile target converts halves in hardware: x86 with F16C (every AVX2 CPU) or
-    AArch64. Mirrors numba's own choice of target features (NUMBA_CPU_FEATURES, else the host's)."""
-    from numba.core import codegen, config
-
-    arch = platform.machine().lower()
-    if arch in ("aarch64", "arm64"):
-        return True                                  # fcvt is baseline ARMv8
-    if arch not in ("x86_64", "amd64", "x86", "i686"):
-        return False
-    features = config.CPU_FEATURES if config.CPU_FEATURES is not None else codegen.get_host_cpu_features()
-    return "+f16c" in str(features).split(",")
 
 
 if NUMBA:
@@ -59,7 +42,7 @@ if NUMBA:
     @intrinsic
     def _half_to_f32(typingctx, bits):
         """uint16 IEEE-half bits -> float32 by LLVM's fpext: one instruction (x86 F16C vcvtph2ps,
-        AArch64 fcvt), exact for every pattern. Only for targets that have it (NATIVE_HALF):
+        AArch64 fcvt), exact for every pattern. Only for targets that have it (target.NATIVE_HALF):
         elsewhere LLVM emits a call to a runtime helper (__extendhfsf2) that numba's JIT cannot
         resolve, and the process aborts."""
         if not isinstance(bits, types.Integer):
@@ -77,8 +60,8 @@ if NUMBA:
     def f16_to_f32_int(h):
         """uint16 IEEE-half bits -> float32 with integer arithmetic, exact for every pattern
         (subnormals, infinities, NaNs; -0 becomes +0): for targets without a half-conversion
-        instruction. Vectorizes (no 64K-entry table, so no gathers), ~3x slower than the hardware
-        conversion here.
+        instruction. Vectorizes (no 64K-entry table, so no gathers), but costs several instructions
+        where the hardware conversion is one.
 
         numba widens integer arithmetic to 64 bits: truncating after every step lets LLVM keep
         32-bit lanes (otherwise the loop runs on half-width int64 vectors). No float32 subnormal is
@@ -101,8 +84,7 @@ if NUMBA:
         """uint16 bfloat16 bits -> float32: the top half of a float32."""
         return _as_f32(_U32(_U32(h) << 16))
 
-    NATIVE_HALF = _native_half()
-    f16_to_f32 = _half_to_f32 if NATIVE_HALF else f16_to_f32_int
+    f16_to_f32 = _half_to_f32 if target.NATIVE_HALF else f16_to_f32_int
 
     from numba.extending import overload
 
@@ -196,8 +178,7 @@ def _dequant_bf16_numba(bits, out):
 # alias the output and its address is not an affine function of k, so no run-time overlap check can be
 # built. Per-block inner loops over 1-D slices, with the block's scale hoisted and a trip count known
 # only at run time, vectorize (with an overlap check per block); a constant trip count of 16 or 32
-# would be fully unrolled first and then left scalar. (186x5632 tile, 1 thread, G elements/s: Q8_0
-# 0.6 -> 11, Q6_K 0.6 -> 7, Q4 3.0 -> 7, F16 3.0 -> 18 against the 2-D-indexed/table versions.)
+# would be fully unrolled first and then left scalar.
 
 @jit(parallel=False)
 def _dequant_q4_numba(qs, d, m, out):

@@ -3,34 +3,32 @@ software-prefetches the rows of the neurons coming next while it computes.
 
 Why: the sparse FFN reads one 2-4 KiB row per weight per neuron, at scattered addresses. The hardware
 prefetchers follow streams within a page and need a few misses to find one, so on a fresh row most
-lines arrive one memory latency at a time: reading random 4 KiB rows of int8 ran at 5-7 GB/s on one
-core here, against 20-26 GB/s for the same bytes in order (4096x11008, 1100 rows, one thread,
-interleaved A/B). Prefetching a whole row ahead in one burst helps little (8-10 GB/s): the prefetches
-fill the core's miss buffers and then stall the loop that issued them. One prefetch per line consumed,
-aimed a couple of rows ahead, keeps a steady number of misses in flight and ran at 14-15 GB/s: so the
-loop here issues, in each iteration, one prefetch of the next rows' lines per line it reads
+lines arrive one memory latency at a time, and random rows read at a fraction of the speed of the same
+bytes in order. Prefetching a whole row ahead in one burst helps little: the prefetches fill the
+core's miss buffers and then stall the loop that issued them. One prefetch per line consumed, aimed a
+couple of rows ahead, keeps a steady number of misses in flight: so the loop here issues, in each
+iteration, one prefetch of the next rows' lines per line it reads
 (`llvm.prefetch` into L2, see kernels/llvm_ir.prefetch; only valid rows are prefetched). The gate
 and up row dots do the same in kernels/rowdot.py (q4_gu, i8_gu, q4_row1p, i8_row1p).
 
 - axpy4_i8(w, d, j, a, acc): acc (cols,) f32 += sum over r < 4 of a[r] * row j[r] of an I8 weight with
-  32-blocks and no mins (the int8 downT of engine/executors/sparse.py), as explicit <16 x float> vectors: the
-  numba loop it replaces took ~2.2x as long on rows in cache (231 against 105 ns per 4096-wide row, one
-  thread: per-block scale conversions, a run-time 32-long trip count). axpy4_i8_pf(w, d, j, a, pf, acc)
-  also prefetches rows pf[0..3] of w and d (pf[r] < 0: none). The scales are loaded two blocks at a
-  time as a vector: a scalar half load compiles to vpinsrw into a register LLVM picks, and where that
-  was an accumulator every scale waited for the previous block's sums (1.6x the time per row).
+  32-blocks and no mins (the int8 downT of engine/executors/sparse.py), as explicit <16 x float> vectors:
+  a numba loop pays per-block scale conversions and a run-time 32-long trip count. axpy4_i8_pf(w, d, j,
+  a, pf, acc) also prefetches rows pf[0..3] of w and d (pf[r] < 0: none). The scales are loaded two
+  blocks at a time as a vector: a scalar half load compiles to vpinsrw into a register LLVM picks, and
+  where that is an accumulator every scale waits for the previous block's sums.
 - axpy4_q4(w, d, m, j, a, acc) and axpy4_q4_pf(w, d, m, j, a, pf, acc): the same for a Q4 weight (the
   4-bit downT of engine/executors/sparse.py, GGUF nibble order: byte t of a block holds element t in its low
   nibble and element t + 16 in its high one), with mins m (rows, cols/32) or, m empty, Q4_0's -8 * d.
   Per block and row: one 16-byte load, a mask and a shift, and two 16-lane conversions; the min term
   is one sum over the four rows per block. It reads 2,560 bytes per 4096-wide row where the int8 one
-  reads 4,352, but the unpacking costs: 1.5x the int8 axpy's time on rows in cache, and no faster from
-  DRAM (engine/executors/sparse.py). The numba loop per row it replaced took 2.2x as long (0.79 against 0.37 ms
-  for 1,100 rows at Llama-2-7B shapes, 2 threads, from DRAM).
+  reads 4,352, but the unpacking costs more time than the bytes save, so the int8 downT stays the
+  default (engine/executors/sparse.py).
 
 Numerics: the float operations of the numpy twin happen in the same order except what fastmath
 contracts into fused multiply-adds. Generic vector IR, so ARM64 gets the same loop; f16 scales
-convert with fpext (one instruction on F16C x86 and ARM64).
+convert through kernels/llvm_ir.half_to_f32 (one instruction on F16C x86 and ARM64). The sparse FFN
+uses these only where kernels/rowdot.AVAILABLE holds, as it does rowdot's intrinsics.
 """
 
 import numpy as np
@@ -75,7 +73,8 @@ if NUMBA:
     from numba import types
     from numba.core.extending import intrinsic
 
-    from kernels.llvm_ir import F32 as _F32, I32 as _I32, I8 as _I8, I64 as _I64, c_array, const64 as _c64
+    from kernels.llvm_ir import F32 as _F32, I8 as _I8, I16 as _I16, I32 as _I32, I64 as _I64, c_array, const64 as _c64
+    from kernels.llvm_ir import half_to_f32 as _half_to_f32
     from kernels.llvm_ir import lanes as _lanes, prefetch_line as _prefetch_line, prefetch_target as _target
     from kernels.llvm_ir import data as _data, row_ptr as _row, rows_array, splat as _const, vec as _vec
 
@@ -87,13 +86,13 @@ if NUMBA:
         """<4 x float> whose lanes 0 and 1 are the scales of blocks b and b+1 of a row (lanes 2, 3:
         don't care). The halves go through a zero-extending vector load: a scalar half load becomes
         vpinsrw into whatever register LLVM picks, and when that is an accumulator of the loop, every
-        scale waits for the previous iteration's sums (the dots then ran 1.6x slower, unlike intdot's
-        dense loops, where the register is by chance a loop constant)."""
+        scale waits for the previous iteration's sums (intdot's dense loops escape this only because
+        the register LLVM picks there happens to be a loop constant)."""
         if f16:
             raw = builder.load(builder.bitcast(builder.gep(drow, [b]), _I32.as_pointer()), align=2)
             v = builder.insert_element(_const(_I32, 4, 0), raw, ir.Constant(_I32, 0))
-            h = builder.bitcast(v, _vec(ir.HalfType(), 8))
-            return builder.fpext(builder.shuffle_vector(h, h, _lanes(0, 1, 2, 3)), _vec(_F32, 4))
+            h = builder.bitcast(v, _vec(_I16, 8))
+            return _half_to_f32(builder, builder.shuffle_vector(h, h, _lanes(0, 1, 2, 3)))
         v = builder.load(builder.bitcast(builder.gep(drow, [b]), _vec(_F32, 2).as_pointer()), align=4)
         return builder.shuffle_vector(v, v, _lanes(0, 1, 0, 1))
 
@@ -102,8 +101,8 @@ if NUMBA:
         if f16:
             raw = builder.zext(builder.load(builder.gep(drow, [b])), _I32)
             v = builder.insert_element(_const(_I32, 4, 0), raw, ir.Constant(_I32, 0))
-            h = builder.bitcast(v, _vec(ir.HalfType(), 8))
-            return builder.fpext(builder.shuffle_vector(h, h, _lanes(0, 1, 2, 3)), _vec(_F32, 4))
+            h = builder.bitcast(v, _vec(_I16, 8))
+            return _half_to_f32(builder, builder.shuffle_vector(h, h, _lanes(0, 1, 2, 3)))
         v = builder.insert_element(ir.Constant(_vec(_F32, 4), ir.Undefined), builder.load(builder.gep(drow, [b])),
                                    ir.Constant(_I32, 0))
         return v

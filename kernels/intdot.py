@@ -1,49 +1,33 @@
 """Integer dot products for 4-bit weights: activations quantized to int8 per block of 32, as ggml does.
 
 Why: a float kernel spends ~10 vector instructions per 32 weights unpacking nibbles, converting them
-to float and multiplying (kernels/matvec.py's float loop ran Q4 at 0.17-0.39x of f32 GEMV's GB/s,
-compute-bound, not memory-bound). With x in int8, the products of one block are two instructions on
-x86 (pmaddubsw: u8 x s8 -> pairwise i16 sums; pmaddwd by ones -> i32), then one convert and one fused
-multiply-add with the block's scale d_w * d_x: ~2.5x the float loop on SmolLM2's shapes (2 threads).
+to float and multiplying, which makes a Q4 matvec compute-bound, not memory-bound. With x in int8,
+the products of one block are two instructions on x86 (pmaddubsw: u8 x s8 -> pairwise i16 sums;
+pmaddwd by ones -> i32), then one convert and one fused multiply-add with the block's scale d_w * d_x.
 
 numba cannot express SIMD integer multiply-adds, so `q4_row_dot` is an LLVM intrinsic that builds the
 row loop in IR with explicit vector types:
 - x86 with AVX2: llvm.x86.avx2.pmadd.ub.sw and llvm.x86.avx2.pmadd.wd (what ggml's AVX2 path uses);
-- x86 with AVX-512 VNNI, Q4 only: one vpdpbusd over 64 bytes covers two blocks (1.14-1.34x the AVX2
-  code on this machine's shapes, measured alternating in one process; I8 stays on AVX2, whose sign
-  trick has no 512-bit form);
+- x86 with AVX-512 VNNI, Q4 only: one vpdpbusd over 64 bytes covers two blocks (I8 stays on AVX2,
+  whose sign trick has no 512-bit form);
 - any other target (ARM64, x86 without AVX2): the same arithmetic in generic vector IR (zext/sext,
   mul, add), which LLVM lowers for the target. Both are exact in integers, so they agree bit for bit
   on the integer block sums; only the float accumulation order differs.
+f16 block scales convert through kernels/llvm_ir.half_to_f32: one instruction where the target has
+it, integer operations elsewhere.
 
 Numerics: as llama.cpp's own Q8 rounding (d_x = max|x|/127 per block, nearest integer), including the
 min term of Q4_1/Q4_K/Q5_1/Q5_K and Q4_0's -8 offset, which use the block sums of the rounded x. Using
 float sums there looks more exact but is worse: the rounding errors then multiply d*q (all >= 0)
-instead of the centred weight, and SmolLM2's decode perplexity rose 2% (15.06 against 14.77 with
-unrounded x; 14.78 with rounded sums). The numpy twins round x the same way.
+instead of the centred weight, which costs SmolLM2 ~2% decode perplexity. The numpy twins round x the
+same way.
 """
-
-import platform
 
 import numpy as np
 
+from kernels import target
 from kernels.backend import NUMBA, jit
-from kernels.dequant import NATIVE_HALF, scale_f32, scales_f32_numpy
-
-AVX2 = False   # whether the row dots use x86 AVX2 intrinsics (set below when numba is on)
-VNNI512 = False  # whether q4_row_dot uses AVX-512 VNNI (vpdpbusd on 64 bytes: two blocks per instruction)
-
-
-def _has_x86(*flags: str) -> bool:
-    """Whether numba's compile target is x86 with all these features (mirrors numba's own choice of CPU
-    features: NUMBA_CPU_FEATURES, else the host's)."""
-    from numba.core import codegen, config
-
-    if platform.machine().lower() not in ("x86_64", "amd64"):
-        return False
-    features = config.CPU_FEATURES if config.CPU_FEATURES is not None else codegen.get_host_cpu_features()
-    have = str(features).split(",")
-    return all("+" + f in have for f in flags)
+from kernels.dequant import scales_f32_numpy
 
 
 # ---------------------------------------------------------------- activation quantization
@@ -102,15 +86,12 @@ if NUMBA:
     from numba import types
     from numba.core.extending import intrinsic
 
-    AVX2 = _has_x86("avx2")
-    VNNI512 = _has_x86("avx512f", "avx512bw", "avx512vnni")
-
     from kernels.llvm_ir import F32 as _F32, I8 as _I8, I16 as _I16, I32 as _I32, I64 as _I64
-    from kernels.llvm_ir import lanes as _lanes, row_ptr as _row_ptr, rows_array as _rows_array, splat as _splat, vec as _vec
+    from kernels.llvm_ir import half_to_f32 as _half_to_f32, lanes as _lanes, row_ptr as _row_ptr, rows_array as _rows_array, splat as _splat, vec as _vec
 
     def _block_isum(builder, nib, xv):
         """nib <32 x i8> unsigned 0..15, xv <32 x i8> signed -> <8 x i32> partial sums of nib*xv."""
-        if AVX2:
+        if target.AVX2:
             mod = builder.module
             ub = mod.declare_intrinsic("llvm.x86.avx2.pmadd.ub.sw",
                                        fnty=ir.FunctionType(_vec(_I16, 16), [_vec(_I8, 32), _vec(_I8, 32)]))
@@ -126,7 +107,7 @@ if NUMBA:
 
     def _block_isum_i8(builder, w, xv):
         """w, xv <32 x i8> signed -> <8 x i32> partial sums of w*xv."""
-        if AVX2:
+        if target.AVX2:
             # pmaddubsw wants one unsigned operand: |w| times x with w's sign (ggml's trick). |w| <= 128
             # and |x| <= 127, so the i16 pair sums (<= 32512) never saturate.
             mod = builder.module
@@ -142,7 +123,7 @@ if NUMBA:
     def _scale(builder, drow, dx, b, f16):
         """d[r, b] * dx[b] as a float."""
         draw = builder.load(builder.gep(drow, [b]))
-        dsc = builder.fpext(builder.bitcast(draw, ir.HalfType()), _F32) if f16 else draw
+        dsc = _half_to_f32(builder, draw) if f16 else draw
         return builder.fmul(dsc, builder.load(builder.gep(dx, [b])))
 
     def _pair_term_vnni(builder, qrow, drow, xq, dx, i, f16):
@@ -223,7 +204,7 @@ if NUMBA:
                 acc1 = builder.phi(_vec(_F32, 8))
                 b0 = builder.shl(i, ir.Constant(_I64, 1))
                 b1 = builder.add(b0, ir.Constant(_I64, 1))
-                if nibbles and VNNI512:
+                if nibbles and target.VNNI512:
                     t = _pair_term_vnni(builder, qrow, drow, xq_a.data, dx_a.data, i, f16)
                     t0_ = builder.shuffle_vector(t, t, _lanes(*range(8)))
                     t1_ = builder.shuffle_vector(t, t, _lanes(*range(8, 16)))
@@ -285,7 +266,7 @@ if NUMBA:
         off = builder.mul(i, eight)
         if f16:
             raw = builder.load(builder.bitcast(builder.gep(srow, [off]), _vec(_I16, 8).as_pointer()), align=2)
-            sv = builder.fpext(builder.bitcast(raw, _vec(ir.HalfType(), 8)), _vec(_F32, 8))
+            sv = _half_to_f32(builder, raw)
         else:
             sv = builder.load(builder.bitcast(builder.gep(srow, [off]), _vec(_F32, 8).as_pointer()), align=4)
         xv = builder.load(builder.bitcast(builder.gep(vp, [off]), _vec(_F32, 8).as_pointer()), align=4)
@@ -311,7 +292,7 @@ if NUMBA:
         j = builder.phi(_I64)
         t = builder.phi(_F32)
         raw = builder.load(builder.gep(srow, [j]))
-        sc = builder.fpext(builder.bitcast(raw, ir.HalfType()), _F32) if f16 else raw
+        sc = _half_to_f32(builder, raw) if f16 else raw
         nt = builder.fadd(t, builder.fmul(sc, builder.load(builder.gep(vp, [j])), flags=("fast",)), flags=("fast",))
         j2 = builder.add(j, ir.Constant(_I64, 1))
         j.add_incoming(start, tail)
@@ -349,8 +330,8 @@ if NUMBA:
     def _min_term_ir(typingctx, d, m, r, xsum):
         """The min term of row r of a Q4 or I8 weight: sum_b m[r, b] * xsum[b], or -8 sum_b d[r, b] *
         xsum[b] when m is empty (Q4_0). An intrinsic rather than a numba function with a branch: passing
-        arrays into a branchy jitted helper per row left numba's reference counting in the loop (atomic
-        increments on the arrays' shared counters: 3072x576 Q4_1 went 50 -> 175 us per call, 1 thread)."""
+        arrays into a branchy jitted helper per row leaves numba's reference counting in the loop (atomic
+        increments on the arrays' shared counters), which costs more than the row's arithmetic."""
         if not (_is_scales(d) and _is_scales(m) and isinstance(r, types.Integer) and _is_vec(xsum)):
             return None
 
@@ -393,7 +374,7 @@ def rounded_block_sums(xq, dx, out):
     """xq (32*nb,) int8, dx (nb,) f32 -> out (nb,) f32: the block sums of the rounded x. The min term (m,
     or Q4_0's -8d) multiplies these, not the float sums of x: then the whole weight meets the same
     rounded x and the rounding errors meet the centred weights, not d*q >= 0 alone. Float sums cost
-    SmolLM2 +2% decode perplexity (15.06 against 14.77 unrounded; 14.72 this way)."""
+    SmolLM2 ~2% decode perplexity."""
     for b in range(out.shape[0]):
         t = np.int32(0)
         for j in range(32):
@@ -414,27 +395,9 @@ def min_term_numpy(d, m, r, xsum):
     return np.float32(-8.0) * scale_dot_numpy(d, r, xsum)
 
 
-@jit()
-def _scale_dot_loop(s, r, v):
-    """scale_dot where halves convert in software (no F16C): the IR version's fpext of a half vector
-    would become a runtime-helper call that numba's JIT cannot resolve (kernels/dequant.py)."""
-    sr = s[r]
-    t = np.float32(0.0)
-    for b in range(sr.shape[0]):
-        t += scale_f32(sr[b]) * v[b]
-    return t
-
-
-@jit()
-def _min_term_loop(d, m, r, xsum):
-    if m.shape[1]:
-        return _scale_dot_loop(m, r, xsum)
-    return np.float32(-8.0) * _scale_dot_loop(d, r, xsum)
-
-
 # scale_dot(s, r, v) and min_term(d, m, r, xsum): see the numpy twins above.
-scale_dot = (_scale_dot_ir if NATIVE_HALF else _scale_dot_loop) if NUMBA else None
-min_term = (_min_term_ir if NATIVE_HALF else _min_term_loop) if NUMBA else None
+scale_dot = _scale_dot_ir if NUMBA else None
+min_term = _min_term_ir if NUMBA else None
 
 
 @jit(inline=True)

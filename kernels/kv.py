@@ -4,14 +4,15 @@ Half is what llama.cpp keeps by default, and it halves the cache: at SmolLM2's 4
 f32 cache is 180 MiB, the half one 90. Kernels read an element with `load(a[...])` and write one with
 `a[...] = store(v, a)`; numba picks the conversion from the array's dtype when the kernel compiles, so
 one source serves both. The conversions are exact to the nearest half (round to nearest even), one
-instruction each where the target has them (x86 F16C, AArch64: kernels/dequant.NATIVE_HALF), else
+instruction each where the target has them (x86 F16C, AArch64: kernels/target.NATIVE_HALF), else
 integer arithmetic. The numpy twins use `to_storage` and `to_f32`.
 """
 
 import numpy as np
 
+from kernels import target
 from kernels.backend import NUMBA, jit
-from kernels.dequant import NATIVE_HALF, scale_f32
+from kernels.dequant import scale_f32
 
 load = scale_f32      # an element as float32: from float32, or from uint16 half bits
 
@@ -55,7 +56,7 @@ if NUMBA:
 
     # The uint32 bit pattern of a float32 (a register bitcast).
     _f32_bits = _float_intrinsic("_f32_bits", types.uint32, lambda b, v: b.bitcast(v, ir.IntType(32)))
-    # float32 -> uint16 half bits by LLVM's fptrunc (vcvtps2ph / fcvt): NATIVE_HALF targets only.
+    # float32 -> uint16 half bits by LLVM's fptrunc (vcvtps2ph / fcvt): target.NATIVE_HALF targets only.
     _half_bits_hw = _float_intrinsic("_half_bits_hw", types.uint16,
                                      lambda b, v: b.bitcast(b.fptrunc(v, ir.HalfType()), ir.IntType(16)))
 
@@ -88,7 +89,7 @@ if NUMBA:
             h += 1                                           # a carry into the exponent is right
         return np.uint16(sign | h)
 
-    half_bits = _half_bits_hw if NATIVE_HALF else half_bits_int
+    half_bits = _half_bits_hw if target.NATIVE_HALF else half_bits_int
 
     @overload(store, jit_options={"fastmath": True})
     def _store_ov(v, a):

@@ -1,11 +1,13 @@
 """Small LLVM IR building blocks shared by the hand-written intrinsics (kernels/intdot.py, rowdot.py,
-gather.py, records.py, sync.py): types, constants, array checks and pointers, prefetches.
+gather.py, records.py, sync.py): types, constants, array checks and pointers, half conversion, prefetches.
 
 Needs numba (llvmlite): import it only where kernels.backend.NUMBA holds.
 """
 
 from llvmlite import ir
 from numba import types
+
+from kernels import target
 
 I8, I16, I32, I64, F32 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64), ir.FloatType()
 
@@ -45,6 +47,33 @@ def rows_array(a, *dtypes):
     return isinstance(a, types.Array) and a.ndim == 2 and a.layout in ("C", "A") and a.dtype in dtypes
 
 
+def half_to_f32(builder, bits):
+    """IEEE-half bit patterns -> float32: an i16 or <n x i16> value -> float or <n x float>. One fpext
+    where the target converts halves in hardware (kernels/target.NATIVE_HALF: vcvtph2ps, fcvt). Elsewhere
+    LLVM would make that fpext a call to a runtime helper that numba's JIT cannot resolve, so the bits
+    are converted with integer operations instead, exact for every pattern as dequant.f16_to_f32_int's
+    (-0 becomes +0). Read when the calling kernel compiles, so tests can force either form."""
+    vector = isinstance(bits.type, ir.VectorType)
+    n = bits.type.count if vector else 0
+    ft = vec(F32, n) if vector else F32
+    if target.NATIVE_HALF:
+        return builder.fpext(builder.bitcast(bits, vec(ir.HalfType(), n) if vector else ir.HalfType()), ft)
+
+    def k(v):
+        return splat(I32, n, v) if vector else ir.Constant(I32, v)
+
+    h = builder.zext(bits, vec(I32, n) if vector else I32)
+    exp = builder.and_(h, k(0x7C00))
+    sign = builder.shl(builder.and_(h, k(0x8000)), k(16))
+    u = builder.add(builder.shl(builder.and_(h, k(0x7FFF)), k(13)), k(0x38000000))    # exponent bias 15 -> 127
+    u = builder.select(builder.icmp_unsigned("==", exp, k(0x7C00)), builder.add(u, k(0x38000000)), u)  # Inf/NaN
+    normal = builder.bitcast(builder.or_(u, sign), ft)
+    # zero and subnormals (m * 2**-24): read as 2**-14 * (1 + m/1024), then remove the 2**-14
+    low = builder.fsub(builder.bitcast(builder.or_(builder.add(u, k(0x00800000)), sign), ft),
+                       builder.bitcast(builder.or_(k(0x38800000), sign), ft))
+    return builder.select(builder.icmp_unsigned("==", exp, k(0)), low, normal)
+
+
 def data(context, builder, ty, val):
     """The data pointer of a numba array."""
     return context.make_array(ty)(context, builder, val).data
@@ -63,12 +92,11 @@ def row_ptr(context, builder, ty, val, r):
 
 
 def prefetch(builder, p):
-    """A read prefetch of the line at p into L2 (llvm.prefetch, locality 2: prefetcht1 on x86). Into L1
-    as well (locality 3, prefetcht0) the sparse FFN ran 1.2x as long at Llama-2-7B shapes (1,100
-    scattered neurons, Q4_0, 2 threads; A/B alternating builds, 0.41-0.50 against 0.51-0.68 ms): a
-    prefetch into L1 holds one of the core's few L1 miss buffers until its line arrives, so a stream
-    of them caps the misses in flight, and the L1 (32 KiB) is too small to keep a row ahead anyway.
-    Locality 1 and 0 (prefetcht2, prefetchnta) were slower than 2 too."""
+    """A read prefetch of the line at p into L2 (llvm.prefetch, locality 2: prefetcht1 on x86). Not into
+    L1 as well (locality 3, prefetcht0): a prefetch into L1 holds one of the core's few L1 miss buffers
+    until its line arrives, so a stream of them caps the misses in flight, and the L1 (32 KiB) is too
+    small to keep a row ahead anyway. Locality 1 and 0 (prefetcht2, prefetchnta) are slower than 2 too
+    (tools/bench_sparse.py measures the sparse FFN that issues them)."""
     i8p = I8.as_pointer()
     fn = builder.module.declare_intrinsic("llvm.prefetch.p0", fnty=ir.FunctionType(
         ir.VoidType(), [i8p, I32, I32, I32]))

@@ -3,23 +3,23 @@
 One function per weight layout (kernels/layouts.md). Each numba kernel has a numpy twin named *_numpy
 with the same signature; `matvec_*` is whichever backend.py picked. All write into `out` and return it.
 
-How the numba kernels are written (measured with tools/bench_kernels.py; DESIGN.md has the background):
+How the numba kernels are written (tools/bench_kernels.py measures them; DESIGN.md has the background):
 - one `prange` launch per call, over rows, each row one long unit-stride loop over 1-D views;
 - block scales are looked up as `d[k >> 5]` / `d[k >> 4]`: a shift by a constant lets LLVM broadcast
-  one scale per vector (a run-time shift or division makes it gather per element, ~6x slower); the
-  min term sum_b m[r,b] * sum(x in block b) is added per row from block sums of x made once per call;
+  one scale per vector (a run-time shift or division makes it gather per element, several times
+  slower); the min term sum_b m[r,b] * sum(x in block b) is added per row from block sums of x made
+  once per call;
 - integer -> float32 conversions go through int32 (int64 -> float32 vector conversion needs
   AVX-512DQ); 16-bit floats convert in registers (dequant.f16_to_f32 / bf16_to_f32: no table
   gathers, no scratch);
 - wide rows (cols > WIDE_COLS) are walked 4 at a time, so that each load of x serves 4 rows: one row
   at a time reads 4 bytes of x per int8 weight (8 per byte of nibbles), and once x no longer stays in
-  L1 next to the weight stream that traffic, not DRAM, is the limit (4096x11008 Q8_0, 1 thread: ~10
-  GB/s row by row, ~16 GB/s 4 rows at a time). Narrower rows stay one at a time: 4 interleaved
-  streams are served worse by the hardware prefetchers (576x1536 Q8_0: ~21 against ~11 GB/s);
-- Q4 multiplies x rounded to int8 per block with integer SIMD (kernels/intdot.py): the float loop it
-  replaced was compute-bound at 0.17-0.39x of f32 GEMV's GB/s.
-Tried and dropped (no gain here): software prefetch of the next rows, 2-row groups, 4-row groups for
-narrow rows, and building nibble floats from bits (1 + q/16) instead of int->float conversion.
+  L1 next to the weight stream that traffic, not DRAM, is the limit. Narrower rows stay one at a
+  time: 4 interleaved streams are served worse by the hardware prefetchers;
+- Q4 multiplies x rounded to int8 per block with integer SIMD (kernels/intdot.py): a float loop over
+  nibbles is compute-bound, well below what memory delivers.
+Left out, for no gain here: software prefetch of the next rows, 2-row groups, 4-row groups for narrow
+rows, and building nibble floats from bits (1 + q/16) instead of int->float conversion.
 """
 
 import numpy as np
@@ -39,7 +39,7 @@ if NUMBA:
 CHUNK_ELEMS = 1 << 18
 
 GROUP = 4           # rows walked together when x is wide (the loops below are written for exactly 4)
-WIDE_COLS = 8192    # x of 32 KiB: measured crossover between 5632 (rows one by one win) and 11008
+WIDE_COLS = 8192    # x of 32 KiB: the crossover lies between 5632 (rows one by one win) and 11008 columns
 
 
 def _chunked(dequant_fn, arrays, cols, x, out):
@@ -269,9 +269,9 @@ def _matvec_i8x32_rowdot(q, d, m, x, out):
     dx = np.empty(nb, dtype=np.float32)          # (cols/32,) its block scales
     intdot.quantize_q8(x, xq, dx)
     xc = rowdot.lane_corrections(xq, np.empty(cols // 4, dtype=np.int32))     # (cols/4,) for VNNI's bias
-    # rowdot.row's I8 formula with its min-term test outside the row loop (per row it cost ~6% on
-    # 1536x576), and only what I8 rows read (not all of round_x: the rest cost ~8% there); xq stands
-    # in for the Q4 step order, which I8 rows never read.
+    # rowdot.row's I8 formula with its min-term test hoisted out of the row loop, and only what I8
+    # rows read (not all of round_x): on narrow rows both are measurable costs. xq stands in for the
+    # Q4 step order, which I8 rows never read.
     if m.shape[1]:
         xsum = intdot.rounded_block_sums(xq, dx, np.empty(nb, dtype=np.float32))
         for r in prange(rows):
@@ -293,7 +293,7 @@ def _matvec_i8_numba(q, d, m, x, out):
     if block == 32:
         return _matvec_i8x32_numba(q, d, m, x, out)
     # Float x for the other block sizes (Q6_K's 16). The scale index must be a shift by a constant:
-    # with a run-time shift or division LLVM gathers d[...] per element and the loop runs ~6x slower,
+    # with a run-time shift or division LLVM gathers d[...] per element, several times slower,
     # so B = 16 has its own loop and other block sizes take the slow general loop (no GGUF format
     # produces them).
     has_min = m.shape[1] > 0

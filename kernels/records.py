@@ -2,10 +2,9 @@
 
 A bundle record holds nine fields side by side (gate row, scales, mins; up; down row: see
 engine/flash/bundles.py), and the kernels read each field from its own (slots, cols) array. Copying a
-landed run field by field through numpy structured views cost ~230 us per run of records on SmolLM2
-(strided gathers, nine fancy-indexed copies each): 76 of the 87 ms of a 60%-budget decode token.
-Here one call copies every record of a run: for each record, each field's bytes are one contiguous
-memcpy-like loop.
+landed run field by field through numpy structured views (strided gathers, nine fancy-indexed copies
+per run) would take most of a flash-resident decode token's time on SmolLM2. Here one call copies every
+record of a run: for each record, each field's bytes are one contiguous memcpy-like loop.
 
     scatter(src, starts, rows, field_off, field_len, dsts)
       src        (n,) uint8      the read buffer
@@ -40,8 +39,8 @@ if NUMBA:
     @intrinsic
     def _copy_bytes(typingctx, dst, dst_off, src, src_off, n):
         """memcpy of n bytes from src[src_off:] to dst[dst_off:] (1-D uint8 C arrays): loops and slices
-        in numba ran at 0.8-1.7 GB/s here (negative-index checks and per-slice array objects keep LLVM
-        from recognising a copy)."""
+        in numba copy far below memcpy speed (negative-index checks and per-slice array objects keep
+        LLVM from recognising a copy)."""
         if not (c_array(dst, 1, types.uint8) and c_array(src, 1, types.uint8)):
             return None
 

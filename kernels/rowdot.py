@@ -2,8 +2,8 @@
 
 Why: kernels/intdot.py's row dots handle one or two blocks per step, and each block then costs a
 scalar scale load, a conversion, a broadcast and a horizontal split of the partial sums: ~20 vector
-operations per 64 weights, which left the Q4 matvec compute-bound at 12-14 GB/s per core (3072x576
-Q4_1 from DRAM and from cache alike, 1 thread), below what one core can stream. Here one step covers
+operations per 64 weights, which leaves a Q4 matvec compute-bound (as fast from cache as from DRAM),
+below what one core can stream. Here one step covers
 four blocks (128 weights):
   - the integer partial sums come out with four i32 lanes per Q4 block (eight per I8 block), each
     lane a sum of four products: AVX-512 VNNI vpdpbusd, or AVX2 pmaddubsw + pmaddwd, or generic
@@ -30,17 +30,20 @@ lanes, then a horizontal sum), so results differ from intdot's in the last bits 
 are intdot.q4_row_dot_numpy and intdot.i8_row_dot_numpy (natural x order; the arrangement is a
 numba-side matter).
 
-AVAILABLE: these intrinsics are used only where halves convert in hardware (x86 F16C, AArch64;
-kernels/dequant.NATIVE_HALF): the vector fpext of f16 scales is a runtime-helper call elsewhere.
+AVAILABLE: the kernels use these intrinsics only where halves convert in hardware (x86 F16C, AArch64:
+kernels/target.NATIVE_HALF). On other targets (x86 without AVX2 and F16C, architectures other than x86
+and AArch64) `row`, the dense matvecs and the sparse FFN take kernels/intdot.py's row products, the
+simpler code, and the one-region decode is off: no such target has been measured. The intrinsics still
+compile there (llvm_ir.half_to_f32 converts the scales with integer operations), which is how the
+tests check them for those targets.
 """
 
 import numpy as np
 
-from kernels import intdot
+from kernels import intdot, target
 from kernels.backend import NUMBA, jit
-from kernels.dequant import NATIVE_HALF
 
-AVAILABLE = NUMBA and NATIVE_HALF
+AVAILABLE = NUMBA and target.NATIVE_HALF
 
 
 def _groups(nb: int):
@@ -115,7 +118,8 @@ if NUMBA:
     from numba.core.extending import intrinsic
 
     from kernels.llvm_ir import F32 as _F32, I8 as _I8, I16 as _I16, I32 as _I32, I64 as _I64
-    from kernels.llvm_ir import c_array as _c_array, const64 as _c, data as _data, lanes as _lanes
+    from kernels.llvm_ir import c_array as _c_array, const64 as _c, data as _data, half_to_f32 as _half_to_f32
+    from kernels.llvm_ir import lanes as _lanes
     from kernels.llvm_ir import rows_array as _rows_array
     from kernels.llvm_ir import prefetch_line as _prefetch_line, prefetch_target as _target, row_ptr as _row_ptr
     from kernels.llvm_ir import splat as _splat, vec as _vec
@@ -174,13 +178,13 @@ if NUMBA:
         """lo, hi <n x i8> nibbles (0..15), xl, xh <n x i8> signed, n in 16, 32, 64 -> <n/4 x i32>: lane
         l = the sum over its four bytes of lo*xl + hi*xh (|lane| <= 8*15*127: no overflow anywhere)."""
         n = lo.type.count
-        if intdot.VNNI512 and n == 64:
+        if target.VNNI512 and n == 64:
             v16 = _vec(_I32, 16)
             acc = _x86(builder, "llvm.x86.avx512.vpdpbusd.512", v16, ir.Constant(v16, [0] * 16),
                        builder.bitcast(lo, v16), builder.bitcast(xl, v16))
             return _x86(builder, "llvm.x86.avx512.vpdpbusd.512", v16, acc,
                         builder.bitcast(hi, v16), builder.bitcast(xh, v16))
-        if intdot.AVX2:
+        if target.AVX2:
             if n == 64:
                 return _concat(builder, *(_isum_q4(builder, *(_half(builder, v, h, 32) for v in (lo, hi, xl, xh)))
                                           for h in (0, 32)))
@@ -195,12 +199,12 @@ if NUMBA:
         """w, x <n x i8> signed, n in 32, 64 -> <n/4 x i32>: lane l = the sum of its four products.
         xc: the lane corrections (<16 x i32>, VNNI with n = 64 only, else None)."""
         n = w.type.count
-        if intdot.VNNI512 and n == 64:
+        if target.VNNI512 and n == 64:
             v16 = _vec(_I32, 16)
             u = builder.xor(w, _splat(_I8, 64, -128))          # w + 128, as unsigned bytes
             return _x86(builder, "llvm.x86.avx512.vpdpbusd.512", v16, xc, builder.bitcast(u, v16),
                         builder.bitcast(x, v16))
-        if intdot.AVX2:
+        if target.AVX2:
             if n == 64:
                 return _concat(builder, *(_isum_i8(builder, _half(builder, w, h, 32), _half(builder, x, h, 32), None)
                                           for h in (0, 32)))
@@ -219,8 +223,7 @@ if NUMBA:
     def _scales(builder, drow, dx, b, k, f16):
         """<k x float>: scale(d[r, b + i]) * dx[b + i] for i < k."""
         if f16:
-            raw = _load(builder, drow, b, _I16, k, align=2)
-            dv = builder.fpext(builder.bitcast(raw, _vec(ir.HalfType(), k)), _vec(_F32, k))
+            dv = _half_to_f32(builder, _load(builder, drow, b, _I16, k, align=2))
         else:
             dv = _load(builder, drow, b, _F32, k, align=4)
         return builder.fmul(dv, _load(builder, dx, b, _F32, k, align=4), flags=("fast",))
@@ -253,7 +256,7 @@ if NUMBA:
         for h in range(0, k, 2):
             n = 64 if k >= 2 else 32
             off = builder.mul(builder.add(b, _c(h)), _c(32))
-            xcv = _load(builder, xc, builder.ashr(off, _c(2)), _I32, 16, align=4) if intdot.VNNI512 and n == 64 else None
+            xcv = _load(builder, xc, builder.ashr(off, _c(2)), _I32, 16, align=4) if target.VNNI512 and n == 64 else None
             isum = _isum_i8(builder, _load(builder, qrow, off, _I8, n), _load(builder, xq, off, _I8, n), xcv)
             out.append(builder.fmul(builder.sitofp(isum, _vec(_F32, n // 4)),
                                     _spread(builder, s, 8, h, n // 32), flags=("fast",)))
@@ -308,7 +311,7 @@ if NUMBA:
         blocks. Rows stepped together share their x loads (LLVM merges the identical loads). targets:
         (i8 pointer, bytes) of rows to prefetch, one 64-byte line of each per loop iteration: the
         rows a sparse kernel reads next sit at scattered addresses, where the hardware prefetchers
-        find no stream (kernels/gather.py measured it)."""
+        find no stream (kernels/gather.py explains)."""
         fours = builder.ashr(nb, _c(2))
         zero = ir.Constant(_vec(_F32, 16), [0.0] * 16)
 
@@ -418,7 +421,8 @@ def row(qs, d, m, r, xq, xp, xc, dx, xsum):
     """Row r of a Q4 (qs uint8) or 32-block I8 (qs int8) weight times x rounded by round_x, min term
     included (xsum (cols/32,) f32 the rounded block sums); numba picks the formula by qs's dtype. The one
     row product of the dense matvecs (kernels/matvec.py), the one-region decode (kernels/decode_token.py)
-    and the sparse FFN's rows (kernels/sparse_ffn.py), so that all of them round alike."""
+    and the sparse FFN's rows (kernels/sparse_ffn.py), so that all of them round alike: the four-block
+    intrinsics here, or intdot's row products where AVAILABLE is False (as the dense matvecs there)."""
 
 
 if NUMBA:
@@ -426,6 +430,12 @@ if NUMBA:
 
     @overload(row, inline="always", jit_options={"fastmath": True})
     def _row_ov(qs, d, m, r, xq, xp, xc, dx, xsum):
+        if not AVAILABLE:
+            if qs.dtype == types.uint8:
+                return lambda qs, d, m, r, xq, xp, xc, dx, xsum: intdot.q4_row(qs, d, m, r, xq, dx, xsum)
+            if qs.dtype == types.int8:
+                return lambda qs, d, m, r, xq, xp, xc, dx, xsum: intdot.i8_row(qs, d, m, r, xq, dx, xsum)
+            return None
         if qs.dtype == types.uint8:
             return lambda qs, d, m, r, xq, xp, xc, dx, xsum: (q4_dot(qs, d, r, xq, xp, xc, dx)
                                                               + intdot.min_term(d, m, r, xsum))

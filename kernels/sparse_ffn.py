@@ -39,22 +39,22 @@ flash in an order that depends on what its cache holds, but whose output must no
                acts[t] * downT[idx[t]], in list order (no dscale): each chunk on its own, so any split
                of the chunks into calls gives the same bits. The caller sums the chunks in order.
 
-How the numba kernel runs: ONE prange launch per call (each launch costs 3-25 us here). The listed
+How the numba kernel runs: ONE prange launch per call (each launch costs ~3 us). The listed
 neurons are split into one contiguous share per thread with equal neuron counts (every neuron costs
 the same: up to two row dot products and one row axpy), each thread accumulates into its own partial
 (hidden,) row, and the partials are summed after the parallel loop. Row dot products round as the
 dense matvec's: Q4 and 32-block I8 rows take kernels/rowdot.py's integer SIMD product with x rounded
 to int8 per block (so sparse and dense round alike), in the form that reads a neuron's gate and up
 rows in one pass and software-prefetches the rows of the neuron PREFETCH_AHEAD places on: the rows
-are scattered, and without it they arrived at 5-7 GB/s per core; the other layouts take 1-D long
-float loops. The down axpy takes four neurons per pass, so that the (hidden,) accumulator is read
+are scattered, where the hardware prefetchers find no stream (kernels/gather.py); the other layouts
+take 1-D long float loops. The down axpy takes four neurons per pass, so that the (hidden,) accumulator is read
 and written once per four rows: the int8 downT with 32-blocks (engine/executors/sparse.py's) and Q4 downT
 through gather's vector IR, which also prefetches the down rows of the next four listed neurons; the
 other layouts through numba loops per scale block (scale hoisted, run-time trip count: the form that
-vectorizes for stores, see kernels/dequant.py). At Llama-2-7B shapes, 90% sparsity, 2 threads, the kernel reads its
-rows at 16-21 GB/s from separate arrays and 20-26 GB/s from neuron records (tools/bench_sparse.py,
-Q4_0 and Q8_0, hot-first or scattered neurons): 54-94% and 75-104% of what the dense matvecs stream in
-the same runs.
+vectorizes for stores, see kernels/dequant.py). Where halves do not convert in hardware
+(rowdot.AVAILABLE False) no rowdot or gather intrinsic is used: rows take intdot's row products, as
+the dense matvecs there, and the axpys the numba loops. tools/bench_sparse.py measures the kernel
+against the dense FFN, on separate arrays and on neuron records (BENCHMARKS.md).
 """
 
 import numpy as np
@@ -200,8 +200,7 @@ def _axpy(w, d, m, j, a, acc, bits16):
 
 def _axpy4(w, d, m, j, a, acc, bits16):
     """acc (cols,) f32 += sum over t < 4 of a[t] * row j[t]: four rows per pass over acc, which then
-    is loaded and stored once per four rows (one row at a time: ~2.5x slower, measured on 4096-wide
-    int8 rows); numba picks the layout from w's dtype."""
+    is loaded and stored once per four rows, not once per row; numba picks the layout from w's dtype."""
 
 
 if NUMBA:
@@ -367,8 +366,8 @@ if NUMBA:
     def _axpy4_ov(w, d, m, j, a, acc, bits16):
         dt = w.dtype
         if dt == types.int8:
-            return _axpy4_i8_ir.py_func if _rows_layout(w, d, j, a, acc) else _axpy4_i8.py_func
-        if dt == types.uint8 and _rows_layout(w, d, m, j, a, acc):
+            return _axpy4_i8_ir.py_func if _gathered(w, d, j, a, acc) else _axpy4_i8.py_func
+        if dt == types.uint8 and _gathered(w, d, m, j, a, acc):
             return _axpy4_q4_ir.py_func
         if dt == types.float32:
             return _axpy4_f32.py_func
@@ -390,10 +389,13 @@ if NUMBA:
         return None
 
 
-def _rows_layout(*arrays):
-    """Whether the intrinsics can take these numba array types: 1-D ones C-contiguous, 2-D ones with
-    contiguous rows (C, or the "A" fields of neuron records: kernels/llvm_ir.rows_array)."""
-    return all(a.layout == "C" or (a.ndim == 2 and a.layout == "A") for a in arrays)
+def _gathered(*arrays):
+    """Whether the row dots and axpys go through kernels/rowdot.py's and gather.py's intrinsics for
+    these numba array types: on targets where rowdot.AVAILABLE holds (elsewhere the numba loops and
+    intdot's row products, as the dense matvecs there), and for arrays the intrinsics take: 1-D ones
+    C-contiguous, 2-D ones with contiguous rows (C, or the "A" fields of neuron records:
+    kernels/llvm_ir.rows_array)."""
+    return rowdot.AVAILABLE and all(a.layout == "C" or (a.ndim == 2 and a.layout == "A") for a in arrays)
 
 
 def _gu(gw, gd, gm, uw, ud, um, j, jp, x, xq, xp, xc, dx, xsum, gate, bits16):
@@ -436,7 +438,7 @@ if NUMBA:
 
     @overload(_gu, inline="always", jit_options={"fastmath": True})
     def _gu_ov(gw, gd, gm, uw, ud, um, j, jp, x, xq, xp, xc, dx, xsum, gate, bits16):
-        if gw.dtype == uw.dtype and gd.dtype == ud.dtype and _rows_layout(gw, gd, gm, uw, ud, um):
+        if gw.dtype == uw.dtype and gd.dtype == ud.dtype and _gathered(gw, gd, gm, uw, ud, um):
             if gw.dtype == types.uint8:
                 return _gu_q4.py_func
             if gw.dtype == types.int8:
@@ -460,9 +462,9 @@ if NUMBA:
 
     @overload(_axpy4p, inline="always", jit_options={"fastmath": True})
     def _axpy4p_ov(w, d, m, j, a, pf, acc, bits16):
-        if w.dtype == types.int8 and _rows_layout(w, d, j, a, pf, acc):
+        if w.dtype == types.int8 and _gathered(w, d, j, a, pf, acc):
             return _axpy4p_i8.py_func
-        if w.dtype == types.uint8 and _rows_layout(w, d, m, j, a, pf, acc):
+        if w.dtype == types.uint8 and _gathered(w, d, m, j, a, pf, acc):
             return _axpy4p_q4.py_func
         return _axpy4p_rows.py_func
 
@@ -470,8 +472,8 @@ if NUMBA:
 _act = act_scalar   # act(g) * u per neuron, shared with the dense GLU (kernels/activation.py)
 
 
-# Neurons ahead of the one computed whose gate and up rows the row dots prefetch (1, 2 and 4 ran
-# alike at Llama-2-7B shapes; kernels/gather.py).
+# Neurons ahead of the one computed whose gate and up rows the row dots prefetch (any distance from
+# 1 to 4 serves alike; kernels/gather.py).
 PREFETCH_AHEAD = 2
 
 
@@ -582,8 +584,8 @@ def _predict_numba(w1, s1, b1, w2, s2, b2, h, threshold, threads, scores, idx):
     hidden, rank = w1.shape
     ffn = w2.shape[1]
     z = np.zeros(rank, dtype=np.float32)           # (rank,) f32; rank-long rows of w1 vectorize
-    # Four rows of w1 per pass, so z is loaded and stored once per four (one row per pass: 3.3x the
-    # time, 4096 x 64, one thread, in cache: this part runs before the threads split the work).
+    # Four rows of w1 per pass, so z is loaded and stored once per four, not once per row: this part
+    # runs on one thread, before the threads split the work.
     k = 0
     while k + 4 <= hidden:
         h0, h1, h2, h3 = h[k] * s1[k], h[k + 1] * s1[k + 1], h[k + 2] * s1[k + 2], h[k + 3] * s1[k + 3]
@@ -607,8 +609,8 @@ def _predict_numba(w1, s1, b1, w2, s2, b2, h, threshold, threads, scores, idx):
             zl[nlive] = v
             nlive += 1
     # Columns of w2 in one share per thread, each walked as axpys over its slice, four rows per pass:
-    # four streams in flight and the scores read and written once per four rows (one row per pass:
-    # 1.2-1.3x the time, rank 64 x 11008, f32, interleaved A/B); the column scales and b2 at the end.
+    # four streams in flight and the scores read and written once per four rows, not once per row;
+    # the column scales and b2 at the end.
     shares = max(1, min(threads, ffn // 256))
     for s in prange(shares):
         c0 = s * ffn // shares

@@ -11,8 +11,8 @@ region (no thread can still be reading it).
 
 Why regions, not one shared counter: with items handed out in turn, the two threads read alternate
 12 KB pieces of each matrix, and the hardware prefetchers, which follow a stream past the piece a
-thread reads, fetched the other thread's pieces too: 2 threads were no faster than 1 (30 Q4 matrices
-of 3072x576, 1.95-2.0 ms either way; contiguous halves: 0.85 ms).
+thread reads, fetch the other thread's pieces too: 2 threads then read a matrix no faster than 1,
+while contiguous halves let each core's prefetchers stream its own half.
 
 Counters: (T + 1) int64 per step, zeroed by the caller before the region. Word u of a step packs the
 items taken from region u's front (low 32 bits) and back (high 32 bits); one atomic add takes from
@@ -25,10 +25,9 @@ numba has no atomics, hence LLVM intrinsics (fetch_add, wait); the numpy twins a
 equivalents (one thread, no contention), used where numba is off.
 """
 
-import platform
-
 import numpy as np
 
+from kernels import target
 from kernels.backend import NUMBA, jit
 
 _LOW = (1 << 32) - 1
@@ -54,8 +53,17 @@ if NUMBA:
     from numba import types
     from numba.core.extending import intrinsic
 
-    from kernels.llvm_ir import c_array, to_i64
-    _X86 = platform.machine().lower() in ("x86_64", "amd64")
+    from kernels.llvm_ir import I32, c_array, to_i64
+
+    def _pause(builder):
+        """The spin-wait hint: x86's pause; AArch64's isb (YIELD is a no-op on cores without SMT, most Arm
+        cores, while isb stalls briefly as pause does: Rust's spin_loop uses it too); nothing elsewhere."""
+        void = ir.VoidType()
+        if target.ARCH == "x86_64":
+            builder.call(builder.module.declare_intrinsic("llvm.x86.sse2.pause", fnty=ir.FunctionType(void, [])), [])
+        elif target.ARCH == "aarch64":
+            isb = builder.module.declare_intrinsic("llvm.aarch64.isb", fnty=ir.FunctionType(void, [I32]))
+            builder.call(isb, [ir.Constant(I32, 15)])            # 15: SY, the full-system form (isb sy)
 
     def _word(context, builder, sig, args):
         a = context.make_array(sig.args[0])(context, builder, args[0])
@@ -77,7 +85,7 @@ if NUMBA:
 
     @intrinsic
     def wait(typingctx, counters, i, n):
-        """Return once counters[i] >= n; spins (with the CPU's pause hint on x86)."""
+        """Return once counters[i] >= n; spins, with the CPU's spin-wait hint (`_pause`) in the loop."""
         if not (_is_counters(counters) and isinstance(i, types.Integer) and isinstance(n, types.Integer)):
             return None
 
@@ -91,9 +99,7 @@ if NUMBA:
             seen = builder.load_atomic(ptr, "acquire", 8)
             builder.cbranch(builder.icmp_signed("<", seen, n64), spin, done)
             builder.position_at_end(spin)
-            if _X86:
-                pause = builder.module.declare_intrinsic("llvm.x86.sse2.pause", fnty=ir.FunctionType(ir.VoidType(), []))
-                builder.call(pause, [])
+            _pause(builder)
             builder.branch(check)
             builder.position_at_end(done)
             return context.get_dummy_value()

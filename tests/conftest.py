@@ -19,16 +19,34 @@ def stories_dir():
     return STORIES
 
 
-@pytest.fixture(params=["vnni512", "avx2", "generic"])
+@pytest.fixture(params=["vnni512", "avx2", "generic", "generic-softhalf"])
 def simd_code(request, monkeypatch):
-    """Force the integer row dots' code: AVX-512 VNNI, AVX2, or the generic vector IR other targets get,
-    by turning the other flags off (kernels/intdot.py reads them when an intrinsic generates its IR, i.e.
-    when the test's functions compile); skipped where this CPU lacks the code. Returns its name."""
-    from kernels import intdot
+    """Force the hand-written IR's code by setting kernels/target.py's flags, which an intrinsic reads
+    when it generates its IR, i.e. when the test's functions compile: AVX-512 VNNI, AVX2, the generic
+    vector IR other targets get (AArch64's code, halves converted as this target does), or the generic
+    IR with halves converted by integer operations (kernels/llvm_ir.half_to_f32: x86 without F16C and
+    AVX2, other architectures). Skipped where this CPU lacks the code. Returns its name."""
+    from kernels import target
 
     code = request.param
-    if (code == "avx2" and not intdot.AVX2) or (code == "vnni512" and not intdot.VNNI512):
-        pytest.skip(f"this CPU has no {code}")
-    monkeypatch.setattr(intdot, "AVX2", code != "generic")
-    monkeypatch.setattr(intdot, "VNNI512", code == "vnni512")
+    if (code == "avx2" and not target.AVX2) or (code == "vnni512" and not target.VNNI512):
+        pytest.skip(f"numba's compile target has no {code}")
+    monkeypatch.setattr(target, "AVX2", code in ("vnni512", "avx2"))
+    monkeypatch.setattr(target, "VNNI512", code == "vnni512")
+    if code == "generic-softhalf":
+        monkeypatch.setattr(target, "NATIVE_HALF", False)
+    return code
+
+
+@pytest.fixture(params=["hardware", "software"])
+def half_code(request, monkeypatch):
+    """Force how the hand-written IR converts f16 (kernels/llvm_ir.half_to_f32): one instruction, as on
+    targets with hardware halves (skipped where this one has none), or integer operations, as on the
+    others. Read when the test's functions compile, like simd_code. Returns its name."""
+    from kernels import target
+
+    code = request.param
+    if code == "hardware" and not target.NATIVE_HALF:
+        pytest.skip("this target converts halves in software")
+    monkeypatch.setattr(target, "NATIVE_HALF", code == "hardware")
     return code

@@ -246,9 +246,10 @@ def test_row_dot_twins(simd_code):
             np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
 
-def test_min_term_twins():
+def test_min_term_twins(half_code):
     """The vectorized min-term intrinsics (8 blocks per step, then a scalar tail) against their numpy
-    twins: both scale dtypes, block counts below, at and above multiples of 8, Q4_0's empty m."""
+    twins: both scale dtypes (f16 converted in hardware or with integers), block counts below, at and
+    above multiples of 8, Q4_0's empty m."""
     if not backend.NUMBA:
         pytest.skip("numba only (the numpy twins are tested through matvec)")
     from numba import njit
@@ -420,6 +421,44 @@ def test_f16_integer_conversion_large_activations():
     want = ref_f16(bits) @ x.astype(np.float64)
     scale = np.abs(ref_f16(bits)) @ np.abs(x.astype(np.float64))
     assert abs(dot(bits, x) - want) / scale < RTOL
+
+
+@pytest.mark.skipif(not backend.NUMBA, reason="LLVM IR: numba only")
+def test_half_to_f32_ir_every_pattern(half_code):
+    """kernels/llvm_ir.half_to_f32, how the hand-written IR converts f16 scales, on every half pattern,
+    as a scalar and in vectors of 8: hardware fpext, or the integer form of targets without one."""
+    from numba import njit, types
+    from numba.core.extending import intrinsic
+
+    from kernels.llvm_ir import F32, I16, data, half_to_f32, vec
+
+    @intrinsic
+    def convert1(typingctx, h):
+        return types.float32(h), lambda context, builder, sig, args: half_to_f32(builder, args[0])
+
+    @intrinsic
+    def convert8(typingctx, bits, out, k):
+        def codegen(context, builder, sig, args):
+            src = builder.gep(data(context, builder, sig.args[0], args[0]), [args[2]])
+            dst = builder.gep(data(context, builder, sig.args[1], args[1]), [args[2]])
+            v = builder.load(builder.bitcast(src, vec(I16, 8).as_pointer()), align=2)
+            builder.store(half_to_f32(builder, v), builder.bitcast(dst, vec(F32, 8).as_pointer()), align=4)
+            return context.get_dummy_value()
+        return types.void(bits, out, k), codegen
+
+    @njit(cache=False, fastmath=True)
+    def run(bits, one, eight):
+        for k in range(bits.shape[0]):
+            one[k] = convert1(bits[k])
+        for k in range(0, bits.shape[0], 8):
+            convert8(bits, eight, k)
+
+    bits = _all_halves().reshape(-1)
+    one, eight = np.empty(65536, np.float32), np.empty(65536, np.float32)
+    run(bits, one, eight)
+    want = bits.view(np.float16).astype(np.float32)
+    _same_floats(one, want)
+    _same_floats(eight, want)
 
 
 def test_matvec_f16_special_values():

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from kernels import backend, dequant, kv
+from kernels import backend, kv, target
 from kernels.attention import _attention_numba, attention_numpy
 
 
@@ -40,7 +40,7 @@ def test_half_bits_match_numpy():
     x = _values()
     with np.errstate(over="ignore"):            # numpy warns for values that round to infinity
         want = x.astype(np.float16).view(np.uint16)
-    fns = [kv.half_bits_int] + ([kv._half_bits_hw] if dequant.NATIVE_HALF else [])
+    fns = [kv.half_bits_int] + ([kv._half_bits_hw] if target.NATIVE_HALF else [])
     for fn in fns:
         got = convert(fn)(x, np.empty(len(x), np.uint16))
         np.testing.assert_array_equal(got, want, err_msg=str(fn))

@@ -32,11 +32,12 @@ def test_prepare_and_corrections_twins(nb):
 
 
 def test_row_dots_against_numpy(simd_code):
-    """q4_dot and i8_dot on the AVX-512 VNNI, AVX2 and generic-vector code (each forced by compiling
-    with the other flags off), both scale dtypes, every tail length, extreme values (q = 15 and -128
-    with x = +-127: the i16 and VNNI bias bounds)."""
-    if not rowdot.AVAILABLE:
-        pytest.skip("the four-block row dots need numba and hardware half conversion")
+    """q4_dot and i8_dot on the AVX-512 VNNI, AVX2 and generic-vector code, the last with hardware or
+    integer half conversion (each forced by compiling with the other flags off: tests/conftest.py), both
+    scale dtypes, every tail length, extreme values (q = 15 and -128 with x = +-127: the i16 and VNNI
+    bias bounds)."""
+    if not backend.NUMBA:
+        pytest.skip("the four-block row dots are LLVM intrinsics: numba only")
     from numba import njit
 
     @njit(cache=False)
