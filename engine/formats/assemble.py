@@ -32,7 +32,7 @@ def expected_shapes(c: ModelConfig) -> dict[str, tuple[int, ...]]:
 
 def assemble(config: ModelConfig, table: dict, source: str,
              matrix: Callable[[str], Weight], vector: Callable[[str], np.ndarray], has: Callable[[str], bool],
-             fix_matrix: Callable[[str, Weight], Weight] = lambda ours, w: w,
+             fix: Callable[[str, object], object] = lambda ours, t: t,
              progress: Callable[[int, int], None] | None = None,
              skip: frozenset[str] = frozenset()) -> ModelWeights:
     """skip: our names of matrices left unloaded (None), such as "layers.3.w_gate" or "embed": a deploy's
@@ -50,7 +50,7 @@ def assemble(config: ModelConfig, table: dict, source: str,
             return None
         field = ours.rsplit(".", 1)[-1]
         is_matrix = field in LAYER_MATRICES or field in ("embed", "lm_head")
-        t = fix_matrix(ours, matrix(name)) if is_matrix else vector(name)
+        t = fix(ours, matrix(name) if is_matrix else vector(name))
         if tuple(t.shape) != shapes[field]:
             raise ModelFormatError(f"{source}: tensor {name!r} has shape {tuple(t.shape)}, expected "
                                    f"{shapes[field]} from the config; the weights don't match the config")

@@ -102,21 +102,17 @@ def load_weights(g: GGUFFile, config: ModelConfig, progress=None, skip: frozense
         g.release(name)
         return v
 
-    def fix(ours: str, w: Weight) -> Weight:
-        field = ours.rsplit(".", 1)[-1]
-        if field == "wq":
-            return w.take_rows(_unpermute_order(w.shape[0], config.num_attention_heads))
-        if field == "wk":
-            return w.take_rows(_unpermute_order(w.shape[0], config.num_key_value_heads))
-        return w
+    def fix(ours: str, t):
+        """Q and K rows (and their biases, rare in llama GGUFs) back in Hugging Face's order."""
+        heads = {"wq": config.num_attention_heads, "bq": config.num_attention_heads,
+                 "wk": config.num_key_value_heads, "bk": config.num_key_value_heads}.get(ours.rsplit(".", 1)[-1])
+        if heads is None:
+            return t
+        order = _unpermute_order(t.shape[0], heads)
+        return t.take_rows(order) if isinstance(t, Weight) else t[order]
 
     weights = assemble(config, weight_map.GGUF, src, matrix, vector, lambda n: n in g.tensors, fix, progress,
                        skip=skip)
-    for i, lw in enumerate(weights.layers):  # Q/K biases (rare in llama GGUFs) follow their rows
-        if lw.bq is not None:
-            lw.bq = lw.bq[_unpermute_order(len(lw.bq), config.num_attention_heads)]
-        if lw.bk is not None:
-            lw.bk = lw.bk[_unpermute_order(len(lw.bk), config.num_key_value_heads)]
     if "rope_freqs.weight" in g.tensors:
         weights.rope_freq_factors = vector("rope_freqs.weight")
     if "embed" in skip:
