@@ -25,7 +25,7 @@ def _cache_dir() -> str:
     """Where numba keeps compiled kernels: a directory named by a hash of every kernels/*.py source.
 
     numba's own cache checks only the timestamp of the file that defines a jitted function, not of the
-    functions it calls: when kernels/matvec.py changes, kernels/fused.py's cached code would silently
+    functions it calls: when kernels/matvec.py changes, kernels/decode_token.py's cached code would silently
     keep the old matvec. Keying the whole cache by the sources of all kernels makes any kernel change (or a
     pocketinfer upgrade) start from a fresh cache. NUMBA_CACHE_DIR, if set, is the parent directory."""
     here = os.path.dirname(os.path.abspath(__file__))
@@ -47,7 +47,7 @@ if NUMBA:
     # scope"), though the numpy-twin tests show the results are right; users should not see it.
     from numba.core.errors import NumbaIRAssumptionWarning
 
-    warnings.filterwarnings("ignore", message=r"variable '.*' is not in scope", category=NumbaIRAssumptionWarning)
+    warnings.filterwarnings("ignore", category=NumbaIRAssumptionWarning)
     # Read by numba when each cache=True function is decorated, so before any kernel module is imported.
     numba.config.CACHE_DIR = _cache_dir()
 

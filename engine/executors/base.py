@@ -60,7 +60,8 @@ class Executors:
             groups: dict[str, list[int]] = {}
             for layer, text in phase.layer_descriptions():
                 groups.setdefault(text, []).append(layer)
-            lines += [f"{name:8s} layers {_ranges(layers):8s} {text}" for text, layers in groups.items()]
+            lines += [f"{name:8s} {'layers' if len(layers) > 1 else 'layer':6s} {_ranges(layers):8s} {text}"
+                      for text, layers in groups.items()]
         lines += [f"{'':8s} {e.describe()}" for e in self.extra]
         return "\n".join(lines)
 

@@ -26,9 +26,9 @@ from pathlib import Path
 from engine.errors import ModelFormatError
 from engine.executors.flash_ffn import LayerPlan
 from engine.executors.predictor import LayerPredictor, load_predictors
+from engine.executors.sparse import MODES
 from kernels.activation import DRELU, RELU
 
-MODES = ("dense", "relu-exact", "predicted", "oracle")
 
 
 @dataclass(frozen=True)
@@ -44,7 +44,7 @@ class FlashPlan:
 
 @dataclass(frozen=True)
 class Plan:
-    decode: tuple[str, ...]                                    # per layer: one of MODES
+    decode: tuple[str, ...]                                    # per layer: one of sparse.MODES
     predictors: dict[int, LayerPredictor] = field(default_factory=dict)
     cluster: int = 1                                           # neurons per cluster in sparse layers
     flash: FlashPlan | None = None                             # FFNs from the bundle file, else resident
