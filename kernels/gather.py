@@ -27,8 +27,8 @@ and up row dots do the same in kernels/rowdot.py (q4_gu, i8_gu, q4_row1p, i8_row
 
 Numerics: the float operations of the numpy twin happen in the same order except what fastmath
 contracts into fused multiply-adds. Generic vector IR, so ARM64 gets the same loop; f16 scales
-convert through kernels/llvm_ir.half_to_f32 (one instruction on F16C x86 and ARM64). The sparse FFN
-uses these only where kernels/rowdot.AVAILABLE holds, as it does rowdot's intrinsics.
+convert through kernels/llvm_ir.half_to_f32 (one instruction on F16C x86 and ARM64, integer
+operations on other targets).
 """
 
 import numpy as np

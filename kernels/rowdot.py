@@ -30,20 +30,18 @@ lanes, then a horizontal sum), so results differ from intdot's in the last bits 
 are intdot.q4_row_dot_numpy and intdot.i8_row_dot_numpy (natural x order; the arrangement is a
 numba-side matter).
 
-AVAILABLE: the kernels use these intrinsics only where halves convert in hardware (x86 F16C, AArch64:
-kernels/target.NATIVE_HALF). On other targets (x86 without AVX2 and F16C, architectures other than x86
-and AArch64) `row`, the dense matvecs and the sparse FFN take kernels/intdot.py's row products, the
-simpler code, and the one-region decode is off: no such target has been measured. The intrinsics still
-compile there (llvm_ir.half_to_f32 converts the scales with integer operations), which is how the
-tests check them for those targets.
+Targets: these are the integer row dots of every numba target. The x86 forms above need AVX2 or
+AVX-512 VNNI (kernels/target.py); every other target (x86 without AVX2, AArch64, other architectures)
+takes the generic vector IR, which LLVM lowers for it. f16 scales convert through
+llvm_ir.half_to_f32: one instruction where the target has it (target.NATIVE_HALF), integer operations
+elsewhere. tests/conftest.py's simd_code forces each form on one machine, and tests/test_target.py
+runs the twin tests again in a process compiled for a CPU with neither F16C nor AVX2.
 """
 
 import numpy as np
 
 from kernels import intdot, target
 from kernels.backend import NUMBA, jit
-
-AVAILABLE = NUMBA and target.NATIVE_HALF
 
 
 def _groups(nb: int):
@@ -421,8 +419,7 @@ def row(qs, d, m, r, xq, xp, xc, dx, xsum):
     """Row r of a Q4 (qs uint8) or 32-block I8 (qs int8) weight times x rounded by round_x, min term
     included (xsum (cols/32,) f32 the rounded block sums); numba picks the formula by qs's dtype. The one
     row product of the dense matvecs (kernels/matvec.py), the one-region decode (kernels/decode_token.py)
-    and the sparse FFN's rows (kernels/sparse_ffn.py), so that all of them round alike: the four-block
-    intrinsics here, or intdot's row products where AVAILABLE is False (as the dense matvecs there)."""
+    and the sparse FFN's rows (kernels/sparse_ffn.py), so that all of them round alike."""
 
 
 if NUMBA:
@@ -430,12 +427,6 @@ if NUMBA:
 
     @overload(row, inline="always", jit_options={"fastmath": True})
     def _row_ov(qs, d, m, r, xq, xp, xc, dx, xsum):
-        if not AVAILABLE:
-            if qs.dtype == types.uint8:
-                return lambda qs, d, m, r, xq, xp, xc, dx, xsum: intdot.q4_row(qs, d, m, r, xq, dx, xsum)
-            if qs.dtype == types.int8:
-                return lambda qs, d, m, r, xq, xp, xc, dx, xsum: intdot.i8_row(qs, d, m, r, xq, dx, xsum)
-            return None
         if qs.dtype == types.uint8:
             return lambda qs, d, m, r, xq, xp, xc, dx, xsum: (q4_dot(qs, d, r, xq, xp, xc, dx)
                                                               + intdot.min_term(d, m, r, xsum))

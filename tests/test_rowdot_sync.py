@@ -145,7 +145,7 @@ def test_one_region_decode_matches_layer_by_layer(tmp_path, threads, qtype):
     from model_factory import hf_to_gguf, make_hf_model
 
     if not AVAILABLE:
-        pytest.skip("numba with hardware half conversion only")
+        pytest.skip("numba only")
     make_hf_model("llama", tmp_path)      # hidden 64, FFN 96: every matrix quantizes to the Q4 or I8 layout
     tokens = ["<unk>", "<s>", "</s>"] + [f"w{i}" for i in range(3, 128)]
     vocab = {"model": "llama", "tokens": tokens, "scores": [0.0] * 128, "types": [2, 3, 3] + [1] * 125}
