@@ -86,8 +86,7 @@ if NUMBA:
         """<4 x float> whose lanes 0 and 1 are the scales of blocks b and b+1 of a row (lanes 2, 3:
         don't care). The halves go through a zero-extending vector load: a scalar half load becomes
         vpinsrw into whatever register LLVM picks, and when that is an accumulator of the loop, every
-        scale waits for the previous iteration's sums (intdot's dense loops escape this only because
-        the register LLVM picks there happens to be a loop constant)."""
+        scale waits for the previous iteration's sums."""
         if f16:
             raw = builder.load(builder.bitcast(builder.gep(drow, [b]), _I32.as_pointer()), align=2)
             v = builder.insert_element(_const(_I32, 4, 0), raw, ir.Constant(_I32, 0))

@@ -406,7 +406,7 @@ def test_gather_twins(simd_code):
     from numba import njit
 
     from kernels import gather as G
-    from kernels import intdot, rowdot
+    from kernels import rowdot
 
     @njit(cache=False)
     def run_dots(gq, gd, uq, ud, g8, u8, xq, xp, xc, dx, jp, out):
@@ -450,8 +450,8 @@ def test_gather_twins(simd_code):
             dx = rng.uniform(0.001, 0.1, nb).astype(np.float32)
             for jp in (-1, rows - 1):
                 got = run_dots(gq, gd, uq, ud, g8, u8, xq, xp, xc, dx, jp, np.empty((rows, 8), np.float32))
-                want = np.array([[intdot.q4_row_dot_numpy(w, d, r, xq, dx) for w, d in ((gq, gd), (uq, ud))]
-                                 + [intdot.i8_row_dot_numpy(w, d, r, xq, dx) for w, d in ((g8, gd), (u8, ud))]
+                want = np.array([[rowdot.q4_dot_numpy(w, d, r, xq, dx) for w, d in ((gq, gd), (uq, ud))]
+                                 + [rowdot.i8_dot_numpy(w, d, r, xq, dx) for w, d in ((g8, gd), (u8, ud))]
                                  for r in range(rows)])
                 # error scale of a row: sum |terms| (integer sums exact, then f32 products and sums)
                 scale = 32 * nb * 127 * 15 * np.abs(scales_f32(gd)).max() * dx.max()

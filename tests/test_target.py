@@ -62,7 +62,6 @@ def test_flags_follow_numbas_target(env):
 NO_HALF_TESTS = [
     "tests/test_rowdot_sync.py::test_row_dots_against_numpy",
     "tests/test_sparse_ffn.py::test_gather_twins",
-    "tests/test_kernels.py::test_row_dot_twins",
     "tests/test_kernels.py::test_matvec_q4[5-576-f16-True]",
     "tests/test_kernels.py::test_matvec_q4[5-576-f16-False]",
     "tests/test_kernels.py::test_matvec_q4[3-1056-f32-False]",
