@@ -25,8 +25,7 @@ output. The LM head stays with the caller (one parallel call of its own).
 The arithmetic is the unfused path's (engine/model/transformer.py; kernels/matvec.py's rowdot products, the
 same RMSNorm, RoPE, attention and activation functions), each output element computed by one thread
 in the same order whichever thread it is: the results do not depend on the thread count. That unfused
-path is the numpy twin; tests/test_fused_decode.py compares the two. None when numba is off or the
-row dots are not available (kernels/rowdot.AVAILABLE).
+path is the numpy twin; tests/test_rowdot_sync.py compares the two. None when numba is off.
 """
 
 import math
@@ -50,7 +49,7 @@ def counters_for(layers: int, threads: int) -> np.ndarray:
     return sync.new_counters(STEPS * layers, threads)
 
 
-if NUMBA and rowdot.AVAILABLE:
+if NUMBA:
     from numba import prange
 
     @jit(inline=True)

@@ -27,8 +27,8 @@ and up row dots do the same in kernels/rowdot.py (q4_gu, i8_gu, q4_row1p, i8_row
 
 Numerics: the float operations of the numpy twin happen in the same order except what fastmath
 contracts into fused multiply-adds. Generic vector IR, so ARM64 gets the same loop; f16 scales
-convert through kernels/llvm_ir.half_to_f32 (one instruction on F16C x86 and ARM64). The sparse FFN
-uses these only where kernels/rowdot.AVAILABLE holds, as it does rowdot's intrinsics.
+convert through kernels/llvm_ir.half_to_f32 (one instruction on F16C x86 and ARM64, integer
+operations on other targets).
 """
 
 import numpy as np
@@ -86,8 +86,7 @@ if NUMBA:
         """<4 x float> whose lanes 0 and 1 are the scales of blocks b and b+1 of a row (lanes 2, 3:
         don't care). The halves go through a zero-extending vector load: a scalar half load becomes
         vpinsrw into whatever register LLVM picks, and when that is an accumulator of the loop, every
-        scale waits for the previous iteration's sums (intdot's dense loops escape this only because
-        the register LLVM picks there happens to be a loop constant)."""
+        scale waits for the previous iteration's sums."""
         if f16:
             raw = builder.load(builder.bitcast(builder.gep(drow, [b]), _I32.as_pointer()), align=2)
             v = builder.insert_element(_const(_I32, 4, 0), raw, ir.Constant(_I32, 0))

@@ -16,8 +16,9 @@ How the numba kernels are written (tools/bench_kernels.py measures them; DESIGN.
   at a time reads 4 bytes of x per int8 weight (8 per byte of nibbles), and once x no longer stays in
   L1 next to the weight stream that traffic, not DRAM, is the limit. Narrower rows stay one at a
   time: 4 interleaved streams are served worse by the hardware prefetchers;
-- Q4 multiplies x rounded to int8 per block with integer SIMD (kernels/intdot.py): a float loop over
-  nibbles is compute-bound, well below what memory delivers.
+- Q4 and 32-block I8 multiply x rounded to int8 per block (kernels/intdot.py) with integer SIMD, four
+  blocks per step (kernels/rowdot.py): a float loop over nibbles is compute-bound, well below what
+  memory delivers.
 Left out, for no gain here: software prefetch of the next rows, 2-row groups, 4-row groups for narrow
 rows, and building nibble floats from bits (1 + q/16) instead of int->float conversion.
 """
@@ -165,24 +166,10 @@ def matvec_q4_numpy(qs, d, m, x, out):
 
 
 @jit(parallel=True)
-def _matvec_q4_intdot(qs, d, m, x, out):
-    """qs, d, m with contiguous rows (the weights' own arrays, or neuron-record fields:
-    kernels/neuron_records.py; q4_row_dot walks raw rows)."""
-    check_weight_rows(qs, d, m)
-    rows, half = qs.shape
-    nb = d.shape[1]
-    xq = np.empty(2 * half, dtype=np.int8)       # (cols,) x rounded per block of 32
-    dx = np.empty(nb, dtype=np.float32)          # (cols/32,) its block scales
-    intdot.quantize_q8(x, xq, dx)
-    xsum = intdot.rounded_block_sums(xq, dx, np.empty(nb, dtype=np.float32))   # (cols/32,) for the min term
-    for r in prange(rows):
-        out[r] = intdot.q4_row(qs, d, m, r, xq, dx, xsum)
-    return out
-
-
-@jit(parallel=True)
-def _matvec_q4_rowdot(qs, d, m, x, out):
-    """As _matvec_q4_intdot, four blocks per step (kernels/rowdot.py: x rearranged once per call)."""
+def _matvec_q4_numba(qs, d, m, x, out):
+    """x rounded once per call as kernels/rowdot.py's row dots read it, then one row dot per row. qs, d,
+    m with contiguous rows (the weights' own arrays, or neuron-record fields: kernels/neuron_records.py;
+    the row dots walk raw rows)."""
     check_weight_rows(qs, d, m)
     rows, half = qs.shape
     nb = d.shape[1]
@@ -195,9 +182,6 @@ def _matvec_q4_rowdot(qs, d, m, x, out):
     for r in prange(rows):
         out[r] = rowdot.row(qs, d, m, r, xq, xp, xc, dx, xsum)
     return out
-
-
-_matvec_q4_numba = _matvec_q4_rowdot if rowdot.AVAILABLE else _matvec_q4_intdot
 
 
 # ---------------------------------------------------------------- I8: int8 values, block-B scale, optional min
@@ -244,24 +228,9 @@ def _i8_row_f32(row, dr, x, block):
 
 
 @jit(parallel=True)
-def _matvec_i8x32_intdot(q, d, m, x, out):
-    """Blocks of 32 with x rounded to int8 per block: integer SIMD products (kernels/intdot.py); rows
-    contiguous, as _matvec_q4_intdot's."""
-    check_weight_rows(q, d, m)
-    rows, cols = q.shape
-    nb = d.shape[1]
-    xq = np.empty(cols, dtype=np.int8)           # (cols,) x rounded per block of 32
-    dx = np.empty(nb, dtype=np.float32)          # (cols/32,) its block scales
-    intdot.quantize_q8(x, xq, dx)
-    xsum = intdot.rounded_block_sums(xq, dx, np.empty(nb if m.shape[1] else 0, dtype=np.float32))
-    for r in prange(rows):
-        out[r] = intdot.i8_row(q, d, m, r, xq, dx, xsum)
-    return out
-
-
-@jit(parallel=True)
-def _matvec_i8x32_rowdot(q, d, m, x, out):
-    """As _matvec_i8x32_intdot, four blocks per step (kernels/rowdot.py)."""
+def _matvec_i8x32_numba(q, d, m, x, out):
+    """Blocks of 32 with x rounded to int8 per block: kernels/rowdot.py's row dots; rows contiguous, as
+    _matvec_q4_numba's."""
     check_weight_rows(q, d, m)
     rows, cols = q.shape
     nb = d.shape[1]
@@ -280,9 +249,6 @@ def _matvec_i8x32_rowdot(q, d, m, x, out):
         for r in prange(rows):
             out[r] = rowdot.i8_dot(q, d, r, xq, xq, xc, dx)
     return out
-
-
-_matvec_i8x32_numba = _matvec_i8x32_rowdot if rowdot.AVAILABLE else _matvec_i8x32_intdot
 
 
 @jit(parallel=True)

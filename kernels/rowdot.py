@@ -1,14 +1,14 @@
-"""Row dot products of the dense decode matvecs (kernels/matvec.py), four blocks of 32 per step.
+"""Integer row dot products of the decode matvecs (kernels/matvec.py, decode_token.py, sparse_ffn.py),
+four blocks of 32 per step.
 
-Why: kernels/intdot.py's row dots handle one or two blocks per step, and each block then costs a
-scalar scale load, a conversion, a broadcast and a horizontal split of the partial sums: ~20 vector
-operations per 64 weights, which leaves a Q4 matvec compute-bound (as fast from cache as from DRAM),
-below what one core can stream. Here one step covers
-four blocks (128 weights):
+Why four blocks: a row dot stepping one or two blocks at a time pays, per block, a scalar scale load,
+a conversion, a broadcast and a horizontal split of the partial sums: ~20 vector operations per 64
+weights, which leaves a Q4 matvec compute-bound (as fast from cache as from DRAM), below what one core
+can stream. Here one step covers four blocks (128 weights):
   - the integer partial sums come out with four i32 lanes per Q4 block (eight per I8 block), each
     lane a sum of four products: AVX-512 VNNI vpdpbusd, or AVX2 pmaddubsw + pmaddwd, or generic
     vector IR; so no lane ever mixes two blocks;
-  - the four blocks' scales are one vector load (f16 converted in one instruction), multiplied by
+  - the four blocks' scales are one vector load (f16 converted as one vector), multiplied by
     the four activation scales and spread to the lanes by one shuffle; one multiply-add then
     accumulates all 16 lanes in float.
 The last nb % 4 blocks take a step of two and/or one block in the same form.
@@ -25,25 +25,22 @@ The activations are prepared once per matvec and shared by every row (`prepare_q
     sign-bit flip) and each lane's accumulator starts at -128 * (its four x values' sum): `xc`
     (cols/4,) int32, the exact integer correction. AVX2 takes ggml's sign trick instead (no xc).
 
-Numerics: the integer block sums are exact, as intdot's; the float sum runs in another order (16
-lanes, then a horizontal sum), so results differ from intdot's in the last bits only. The numpy twins
-are intdot.q4_row_dot_numpy and intdot.i8_row_dot_numpy (natural x order; the arrangement is a
-numba-side matter).
+Numerics: the integer block sums are exact in every form; the float sum runs in lanes, then a
+horizontal sum, so results differ from the numpy twins' (q4_dot_numpy, i8_dot_numpy) in the last bits
+only. The twins take x in natural order: the arrangement is a numba-side matter.
 
-AVAILABLE: the kernels use these intrinsics only where halves convert in hardware (x86 F16C, AArch64:
-kernels/target.NATIVE_HALF). On other targets (x86 without AVX2 and F16C, architectures other than x86
-and AArch64) `row`, the dense matvecs and the sparse FFN take kernels/intdot.py's row products, the
-simpler code, and the one-region decode is off: no such target has been measured. The intrinsics still
-compile there (llvm_ir.half_to_f32 converts the scales with integer operations), which is how the
-tests check them for those targets.
+Targets: these are the integer row dots of every numba target. The x86 forms above need AVX2 or
+AVX-512 VNNI (kernels/target.py); every other target (x86 without AVX2, AArch64, other architectures)
+takes the generic vector IR, which LLVM lowers for it. f16 scales convert through
+llvm_ir.half_to_f32: one instruction where the target has it (target.NATIVE_HALF), integer operations
+elsewhere. tests/conftest.py's simd_code forces each form on one machine, and tests/test_target.py
+runs the twin tests again in a process compiled for a CPU with neither F16C nor AVX2.
 """
 
 import numpy as np
 
 from kernels import intdot, target
 from kernels.backend import NUMBA, jit
-
-AVAILABLE = NUMBA and target.NATIVE_HALF
 
 
 def _groups(nb: int):
@@ -53,6 +50,27 @@ def _groups(nb: int):
         k = 4 if nb - b >= 4 else (2 if nb - b >= 2 else 1)
         yield b, k
         b += k
+
+
+def q4_dot_numpy(qs, d, r, xq, dx):
+    """sum over blocks b of scale(d[r, b]) * dx[b] * sum_j q_j * xq[32b + j], q the unsigned nibbles of
+    row r of qs in the Q4 layout's order (kernels/layouts.md), x in natural order. float32."""
+    half = qs.shape[1]
+    row = qs[r].reshape(-1, 16).astype(np.int32)
+    x = xq.reshape(-1, 32).astype(np.int32)
+    isum = ((row & 15) * x[:, :16]).sum(axis=1) + ((row >> 4) * x[:, 16:]).sum(axis=1)   # (nb,) int32
+    dr = d[r].view(np.float16).astype(np.float32) if d.dtype == np.uint16 else d[r]
+    assert isum.shape[0] * 16 == half
+    return np.float32((isum.astype(np.float32) * (dr * dx)).sum(dtype=np.float32))
+
+
+def i8_dot_numpy(q, d, r, xq, dx):
+    """sum over blocks b of scale(d[r, b]) * dx[b] * sum_j q[r, 32b + j] * xq[32b + j], q int8 in
+    blocks of 32 (the I8 layout with B = 32: Q8_0, Q5_0, Q5_1, Q5_K). float32."""
+    row = q[r].reshape(-1, 32).astype(np.int32)
+    isum = (row * xq.reshape(-1, 32).astype(np.int32)).sum(axis=1)                       # (nb,) int32
+    dr = d[r].view(np.float16).astype(np.float32) if d.dtype == np.uint16 else d[r]
+    return np.float32((isum.astype(np.float32) * (dr * dx)).sum(dtype=np.float32))
 
 
 def prepare_q4_x_numpy(xq, xp):
@@ -404,7 +422,7 @@ if NUMBA:
         return intrinsic(dots)
 
     # The forms. Each product is sum over blocks b of scale(d[r, b]) * dx[b] * sum_j q[r, 32b + j] *
-    # xq[32b + j] (intdot.q4_row_dot_numpy, intdot.i8_row_dot_numpy), min terms excluded, for w
+    # xq[32b + j] (q4_dot_numpy, i8_dot_numpy), min terms excluded, for w
     # (rows, cols/2) uint8 nibbles (Q4) or (rows, cols) int8 in blocks of 32 (I8), d (rows, cols/32) f32
     # or uint16 f16 bits, and x as round_x makes it: xq (cols,) int8 natural order, xp (cols,) int8 Q4
     # step order (read for Q4), xc (cols/4,) int32 lane corrections (read for I8 on VNNI), dx (cols/32,) f32.
@@ -421,8 +439,7 @@ def row(qs, d, m, r, xq, xp, xc, dx, xsum):
     """Row r of a Q4 (qs uint8) or 32-block I8 (qs int8) weight times x rounded by round_x, min term
     included (xsum (cols/32,) f32 the rounded block sums); numba picks the formula by qs's dtype. The one
     row product of the dense matvecs (kernels/matvec.py), the one-region decode (kernels/decode_token.py)
-    and the sparse FFN's rows (kernels/sparse_ffn.py), so that all of them round alike: the four-block
-    intrinsics here, or intdot's row products where AVAILABLE is False (as the dense matvecs there)."""
+    and the sparse FFN's rows (kernels/sparse_ffn.py), so that all of them round alike."""
 
 
 if NUMBA:
@@ -430,12 +447,6 @@ if NUMBA:
 
     @overload(row, inline="always", jit_options={"fastmath": True})
     def _row_ov(qs, d, m, r, xq, xp, xc, dx, xsum):
-        if not AVAILABLE:
-            if qs.dtype == types.uint8:
-                return lambda qs, d, m, r, xq, xp, xc, dx, xsum: intdot.q4_row(qs, d, m, r, xq, dx, xsum)
-            if qs.dtype == types.int8:
-                return lambda qs, d, m, r, xq, xp, xc, dx, xsum: intdot.i8_row(qs, d, m, r, xq, dx, xsum)
-            return None
         if qs.dtype == types.uint8:
             return lambda qs, d, m, r, xq, xp, xc, dx, xsum: (q4_dot(qs, d, r, xq, xp, xc, dx)
                                                               + intdot.min_term(d, m, r, xsum))

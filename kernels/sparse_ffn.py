@@ -51,10 +51,8 @@ take 1-D long float loops. The down axpy takes four neurons per pass, so that th
 and written once per four rows: the int8 downT with 32-blocks (engine/executors/sparse.py's) and Q4 downT
 through gather's vector IR, which also prefetches the down rows of the next four listed neurons; the
 other layouts through numba loops per scale block (scale hoisted, run-time trip count: the form that
-vectorizes for stores, see kernels/dequant.py). Where halves do not convert in hardware
-(rowdot.AVAILABLE False) no rowdot or gather intrinsic is used: rows take intdot's row products, as
-the dense matvecs there, and the axpys the numba loops. tools/bench_sparse.py measures the kernel
-against the dense FFN, on separate arrays and on neuron records (BENCHMARKS.md).
+vectorizes for stores, see kernels/dequant.py). tools/bench_sparse.py measures the kernel against the
+dense FFN, on separate arrays and on neuron records (BENCHMARKS.md).
 """
 
 import numpy as np
@@ -366,8 +364,8 @@ if NUMBA:
     def _axpy4_ov(w, d, m, j, a, acc, bits16):
         dt = w.dtype
         if dt == types.int8:
-            return _axpy4_i8_ir.py_func if _gathered(w, d, j, a, acc) else _axpy4_i8.py_func
-        if dt == types.uint8 and _gathered(w, d, m, j, a, acc):
+            return _axpy4_i8_ir.py_func if _rows_layout(w, d, j, a, acc) else _axpy4_i8.py_func
+        if dt == types.uint8 and _rows_layout(w, d, m, j, a, acc):
             return _axpy4_q4_ir.py_func
         if dt == types.float32:
             return _axpy4_f32.py_func
@@ -389,13 +387,10 @@ if NUMBA:
         return None
 
 
-def _gathered(*arrays):
-    """Whether the row dots and axpys go through kernels/rowdot.py's and gather.py's intrinsics for
-    these numba array types: on targets where rowdot.AVAILABLE holds (elsewhere the numba loops and
-    intdot's row products, as the dense matvecs there), and for arrays the intrinsics take: 1-D ones
-    C-contiguous, 2-D ones with contiguous rows (C, or the "A" fields of neuron records:
-    kernels/llvm_ir.rows_array)."""
-    return rowdot.AVAILABLE and all(a.layout == "C" or (a.ndim == 2 and a.layout == "A") for a in arrays)
+def _rows_layout(*arrays):
+    """Whether the intrinsics can take these numba array types: 1-D ones C-contiguous, 2-D ones with
+    contiguous rows (C, or the "A" fields of neuron records: kernels/llvm_ir.rows_array)."""
+    return all(a.layout == "C" or (a.ndim == 2 and a.layout == "A") for a in arrays)
 
 
 def _gu(gw, gd, gm, uw, ud, um, j, jp, x, xq, xp, xc, dx, xsum, gate, bits16):
@@ -438,7 +433,7 @@ if NUMBA:
 
     @overload(_gu, inline="always", jit_options={"fastmath": True})
     def _gu_ov(gw, gd, gm, uw, ud, um, j, jp, x, xq, xp, xc, dx, xsum, gate, bits16):
-        if gw.dtype == uw.dtype and gd.dtype == ud.dtype and _gathered(gw, gd, gm, uw, ud, um):
+        if gw.dtype == uw.dtype and gd.dtype == ud.dtype and _rows_layout(gw, gd, gm, uw, ud, um):
             if gw.dtype == types.uint8:
                 return _gu_q4.py_func
             if gw.dtype == types.int8:
@@ -462,9 +457,9 @@ if NUMBA:
 
     @overload(_axpy4p, inline="always", jit_options={"fastmath": True})
     def _axpy4p_ov(w, d, m, j, a, pf, acc, bits16):
-        if w.dtype == types.int8 and _gathered(w, d, j, a, pf, acc):
+        if w.dtype == types.int8 and _rows_layout(w, d, j, a, pf, acc):
             return _axpy4p_i8.py_func
-        if w.dtype == types.uint8 and _gathered(w, d, m, j, a, pf, acc):
+        if w.dtype == types.uint8 and _rows_layout(w, d, m, j, a, pf, acc):
             return _axpy4p_q4.py_func
         return _axpy4p_rows.py_func
 

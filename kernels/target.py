@@ -14,7 +14,7 @@ portable code is then chosen, which runs everywhere.
                and AArch64, where fcvt is baseline ARMv8. Elsewhere LLVM lowers a half fpext/fptrunc
                to a runtime-helper call (__extendhfsf2) that numba's JIT does not resolve, and the
                process crashes: kernels/llvm_ir.half_to_f32 converts with integer arithmetic there.
-  AVX2         x86 AVX2: pmaddubsw + pmaddwd integer dot products (kernels/intdot.py, rowdot.py)
+  AVX2         x86 AVX2: pmaddubsw + pmaddwd integer dot products (kernels/rowdot.py)
   VNNI512      x86 AVX-512 F, BW and VNNI: vpdpbusd over 64 bytes
   DOTPROD      AArch64's dot-product extension (sdot/udot). Known for completeness: no kernel has an
                sdot path yet, so AArch64 runs the generic vector IR, which LLVM lowers to NEON.

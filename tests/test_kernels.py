@@ -210,42 +210,6 @@ def test_quantize_q8(cols):
     assert (np.abs(got[0].astype(np.int32) - got[1]) <= 1).all()
 
 
-def test_row_dot_twins(simd_code):
-    """The LLVM-IR row dot products against their numpy twins: the AVX-512 VNNI and AVX2 x86 code and
-    the generic vector IR other targets get (each forced by compiling with the other flags off), both
-    scale dtypes, even and odd block counts (the IR does two blocks per iteration, then a tail)."""
-    if not backend.NUMBA:
-        pytest.skip("the row dots are LLVM intrinsics: numba only (the numpy twins are tested through matvec)")
-    from numba import njit
-
-    @njit(cache=False)
-    def rows_dot(qs, d, xq, dx, out):
-        for r in range(qs.shape[0]):
-            out[r] = intdot.q4_row_dot(qs, d, r, xq, dx)
-        return out
-
-    @njit(cache=False)
-    def rows_dot_i8(q, d, xq, dx, out):
-        for r in range(q.shape[0]):
-            out[r] = intdot.i8_row_dot(q, d, r, xq, dx)
-        return out
-
-    rng = np.random.default_rng(11)
-    for nb in (1, 2, 3, 18, 49):
-        for kind in ("f32", "f16"):
-            qs, d, _ = _q4(rng, 5, 32 * nb, kind, sym=True)
-            xq = rng.integers(-127, 128, 32 * nb, dtype=np.int8)
-            dx = rng.uniform(0.001, 0.1, nb).astype(np.float32)
-            got = rows_dot(qs, d, xq, dx, np.empty(5, np.float32))
-            want = np.array([intdot.q4_row_dot_numpy(qs, d, r, xq, dx) for r in range(5)])
-            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
-            q, d8, _ = _i8(rng, 5, 32 * nb, 32, False, kind)
-            q[0, :32] = -128                         # the extreme |w| that psign/pmaddubsw must handle
-            got = rows_dot_i8(q, d8, xq, dx, np.empty(5, np.float32))
-            want = np.array([intdot.i8_row_dot_numpy(q, d8, r, xq, dx) for r in range(5)])
-            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
-
-
 def test_min_term_twins(half_code):
     """The vectorized min-term intrinsics (8 blocks per step, then a scalar tail) against their numpy
     twins: both scale dtypes (f16 converted in hardware or with integers), block counts below, at and

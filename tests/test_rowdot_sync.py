@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from kernels import backend, intdot, rowdot, sync
+from kernels import backend, rowdot, sync
 from tests.test_kernels import _i8, _q4
 
 NB = (1, 2, 3, 4, 5, 6, 7, 8, 18, 48, 49)     # every tail: fours, then a two and/or a one
@@ -62,7 +62,7 @@ def test_row_dots_against_numpy(simd_code):
             dx = rng.uniform(0.001, 0.1, nb).astype(np.float32)
             xp = rowdot.prepare_q4_x_numpy(xq, np.empty_like(xq))
             got = q4_rows(qs, d, xq, xp, np.zeros(8 * nb, np.int32), dx, np.empty(5, np.float32))
-            want = np.array([intdot.q4_row_dot_numpy(qs, d, r, xq, dx) for r in range(5)])
+            want = np.array([rowdot.q4_dot_numpy(qs, d, r, xq, dx) for r in range(5)])
             np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5, err_msg=f"q4 nb={nb} {kind}")
             q, d8, _ = _i8(rng, 5, 32 * nb, 32, False, kind)
             q[0] = -128
@@ -70,7 +70,7 @@ def test_row_dots_against_numpy(simd_code):
             xq[32:64] = -127
             xc = rowdot.lane_corrections_numpy(xq, np.empty(8 * nb, np.int32))
             got = i8_rows(q, d8, xq, np.zeros_like(xq), xc, dx, np.empty(5, np.float32))
-            want = np.array([intdot.i8_row_dot_numpy(q, d8, r, xq, dx) for r in range(5)])
+            want = np.array([rowdot.i8_dot_numpy(q, d8, r, xq, dx) for r in range(5)])
             np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5, err_msg=f"i8 nb={nb} {kind}")
 
 
@@ -145,7 +145,7 @@ def test_one_region_decode_matches_layer_by_layer(tmp_path, threads, qtype):
     from model_factory import hf_to_gguf, make_hf_model
 
     if not AVAILABLE:
-        pytest.skip("numba with hardware half conversion only")
+        pytest.skip("numba only")
     make_hf_model("llama", tmp_path)      # hidden 64, FFN 96: every matrix quantizes to the Q4 or I8 layout
     tokens = ["<unk>", "<s>", "</s>"] + [f"w{i}" for i in range(3, 128)]
     vocab = {"model": "llama", "tokens": tokens, "scores": [0.0] * 128, "types": [2, 3, 3] + [1] * 125}

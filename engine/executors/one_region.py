@@ -2,7 +2,7 @@
 (kernels/decode_token.py explains why one region beats a kernel launch per matrix).
 
 It runs the decode of models whose layers are all dense, in the Q4 or 32-block I8 layouts, without
-biases and with the same shapes (engine/model/layout.py stacks them), when numba has the row dots.
+biases and with the same shapes (engine/model/layout.py stacks them), when numba is on.
 """
 
 from __future__ import annotations
