@@ -2,10 +2,9 @@
 layout or the I8 layout with blocks of 32 (kernels/layouts.md; Q4_0, Q4_1, Q4_K, Q8_0, Q5_0, Q5_1,
 Q5_K) and no biases, in one call.
 
-Why: kernels/fused.py runs a layer per call, and inside it five parallel regions (q|k|v, attention,
-o, gate|up, down): ~150 fork/joins of the thread team per token on SmolLM2, each a few microseconds
-of wake-up and of waiting for the slower thread, and each matrix starting cold in the hardware
-prefetchers. Here the team starts once per token. Each thread walks the whole token; the work of each
+Why: a kernel call per matrix and step (q|k|v, attention, o, gate|up, down) is ~150 fork/joins of the
+thread team per token on SmolLM2, each a few microseconds of wake-up and of waiting for the slower
+thread, with each matrix starting cold in the hardware prefetchers. Here the team starts once a token. Each thread walks the whole token; the work of each
 step is split into items (row chunks, KV heads, query heads) that the threads claim from shared
 counters, and a thread waits only for the items of a step to be finished (kernels/sync.py), never for
 the other thread. What every thread needs whole (RMSNorm, the residual, x rounded to int8 for the
@@ -22,10 +21,11 @@ token, so a thread running ahead never clobbers what the other still reads):
 and the residual x += o_out[i], then x += dn_out[i], privately. x (1, hidden) gets the last layer's
 output. The LM head stays with the caller (one parallel call of its own).
 
-The arithmetic is the unfused path's (engine/model/transformer.py; kernels/matvec.py's rowdot products, the
-same RMSNorm, RoPE, attention and activation functions), each output element computed by one thread
-in the same order whichever thread it is: the results do not depend on the thread count. That unfused
-path is the numpy twin; tests/test_rowdot_sync.py compares the two. None when numba is off.
+The arithmetic is the layer-by-layer decode's (engine/executors/stack.py: kernels/matvec.py's rowdot
+products, the same RMSNorm, RoPE, attention and activation), each output element computed by one
+thread in the same order whichever thread it is, so the results do not depend on the thread count.
+That layer-by-layer decode is the numpy twin; tests/test_rowdot_sync.py compares the two. None when
+numba is off.
 """
 
 import math

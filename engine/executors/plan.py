@@ -10,10 +10,8 @@ plan.json's parts read here:
   io.request_bytes set its reader, flash.cache_policy the cache;
 - execution.lm_head == "flash": the embeddings and LM head stream from the weights file.
 Without a plan (`default_plan`): relu-exact for ReLU-family models (exact, and trained ReLU models leave
-85-97% of neurons at zero), dense for the rest. Why dense for SwiGLU: on SmolLM2-135M even a perfect
-(oracle) neuron selection keeps perplexity within 2% only up to about 50% sparsity, low-rank
-predictors reach 56-60% precision, and the sparse path decodes slower than dense on such small
-matrices (BENCHMARKS.md, tools/sparsity_curve.py).
+85-97% of neurons at zero), dense for the rest: on SwiGLU models the predictors are too imprecise for
+neuron sparsity to pay (BENCHMARKS.md, tools/sparsity_curve.py).
 """
 
 from __future__ import annotations

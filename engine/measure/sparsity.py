@@ -133,27 +133,16 @@ def text_windows(llm, ids: list[int], ctx: int, max_windows: int) -> list[np.nda
     return out
 
 
-def greedy(model, prompt: list[int], n: int) -> list[int]:
-    """n greedy tokens after `prompt`, with the executors the model runs now."""
+def greedy(model, prompt: list[int], n: int, forced: list[int] | None = None) -> list[int]:
+    """The argmax of n decode steps after `prompt`, with the executors the model runs now: each fed
+    back (free-running), or, given `forced` tokens, the step's argmax with forced[i] fed instead."""
     cache = model.new_cache(len(prompt) + n)
     logits = model.forward(np.asarray(prompt), cache, all_logits=False)[0]
     out = []
-    for _ in range(n):
-        tok = int(np.argmax(logits))
-        out.append(tok)
-        logits = model.forward(np.array([tok]), cache, all_logits=False)[0]
+    for i in range(n):
+        out.append(int(np.argmax(logits)))
+        logits = model.forward(np.array([out[-1] if forced is None else forced[i]]), cache, all_logits=False)[0]
     return out
-
-
-def _agreement(model, prompt: list[int], dense_tokens: list[int]) -> float:
-    """Share of steps where the model's argmax equals dense's, fed dense's own tokens."""
-    cache = model.new_cache(len(prompt) + len(dense_tokens))
-    logits = model.forward(np.asarray(prompt), cache, all_logits=False)[0]
-    same = 0
-    for tok in dense_tokens:
-        same += int(np.argmax(logits)) == tok
-        logits = model.forward(np.array([tok]), cache, all_logits=False)[0]
-    return same / max(1, len(dense_tokens))
 
 
 def _decode_seconds(model, prompt: list[int], n: int) -> float:
@@ -196,7 +185,8 @@ def sparse_quality(model, ffns: list, wins: list[np.ndarray], prompt_ids: list[i
         quality_stats = [copy.copy(f.stats) if isinstance(f, SparseFFN) else None for f in ffns]
         sparse_tokens = greedy(model, prompt_ids, n)
         prefix = next((i for i, (a, b) in enumerate(zip(dense_tokens, sparse_tokens)) if a != b), n)
-        agree = _agreement(model, prompt_ids, dense_tokens)
+        forced = greedy(model, prompt_ids, n, dense_tokens)
+        agree = sum(a == b for a, b in zip(forced, dense_tokens)) / max(1, n)
     return nll_sparse, quality_stats, prefix, agree
 
 

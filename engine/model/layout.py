@@ -1,20 +1,9 @@
-"""The one module that arranges a model's weights for the executors chosen at load
-(engine/executors/choose.py): everything that rewrites LayerWeights or builds a second layout of them.
-
-- fuse: wq|wk|wv and w_gate|w_up stacked into one weight each where their layouts match, the separate
-  weights turned into row views of the stack (no extra memory): one matvec launch instead of three.
-- stack_layers: every layer's arrays in one (layers, ...) array per field, for the one-region decode
-  (kernels/decode_token.py walks the layers by index in one call).
-- transpose_down: down (hidden, ffn) as downT (ffn, hidden), neuron-major, in int8 for quantized
-  sources, so that a chosen neuron reads one contiguous row (engine/executors/sparse.py explains the
-  precision).
-- sparse_arrays: a sparse layer's gate row, up row and downT row of each neuron side by side in one
-  neuron record (kernels/neuron_records.py); at load the layer's gate and up become views of the
-  records, so that they cost no memory beyond downT's.
-
-engine/executors/choose.py calls these for the executors it chose, for a loaded model and for its
-miniature (engine/model/miniature.py) alike, so that the warm-up compiles exactly the layouts the model
-will run.
+"""The one module that arranges a model's weights for the executors chosen at load: everything that
+rewrites LayerWeights or builds a second layout of them. `fuse` stacks q|k|v and gate|up, `stack_layers`
+stacks the layers for the one-region decode, `transpose_down` and `sparse_arrays` build the neuron-major
+down and the neuron records of sparse layers. engine/executors/choose.py calls them for the executors it
+chose, for a loaded model and for its miniature (engine/model/miniature.py) alike, so that the warm-up
+compiles exactly the layouts the model will run.
 """
 
 from __future__ import annotations
