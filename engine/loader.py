@@ -85,7 +85,7 @@ def load(source: str | os.PathLike = "smollm2-135m-instruct", *, threads: int | 
                     "tokenizer.ggml.token_type"):
             g.meta.pop(key, None)   # ~10 MiB of Python strings the tokenizer has copied: not in the peak
         weights = gguf_loader.load_weights(g, config, progress, skip=plan.unloaded(),
-                                           direct_io=plan.flash.direct_io if plan.flash else True)
+                                           direct_io=plan.direct_io)
         file_bytes = path.stat().st_size
         del g  # drop the file mapping: the weights were copied into their own layout
     else:

@@ -21,7 +21,7 @@ if not _disabled:
 NUMBA = numba is not None
 
 
-def _cache_dir() -> str:
+def kernel_cache_dir() -> str:
     """Where numba keeps compiled kernels: a directory named by a hash of every kernels/*.py source.
 
     numba's own cache checks only the timestamp of the file that defines a jitted function, not of the
@@ -49,7 +49,7 @@ if NUMBA:
 
     warnings.filterwarnings("ignore", category=NumbaIRAssumptionWarning)
     # Read by numba when each cache=True function is decorated, so before any kernel module is imported.
-    numba.config.CACHE_DIR = _cache_dir()
+    numba.config.CACHE_DIR = kernel_cache_dir()
 
 
 def jit(parallel: bool = False, inline: bool = False):

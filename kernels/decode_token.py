@@ -37,7 +37,7 @@ from kernels.activation import act_scalar
 from kernels.attention import attend_head
 from kernels.backend import NUMBA, jit
 from kernels.kv import store
-from kernels.norm import _rmsnorm_numba
+from kernels.norm import rmsnorm
 from kernels.rope import rope_head
 
 STEPS = 6            # steps per layer, each with its own counters (kernels/sync.py)
@@ -90,7 +90,7 @@ if NUMBA:
         for i in range(len(qkv_qs)):
             base = STEPS * i
             # 0: q|k|v
-            _rmsnorm_numba(xt, attn_norm[i], eps, h)
+            rmsnorm(xt, attn_norm[i], eps, h)
             rowdot.round_x(h[0], xq_h, xp_h, xc_h, dx_h, xs_h)
             _rows(counters, base, t, threads, qkv_qs[i], qkv_d[i], qkv_m[i], xq_h, xp_h, xc_h, dx_h, xs_h, qkv[i])
             q = qkv[i, :hq].reshape((1, n_heads, head_dim))
@@ -122,7 +122,7 @@ if NUMBA:
             for j in range(hidden):
                 xt[0, j] += o_out[i, j]
             # 4: gate|up and the activation, ROWS neurons per item
-            _rmsnorm_numba(xt, ffn_norm[i], eps, h)
+            rmsnorm(xt, ffn_norm[i], eps, h)
             rowdot.round_x(h[0], xq_h, xp_h, xc_h, dx_h, xs_h)
             gq, gd, gm, ao = gu_qs[i], gu_d[i], gu_m[i], act_out[i]
             items = (ffn + ROWS - 1) // ROWS

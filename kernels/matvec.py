@@ -214,7 +214,7 @@ def matvec_i8_numpy(q, d, m, x, out):
 
 
 @jit(inline=True)
-def _i8_row_f32(row, dr, x, block):
+def i8_row_f32(row, dr, x, block):
     """One I8 row times float x, without its min term: block sizes other than 32 (Q6_K's 16). The scale
     index must be a shift by a constant to vectorize, so B = 16 has its own loop."""
     acc = np.float32(0.0)
@@ -286,7 +286,7 @@ def _matvec_i8_numba(q, d, m, x, out):
             out[r], out[r + 1], out[r + 2], out[r + 3] = a0, a1, a2, a3
         else:
             for r in range(g * G, min(rows, g * G + G)):
-                out[r] = _i8_row_f32(q[r], d[r], x, block)
+                out[r] = i8_row_f32(q[r], d[r], x, block)
         if has_min:
             for r in range(g * G, min(rows, g * G + G)):
                 mr = m[r]

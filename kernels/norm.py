@@ -5,7 +5,6 @@ import numpy as np
 from kernels.backend import jit, pick
 
 
-
 def rmsnorm_numpy(x, w, eps, out):
     """x (n, dim) f32, w (dim,) f32, eps float -> out (n, dim) f32 (may alias x)."""
     var = np.mean(np.square(x), axis=1, keepdims=True, dtype=np.float32)

@@ -68,7 +68,7 @@ if NUMBA:
     from numba.extending import overload
 
     from kernels.dequant import bf16_to_f32, f16_to_f32, scale_f32
-    from kernels.matvec import _i8_row_f32
+    from kernels.matvec import i8_row_f32
 
 
 # Below this many listed neurons per thread, fewer threads are used: waking a thread to compute a
@@ -235,7 +235,7 @@ if NUMBA:
             return rowdot.row(w, d, m, j, xq, xp, xc, dx, xsum)      # as the dense matvec (see _dot_q4)
         # Float x for other block sizes (Q6_K's 16), as the dense matvec.
         dr = d[j]
-        acc = _i8_row_f32(w[j], dr, x, block)
+        acc = i8_row_f32(w[j], dr, x, block)
         if m.shape[1]:
             mr = m[j]
             for b in range(mr.shape[0]):

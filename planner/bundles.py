@@ -20,7 +20,7 @@ from typing import Callable
 
 import numpy as np
 
-from engine.flash.bundles import (FIELD_NAMES, FORMAT, VERSION, _PREFIX, align_up, encode_f32, encode_order, pack_prefix,
+from engine.flash.bundles import (FIELD_NAMES, FORMAT, VERSION, PREFIX, align_up, encode_f32, encode_order, pack_prefix,
                                 record_dtype)
 from engine.errors import PlanError
 from engine.model.layout import bits16_flag, kernel_arrays, transpose_down
@@ -68,7 +68,7 @@ def _write(tmp: Path, layers, orders, fingerprint, act, down_format, progress) -
     for order in orders:
         header["layers"].append({"offset": 0, "bytes": nbytes, "order": encode_order(order), "crc32": 0xFFFFFFFF,
                                  "dscale": encode_f32(first_scale)})
-    region = align_up(_PREFIX.size + len(json.dumps(header).encode()) + 64 * len(layers) + 256)
+    region = align_up(PREFIX.size + len(json.dumps(header).encode()) + 64 * len(layers) + 256)
     offsets = [region + i * align_up(nbytes) for i in range(len(layers))]
     with open(tmp, "wb") as f:
         f.write(b"\0" * region)
@@ -90,7 +90,7 @@ def _write(tmp: Path, layers, orders, fingerprint, act, down_format, progress) -
                 progress("bundle file", i + 1, len(layers))
         header["file_bytes"] = f.tell()
         text = json.dumps(header).encode()
-        assert _PREFIX.size + len(text) <= region, "header room reserved above"
+        assert PREFIX.size + len(text) <= region, "header room reserved above"
         f.seek(0)
         f.write(pack_prefix(text, region) + text)
         f.flush()

@@ -29,12 +29,12 @@ def _root() -> Path:
 
 def key(device_dict: dict, fingerprint: str, what: str) -> str:
     """A file-name-safe key for one measurement of one model on one device profile."""
-    from kernels.backend import _cache_dir
+    from kernels.backend import kernel_cache_dir
 
     h = hashlib.sha256()
     h.update(json.dumps(device_dict, sort_keys=True).encode())
     h.update(fingerprint.encode())
-    h.update(os.path.basename(_cache_dir()).encode())
+    h.update(os.path.basename(kernel_cache_dir()).encode())
     h.update(what.encode())
     return h.hexdigest()[:32]
 

@@ -48,14 +48,16 @@ class Executors:
     plus whatever else reports (a matrix streamed from flash). The model's forward pass calls them and
     asks nothing about them."""
 
-    def __init__(self, prefill, decode, extra: tuple = ()):
+    def __init__(self, prefill, decode, extra: tuple = (), source: str = ""):
+        """source: where the choice came from (a plan.json, or "defaults"), for describe()."""
         self.prefill = prefill
         self.decode = decode
         self.extra = tuple(extra)
+        self.source = source
 
     def describe(self) -> str:
         """One line per distinct executor: its phase, its layers and what it is."""
-        lines = []
+        lines = [f"{'plan':8s} {self.source}"] if self.source else []
         for name, phase in (("prefill", self.prefill), ("decode", self.decode)):
             groups: dict[str, list[int]] = {}
             for layer, text in phase.layer_descriptions():

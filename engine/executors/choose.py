@@ -36,7 +36,8 @@ def choose(config, weights, plan: Plan) -> Executors:
 
         store = open_flash(config, plan)
         return Executors(LayerStack(config, layers, store.layer_ffns(batched=True), batched=True),
-                         LayerStack(config, layers, store.layer_ffns(batched=False), batched=False), extra)
+                         LayerStack(config, layers, store.layer_ffns(batched=False), batched=False), extra,
+                         plan.source)
     dense = all(m == "dense" for m in plan.decode)
     if (dense and ONE_REGION and all(layout.one_region_layer(lw) for lw in layers)
             and layout.same_layouts(layers)):
@@ -45,7 +46,7 @@ def choose(config, weights, plan: Plan) -> Executors:
         decode = LayerStack(config, layers, decode_ffns(config, layers, plan.decode, predictors=plan.predictors,
                                                         cluster=plan.cluster), batched=False)
     prefill = LayerStack(config, layers, [DenseFFN(lw, config.act_kind) for lw in layers], batched=True)
-    return Executors(prefill, decode, extra)
+    return Executors(prefill, decode, extra, plan.source)
 
 
 def observing(model, observer) -> Executors:

@@ -609,7 +609,7 @@ def open_flash(config, plan) -> FlashFFN:
     fp = plan.flash
     bundles = open_bundles(fp.bundles, fingerprint=fp.fingerprint, n_layers=config.num_hidden_layers,
                            hidden=config.hidden_size, ffn=config.intermediate_size)
-    return FlashFFN(bundles, list(fp.layers), config.act_kind, predictors=plan.predictors, direct=fp.direct_io,
+    return FlashFFN(bundles, list(fp.layers), config.act_kind, predictors=plan.predictors, direct=plan.direct_io,
                     io_threads=fp.reader_threads, request_bytes=fp.request_bytes, policy=fp.cache_policy)
 
 

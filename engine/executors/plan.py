@@ -34,7 +34,6 @@ class FlashPlan:
     bundles: Path              # the bundle file
     fingerprint: str           # the model's, checked against the bundle file's header
     layers: tuple[LayerPlan, ...]
-    direct_io: bool = True
     reader_threads: int = 1
     request_bytes: int = 256 << 10
     cache_policy: str = "lru"
@@ -47,7 +46,8 @@ class Plan:
     cluster: int = 1                                           # neurons per cluster in sparse layers
     flash: FlashPlan | None = None                             # FFNs from the bundle file, else resident
     head_on_flash: bool = False                                # embeddings / LM head streamed from the file
-    source: str = "defaults"                                   # where the plan came from, for describe()
+    direct_io: bool = True                                     # O_DIRECT reads for whatever streams from flash
+    source: str = "defaults (engine/executors/plan.py)"       # where the plan came from, for describe()
 
     def unloaded(self) -> set[str]:
         """Our names of the matrices the plan serves from flash, which the reader must not load."""
@@ -98,18 +98,18 @@ def read_plan(path: str | Path, config) -> Plan:
     for i, layer in enumerate(layers):
         if layer.get("threshold") is not None and i in preds:
             preds[i] = dataclasses.replace(preds[i], threshold=float(layer["threshold"]))
-    execution = plan.get("execution") or {}
+    execution, io = plan.get("execution") or {}, plan.get("io") or {}
     flash = None
     if execution.get("weights") == "flash":
         if "bundles" not in files:
             raise ModelFormatError(f"{path}: a flash plan without files.bundles; re-run `pocketinfer plan`")
-        io = plan.get("io") or {}
         flash = FlashPlan(
             bundles=path.parent / files["bundles"], fingerprint=plan["model"]["fingerprint"],
             layers=tuple(LayerPlan("predicted" if m == "predicted" else "dense", int(lay.get("hot_neurons", 0)),
                                     int(lay.get("cold_cache_neurons", 0))) for m, lay in zip(modes, layers)),
-            direct_io=bool(io.get("direct_io", True)), reader_threads=max(1, int(io.get("reader_threads") or 1)),
+            reader_threads=max(1, int(io.get("reader_threads") or 1)),
             request_bytes=int(io.get("request_bytes") or 256 << 10),
             cache_policy=(plan.get("flash") or {}).get("cache_policy", "lru"))
     return Plan(decode=modes, predictors=preds, cluster=int(decode.get("cluster_size", 1)), flash=flash,
-                head_on_flash=execution.get("lm_head") == "flash", source=str(path))
+                head_on_flash=execution.get("lm_head") == "flash", direct_io=bool(io.get("direct_io", True)),
+                source=str(path))

@@ -49,7 +49,7 @@ MAGIC = b"PIBNDL01"
 FORMAT = "pocketinfer.bundles"
 VERSION = 1
 ALIGN = 4096
-_PREFIX = struct.Struct("<8sQQII")
+PREFIX = struct.Struct("<8sQQII")
 FIELD_NAMES = ("gw", "gd", "gm", "uw", "ud", "um", "dw", "dd", "dm")
 _DTYPES = {"float32", "uint16", "uint8", "int8"}
 
@@ -77,7 +77,7 @@ def decode_order(text: str, ffn: int) -> np.ndarray:
 
 
 def pack_prefix(header_json: bytes, region: int) -> bytes:
-    return _PREFIX.pack(MAGIC, len(header_json), region, zlib.crc32(header_json), 0)
+    return PREFIX.pack(MAGIC, len(header_json), region, zlib.crc32(header_json), 0)
 
 
 @dataclass(frozen=True)
@@ -149,13 +149,13 @@ def open_bundles(path: str | os.PathLike, *, fingerprint: str | None = None, n_l
     try:
         size = path.stat().st_size
         with open(path, "rb") as f:
-            prefix = f.read(_PREFIX.size)
-            if len(prefix) < _PREFIX.size:
+            prefix = f.read(PREFIX.size)
+            if len(prefix) < PREFIX.size:
                 raise ModelFormatError(f"{path}: {size} bytes, too short for a bundle file header; {redo}")
-            magic, hlen, region, crc, _ = _PREFIX.unpack(prefix)
+            magic, hlen, region, crc, _ = PREFIX.unpack(prefix)
             if magic != MAGIC:
                 raise ModelFormatError(f"{path}: not a pocketinfer bundle file (magic {magic!r}); {redo}")
-            if _PREFIX.size + hlen > region or region % ALIGN or region > size:
+            if PREFIX.size + hlen > region or region % ALIGN or region > size:
                 raise ModelFormatError(f"{path}: header of {hlen} bytes does not fit its region of {region} bytes "
                                        f"in a {size}-byte file (truncated or corrupt); {redo}")
             raw = f.read(hlen)
