@@ -10,9 +10,9 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
-from engine.text.detokenizer import StreamingDetokenizer
 from engine.model.kv_cache import KVCache
 from engine.model.transformer import Transformer
+from engine.text.detokenizer import StreamingDetokenizer
 from engine.text.stopping import StopChecker
 
 

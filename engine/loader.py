@@ -34,8 +34,7 @@ def load(source: str | os.PathLike = "smollm2-135m-instruct", *, threads: int | 
     kv_cache ("f16" or "f32") to half for GGUF files, as llama.cpp, and float32 for HF checkpoints
     (their float reference). sparse=False: every in-RAM FFN dense, whatever the defaults or the
     deploy's plan say (eval-sparsity builds its own executors beside the untouched dense path)."""
-    from engine.formats import deploy as deploy_dir
-    from engine.formats import registry
+    from engine.formats import deploy as deploy_dir, registry
     from engine.model.transformer import build
 
     if kv_cache is not None and kv_cache not in KV_CACHE_TYPES:

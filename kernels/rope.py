@@ -6,10 +6,7 @@ GGUF files store Q/K rows in the interleaved-pair order instead; the GGUF loader
 at load so this one convention serves every source.
 """
 
-import numpy as np
-
 from kernels.backend import jit, pick
-
 
 
 def rope_numpy(x, cos, sin, out):

@@ -20,9 +20,18 @@ from typing import Callable
 
 import numpy as np
 
-from engine.flash.bundles import (FIELD_NAMES, FORMAT, VERSION, PREFIX, align_up, encode_f32, encode_order, pack_prefix,
-                                record_dtype)
 from engine.errors import PlanError
+from engine.flash.bundles import (
+    FIELD_NAMES,
+    FORMAT,
+    PREFIX,
+    VERSION,
+    align_up,
+    encode_f32,
+    encode_order,
+    pack_prefix,
+    record_dtype,
+)
 from engine.model.layout import bits16_flag, kernel_arrays, transpose_down
 
 

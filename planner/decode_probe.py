@@ -43,8 +43,8 @@ def measure_flash_layer(llm, directory, request_bytes: int, io_threads: int) -> 
     buffers, the kernels called in pieces as reads land, and the Python per request and per layer."""
     from pathlib import Path
 
-    from engine.flash.bundles import open_bundles
     from engine.executors.flash_ffn import FlashFFN, LayerPlan
+    from engine.flash.bundles import open_bundles
     from planner.bundles import write_bundles
 
     model = llm.model

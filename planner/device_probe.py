@@ -15,8 +15,17 @@ from typing import Callable
 
 import numpy as np
 
-from planner.device import (PREDICT, CoreCluster, CpuInfo, DeviceProfile, KernelInfo, KernelPoint, MemoryInfo,
-                            Overhead, StorageInfo)
+from planner.device import (
+    PREDICT,
+    CoreCluster,
+    CpuInfo,
+    DeviceProfile,
+    KernelInfo,
+    KernelPoint,
+    MemoryInfo,
+    Overhead,
+    StorageInfo,
+)
 
 Progress = Callable[[str], None]
 
@@ -150,7 +159,6 @@ def _best_seconds(fn, repeats: int) -> float:
 
 def kernel_info(threads: int, shapes=DEFAULT_SHAPES) -> KernelInfo:
     from kernels.backend import NUMBA
-
     from planner import onnx_matmul
 
     points, notes = [], []
@@ -220,10 +228,9 @@ def sparse_points(threads: int, rng: np.random.Generator) -> list[KernelPoint]:
     those bytes. And "scatter": landed bundle records copied into the flash FFN's slot arrays
     (kernels/records.py) from buffers that, like reads from flash, are not in the caches."""
     from kernels.activation import SILU
+    from kernels.backend import NUMBA
     from kernels.records import byte_views, scatter
     from kernels.sparse_ffn import sparse_ffn
-
-    from kernels.backend import NUMBA
 
     points = []
     # The numpy twins (no numba) take seconds at the 7B shape: the small one tells their speed.

@@ -50,9 +50,9 @@ def load_device(spec, progress: Progress | None = None):
 def make_deploy(source: str | os.PathLike, budget_text: str, out: str | os.PathLike, *, device_profile=None,
                 calibration=None, recall_floor: float | None = None, threads: int | None = None,
                 overwrite: bool = False, progress: Progress | None = None) -> Result:
+    from engine.errors import PlanError
     from engine.formats import registry
     from engine.formats.deploy import fingerprint, weight_files
-    from engine.errors import PlanError
     from engine.loader import load
     from planner.budget import parse_budget
     from planner.cost_model import CostModel, shape_of

@@ -17,8 +17,7 @@ from dataclasses import dataclass
 
 from engine.errors import PlanError
 from planner.budget import format_bytes
-from planner.cost_model import (KV_TOKENS, RUNTIME_BASE_BYTES, SPARSE_EFFICIENCY, TTFT_PROMPT_TOKENS,
-                                CostModel)
+from planner.cost_model import KV_TOKENS, RUNTIME_BASE_BYTES, SPARSE_EFFICIENCY, TTFT_PROMPT_TOKENS, CostModel
 
 H_STEPS = 8                                  # hot-neuron counts tried: 0, F/8, ..., F
 CACHE_SHARES = (0.0, 1 / 16, 1 / 8, 1 / 4, 1 / 2)

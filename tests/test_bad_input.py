@@ -9,10 +9,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from model_factory import hf_to_gguf
 
 import engine
 from engine.errors import ConfigError, ContextLengthError, ModelFormatError, RegistryError
-from model_factory import hf_to_gguf
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -17,8 +17,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tools"))
-from compare_llamacpp import (  # noqa: E402
-    PPL_TOL, TIE_MARGIN, greedy_check, teacher_forced_check, window_ppl)
+from compare_llamacpp import PPL_TOL, TIE_MARGIN, greedy_check, teacher_forced_check, window_ppl  # noqa: E402
 
 pytestmark = pytest.mark.slow
 

@@ -8,8 +8,7 @@ the full decode has one, and each step decodes only a few ids (O(1) per token).
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
+from hypothesis import HealthCheck, given, settings, strategies as st
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from engine.text.detokenizer import StreamingDetokenizer

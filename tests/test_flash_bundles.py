@@ -10,8 +10,8 @@ import types
 import numpy as np
 import pytest
 
-from engine.flash.bundles import ALIGN, FIELD_NAMES, open_bundles
 from engine.errors import FlashReadError, ModelFormatError
+from engine.flash.bundles import ALIGN, FIELD_NAMES, open_bundles
 from engine.flash.reader import FlashReader, aligned_buffer, merge_runs
 from engine.model.layout import quantize_q4
 from engine.model.weights import F32Weight, Q4Weight

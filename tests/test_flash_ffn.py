@@ -8,13 +8,12 @@ import numpy as np
 import pytest
 
 import engine.executors.flash_ffn as flash_ffn
-from engine.flash.bundles import open_bundles
 from engine.errors import FlashReadError
 from engine.executors.flash_ffn import FlashFFN, LayerPlan
+from engine.flash.bundles import open_bundles
 from engine.flash.cache import SegmentCache
 from kernels.activation import RELU, SILU, glu
-from kernels.sparse_ffn import (sparse_acts, sparse_acts_numpy, sparse_down, sparse_down_numpy,
-                                sparse_ffn_numpy)
+from kernels.sparse_ffn import sparse_acts, sparse_acts_numpy, sparse_down, sparse_down_numpy, sparse_ffn_numpy
 from planner.bundles import layer_arrays, write_bundles
 from tests.test_flash_bundles import FFN, HIDDEN, LAYERS, make_layers
 
@@ -199,8 +198,9 @@ def test_deploy_below_budget_runs_ffns_from_bundles(tmp_path):
     bundle file; greedy tokens equal those of the same bundles fully resident (every neuron hot)."""
     import json
 
-    from engine.loader import load
     from model_factory import make_hf_model
+
+    from engine.loader import load
     from planner.pipeline import make_deploy
 
     src = tmp_path / "src"

@@ -93,10 +93,11 @@ def test_deploy_with_the_lm_head_on_flash_gives_the_resident_tokens(tmp_path, st
     them, and its greedy tokens and decode logits equal the resident deploy's exactly."""
     import json
 
-    import engine
     from model_factory import hf_to_gguf
-    from planner.pipeline import make_deploy
     from test_stories260k import _vocab_meta
+
+    import engine
+    from planner.pipeline import make_deploy
 
     src = hf_to_gguf(stories_dir, tmp_path / "stories.gguf", "Q8_0", _vocab_meta(stories_dir))
     cal = tmp_path / "cal.txt"

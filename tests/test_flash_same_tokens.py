@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 
 import engine.executors.flash_ffn as flash_ffn
-from engine.flash.bundles import open_bundles
 from engine.executors.choose import layer_by_layer
 from engine.executors.flash_ffn import FlashFFN, LayerPlan
+from engine.flash.bundles import open_bundles
 from kernels.activation import SILU
 from kernels.sparse_ffn import sparse_acts, sparse_acts_numpy, sparse_down, sparse_down_numpy
 from planner.bundles import write_bundles
@@ -123,8 +123,9 @@ def test_greedy_tokens_at_two_budgets_equal_the_fully_resident_run(tmp_path):
     accepts for it (embeddings and attention are most of its bytes): STEPS greedy tokens and every
     step's logits equal those of the same bundles with every neuron resident, and those of the same
     plan with a cold-neuron cache added (the planner gives this model none)."""
-    from engine.loader import load
     from model_factory import make_hf_model
+
+    from engine.loader import load
     from planner.pipeline import make_deploy
 
     src = tmp_path / "src"

@@ -12,8 +12,8 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T
 from gguf.quants import dequantize
 from hypothesis import given, settings, strategies as st
 
-from engine.formats import gguf_quants as gq
 from engine.errors import ModelFormatError
+from engine.formats import gguf_quants as gq
 from engine.formats.gguf_quants import tensor_nbytes, type_name, vector_from_gguf, weight_from_gguf
 from engine.model.weights import BF16Weight, F16Weight, F32Weight, I8Weight, Q4Weight
 

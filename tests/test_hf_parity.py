@@ -2,7 +2,6 @@
 
 import numpy as np
 import pytest
-
 from model_factory import VARIANTS, make_hf_model, torch_cached_steps, torch_logits
 
 pytest.importorskip("torch", reason="parity tests need the [test] extra (torch==2.13.0)")

@@ -5,8 +5,8 @@ import sys
 import numpy as np
 import pytest
 
-from engine.model.kv_cache import KVCache
 from engine.memory import small_pages
+from engine.model.kv_cache import KVCache
 
 linux = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="madvise and /proc/self/smaps are Linux")
 

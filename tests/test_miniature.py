@@ -8,10 +8,10 @@ import dataclasses
 import numpy as np
 import pytest
 
-from engine.formats.gguf_file import GGUFFile
-from engine.formats.gguf_loader import config_from_gguf, load_weights
 from engine.executors.one_region import OneRegionDecode
 from engine.executors.plan import default_plan
+from engine.formats.gguf_file import GGUFFile
+from engine.formats.gguf_loader import config_from_gguf, load_weights
 from engine.model.miniature import WIDTH, gguf_miniature
 from engine.model.transformer import build
 

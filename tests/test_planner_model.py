@@ -4,9 +4,9 @@ import json
 
 import numpy as np
 import pytest
+from model_factory import make_hf_model
 
 from engine.errors import ModelFormatError, PlanError
-from model_factory import make_hf_model
 
 PHONE = "snapdragon-8gen3-ufs4"   # a shipped profile, so no test measures this machine
 

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from engine.formats import registry
 from engine.errors import RegistryError
+from engine.formats import registry
 
 MEMBER = "fake_model/tiny.gguf"
 PAYLOAD = b"GGUF" + bytes(range(256)) * 40

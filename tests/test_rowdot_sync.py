@@ -138,11 +138,12 @@ def test_one_region_decode_matches_layer_by_layer(tmp_path, threads, qtype):
     and Q8_0 models) against dense decode layer by layer, its numpy twin, on 1 and 2 threads: the same
     logits within float rounding over 8 cached steps, and near the uncached prefill's."""
     pytest.importorskip("torch", reason="the test model is made with the [test] extra (torch, transformers)")
+    from model_factory import hf_to_gguf, make_hf_model
+
     import engine
     from engine.executors.choose import layer_by_layer
     from engine.executors.dense import DenseFFN
     from engine.executors.one_region import AVAILABLE, OneRegionDecode
-    from model_factory import hf_to_gguf, make_hf_model
 
     if not AVAILABLE:
         pytest.skip("numba only")

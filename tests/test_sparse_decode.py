@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from model_factory import hf_to_gguf, make_hf_model
 
 import engine
 from engine.errors import ConfigError, ModelFormatError
@@ -26,7 +27,6 @@ from engine.measure.sparsity import oracle_thresholds
 from engine.model.layout import quantize_i8, quantize_q4, transpose_down
 from engine.model.transformer import build
 from engine.model.weights import F32Weight, Q4Weight
-from model_factory import hf_to_gguf, make_hf_model
 
 pytest.importorskip("torch", reason="the test models are made with the [test] extra (torch, transformers)")
 

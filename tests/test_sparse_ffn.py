@@ -14,8 +14,7 @@ import numpy as np
 import pytest
 
 from engine.executors.predictor import LayerPredictor
-from kernels import dequant
-from kernels import sparse_ffn as S
+from kernels import dequant, sparse_ffn as S
 from kernels.backend import NUMBA
 from kernels.neuron_records import layout, pack, rows_contiguous
 
@@ -405,8 +404,7 @@ def test_gather_twins(simd_code):
         pytest.skip("LLVM IR: numba only (the numpy twins are tested through the kernels above)")
     from numba import njit
 
-    from kernels import gather as G
-    from kernels import rowdot
+    from kernels import gather as G, rowdot
 
     @njit(cache=False)
     def run_dots(gq, gd, uq, ud, g8, u8, xq, xp, xc, dx, jp, out):

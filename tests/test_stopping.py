@@ -1,8 +1,7 @@
 """StopChecker: stop strings split across chunks, overlapping stops, and chunking independence."""
 
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
+from hypothesis import given, settings, strategies as st
 
 from engine.text.stopping import StopChecker
 

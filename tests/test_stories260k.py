@@ -5,9 +5,9 @@ import json
 
 import numpy as np
 import pytest
+from model_factory import hf_to_gguf
 
 import engine
-from model_factory import hf_to_gguf
 
 
 @pytest.fixture(scope="module")

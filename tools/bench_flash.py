@@ -31,10 +31,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from engine.flash.bundles import open_bundles  # noqa: E402
 from engine.executors.flash_ffn import FlashFFN, LayerPlan  # noqa: E402
+from engine.flash.bundles import open_bundles  # noqa: E402
 from engine.model.layout import quantize_q4  # noqa: E402
-from engine.model.weights import I8Weight, Q4Weight  # noqa: E402
+from engine.model.weights import Q4Weight  # noqa: E402
 from kernels.activation import RELU  # noqa: E402
 from planner.bundles import write_bundles  # noqa: E402
 

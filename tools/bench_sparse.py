@@ -38,11 +38,11 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from engine.executors.predictor import LayerPredictor     # noqa: E402
-from engine.threads import set_threads          # noqa: E402
-from kernels.activation import RELU, SILU, glu        # noqa: E402
+from engine.executors.predictor import LayerPredictor  # noqa: E402
+from engine.threads import set_threads  # noqa: E402
+from kernels.activation import RELU, SILU, glu  # noqa: E402
 from kernels.matvec import matvec_i8, matvec_q4  # noqa: E402
-from kernels.neuron_records import pack          # noqa: E402
+from kernels.neuron_records import pack  # noqa: E402
 from kernels.sparse_ffn import predict, select, sparse_ffn  # noqa: E402
 
 HIDDEN, FFN = 4096, 11008

@@ -37,8 +37,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from engine.executors.choose import layer_by_layer  # noqa: E402
 from engine.executors.flash_ffn import FlashFFN, LayerPlan, store_of  # noqa: E402
-from engine.loader import load  # noqa: E402
 from engine.executors.predictor import load_predictors  # noqa: E402
+from engine.loader import load  # noqa: E402
 
 PROMPT = "Write a long story about a lighthouse keeper who finds a message in a bottle."
 

@@ -48,10 +48,10 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from engine.measure.bench import PARAGRAPH  # noqa: E402
-from engine.executors.predictor import LayerPredictor, save_predictors  # noqa: E402
 from engine.executors.plan import read_plan  # noqa: E402
+from engine.executors.predictor import LayerPredictor, save_predictors  # noqa: E402
 from engine.executors.sparse import SparseFFN, decode_ffns  # noqa: E402
+from engine.measure.bench import PARAGRAPH  # noqa: E402
 from engine.measure.sparsity import dense_nll, greedy, oracle_thresholds, sparse_quality, text_windows  # noqa: E402
 from planner.model_profile import profile_model  # noqa: E402
 from planner.predictors import split_chunks, train_all, with_threshold  # noqa: E402

@@ -28,8 +28,8 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
-    from engine.measure import bench
     from engine.generate import peak_rss_mb, rss_mb
+    from engine.measure import bench
 
     bench.check_args(args.prompt_tokens, args.gen_tokens, args.repeats)   # fail before loading
     t0 = time.perf_counter()

@@ -40,8 +40,8 @@ def load_model(args, sparse: bool = True):
     sparse as engine.llm.load's."""
     import time
 
-    from engine.formats import registry
     from engine.errors import RegistryError
+    from engine.formats import registry
     from engine.loader import load
 
     try:

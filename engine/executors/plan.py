@@ -28,7 +28,6 @@ from engine.executors.sparse import MODES
 from kernels.activation import DRELU, RELU
 
 
-
 @dataclass(frozen=True)
 class FlashPlan:
     bundles: Path              # the bundle file

@@ -23,8 +23,8 @@ import time
 
 import numpy as np
 
-from engine.flash.bundles import ALIGN
 from engine.errors import FlashReadError
+from engine.flash.bundles import ALIGN
 from engine.flash.reader import FlashReader, aligned_buffer
 from engine.formats.gguf_quants import tensor_nbytes, weight_from_gguf
 

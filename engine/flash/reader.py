@@ -24,8 +24,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 
-from engine.flash.bundles import ALIGN
 from engine.errors import FlashReadError
+from engine.flash.bundles import ALIGN
 
 
 def aligned_buffer(nbytes: int) -> tuple[mmap.mmap, np.ndarray]:

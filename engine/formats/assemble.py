@@ -11,10 +11,10 @@ from typing import Callable
 
 import numpy as np
 
-from engine.model.config import ModelConfig
 from engine.errors import ModelFormatError
-from engine.model.transformer import LayerWeights, ModelWeights
 from engine.formats.weight_map import LAYER_BIASES, LAYER_MATRICES, LAYER_VECTORS, source_name
+from engine.model.config import ModelConfig
+from engine.model.transformer import LayerWeights, ModelWeights
 from engine.model.weights import Weight
 
 

@@ -3,17 +3,15 @@ tokenizer and chat template from the `tokenizer.*` keys."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 
-from engine.formats import weight_map
-from engine.flash.matrix import attach_head
-from engine.formats.assemble import assemble
-from engine.model.config import ModelConfig
 from engine.errors import ModelFormatError
+from engine.flash.matrix import attach_head
+from engine.formats import weight_map
+from engine.formats.assemble import assemble
 from engine.formats.gguf_file import GGUFFile
 from engine.formats.gguf_quants import vector_from_gguf, weight_from_gguf
+from engine.model.config import ModelConfig
 from engine.model.transformer import ModelWeights
 from engine.model.weights import Weight
 

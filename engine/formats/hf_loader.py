@@ -6,12 +6,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from engine.errors import ConfigError, ModelFormatError
 from engine.formats import weight_map
 from engine.formats.assemble import assemble
-from engine.model.config import ModelConfig
-from engine.errors import ConfigError, ModelFormatError
-from engine.model.transformer import ModelWeights
 from engine.formats.safetensors_file import SafetensorsFile
+from engine.model.config import ModelConfig
+from engine.model.transformer import ModelWeights
 from engine.model.weights import dense_from_numpy, vector_f32
 
 

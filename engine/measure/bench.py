@@ -27,7 +27,6 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-
 # Plain English prose: tokenizes the same way in any BPE or SentencePiece vocabulary.
 PARAGRAPH = (
     "The old lighthouse stood at the end of a narrow spit of rock, and every evening the keeper climbed "

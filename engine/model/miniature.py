@@ -22,11 +22,11 @@ import math
 import numpy as np
 
 from engine.formats.assemble import assemble
-from engine.model.config import ModelConfig
 from engine.formats.gguf_file import GGUFFile
 from engine.formats.gguf_quants import tensor_nbytes, vector_from_gguf, weight_from_gguf
-from engine.model.transformer import ModelWeights
 from engine.formats.weight_map import GGUF, LAYER_BIASES, LAYER_MATRICES, LAYER_VECTORS, source_name
+from engine.model.config import ModelConfig
+from engine.model.transformer import ModelWeights
 
 WIDTH = 256      # hidden, FFN and query widths are multiples of this (the K-quants' 256-value blocks)
 

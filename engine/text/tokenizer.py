@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from engine.text.chat_template import render
 from engine.errors import ModelFormatError
+from engine.text.chat_template import render
 
 
 class Tokenizer:

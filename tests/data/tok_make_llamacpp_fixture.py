@@ -25,8 +25,17 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
-from test_gguf_tokenizer import (SMOLLM2_VARIANTS, STORIES, STORIES_VARIANTS, gguf_meta,  # noqa: E402
-                                 smollm2_path, smollm2_variant, stories_meta, stories_variant, write_vocab_gguf)
+from test_gguf_tokenizer import (  # noqa: E402
+    SMOLLM2_VARIANTS,
+    STORIES,
+    STORIES_VARIANTS,
+    gguf_meta,
+    smollm2_path,
+    smollm2_variant,
+    stories_meta,
+    stories_variant,
+    write_vocab_gguf,
+)
 
 NAMED = [
     "12345", "3.14159", "1,000,000", "café naïve", "👍🏽 🎉", "你好，世界", "日本語",
