@@ -8,7 +8,6 @@ import time
 from pathlib import Path
 
 from engine.cli.common import add_model_args, load_model
-from engine.measure.perplexity import perplexity
 
 
 def register(subparsers) -> None:
@@ -21,6 +20,8 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
+    from engine.measure.perplexity import perplexity
+
     path = Path(args.file)
     try:
         text = path.read_text(encoding="utf-8")
