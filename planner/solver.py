@@ -239,11 +239,13 @@ def _cost(c: Candidate) -> float:
     return c.time_s + FLASH_TIE_S_PER_BYTE * c.flash_bytes
 
 
-def prefill_engine(gflops: dict) -> tuple[str, float]:
-    """(engine, GFLOP/s): the faster of the int8 GEMM and f32 BLAS as the device profile measured them
-    (kernels.matmul_gflops: "int8", absent without numba, and "numpy"); f32 on a tie or without a figure."""
-    f32 = gflops["numpy"]
-    int8 = gflops.get("int8", 0.0)
+def prefill_engine(gflops: dict, hidden: int) -> tuple[str, float]:
+    """(engine, GFLOP/s): the faster of the int8 GEMM and f32 BLAS as the device profile measured them at
+    the width nearest the model's (kernels.matmul_gflops: "int8" and "numpy" at 576 columns, "int8@2048"
+    and "numpy@2048" at 2048; int8 absent without numba); f32 on a tie or without a figure."""
+    suffix = "@2048" if hidden >= 1536 and "numpy@2048" in gflops else ""
+    f32 = gflops["numpy" + suffix]
+    int8 = gflops.get("int8" + suffix, 0.0)
     return ("int8", int8) if int8 > f32 else ("f32", f32)
 
 
@@ -251,7 +253,7 @@ def _assemble(cost, evidence, chosen, budget, staging, recall_floor, head_flash:
     s, dev = cost.shape, cost.dev
     F = s.ffn
     decode_s = cost.fixed_decode_s(head_flash) + sum(c.time_s for c in chosen)
-    engine, gflops = prefill_engine(dev.kernels.matmul_gflops)
+    engine, gflops = prefill_engine(dev.kernels.matmul_gflops, s.hidden)
     cold_bytes = sum((F - c.hot - c.cache) * s.bundle_bytes for c in chosen)
     prefill_io, _ = cost.read_s(cold_bytes, SEQUENTIAL_REQUEST, "sequential")
     ttft = cost.prefill_s(TTFT_PROMPT_TOKENS, gflops) + prefill_io
@@ -316,10 +318,11 @@ def _rationale(cost: CostModel, sol: Solution, recall_floor: float) -> list[str]
                      f"{sol.prefetch_layers} layer ahead so reads overlap compute")
     g = dev.kernels.matmul_gflops
     ort = {k: v for k, v in g.items() if k.startswith("onnxruntime")}
-    measured = ", ".join(f"{name} {g[key]:.0f}" for name, key in (("int8 GEMM", "int8"), ("f32 BLAS", "numpy"))
-                         if key in g)
+    width = "@2048" if s.hidden >= 1536 and "numpy@2048" in g else ""
+    measured = ", ".join(f"{name} {g[key + width]:.0f}" for name, key in (("int8 GEMM", "int8"), ("f32 BLAS", "numpy"))
+                         if key + width in g)
     lines.append(f"prefill: the {sol.prefill_engine} engine, the fastest measured ({measured} GFLOP/s at a 128-token "
-                 f"chunk), in chunks of {sol.prefill_chunk} tokens"
+                 f"chunk, {2048 if width else 576} columns), in chunks of {sol.prefill_chunk} tokens"
                  + (f"; onnxruntime measured {max(ort.values()):.0f} GFLOP/s but the runtime has no ONNX Runtime "
                     "prefill path yet" if ort else ""))
     lines.append(f"threads: {sol.compute_threads} compute threads (the fastest core clusters: "

@@ -17,7 +17,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="KV cache element type (default: f16 for GGUF files, as llama.cpp; f32 for HF checkpoints)")
     p.add_argument("--prefill", choices=("int8", "f32"), default=None,
                    help="prefill engine: int8 (x rounded to int8, integer kernels on Q4/Q8 weights) or f32 "
-                        "(BLAS on f32 tiles) (default: the deploy's plan, else int8 with numba, f32 without)")
+                        "(BLAS on f32 tiles) (default: the deploy's plan, else f32)")
     p.add_argument("--verbose", action="store_true", help="print load and speed statistics on stderr")
 
 

@@ -5,21 +5,21 @@ prefill (engine/executors/stack.py and the dense FFN).
   are stored (kernels/gemm.py), for the Q4 and 32-block I8 layouts (Q4_0, Q4_1, Q8_0, Q5_0, Q5_1);
   weights in other layouts take the f32 path. It rounds x as decode and llama.cpp do.
 - "f32": tiles of the weight dequantized to f32, then BLAS (engine/model/weights.Weight.matmul).
-The default (`default_engine`) is int8 where numba runs: several times f32's speed (BENCHMARKS.md). Without
-numba it is f32: the int8 GEMM's numpy twin would add the rounding and nothing else. A plan.json's
-prefill.engine, then `load(prefill=)` and `--prefill`, override it.
+The default (`default_engine`) is f32. The int8 GEMM's costs per row and token are fixed while its
+products are cheap, so where BLAS runs fast it wins on wide matrices (1B models) and loses on narrow ones
+(SmolLM2), BENCHMARKS.md "Prefill engines". The planner
+(`pocketinfer plan`) measures both on the device and writes the faster into plan.json's prefill.engine;
+`load(prefill=)` and `--prefill` override either.
 """
 
 from __future__ import annotations
-
-from kernels.backend import NUMBA
 
 ENGINES = ("int8", "f32")
 LABELS = {"int8": "int8 GEMM", "f32": "f32 BLAS"}
 
 
 def default_engine() -> str:
-    return "int8" if NUMBA else "f32"
+    return "f32"
 
 
 def f32(w, x):
