@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from engine.errors import ModelFormatError
+from engine.executors.prefill import ENGINES
 from engine.llm import LLM
 from engine.memory import pin_mmap_threshold, release_compiler_pages, start_compiler, trim_heap
 from engine.threads import set_threads
@@ -28,17 +29,21 @@ KV_CACHE_TYPES = {"f16": np.uint16, "f32": np.float32}   # the cache's element: 
 
 
 def load(source: str | os.PathLike = "smollm2-135m-instruct", *, threads: int | None = None,
-         n_ctx: int | None = None, kv_cache: str | None = None, progress=None, sparse: bool = True) -> LLM:
+         n_ctx: int | None = None, kv_cache: str | None = None, progress=None, sparse: bool = True,
+         prefill: str | None = None) -> LLM:
     """Load a model: an HF directory, a .gguf file, a deploy directory or a registry alias (pulled on
     first use). threads defaults to the physical core count; n_ctx to min(model context, 4096);
     kv_cache ("f16" or "f32") to half for GGUF files, as llama.cpp, and float32 for HF checkpoints
     (their float reference). sparse=False: every in-RAM FFN dense, whatever the defaults or the
-    deploy's plan say (eval-sparsity builds its own executors beside the untouched dense path)."""
+    deploy's plan say (eval-sparsity builds its own executors beside the untouched dense path). prefill
+    ("int8" or "f32", engine/executors/prefill.py) overrides the plan's or the default prefill engine."""
     from engine.formats import deploy as deploy_dir, registry
     from engine.model.transformer import build
 
     if kv_cache is not None and kv_cache not in KV_CACHE_TYPES:
         raise ValueError(f"kv_cache={kv_cache!r} is not one of {', '.join(KV_CACHE_TYPES)}")
+    if prefill is not None and prefill not in ENGINES:
+        raise ValueError(f"prefill={prefill!r} is not one of {', '.join(ENGINES)}")
     path = registry.resolve(source)
     deploy = plan_file = None
     if path.is_dir() and (path / "plan.json").exists():
@@ -55,7 +60,7 @@ def load(source: str | os.PathLike = "smollm2-135m-instruct", *, threads: int | 
         from engine.formats import hf_loader
 
         config = hf_loader.load_config(path)
-        plan = _plan(plan_file, config, sparse)
+        plan = _plan(plan_file, config, sparse, prefill)
         if plan.head_on_flash:
             raise ModelFormatError(f"{plan_file}: the plan streams the LM head from flash, which this version "
                                    "supports for GGUF weights only; re-run `pocketinfer plan` with a larger budget")
@@ -71,7 +76,7 @@ def load(source: str | os.PathLike = "smollm2-135m-instruct", *, threads: int | 
 
         g = GGUFFile(path)
         config = gguf_loader.config_from_gguf(g)
-        plan = _plan(plan_file, config, sparse)
+        plan = _plan(plan_file, config, sparse, prefill)
         if plan.flash is None and not plan.predictors:
             # Kernels first, on a miniature of the model: the compiler's memory is then given back
             # before the weights arrive, not on top of them (engine/model/miniature.py). A plan with
@@ -99,14 +104,14 @@ def load(source: str | os.PathLike = "smollm2-135m-instruct", *, threads: int | 
     return LLM(model, tokenizer, source=str(path), n_ctx=ctx, threads=threads, file_bytes=file_bytes, plan=deploy)
 
 
-def _plan(plan_file: Path | None, config, sparse: bool):
+def _plan(plan_file: Path | None, config, sparse: bool, prefill: str | None):
     from engine.executors.plan import default_plan, read_plan
 
-    if plan_file is None:
-        return default_plan(config, sparse)
-    plan = read_plan(plan_file, config)
-    if not sparse and plan.flash is None:
+    plan = default_plan(config, sparse) if plan_file is None else read_plan(plan_file, config)
+    if plan_file is not None and not sparse and plan.flash is None:
         plan = dataclasses.replace(plan, decode=("dense",) * config.num_hidden_layers, predictors={})
+    if prefill is not None:
+        plan = dataclasses.replace(plan, prefill=prefill)
     return plan
 
 

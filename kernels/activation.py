@@ -8,7 +8,10 @@ import math
 
 import numpy as np
 
-from kernels.backend import jit, pick
+from kernels.backend import NUMBA, jit
+
+if NUMBA:
+    from numba import prange
 
 
 SILU, GELU, GELU_TANH, RELU, DRELU = 0, 1, 2, 3, 4
@@ -60,13 +63,31 @@ def act_scalar(g, u, kind):
     return np.float32(a) * u
 
 
-@jit(parallel=False)  # tiny per-token work: a parallel launch (~3 us) would cost more than it saves
-def _glu_numba(gate, up, kind, out):
-    n, f = gate.shape
-    for i in range(n):
-        for k in range(f):
-            out[i, k] = act_scalar(gate[i, k], up[i, k], kind)
+@jit(inline=True)
+def _glu_row(g, u, kind, o):
+    """One token's row: g, u, o (ffn,) f32."""
+    for k in range(g.shape[0]):
+        o[k] = act_scalar(g[k], u[k], kind)
+
+
+@jit(parallel=False)
+def _glu_row_numba(gate, up, kind, out):
+    """One token: tiny work, which a parallel launch (~3 us) would cost more than it saves."""
+    for i in range(gate.shape[0]):
+        _glu_row(gate[i], up[i], kind, out[i])
     return out
 
 
-glu = pick(_glu_numba, glu_numpy)
+@jit(parallel=True)
+def _glu_rows_numba(gate, up, kind, out):
+    """Several tokens (prefill): rows in parallel."""
+    for i in prange(gate.shape[0]):
+        _glu_row(gate[i], up[i], kind, out[i])
+    return out
+
+
+def _glu_numba(gate, up, kind, out):
+    return (_glu_row_numba if gate.shape[0] == 1 else _glu_rows_numba)(gate, up, kind, out)
+
+
+glu = _glu_numba if NUMBA else glu_numpy

@@ -137,7 +137,7 @@ if NUMBA:
 
     from kernels.llvm_ir import F32 as _F32, I8 as _I8, I16 as _I16, I32 as _I32, I64 as _I64
     from kernels.llvm_ir import c_array as _c_array, const64 as _c, data as _data, half_to_f32 as _half_to_f32
-    from kernels.llvm_ir import lanes as _lanes
+    from kernels.llvm_ir import lanes as _lanes, to_i64 as _to_i64
     from kernels.llvm_ir import rows_array as _rows_array
     from kernels.llvm_ir import prefetch_line as _prefetch_line, prefetch_target as _target, row_ptr as _row_ptr
     from kernels.llvm_ir import splat as _splat, vec as _vec
@@ -421,6 +421,45 @@ if NUMBA:
         dots.__name__ = dots.__qualname__ = f"{'q4' if nibbles else 'i8'}_dots{nmats}{'p' if prefetch else ''}"
         return intrinsic(dots)
 
+    def tile_intrinsic(nibbles, R, T):
+        """Row dots of R rows of one weight with T tokens of x, sharing each row's weight loads across the
+        tokens and each token's x loads across the rows (LLVM merges the identical loads and nibble
+        splits): the register tile of the prefill GEMM (kernels/gemm.py). Arguments: w, d, r (first row),
+        t (first token), then x as round_x makes it, one row per token: xq, xp (n, cols) int8, xc
+        (n, cols/4) int32, dx (n, cols/32) f32. Returns R*T floats, row i and token j at i*T + j, min
+        terms excluded."""
+        wdtype = types.uint8 if nibbles else types.int8
+
+        def tile(typingctx, w, d, r, t, xq, xp, xc, dx):
+            if not (_rows_array(w, wdtype) and _rows_array(d, types.float32, types.uint16)
+                    and isinstance(r, types.Integer) and isinstance(t, types.Integer)
+                    and _c_array(xq, 2, types.int8) and _c_array(xp, 2, types.int8)
+                    and _c_array(xc, 2, types.int32) and _c_array(dx, 2, types.float32)):
+                return None
+            f16 = d.dtype == types.uint16
+
+            def codegen(context, builder, sig, vals):
+                def rows_of(i, first, count):
+                    return [_row_ptr(context, builder, sig.args[i], vals[i],
+                                     builder.add(_to_i64(builder, first), _c(k)))[0] for k in range(count)]
+
+                qrows, drows = rows_of(0, vals[2], R), rows_of(1, vals[2], R)
+                nb = _row_ptr(context, builder, sig.args[1], vals[1], vals[2])[1]
+                xqs, xps, xcs, dxs = (rows_of(i, vals[3], T) for i in range(4, 8))
+                if nibbles:
+                    step = _Step(R * T, lambda p, b, kk: [_q4_step(builder, qrows[p // T], xps[p % T], drows[p // T],
+                                                                   dxs[p % T], b, kk, f16)])
+                else:
+                    step = _Step(R * T, lambda p, b, kk: _i8_step(builder, qrows[p // T], xqs[p % T], xcs[p % T],
+                                                                  drows[p // T], dxs[p % T], b, kk, f16))
+                out = _emit_rows(builder, nb, 1 if nibbles else 2, step)
+                return context.make_tuple(builder, sig.return_type, out)
+
+            return types.UniTuple(types.float32, R * T)(w, d, r, t, xq, xp, xc, dx), codegen
+
+        tile.__name__ = tile.__qualname__ = f"{'q4' if nibbles else 'i8'}_tile{R}x{T}"
+        return intrinsic(tile)
+
     # The forms. Each product is sum over blocks b of scale(d[r, b]) * dx[b] * sum_j q[r, 32b + j] *
     # xq[32b + j] (q4_dot_numpy, i8_dot_numpy), min terms excluded, for w
     # (rows, cols/2) uint8 nibbles (Q4) or (rows, cols) int8 in blocks of 32 (I8), d (rows, cols/32) f32
@@ -438,23 +477,35 @@ if NUMBA:
 def row(qs, d, m, r, xq, xp, xc, dx, xsum):
     """Row r of a Q4 (qs uint8) or 32-block I8 (qs int8) weight times x rounded by round_x, min term
     included (xsum (cols/32,) f32 the rounded block sums); numba picks the formula by qs's dtype. The one
-    row product of the dense matvecs (kernels/matvec.py), the one-region decode (kernels/decode_token.py)
-    and the sparse FFN's rows (kernels/sparse_ffn.py), so that all of them round alike."""
+    row product of the dense matvecs (kernels/matvec.py), the one-region decode (kernels/decode_token.py),
+    the sparse FFN's rows (kernels/sparse_ffn.py) and the prefill GEMM (kernels/gemm.py), so that all of
+    them round alike."""
+
+
+def min_part(qs, d, m, r, xsum):
+    """The min term of row r that `row` adds: for Q4 (qs uint8) m, or Q4_0's -8d, times the rounded block
+    sums (intdot.min_term); for I8 (qs int8) m times them, or 0 when the format has no m."""
 
 
 if NUMBA:
     from numba.core.extending import overload
 
+    @overload(min_part, inline="always", jit_options={"fastmath": True})
+    def _min_part_ov(qs, d, m, r, xsum):
+        if qs.dtype == types.uint8:
+            return lambda qs, d, m, r, xsum: intdot.min_term(d, m, r, xsum)
+        if qs.dtype == types.int8:
+            def i8(qs, d, m, r, xsum):
+                return intdot.scale_dot(m, r, xsum) if m.shape[1] else np.float32(0.0)
+            return i8
+        return None
+
     @overload(row, inline="always", jit_options={"fastmath": True})
     def _row_ov(qs, d, m, r, xq, xp, xc, dx, xsum):
         if qs.dtype == types.uint8:
             return lambda qs, d, m, r, xq, xp, xc, dx, xsum: (q4_dot(qs, d, r, xq, xp, xc, dx)
-                                                              + intdot.min_term(d, m, r, xsum))
+                                                              + min_part(qs, d, m, r, xsum))
         if qs.dtype == types.int8:
-            def i8(qs, d, m, r, xq, xp, xc, dx, xsum):
-                acc = i8_dot(qs, d, r, xq, xp, xc, dx)
-                if m.shape[1]:
-                    acc += intdot.scale_dot(m, r, xsum)
-                return acc
-            return i8
+            return lambda qs, d, m, r, xq, xp, xc, dx, xsum: (i8_dot(qs, d, r, xq, xp, xc, dx)
+                                                              + min_part(qs, d, m, r, xsum))
         return None

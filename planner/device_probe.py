@@ -185,10 +185,18 @@ def kernel_info(threads: int, shapes=DEFAULT_SHAPES) -> KernelInfo:
     v = rng.standard_normal(576, dtype=np.float32)
     points.append(KernelPoint("gemv_f32", 1536, 576, a.nbytes, threads, round(a.nbytes / _timed(lambda: v @ a) / 1e9, 2)))
     points.append(predictor_point(threads, rng))
-    # Prefill: a 128-token chunk through SmolLM2's gate|up shape.
+    # Prefill: a 128-token chunk through SmolLM2's gate|up shape, and through a 2048-wide square matrix
+    # (1B models: "@2048"), f32 through BLAS ("numpy") and the int8 GEMM on a Q4_1 weight ("int8",
+    # engine/executors/prefill.py; numba only: its numpy twin is f32 BLAS plus the rounding). The int8
+    # GEMM's fixed costs per row and token weigh more on narrow rows, so the winner can differ by width.
+    gflops = {}
+    for n, k, m, suffix in ((128, 576, 3072, ""), (128, 2048, 2048, "@2048")):
+        xa, wb = rng.standard_normal((n, k), dtype=np.float32), rng.standard_normal((k, m), dtype=np.float32)
+        gflops["numpy" + suffix] = round(2.0 * n * k * m / _timed(lambda: xa @ wb) / 1e9, 1)
+        if NUMBA:
+            wq = random_gguf_weight("q4_1", m, k, rng)
+            gflops["int8" + suffix] = round(2.0 * n * k * m / _timed(lambda: wq.matmul_int8(xa)) / 1e9, 1)
     n, k, m = 128, 576, 3072
-    xa, wb = rng.standard_normal((n, k), dtype=np.float32), rng.standard_normal((k, m), dtype=np.float32)
-    gflops = {"numpy": round(2.0 * n * k * m / _timed(lambda: xa @ wb) / 1e9, 1)}
     try:
         ort, ort_notes = onnx_matmul.ort_gflops(n, k, m, threads)
         gflops.update(ort)

@@ -48,7 +48,7 @@ def build(sol: Solution, *, cost, device, fingerprint: str, model_name: str, bud
                   "ffn": s.ffn, "format": s.weight_format or s.fmt, "weight_bytes": s.weight_bytes},
         "device": device.summary_dict(),
         "budget_bytes": sol.budget_bytes, "budget_request": budget_text,
-        "prefill": {"backend": sol.prefill_backend, "chunk_tokens": sol.prefill_chunk, "threads": sol.compute_threads},
+        "prefill": {"engine": sol.prefill_engine, "chunk_tokens": sol.prefill_chunk, "threads": sol.compute_threads},
         "decode": {"layers": layers, "recall_floor": recall_floor},
         "io": {"direct_io": sol.direct_io, "reader_threads": sol.io_threads, "prefetch_layers": sol.prefetch_layers,
                "request_bytes": max((c.request_bytes for c in sol.layers), default=0),

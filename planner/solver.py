@@ -69,7 +69,7 @@ class Solution:
     staging_bytes: int
     decode_s: float
     ttft_s: float
-    prefill_backend: str
+    prefill_engine: str                  # engine/executors/prefill.py: int8 or f32
     prefill_chunk: int
     compute_threads: int
     io_threads: int
@@ -239,16 +239,24 @@ def _cost(c: Candidate) -> float:
     return c.time_s + FLASH_TIE_S_PER_BYTE * c.flash_bytes
 
 
+def prefill_engine(gflops: dict, hidden: int) -> tuple[str, float]:
+    """(engine, GFLOP/s): the faster of the int8 GEMM and f32 BLAS as the device profile measured them at
+    the width nearest the model's (kernels.matmul_gflops: "int8" and "numpy" at 576 columns, "int8@2048"
+    and "numpy@2048" at 2048; int8 absent without numba); f32 on a tie or without a figure."""
+    suffix = "@2048" if hidden >= 1536 and "numpy@2048" in gflops else ""
+    f32 = gflops["numpy" + suffix]
+    int8 = gflops.get("int8" + suffix, 0.0)
+    return ("int8", int8) if int8 > f32 else ("f32", f32)
+
+
 def _assemble(cost, evidence, chosen, budget, staging, recall_floor, head_flash: bool = False) -> Solution:
     s, dev = cost.shape, cost.dev
     F = s.ffn
     decode_s = cost.fixed_decode_s(head_flash) + sum(c.time_s for c in chosen)
-    gflops = dev.kernels.matmul_gflops
-    # The runtime's prefill runs through numpy/BLAS; ONNX Runtime is measured but has no runtime path yet.
-    backend = "numpy"
+    engine, gflops = prefill_engine(dev.kernels.matmul_gflops, s.hidden)
     cold_bytes = sum((F - c.hot - c.cache) * s.bundle_bytes for c in chosen)
     prefill_io, _ = cost.read_s(cold_bytes, SEQUENTIAL_REQUEST, "sequential")
-    ttft = cost.prefill_s(TTFT_PROMPT_TOKENS, gflops["numpy"]) + prefill_io
+    ttft = cost.prefill_s(TTFT_PROMPT_TOKENS, gflops) + prefill_io
     head_bytes = 0.0
     if head_flash:   # one pass over the LM head for the last position, one row read per prompt token
         head_bytes = (s.lm_head_bytes or s.embed_bytes) + 4096
@@ -265,7 +273,7 @@ def _assemble(cost, evidence, chosen, budget, staging, recall_floor, head_flash:
     kv = KV_TOKENS * s.kv_bytes_per_token
     fixed = s.fixed_bytes_head_on_flash if head_flash else s.fixed_bytes
     sol = Solution(budget_bytes=budget, layers=tuple(chosen), evidence=tuple(evidence), fixed_bytes=fixed,
-                   staging_bytes=staging, decode_s=decode_s, ttft_s=ttft, prefill_backend=backend, prefill_chunk=chunk,
+                   staging_bytes=staging, decode_s=decode_s, ttft_s=ttft, prefill_engine=engine, prefill_chunk=chunk,
                    compute_threads=threads, io_threads=io_threads, direct_io=dev.storage.direct_io and uses_flash,
                    prefetch_layers=1 if uses_flash else 0, kv_bytes=kv, runtime_bytes=RUNTIME_BASE_BYTES, rationale=(),
                    head_on_flash=head_flash, head_flash_bytes=head_bytes)
@@ -310,7 +318,11 @@ def _rationale(cost: CostModel, sol: Solution, recall_floor: float) -> list[str]
                      f"{sol.prefetch_layers} layer ahead so reads overlap compute")
     g = dev.kernels.matmul_gflops
     ort = {k: v for k, v in g.items() if k.startswith("onnxruntime")}
-    lines.append(f"prefill: numpy/BLAS at {g['numpy']:.0f} GFLOP/s in chunks of {sol.prefill_chunk} tokens"
+    width = "@2048" if s.hidden >= 1536 and "numpy@2048" in g else ""
+    measured = ", ".join(f"{name} {g[key + width]:.0f}" for name, key in (("int8 GEMM", "int8"), ("f32 BLAS", "numpy"))
+                         if key + width in g)
+    lines.append(f"prefill: the {sol.prefill_engine} engine, the fastest measured ({measured} GFLOP/s at a 128-token "
+                 f"chunk, {2048 if width else 576} columns), in chunks of {sol.prefill_chunk} tokens"
                  + (f"; onnxruntime measured {max(ort.values()):.0f} GFLOP/s but the runtime has no ONNX Runtime "
                     "prefill path yet" if ort else ""))
     lines.append(f"threads: {sol.compute_threads} compute threads (the fastest core clusters: "

@@ -491,3 +491,18 @@ def test_numpy_only_mode():
          "print(backend.NUMBA, matvec.matvec_q4 is matvec.matvec_q4_numpy)"],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert probe.stdout.split() == ["False", "True"], probe.stdout + probe.stderr
+
+
+@pytest.mark.parametrize("kind", [0, 1, 2, 3, 4])
+@pytest.mark.parametrize("n", [1, 5])
+def test_glu_twins(kind, n):
+    """kernels/activation.glu (one token serial, several in parallel) against glu_numpy, on the views the
+    dense FFN passes: gate and up halves of one (n, 2*ffn) array, the output written over gate."""
+    from kernels import activation
+
+    rng = np.random.default_rng(kind + 10 * n)
+    gu = (rng.standard_normal((n, 2 * 70)) * 3).astype(np.float32)
+    want = activation.glu_numpy(gu[:, :70], gu[:, 70:], kind, np.empty((n, 70), np.float32))
+    got = activation.glu(gu[:, :70], gu[:, 70:], kind, gu[:, :70])
+    assert got.base is gu or got is gu[:, :70] or np.shares_memory(got, gu)
+    np.testing.assert_allclose(gu[:, :70], want, rtol=1e-6, atol=1e-6)

@@ -152,3 +152,21 @@ def test_weight_format_labels_the_storage_not_the_kernel_family():
     assert weight_format(I8Weight(z((2, 64), np.int8), z((2, 4), np.uint16), z((2, 4), np.uint16))) == "int8/16+min"
     assert weight_format(BF16Weight(z((2, 4), np.uint16))) == "bf16"
     assert weight_format(F32Weight(z((2, 4), np.float32))) == "f32"
+
+
+def test_prefill_engine_is_the_fastest_measured_and_recorded():
+    """The solver picks the prefill engine the device profile measured fastest at the model's width, f32
+    where the profile has no int8 figure (no numba); plan.json records it with the figures."""
+    from planner.solver import prefill_engine
+
+    g = {"numpy": 50.0, "int8": 40.0, "numpy@2048": 60.0, "int8@2048": 90.0}
+    assert prefill_engine(g, 576) == ("f32", 50.0)                # narrow: BLAS measured faster
+    assert prefill_engine(g, 2048) == ("int8", 90.0)              # wide: the int8 GEMM
+    assert prefill_engine({"numpy": 50.0, "int8": 120.0}, 4096) == ("int8", 120.0)   # one width measured
+    assert prefill_engine({"numpy": 50.0, "onnxruntime:CPUExecutionProvider": 80.0}, 576) == ("f32", 50.0)
+    c = cost()
+    sol = solve(c, evidence(False), c.shape.weight_bytes, 0.99)
+    assert sol.prefill_engine == "f32"                            # the shipped phone profile has no int8 figure
+    doc = json.loads(plan_text(c, sol))
+    assert doc["prefill"]["engine"] == "f32"
+    assert any(line.startswith("prefill: the f32 engine") for line in doc["rationale"])

@@ -299,8 +299,8 @@ def test_neuron_records(tmp_path):
         assert all(f.stats.tokens == len(STEPS) for f, mode in zip(ffns, modes) if mode != "dense")
         extra[records] = sum(f.extra_bytes for f in ffns if isinstance(f, SparseFFN))
     # "move": the model built for a plan with these modes, as engine.load builds it
-    moved = build(m.config, load_weights(GGUFFile(gguf), m.config), Plan(decode=tuple(modes), predictors=preds),
-                  m.kv_dtype)
+    moved = build(m.config, load_weights(GGUFFile(gguf), m.config),      # prefill through f32, as sparse_run's
+                  Plan(decode=tuple(modes), predictors=preds, prefill="f32"), m.kv_dtype)
     ffns = moved.executors.decode.ffns
     out["move"] = decode_logits(moved)
     extra["move"] = sum(f.extra_bytes for f in ffns if isinstance(f, SparseFFN))

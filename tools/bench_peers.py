@@ -14,6 +14,7 @@ same token counts. Rounds alternate the sides (A B A B ...); the tables show the
     python tools/bench_peers.py --install-llamacpp               # create the llama.cpp venv (builds, minutes)
     git worktree add ../before REV && python tools/bench_peers.py --no-llamacpp --baseline ../before
                                                                  # this checkout against commit REV
+    python tools/bench_peers.py --prefill int8,f32               # also pocketinfer with its f32 prefill
 
 The llama.cpp venv is --llamacpp-venv, else $POCKETINFER_LLAMACPP_VENV, else .venv-llamacpp in the
 repo. Run it on an otherwise idle machine: on a busy one, multi-threaded decode waits for
@@ -268,7 +269,10 @@ def side_commands(args, model: Path, text_file: Path) -> dict[str, tuple[list[st
     counts = ["--prompt-tokens", str(args.prompt_tokens), "--gen-tokens", str(args.gen_tokens),
               "--repeats", str(args.repeats)]
     ours = [sys.executable, "-m", "engine", "bench", "-m", str(model), "-t", str(args.threads), *counts, "--json"]
-    cmds = {BASE: (ours, REPO)}
+    engines = args.prefill.split(",") if args.prefill else []
+    cmds = {BASE: (ours + [f"--prefill={e}" for e in engines[:1]], REPO)}
+    for e in engines[1:]:
+        cmds[f"{BASE} --prefill {e}"] = (ours + [f"--prefill={e}"], REPO)
     if args.baseline:
         cmds[f"{BASE}@{git_revision(args.baseline)}"] = (ours, args.baseline.resolve())
     peer = ["--model", str(model), "--text-file", str(text_file), "--threads", str(args.threads), *counts]
@@ -328,6 +332,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("-m", "--model", default=DEFAULT_MODEL, help="GGUF path or registry alias")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--prefill", default=None, metavar="E[,E...]",
+                    help="pocketinfer's prefill engine (int8, f32); more than one adds a side per further engine")
     ap.add_argument("--prompt-tokens", type=int, default=128)
     ap.add_argument("--gen-tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=1, help="timed runs inside each process (default 1)")

@@ -7,7 +7,7 @@
 # (numpy, numba, llvmlite, pytest, hypothesis from PyPI's aarch64 wheels), then runs pytest in that
 # Python under qemu-user on a snapshot of REPO_DIR's HEAD (git archive; --worktree: the directory as
 # it is, uncommitted changes included). Without PYTEST_ARGS naming tests it runs the kernel tests:
-# tests/test_kernels.py, test_kv.py, test_sparse_ffn.py and test_rowdot_sync.py. PYTEST_ARGS are
+# tests/test_kernels.py, test_kv.py, test_sparse_ffn.py, test_rowdot_sync.py and test_gemm.py. PYTEST_ARGS are
 # passed on (e.g. -- -x -k q4); paths in them are relative to the repository. Default files that a
 # checkout lacks are left out with a note.
 #
@@ -64,7 +64,7 @@ REQS=("$NUMBA_REQ" "$LLVMLITE_REQ" numpy pytest hypothesis)
 # arm64 packages unpacked into the rootfs on top of debootstrap's minimal base (libgomp1: numba's
 # OpenMP threading layer, as a phone's Linux userland would have it)
 DEBS=python3.11-minimal,libpython3.11-stdlib,libstdc++6,libgomp1,zlib1g
-DEFAULT_TESTS=(tests/test_kernels.py tests/test_kv.py tests/test_sparse_ffn.py tests/test_rowdot_sync.py)
+DEFAULT_TESTS=(tests/test_kernels.py tests/test_kv.py tests/test_sparse_ffn.py tests/test_rowdot_sync.py tests/test_gemm.py)
 # Tests that run sys.executable in a subprocess: they need binfmt_misc (the child is an aarch64 ELF).
 SUBPROCESS_TESTS=(tests/test_kernels.py::test_numpy_only_mode tests/test_sparse_ffn.py::test_numpy_only_mode)
 

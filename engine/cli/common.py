@@ -15,6 +15,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("-c", "--ctx", type=int, default=None, help="context length (default: min(model's, 4096))")
     p.add_argument("--kv-cache", choices=("f16", "f32"), default=None,
                    help="KV cache element type (default: f16 for GGUF files, as llama.cpp; f32 for HF checkpoints)")
+    p.add_argument("--prefill", choices=("int8", "f32"), default=None,
+                   help="prefill engine: int8 (x rounded to int8, integer kernels on Q4/Q8 weights) or f32 "
+                        "(BLAS on f32 tiles) (default: the deploy's plan, else f32)")
     p.add_argument("--verbose", action="store_true", help="print load and speed statistics on stderr")
 
 
@@ -37,7 +40,7 @@ def sampling_kwargs(args) -> dict:
 
 def load_model(args, sparse: bool = True):
     """Load args.model, pulling a registry model first with visible progress if it is not cached;
-    sparse as engine.llm.load's."""
+    sparse as engine.loader.load's."""
     import time
 
     from engine.errors import RegistryError
@@ -54,7 +57,7 @@ def load_model(args, sparse: bool = True):
         pull.run(argparse.Namespace(alias=args.model, force=False, list=False, quiet_path=True))
     t0 = time.perf_counter()
     llm = load(args.model, threads=args.threads, n_ctx=args.ctx, kv_cache=getattr(args, "kv_cache", None),
-               sparse=sparse)
+               sparse=sparse, prefill=getattr(args, "prefill", None))
     if args.verbose:
         c = llm.config
         print(f"loaded {llm.source} in {time.perf_counter() - t0:.2f} s: {c.num_hidden_layers} layers, "

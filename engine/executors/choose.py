@@ -1,7 +1,8 @@
 """Choosing the executors, once, at load (STYLE.md: choose once; DESIGN.md: the polymorphic engine).
 
 From the plan (engine/executors/plan.py), the model's weight layouts and the kernels this machine has:
-- prefill: the layer-by-layer stack, every FFN dense (BLAS tiles), or flash when the plan streams FFNs;
+- prefill: the layer-by-layer stack, every FFN dense, or flash when the plan streams FFNs; its matmuls
+  through the plan's prefill engine (engine/executors/prefill.py: int8 GEMM or f32 BLAS);
 - decode:
   - flash, when the plan streams every FFN from the bundle file (engine/executors/flash_ffn.py);
   - the one-region decode (engine/executors/one_region.py), when every layer is dense and it can run
@@ -16,6 +17,7 @@ miniature (engine/model/miniature.py), and `Executors.describe()` prints the cho
 
 from __future__ import annotations
 
+from engine.executors import prefill as prefill_engines
 from engine.executors.base import Executors
 from engine.executors.dense import DenseFFN, ObservedFFN
 from engine.executors.one_region import AVAILABLE as ONE_REGION, OneRegionDecode
@@ -35,7 +37,8 @@ def choose(config, weights, plan: Plan) -> Executors:
         from engine.executors.flash_ffn import open_flash
 
         store = open_flash(config, plan)
-        return Executors(LayerStack(config, layers, store.layer_ffns(batched=True), batched=True),
+        return Executors(LayerStack(config, layers, store.layer_ffns(batched=True), batched=True,
+                                    engine=plan.prefill),
                          LayerStack(config, layers, store.layer_ffns(batched=False), batched=False), extra,
                          plan.source)
     dense = all(m == "dense" for m in plan.decode)
@@ -45,7 +48,9 @@ def choose(config, weights, plan: Plan) -> Executors:
     else:
         decode = LayerStack(config, layers, decode_ffns(config, layers, plan.decode, predictors=plan.predictors,
                                                         cluster=plan.cluster), batched=False)
-    prefill = LayerStack(config, layers, [DenseFFN(lw, config.act_kind) for lw in layers], batched=True)
+    matmul = prefill_engines.matmul_of(plan.prefill)
+    prefill = LayerStack(config, layers, [DenseFFN(lw, config.act_kind, matmul) for lw in layers], batched=True,
+                         engine=plan.prefill)
     return Executors(prefill, decode, extra, plan.source)
 
 
@@ -59,7 +64,8 @@ def observing(model, observer) -> Executors:
 
 def layer_by_layer(model, decode_ffns: list, prefill_ffns: list | None = None) -> Executors:
     """The model's layers run layer by layer with the given FFN executors (one per layer) in decode,
-    and in prefill too when prefill_ffns is given (else the model's own prefill)."""
+    and in prefill too when prefill_ffns is given, its matmuls then through f32 BLAS, the exact reference
+    that measurement compares against (else the model's own prefill)."""
     c, layers = model.config, model.weights.layers
     prefill = model.executors.prefill if prefill_ffns is None else LayerStack(c, layers, prefill_ffns, batched=True)
     return Executors(prefill, LayerStack(c, layers, decode_ffns, batched=False), model.executors.extra)

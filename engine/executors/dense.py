@@ -1,6 +1,6 @@
 """The dense FFN executor: every neuron, gate|up as one matmul where the layout fused them, the gated
-activation, then down. One token goes through the matvec kernels, several through BLAS tiles
-(engine/model/weights.py).
+activation, then down. One token goes through the matvec kernels, several through the prefill engine's
+matmul (engine/executors/prefill.py).
 
 `observe` wraps it for measurement: the planner's activation statistics (planner/model_profile.py)
 and the oracle thresholds of sparse decode see each layer's FFN input and activations through it.
@@ -12,6 +12,7 @@ from typing import Callable
 
 import numpy as np
 
+from engine.executors import prefill
 from engine.executors.base import Executor
 from kernels.activation import glu
 
@@ -19,23 +20,25 @@ from kernels.activation import glu
 class DenseFFN(Executor):
     kind = "dense"
 
-    def __init__(self, lw, act_kind: int):
+    def __init__(self, lw, act_kind: int, matmul: Callable = prefill.f32):
+        """matmul(weight, x): the prefill engine's product for several tokens (engine/executors/prefill.py)."""
         self.lw = lw
         self.act = act_kind
         self.ffn_size = lw.w_down.shape[1]
+        self.matmul = matmul
 
     def gate_up(self, h: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """h (n, hidden) f32 -> gate, up (n, ffn) f32 before the activation."""
         lw, f = self.lw, self.ffn_size
         if lw.w_gate_up is not None:
-            gu = lw.w_gate_up.matmul(h)                                  # (n, 2*ffn) f32
+            gu = self.matmul(lw.w_gate_up, h)                            # (n, 2*ffn) f32
             return gu[:, :f], gu[:, f:]
-        return lw.w_gate.matmul(h), lw.w_up.matmul(h)
+        return self.matmul(lw.w_gate, h), self.matmul(lw.w_up, h)
 
     def __call__(self, h: np.ndarray) -> np.ndarray:
         gate, up = self.gate_up(h)
         glu(gate, up, self.act, gate)
-        return self.lw.w_down.matmul(gate)                               # (n, hidden) f32
+        return self.matmul(self.lw.w_down, gate)                         # (n, hidden) f32
 
 
 class ObservedFFN(DenseFFN):
@@ -54,4 +57,4 @@ class ObservedFFN(DenseFFN):
         act = np.empty_like(gate)
         glu(gate, up, self.act, act)
         self.observer(self.index, h, gate, up, act)
-        return self.lw.w_down.matmul(act)
+        return self.matmul(self.lw.w_down, act)

@@ -8,7 +8,8 @@ plan.json's parts read here:
 - execution.weights == "flash": every FFN runs from the bundle file files.bundles, per layer with
   hot_neurons resident and cold_cache_neurons cached; io.direct_io, io.reader_threads and
   io.request_bytes set its reader, flash.cache_policy the cache;
-- execution.lm_head == "flash": the embeddings and LM head stream from the weights file.
+- execution.lm_head == "flash": the embeddings and LM head stream from the weights file;
+- prefill.engine: "int8" or "f32", the prefill engine (engine/executors/prefill.py); without it, the default.
 Without a plan (`default_plan`): relu-exact for ReLU-family models (exact, and trained ReLU models leave
 85-97% of neurons at zero), dense for the rest: on SwiGLU models the predictors are too imprecise for
 neuron sparsity to pay (BENCHMARKS.md, tools/sparsity_curve.py).
@@ -22,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from engine.errors import ModelFormatError
+from engine.executors import prefill as prefill_engines
 from engine.executors.flash_ffn import LayerPlan
 from engine.executors.predictor import LayerPredictor, load_predictors
 from engine.executors.sparse import MODES
@@ -46,6 +48,7 @@ class Plan:
     flash: FlashPlan | None = None                             # FFNs from the bundle file, else resident
     head_on_flash: bool = False                                # embeddings / LM head streamed from the file
     direct_io: bool = True                                     # O_DIRECT reads for whatever streams from flash
+    prefill: str = field(default_factory=prefill_engines.default_engine)   # one of prefill.ENGINES
     source: str = "defaults (engine/executors/plan.py)"       # where the plan came from, for describe()
 
     def unloaded(self) -> set[str]:
@@ -98,6 +101,10 @@ def read_plan(path: str | Path, config) -> Plan:
         if layer.get("threshold") is not None and i in preds:
             preds[i] = dataclasses.replace(preds[i], threshold=float(layer["threshold"]))
     execution, io = plan.get("execution") or {}, plan.get("io") or {}
+    engine = (plan.get("prefill") or {}).get("engine") or prefill_engines.default_engine()
+    if engine not in prefill_engines.ENGINES:
+        raise ModelFormatError(f"{path}: prefill.engine is {engine!r}, expected one of "
+                               f"{', '.join(prefill_engines.ENGINES)}")
     flash = None
     if execution.get("weights") == "flash":
         if "bundles" not in files:
@@ -111,4 +118,4 @@ def read_plan(path: str | Path, config) -> Plan:
             cache_policy=(plan.get("flash") or {}).get("cache_policy", "lru"))
     return Plan(decode=modes, predictors=preds, cluster=int(decode.get("cluster_size", 1)), flash=flash,
                 head_on_flash=execution.get("lm_head") == "flash", direct_io=bool(io.get("direct_io", True)),
-                source=str(path))
+                prefill=engine, source=str(path))

@@ -1,8 +1,8 @@
 """The layer-by-layer phase executor: for each layer, dense attention and then the layer's FFN
 executor (dense, sparse or flash), one kernel call per step.
 
-It runs every prefill (several tokens: tiled matmuls through BLAS, attention through numpy's BLAS
-too, which wins for many queries) and the decode of models the one-region decode cannot run, or whose
+It runs every prefill (several tokens: the matmuls through the prefill engine, int8 GEMM or f32 BLAS
+(engine/executors/prefill.py), attention through numpy's BLAS, which wins for many queries) and the decode of models the one-region decode cannot run, or whose
 layers mix FFN executors.
 """
 
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from engine.executors import prefill
 from engine.executors.base import Executor
 from kernels.attention import attention, attention_numpy
 from kernels.norm import rmsnorm
@@ -19,17 +20,22 @@ from kernels.rope import rope
 class LayerStack(Executor):
     kind = "layer by layer"
 
-    def __init__(self, config, layers, ffns: list, batched: bool):
+    def __init__(self, config, layers, ffns: list, batched: bool, engine: str = "f32"):
         """layers: the model's LayerWeights (arranged by engine/model/layout.py); ffns: one FFN
-        executor per layer; batched: prefill (numpy attention) rather than single-token decode."""
+        executor per layer; batched: prefill (numpy attention) rather than single-token decode;
+        engine: the prefill engine of the attention's matmuls (engine/executors/prefill.py)."""
         assert len(layers) == len(ffns), "one FFN executor per layer"
         self.config = config
         self.layers = layers
         self.ffns = ffns
+        self.batched = batched
+        self.engine = engine
+        self.matmul = prefill.matmul_of(engine)
         self.attend = attention_numpy if batched else attention
 
     def layer_descriptions(self):
-        return [(i, f"attention dense, FFN {f.describe()}") for i, f in enumerate(self.ffns)]
+        how = f", {prefill.LABELS[self.engine]}" if self.batched else ""
+        return [(i, f"attention dense, FFN {f.describe()}{how}") for i, f in enumerate(self.ffns)]
 
     def reports(self):
         return [c for f in self.ffns for c in f.reports()]
@@ -44,13 +50,13 @@ class LayerStack(Executor):
         for i, (lw, ffn) in enumerate(zip(self.layers, self.ffns)):
             rmsnorm(x, lw.attn_norm, c.rms_norm_eps, h)
             if lw.wqkv is not None:
-                qkv = lw.wqkv.matmul(h)                                       # (n, hq + 2*hkv) f32
+                qkv = self.matmul(lw.wqkv, h)                                 # (n, hq + 2*hkv) f32
                 q, k, v = qkv[:, :hq], qkv[:, hq:hq + hkv], qkv[:, hq + hkv:]
                 for y, b in ((q, lw.bq), (k, lw.bk), (v, lw.bv)):
                     if b is not None:
                         y += b
             else:
-                q, k, v = _linear(lw.wq, h, lw.bq), _linear(lw.wk, h, lw.bk), _linear(lw.wv, h, lw.bv)
+                q, k, v = (self._linear(w, h, b) for w, b in ((lw.wq, lw.bq), (lw.wk, lw.bk), (lw.wv, lw.bv)))
             q = q.reshape(n, c.num_attention_heads, c.head_dim)
             k = k.reshape(n, c.num_key_value_heads, c.head_dim)
             v = v.reshape(n, c.num_key_value_heads, c.head_dim)
@@ -58,13 +64,12 @@ class LayerStack(Executor):
             rope(k, cos, sin, k)
             cache.write(i, start, k, v)
             self.attend(q, cache.k[i], cache.v[i], start, c.window, attn)
-            x += _linear(lw.wo, attn.reshape(n, -1), lw.bo)
+            x += self._linear(lw.wo, attn.reshape(n, -1), lw.bo)
             rmsnorm(x, lw.ffn_norm, c.rms_norm_eps, h)
             x += ffn(h)
 
-
-def _linear(w, x: np.ndarray, bias: np.ndarray | None) -> np.ndarray:
-    y = w.matmul(x)
-    if bias is not None:
-        y += bias
-    return y
+    def _linear(self, w, x: np.ndarray, bias: np.ndarray | None) -> np.ndarray:
+        y = self.matmul(w, x)
+        if bias is not None:
+            y += bias
+        return y

@@ -2,7 +2,8 @@
 
 A weight is (rows, cols) = (out_features, in_features). Layouts are documented in kernels/layouts.md.
 Nothing here expands a whole quantized matrix to float32: decode reads it through a matvec kernel, and
-prefill dequantizes one tile of rows at a time into a small scratch buffer fed to BLAS.
+prefill either multiplies the tokens rounded to int8 by the weights as stored (matmul_int8, kernels/gemm.py)
+or dequantizes one tile of rows at a time into a small scratch buffer fed to BLAS (matmul).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from kernels import dequant, matvec
+from kernels import dequant, gemm, matvec
 from kernels.convert import bf16_bits_to_f32, f16_bits_to_f32
 
 # Rows per prefill tile are chosen so a tile is about this many float32 elements (512 KiB): large enough
@@ -48,6 +49,11 @@ class Weight:
             w = self.dequantize(r0, r1, scratch[: r1 - r0])
             np.matmul(x, w.T, out=out[:, r0:r1])
         return out
+
+    def matmul_int8(self, x: np.ndarray) -> np.ndarray:
+        """x (n, cols) f32 -> (n, rows) f32 with x rounded to int8 per block of 32 and integer products
+        (kernels/gemm.py) where the layout has them (Q4, 32-block I8); matmul's f32 path elsewhere."""
+        return self.matmul(x)
 
     def rows_f32(self, ids: np.ndarray) -> np.ndarray:
         """ids (n,) int -> (n, cols) f32: embedding lookup without expanding the table."""
@@ -156,6 +162,12 @@ class Q4Weight(Weight):
     def dequantize(self, r0, r1, out):
         return dequant.dequant_q4(self.qs[r0:r1], self.d[r0:r1], self.m[r0:r1], out)
 
+    def matmul_int8(self, x):
+        if x.shape[0] == 1:
+            return self.matmul(x)
+        out = np.empty((x.shape[0], self.shape[0]), dtype=np.float32)
+        return gemm.gemm_q4(self.qs, self.d, self.m, np.ascontiguousarray(x), out)
+
 
 @dataclass(frozen=True, eq=False)
 class I8Weight(Weight):
@@ -175,6 +187,12 @@ class I8Weight(Weight):
 
     def dequantize(self, r0, r1, out):
         return dequant.dequant_i8(self.q[r0:r1], self.d[r0:r1], self.m[r0:r1], out)
+
+    def matmul_int8(self, x):
+        if x.shape[0] == 1 or self.q.shape[1] != 32 * self.d.shape[1]:
+            return self.matmul(x)
+        out = np.empty((x.shape[0], self.shape[0]), dtype=np.float32)
+        return gemm.gemm_i8(self.q, self.d, self.m, np.ascontiguousarray(x), out)
 
 
 def dense_from_numpy(a: np.ndarray, dtype: str) -> Weight:

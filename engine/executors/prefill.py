@@ -1,0 +1,40 @@
+"""The prefill engines: which kernels multiply a prompt's tokens by the weights in the layer-by-layer
+prefill (engine/executors/stack.py and the dense FFN).
+
+- "int8": each token's x rounded to int8 per block of 32 and integer dot products on the weights as they
+  are stored (kernels/gemm.py), for the Q4 and 32-block I8 layouts (Q4_0, Q4_1, Q8_0, Q5_0, Q5_1);
+  weights in other layouts take the f32 path. It rounds x as decode and llama.cpp do.
+- "f32": tiles of the weight dequantized to f32, then BLAS (engine/model/weights.Weight.matmul).
+The default (`default_engine`) is f32. The int8 GEMM's costs per row and token are fixed while its
+products are cheap, so where BLAS runs fast it wins on wide matrices (1B models) and loses on narrow ones
+(SmolLM2), BENCHMARKS.md "Prefill engines". The planner
+(`pocketinfer plan`) measures both on the device and writes the faster into plan.json's prefill.engine;
+`load(prefill=)` and `--prefill` override either.
+"""
+
+from __future__ import annotations
+
+ENGINES = ("int8", "f32")
+LABELS = {"int8": "int8 GEMM", "f32": "f32 BLAS"}
+
+
+def default_engine() -> str:
+    return "f32"
+
+
+def f32(w, x):
+    """x (n, cols) f32 -> (n, rows) f32 = x @ w.T through BLAS on f32 tiles."""
+    return w.matmul(x)
+
+
+def int8(w, x):
+    """x (n, cols) f32 -> (n, rows) f32 = x @ w.T with x rounded to int8 per block (f32 where w's layout
+    has no integer kernel)."""
+    return w.matmul_int8(x)
+
+
+def matmul_of(engine: str):
+    """The matmul function of an engine name."""
+    if engine not in ENGINES:
+        raise ValueError(f"prefill engine {engine!r} is not one of {', '.join(ENGINES)}")
+    return {"int8": int8, "f32": f32}[engine]
