@@ -6,7 +6,12 @@ int8, the products are integer SIMD dot products (kernels/rowdot.py: vpdpbusd, p
 generic vector IR), several multiply-adds per lane per instruction, and W is read in its storage
 precision: no f32 copy of any tile.
 
-How the numba kernel is laid out:
+Two numba forms, chosen per call:
+- rows in lanes (_gemm_lanes_numba, kernels/lanetile.py), where the CPU has AVX-512 VNNI and the rows are
+  a multiple of 32: each prange iteration packs 32 rows into a layout with one row per 32-bit lane,
+  then every token passes over them; the float work per block of 32 is shared by 16 rows;
+- rows in turn (_gemm_numba) everywhere else, laid out as follows.
+How the rows-in-turn kernel is laid out:
 - every token's x is rounded once, in parallel (rowdot.round_x: natural and Q4 step order, lane
   corrections, block scales and rounded block sums, one row per token);
 - W is cut into panels of PANEL rows, one prange iteration each: a panel (PANEL rows of W, 64 KiB
@@ -22,8 +27,8 @@ x by W dequantized to f32 through BLAS, up to the order of the float sums.
 
 import numpy as np
 
-from kernels import dequant, intdot
-from kernels.backend import NUMBA, jit, pick
+from kernels import dequant, intdot, lanetile, target
+from kernels.backend import NUMBA, jit
 from kernels.neuron_records import check_weight_rows
 
 if NUMBA:
@@ -132,5 +137,49 @@ def _gemm_numba(w, d, m, x, out):
     return out
 
 
-gemm_q4 = pick(_gemm_numba, gemm_q4_numpy)
-gemm_i8 = pick(_gemm_numba, gemm_i8_numpy)
+@jit(parallel=True)
+def _gemm_lanes_numba(w, d, m, x, out, flip):
+    """The rows-in-lanes form (kernels/lanetile.py) for AVX-512 VNNI and rows a multiple of 32: each
+    prange iteration packs 32 rows, then every token passes over them."""
+    check_weight_rows(w, d, m)
+    n, cols = x.shape
+    rows = w.shape[0]
+    nb = cols // 32
+    xq = np.empty((n, cols), dtype=np.int8)            # (n, cols) x rounded per block of 32
+    dx = np.empty((n, nb), dtype=np.float32)           # (n, cols/32) block scales
+    xsum = np.empty((n, nb), dtype=np.float32)         # (n, cols/32) rounded block sums
+    for t in prange(n):
+        intdot.quantize_q8(x[t], xq[t], dx[t])
+        intdot.rounded_block_sums(xq[t], dx[t], xsum[t])
+    G, L, T = lanetile.GROUPS, lanetile.LANES, lanetile.TOKENS
+    for p in prange(rows // (G * L)):
+        ws = np.empty((G, L * w.shape[1]), dtype=np.uint8)     # (groups, 16 rows' bytes) packed rows
+        sw = np.empty((G, nb * L), dtype=np.float32)           # (groups, nb*16) scales
+        mw = np.empty((G, nb * L), dtype=np.float32)           # (groups, nb*16) min coefficients
+        r0 = p * G * L
+        for g in range(G):
+            lanetile.pack(w, d, m, r0 + g * L, ws[g], sw[g], mw[g], flip)
+        nt = n // T * T
+        for t in range(0, nt, T):
+            lanetile.tile(w, ws, sw, mw, xq, dx, xsum, t, out, r0)
+        for t in range(nt, n):
+            lanetile.tile1(w, ws, sw, mw, xq, dx, xsum, t, out, r0)
+    return out
+
+
+def _lanes(w) -> bool:
+    return NUMBA and target.VNNI512 and w.shape[0] % (lanetile.GROUPS * lanetile.LANES) == 0
+
+
+def gemm_q4(qs, d, m, x, out):
+    """gemm_q4_numpy's numba twin (the rows-in-lanes form where it applies)."""
+    if _lanes(qs):
+        return _gemm_lanes_numba(qs, d, m, x, out, False)
+    return _gemm_numba(qs, d, m, x, out) if NUMBA else gemm_q4_numpy(qs, d, m, x, out)
+
+
+def gemm_i8(q, d, m, x, out):
+    """gemm_i8_numpy's numba twin (the rows-in-lanes form where it applies)."""
+    if _lanes(q):
+        return _gemm_lanes_numba(q, d, m, x, out, True)
+    return _gemm_numba(q, d, m, x, out) if NUMBA else gemm_i8_numpy(q, d, m, x, out)

@@ -13,8 +13,10 @@ from kernels import backend, gemm, matvec
 from tests.test_kernels import _i8, _q4, ref_q4
 
 # (rows, cols, tokens): tiles with nothing left over, rows and tokens left over, one block of 32, rows
-# in several panels with a short last one, fewer rows than one tile, a single token.
-SHAPES = [(64, 128, 8), (70, 96, 9), (131, 32, 3), (200, 224, 13), (3, 64, 5), (5, 64, 1)]
+# in several panels with a short last one, fewer rows than one tile, a single token; rows a multiple of
+# 32 take the rows-in-lanes form where the CPU has AVX-512 VNNI (64 and 96 rows, the latter with a
+# token left over).
+SHAPES = [(64, 128, 8), (70, 96, 9), (131, 32, 3), (200, 224, 13), (3, 64, 5), (5, 64, 1), (96, 160, 7)]
 FORMATS = ["q4_0", "q4_1", "q8_0", "q5_1"]
 
 
@@ -140,3 +142,32 @@ def test_plan_sets_the_engine_and_bad_values_are_named(q4_gguf, tmp_path):
         read_plan(p, config)
     with pytest.raises(ValueError, match="prefill='fast' is not one of int8, f32"):
         load(str(q4_gguf), prefill="fast")
+
+
+@pytest.mark.parametrize("kind", FORMATS)
+@pytest.mark.parametrize("scales", ["f32", "f16"])
+def test_lane_packing_twins(kind, scales):
+    """kernels/lanetile.pack against pack_numpy: 4-byte chunks of 16 rows interleaved (sign bits flipped
+    for I8), scales and min coefficients per block and row."""
+    if not backend.NUMBA:
+        pytest.skip("numba only")
+    from numba import njit
+
+    from kernels import lanetile
+
+    @njit(cache=False)
+    def pack(w, d, m, r0, ws, sw, mw, flip):
+        lanetile.pack(w, d, m, r0, ws, sw, mw, flip)
+
+    rng = np.random.default_rng(3)
+    _, _, _, (w, d, m) = _weight(rng, kind, 48, 96, scales)
+    flip = not kind.startswith("q4")
+    nbytes, nb = 16 * w.shape[1], d.shape[1]
+    want = [np.empty(nbytes, np.uint8), np.empty(16 * nb, np.float32), np.empty(16 * nb, np.float32)]
+    got = [np.empty_like(a) for a in want]
+    lanetile.pack_numpy(w, d, m, 16, *want, flip)
+    pack(w, d, m, 16, *got, flip)
+    for a, b in zip(got, want):
+        np.testing.assert_array_equal(a, b)
+    assert want[0][:4].tobytes() == (w[16, :4].view(np.uint8) ^ (0x80 if flip else 0)).tobytes()
+    assert want[0][4:8].tobytes() == (w[17, :4].view(np.uint8) ^ (0x80 if flip else 0)).tobytes()

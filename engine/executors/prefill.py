@@ -5,9 +5,9 @@ prefill (engine/executors/stack.py and the dense FFN).
   are stored (kernels/gemm.py), for the Q4 and 32-block I8 layouts (Q4_0, Q4_1, Q8_0, Q5_0, Q5_1);
   weights in other layouts take the f32 path. It rounds x as decode and llama.cpp do.
 - "f32": tiles of the weight dequantized to f32, then BLAS (engine/model/weights.Weight.matmul).
-The default (`default_engine`) is f32. The int8 GEMM's costs per row and token are fixed while its
-products are cheap, so where BLAS runs fast it wins on wide matrices (1B models) and loses on narrow ones
-(SmolLM2), BENCHMARKS.md "Prefill engines". The planner
+The default (`default_engine`) is f32. The int8 GEMM's speed depends on the CPU: its rows-in-lanes form
+(AVX-512 VNNI, kernels/lanetile.py) beats BLAS on every shape measured, its rows-in-turn form (every other
+target) only on wide matrices, BENCHMARKS.md "Prefill engines". The planner
 (`pocketinfer plan`) measures both on the device and writes the faster into plan.json's prefill.engine;
 `load(prefill=)` and `--prefill` override either.
 """

@@ -1,0 +1,211 @@
+"""The prefill GEMM's register tile with one weight row per 32-bit lane (AVX-512 VNNI), and the packing
+of weight rows into its layout.
+
+Why rows in lanes: kernels/rowdot.py's tile gives each lane four bytes of one block, so every (row, token)
+pair converts, scales and accumulates in float once per four blocks, two vpdpbusd for four float
+operations. With 16 rows in the 16 lanes of a vector (ggml's repacked kernels do the same), one vpdpbusd
+serves 16 rows, the integer sums of a whole block of 32 stay in the lanes, and the float work (convert,
+scale, accumulate, min term) comes once per block for 16 rows: a quarter of it.
+
+Layout of a packed group of 16 rows (`pack_q4`, `pack_i8`; one group per row of ws, sw, mw):
+  ws (K/2 bytes for Q4, K for I8, times 16): chunk c of every row, 4 bytes each, rows 0..15, then chunk
+      c + 1... A Q4 chunk holds, in its low nibbles, elements 4c'..4c'+3 of its block and in its high
+      nibbles elements 16+4c'..16+4c'+3 (c' = c mod 4, kernels/layouts.md); an I8 chunk holds four
+      elements, sign bit flipped (q + 128 as unsigned), since vpdpbusd multiplies unsigned by signed bytes.
+  sw (nb * 16) f32: block b's scales of the 16 rows.
+  mw (nb * 16) f32: block b's min coefficients, which multiply the block sums of the rounded x: m, or
+      Q4_0's -8d; for I8 m - 128d (or -128d), the -128 undoing the sign flip.
+Packing moves 4-byte chunks, a transpose of 32-bit words per group; it runs once per panel and every
+token reuses it.
+"""
+
+import numpy as np
+
+from kernels.backend import NUMBA, jit
+from kernels.dequant import scale_f32, scales_f32_numpy
+
+LANES = 16          # rows per group: one per 32-bit lane of a 512-bit vector
+GROUPS = 2          # groups per tile
+TOKENS = 4          # tokens per tile
+
+
+def pack_numpy(w, d, m, r0, ws, sw, mw, flip):
+    """Rows r0..r0+15 of a Q4 (w uint8 nibbles) or 32-block I8 (w int8, flip=True) weight into one group:
+    ws (16 * w.shape[1],) uint8, sw, mw (nb * 16,) f32 (module doc)."""
+    words = np.ascontiguousarray(w[r0:r0 + LANES]).view(np.uint32)         # (16, chunks)
+    ws.view(np.uint32)[:] = words.T.reshape(-1) ^ np.uint32(0x80808080 if flip else 0)
+    dd = scales_f32_numpy(d[r0:r0 + LANES])                                 # (16, nb)
+    sw[:] = dd.T.reshape(-1)
+    if m.shape[1]:
+        mm = scales_f32_numpy(m[r0:r0 + LANES]) + (np.float32(-128.0) * dd if flip else np.float32(0.0))
+    else:
+        mm = (np.float32(-128.0) if flip else np.float32(-8.0)) * dd
+    mw[:] = mm.T.reshape(-1)
+
+
+@jit(inline=True)
+def pack(w, d, m, r0, ws, sw, mw, flip):
+    """pack_numpy's numba twin; flip: XOR each byte with 0x80 (I8)."""
+    chunks = w.shape[1] // 4
+    flat = ws.view(np.uint32)
+    mask = np.uint32(0x80808080) if flip else np.uint32(0)
+    for i in range(LANES):
+        words = w[r0 + i].view(np.uint32)
+        for c in range(chunks):
+            flat[c * LANES + i] = words[c] ^ mask
+    nb = d.shape[1]
+    base = np.float32(-128.0) if flip else np.float32(-8.0)
+    for i in range(LANES):
+        for b in range(nb):
+            s = scale_f32(d[r0 + i, b])
+            sw[b * LANES + i] = s
+            if m.shape[1]:
+                mw[b * LANES + i] = scale_f32(m[r0 + i, b]) + (base * s if flip else np.float32(0.0))
+            else:
+                mw[b * LANES + i] = base * s
+
+
+if NUMBA:
+    from llvmlite import ir
+    from numba import types
+    from numba.core.extending import intrinsic
+
+    from kernels.llvm_ir import F32, I8, I32, I64, c_array, const64, row_ptr, vec
+
+    def _bcast(builder, v, t, n):
+        """<n x t> with scalar v in every lane."""
+        u = builder.insert_element(ir.Constant(vec(t, n), ir.Undefined), v, ir.Constant(I32, 0))
+        return builder.shuffle_vector(u, u, ir.Constant(vec(I32, n), [0] * n))
+
+    def _tile_intrinsic(nibbles, T):
+        """lane_tile(ws, sw, mw, xq, dx, xsum, t, out, col): GROUPS packed groups (rows of ws, sw, mw) times
+        tokens t..t+T-1 of x rounded per block (xq (n, K) int8, dx, xsum (n, K/32) f32), min terms included,
+        stored to out[t + j, col + 16g + i] (out (n, rows) f32)."""
+
+        def lane_tile(typingctx, ws, sw, mw, xq, dx, xsum, t, out, col):
+            if not (c_array(ws, 2, types.uint8) and c_array(sw, 2, types.float32) and c_array(mw, 2, types.float32)
+                    and c_array(xq, 2, types.int8) and c_array(dx, 2, types.float32)
+                    and c_array(xsum, 2, types.float32) and c_array(out, 2, types.float32)
+                    and isinstance(t, types.Integer) and isinstance(col, types.Integer)):
+                return None
+            sig = types.void(ws, sw, mw, xq, dx, xsum, t, out, col)
+
+            def codegen(context, builder, sig, vals):
+                v16i, v16f, v64b = vec(I32, 16), vec(F32, 16), vec(I8, 64)
+
+                def rows(i, first, count):
+                    f = builder.sext(first, I64) if first.type.width < 64 else first
+                    return [row_ptr(context, builder, sig.args[i], vals[i], builder.add(f, const64(k)))
+                            for k in range(count)]
+
+                zero = const64(0)
+                wrows = [p for p, _ in rows(0, zero, GROUPS)]
+                srows = [p for p, _ in rows(1, zero, GROUPS)]
+                mrows = [p for p, _ in rows(2, zero, GROUPS)]
+                xrows = [p for p, _ in rows(3, vals[6], T)]
+                drows, nbs = zip(*rows(4, vals[6], T))
+                srows_x = [p for p, _ in rows(5, vals[6], T)]
+                nb = nbs[0]
+                chunk_bytes = 8 if nibbles else 4            # weights (K elements) per 4-byte chunk
+                per_block = 32 // chunk_bytes                # chunks per block
+
+                def body(b, accs):
+                    iacc = [ir.Constant(v16i, [0] * 16)] * (GROUPS * T)
+                    for c in range(per_block):
+                        off = builder.mul(builder.add(builder.mul(b, const64(per_block)), const64(c)), const64(64))
+                        ws_ = [builder.load(builder.bitcast(builder.gep(p, [off]), v64b.as_pointer()), align=1)
+                               for p in wrows]
+                        if nibbles:
+                            parts = [(builder.and_(w, ir.Constant(v64b, [15] * 64)),
+                                      builder.lshr(w, ir.Constant(v64b, [4] * 64))) for w in ws_]
+                            xoffs = [4 * c, 16 + 4 * c]
+                        else:
+                            parts = [(w,) for w in ws_]
+                            xoffs = [4 * c]
+                        for j in range(T):
+                            for h, xo in enumerate(xoffs):
+                                xa = builder.add(builder.mul(b, const64(32)), const64(xo))
+                                x4 = builder.load(builder.bitcast(builder.gep(xrows[j], [xa]), I32.as_pointer()), align=1)
+                                xb = _bcast(builder, x4, I32, 16)
+                                for g in range(GROUPS):
+                                    p = g * T + j
+                                    fn = builder.module.declare_intrinsic(
+                                        "llvm.x86.avx512.vpdpbusd.512", fnty=ir.FunctionType(v16i, [v16i] * 3))
+                                    iacc[p] = builder.call(fn, [iacc[p], builder.bitcast(parts[g][h], v16i), xb])
+                    out = []
+                    for g in range(GROUPS):
+                        so = builder.mul(b, const64(16))
+                        s = builder.load(builder.bitcast(builder.gep(srows[g], [so]), v16f.as_pointer()), align=4)
+                        mv = builder.load(builder.bitcast(builder.gep(mrows[g], [so]), v16f.as_pointer()), align=4)
+                        for j in range(T):
+                            p = g * T + j
+                            dxs = _bcast(builder, builder.load(builder.gep(drows[j], [b])), F32, 16)
+                            xss = _bcast(builder, builder.load(builder.gep(srows_x[j], [b])), F32, 16)
+                            v = builder.fmul(builder.sitofp(iacc[p], v16f), builder.fmul(s, dxs, flags=("fast",)),
+                                             flags=("fast",))
+                            v = builder.fadd(v, builder.fmul(mv, xss, flags=("fast",)), flags=("fast",))
+                            out.append(builder.fadd(accs[p], v, flags=("fast",)))
+                    return out
+
+                entry = builder.block
+                fn = builder.function
+                loop, after = fn.append_basic_block("lanes.loop"), fn.append_basic_block("lanes.after")
+                zf = ir.Constant(v16f, [0.0] * 16)
+                builder.cbranch(builder.icmp_signed(">", nb, zero), loop, after)
+                builder.position_at_end(loop)
+                b = builder.phi(I64)
+                accs = [builder.phi(v16f) for _ in range(GROUPS * T)]
+                new = body(b, accs)
+                b2 = builder.add(b, const64(1))
+                end = builder.block
+                b.add_incoming(zero, entry)
+                b.add_incoming(b2, end)
+                for a, v in zip(accs, new):
+                    a.add_incoming(zf, entry)
+                    a.add_incoming(v, end)
+                builder.cbranch(builder.icmp_signed("<", b2, nb), loop, after)
+                builder.position_at_end(after)
+                results = []
+                for v in new:
+                    res = builder.phi(v16f)
+                    res.add_incoming(zf, entry)
+                    res.add_incoming(v, end)
+                    results.append(res)
+                orows = rows(7, vals[6], T)
+                c0 = builder.sext(vals[8], I64) if vals[8].type.width < 64 else vals[8]
+                for g in range(GROUPS):
+                    for j in range(T):
+                        ptr = builder.gep(orows[j][0], [builder.add(c0, const64(16 * g))])
+                        builder.store(results[g * T + j], builder.bitcast(ptr, v16f.as_pointer()), align=4)
+                return context.get_dummy_value()
+
+            return sig, codegen
+
+        lane_tile.__name__ = lane_tile.__qualname__ = f"{'q4' if nibbles else 'i8'}_lanes{T}"
+        return intrinsic(lane_tile)
+
+    q4_tile, q4_tile1 = _tile_intrinsic(True, TOKENS), _tile_intrinsic(True, 1)
+    i8_tile, i8_tile1 = _tile_intrinsic(False, TOKENS), _tile_intrinsic(False, 1)
+
+
+def tile(w, ws, sw, mw, xq, dx, xsum, t, out, col):
+    """TOKENS tokens through the tile of w's layout (Q4 nibbles or I8, by w's dtype)."""
+
+
+def tile1(w, ws, sw, mw, xq, dx, xsum, t, out, col):
+    """One token through the tile of w's layout."""
+
+
+if NUMBA:
+    from numba.core.extending import overload
+
+    def _dispatch(q4, i8):
+        def ov(w, ws, sw, mw, xq, dx, xsum, t, out, col):
+            form = {types.uint8: q4, types.int8: i8}.get(w.dtype)
+            if form is None:
+                return None
+            return lambda w, ws, sw, mw, xq, dx, xsum, t, out, col: form(ws, sw, mw, xq, dx, xsum, t, out, col)
+        return ov
+
+    overload(tile, inline="always")(_dispatch(q4_tile, i8_tile))
+    overload(tile1, inline="always")(_dispatch(q4_tile1, i8_tile1))
