@@ -7,7 +7,7 @@ operations. With 16 rows in the 16 lanes of a vector (ggml's repacked kernels do
 serves 16 rows, the integer sums of a whole block of 32 stay in the lanes, and the float work (convert,
 scale, accumulate, min term) comes once per block for 16 rows: a quarter of it.
 
-Layout of a packed group of 16 rows (`pack_q4`, `pack_i8`; one group per row of ws, sw, mw):
+Layout of a packed group of 16 rows (`pack`, `pack_numpy`; one group per row of ws, sw, mw):
   ws (K/2 bytes for Q4, K for I8, times 16): chunk c of every row, 4 bytes each, rows 0..15, then chunk
       c + 1... A Q4 chunk holds, in its low nibbles, elements 4c'..4c'+3 of its block and in its high
       nibbles elements 16+4c'..16+4c'+3 (c' = c mod 4, kernels/layouts.md); an I8 chunk holds four
