@@ -36,7 +36,7 @@ def load(source: str | os.PathLike = "smollm2-135m-instruct", *, threads: int | 
     kv_cache ("f16" or "f32") to half for GGUF files, as llama.cpp, and float32 for HF checkpoints
     (their float reference). sparse=False: every in-RAM FFN dense, whatever the defaults or the
     deploy's plan say (eval-sparsity builds its own executors beside the untouched dense path). prefill
-    ("int8" or "f32", engine/executors/prefill.py) overrides the plan's or the default prefill engine."""
+    ("int8", "onnx" or "f32", engine/executors/prefill.py) overrides the plan's or the default prefill engine."""
     from engine.formats import deploy as deploy_dir, registry
     from engine.model.transformer import build
 

@@ -140,7 +140,7 @@ def test_plan_sets_the_engine_and_bad_values_are_named(q4_gguf, tmp_path):
     p.write_text(json.dumps({"decode": {"layers": layers}, "prefill": {"engine": "npu"}}))
     with pytest.raises(ModelFormatError, match="prefill.engine is 'npu'"):
         read_plan(p, config)
-    with pytest.raises(ValueError, match="prefill='fast' is not one of int8, f32"):
+    with pytest.raises(ValueError, match="prefill='fast' is not one of int8, onnx, f32"):
         load(str(q4_gguf), prefill="fast")
 
 

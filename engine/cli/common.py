@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from engine.executors.prefill import ENGINES
+
 DEFAULT_MODEL = "smollm2-135m-instruct"
 
 
@@ -15,8 +17,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("-c", "--ctx", type=int, default=None, help="context length (default: min(model's, 4096))")
     p.add_argument("--kv-cache", choices=("f16", "f32"), default=None,
                    help="KV cache element type (default: f16 for GGUF files, as llama.cpp; f32 for HF checkpoints)")
-    p.add_argument("--prefill", choices=("int8", "f32"), default=None,
-                   help="prefill engine: int8 (x rounded to int8, integer kernels on Q4/Q8 weights) or f32 "
+    p.add_argument("--prefill", choices=ENGINES, default=None,
+                   help="prefill engine: int8 (x rounded to int8, integer kernels on Q4/Q8 weights), onnx (ONNX "
+                        "Runtime, MatMulNBits on the stored blocks; falls back to f32 when it cannot run) or f32 "
                         "(BLAS on f32 tiles) (default: the deploy's plan, else f32)")
     p.add_argument("--verbose", action="store_true", help="print load and speed statistics on stderr")
 

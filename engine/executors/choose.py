@@ -1,8 +1,10 @@
 """Choosing the executors, once, at load (STYLE.md: choose once; DESIGN.md: the polymorphic engine).
 
 From the plan (engine/executors/plan.py), the model's weight layouts and the kernels this machine has:
-- prefill: the layer-by-layer stack, every FFN dense, or flash when the plan streams FFNs; its matmuls
-  through the plan's prefill engine (engine/executors/prefill.py: int8 GEMM or f32 BLAS);
+- prefill: ONNX Runtime (engine/executors/onnx_prefill.py) when the plan's prefill engine is "onnx" and
+  every FFN is resident, with the layer-by-layer stack on the plan's fallback engine behind it; else the
+  layer-by-layer stack, every FFN dense, or flash when the plan streams FFNs, its matmuls through the
+  plan's prefill engine (engine/executors/prefill.py: int8 GEMM or f32 BLAS);
 - decode:
   - flash, when the plan streams every FFN from the bundle file (engine/executors/flash_ffn.py);
   - the one-region decode (engine/executors/one_region.py), when every layer is dense and it can run
@@ -20,6 +22,7 @@ from __future__ import annotations
 from engine.executors import prefill as prefill_engines
 from engine.executors.base import Executors
 from engine.executors.dense import DenseFFN, ObservedFFN
+from engine.executors.onnx_prefill import OnnxPrefill
 from engine.executors.one_region import AVAILABLE as ONE_REGION, OneRegionDecode
 from engine.executors.plan import Plan
 from engine.executors.sparse import decode_ffns
@@ -37,8 +40,8 @@ def choose(config, weights, plan: Plan) -> Executors:
         from engine.executors.flash_ffn import open_flash
 
         store = open_flash(config, plan)
-        return Executors(LayerStack(config, layers, store.layer_ffns(batched=True), batched=True,
-                                    engine=plan.prefill),
+        engine = plan.prefill_fallback if plan.prefill == "onnx" else plan.prefill
+        return Executors(LayerStack(config, layers, store.layer_ffns(batched=True), batched=True, engine=engine),
                          LayerStack(config, layers, store.layer_ffns(batched=False), batched=False), extra,
                          plan.source)
     dense = all(m == "dense" for m in plan.decode)
@@ -48,9 +51,12 @@ def choose(config, weights, plan: Plan) -> Executors:
     else:
         decode = LayerStack(config, layers, decode_ffns(config, layers, plan.decode, predictors=plan.predictors,
                                                         cluster=plan.cluster), batched=False)
-    matmul = prefill_engines.matmul_of(plan.prefill)
+    engine = plan.prefill_fallback if plan.prefill == "onnx" else plan.prefill
+    matmul = prefill_engines.matmul_of(engine)
     prefill = LayerStack(config, layers, [DenseFFN(lw, config.act_kind, matmul) for lw in layers], batched=True,
-                         engine=plan.prefill)
+                         engine=engine)
+    if plan.prefill == "onnx":
+        prefill = OnnxPrefill(config, layers, prefill, plan.providers)
     return Executors(prefill, decode, extra, plan.source)
 
 

@@ -9,7 +9,9 @@ plan.json's parts read here:
   hot_neurons resident and cold_cache_neurons cached; io.direct_io, io.reader_threads and
   io.request_bytes set its reader, flash.cache_policy the cache;
 - execution.lm_head == "flash": the embeddings and LM head stream from the weights file;
-- prefill.engine: "int8" or "f32", the prefill engine (engine/executors/prefill.py); without it, the default.
+- prefill.engine: "int8", "onnx" or "f32", the prefill engine (engine/executors/prefill.py); without it,
+  the default. prefill.fallback ("int8" or "f32") runs when ONNX Runtime cannot; prefill.providers lists
+  ONNX Runtime's execution providers in order of preference.
 Without a plan (`default_plan`): relu-exact for ReLU-family models (exact, and trained ReLU models leave
 85-97% of neurons at zero), dense for the rest: on SwiGLU models the predictors are too imprecise for
 neuron sparsity to pay (BENCHMARKS.md, tools/sparsity_curve.py).
@@ -49,6 +51,8 @@ class Plan:
     head_on_flash: bool = False                                # embeddings / LM head streamed from the file
     direct_io: bool = True                                     # O_DIRECT reads for whatever streams from flash
     prefill: str = field(default_factory=prefill_engines.default_engine)   # one of prefill.ENGINES
+    prefill_fallback: str = field(default_factory=prefill_engines.default_engine)  # a MATMUL_ENGINES one
+    providers: tuple[str, ...] = ("CPUExecutionProvider",)    # ONNX Runtime's, in order of preference
     source: str = "defaults (engine/executors/plan.py)"       # where the plan came from, for describe()
 
     def unloaded(self) -> set[str]:
@@ -101,10 +105,19 @@ def read_plan(path: str | Path, config) -> Plan:
         if layer.get("threshold") is not None and i in preds:
             preds[i] = dataclasses.replace(preds[i], threshold=float(layer["threshold"]))
     execution, io = plan.get("execution") or {}, plan.get("io") or {}
-    engine = (plan.get("prefill") or {}).get("engine") or prefill_engines.default_engine()
+    pre = plan.get("prefill") or {}
+    engine = pre.get("engine") or prefill_engines.default_engine()
     if engine not in prefill_engines.ENGINES:
         raise ModelFormatError(f"{path}: prefill.engine is {engine!r}, expected one of "
                                f"{', '.join(prefill_engines.ENGINES)}")
+    fallback = pre.get("fallback") or prefill_engines.default_engine()
+    if fallback not in prefill_engines.MATMUL_ENGINES:
+        raise ModelFormatError(f"{path}: prefill.fallback is {fallback!r}, expected one of "
+                               f"{', '.join(prefill_engines.MATMUL_ENGINES)}")
+    providers = pre.get("providers") or ["CPUExecutionProvider"]
+    if not isinstance(providers, list) or not all(isinstance(p, str) for p in providers):
+        raise ModelFormatError(f"{path}: prefill.providers is {providers!r}, expected a list of ONNX Runtime "
+                               "execution provider names")
     flash = None
     if execution.get("weights") == "flash":
         if "bundles" not in files:
@@ -118,4 +131,4 @@ def read_plan(path: str | Path, config) -> Plan:
             cache_policy=(plan.get("flash") or {}).get("cache_policy", "lru"))
     return Plan(decode=modes, predictors=preds, cluster=int(decode.get("cluster_size", 1)), flash=flash,
                 head_on_flash=execution.get("lm_head") == "flash", direct_io=bool(io.get("direct_io", True)),
-                prefill=engine, source=str(path))
+                prefill=engine, prefill_fallback=fallback, providers=tuple(providers), source=str(path))

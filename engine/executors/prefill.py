@@ -5,6 +5,8 @@ prefill (engine/executors/stack.py and the dense FFN).
   are stored (kernels/gemm.py), for the Q4 and 32-block I8 layouts (Q4_0, Q4_1, Q8_0, Q5_0, Q5_1);
   weights in other layouts take the f32 path. It rounds x as decode and llama.cpp do.
 - "f32": tiles of the weight dequantized to f32, then BLAS (engine/model/weights.Weight.matmul).
+- "onnx": not a matmul but a phase executor: every layer in one ONNX Runtime session
+  (engine/executors/onnx_prefill.py), with int8 or f32 as its fallback (the plan's prefill.fallback).
 The default (`default_engine`) is f32. The int8 GEMM's speed depends on the CPU: its rows-in-lanes form
 (AVX-512 VNNI, kernels/lanetile.py) beats BLAS on every shape measured, its rows-in-turn form (every other
 target) only on wide matrices, BENCHMARKS.md "Prefill engines". The planner
@@ -14,8 +16,9 @@ target) only on wide matrices, BENCHMARKS.md "Prefill engines". The planner
 
 from __future__ import annotations
 
-ENGINES = ("int8", "f32")
-LABELS = {"int8": "int8 GEMM", "f32": "f32 BLAS"}
+ENGINES = ("int8", "onnx", "f32")
+MATMUL_ENGINES = ("int8", "f32")        # the engines the layer-by-layer stack multiplies with
+LABELS = {"int8": "int8 GEMM", "onnx": "ONNX Runtime", "f32": "f32 BLAS"}
 
 
 def default_engine() -> str:
@@ -34,7 +37,7 @@ def int8(w, x):
 
 
 def matmul_of(engine: str):
-    """The matmul function of an engine name."""
-    if engine not in ENGINES:
-        raise ValueError(f"prefill engine {engine!r} is not one of {', '.join(ENGINES)}")
+    """The matmul function of a matmul engine's name."""
+    if engine not in MATMUL_ENGINES:
+        raise ValueError(f"prefill engine {engine!r} is not one of {', '.join(MATMUL_ENGINES)}")
     return {"int8": int8, "f32": f32}[engine]

@@ -1,0 +1,170 @@
+"""The ONNX Runtime prefill executor: every layer of a prompt in one ONNX Runtime session (the graph of
+engine/executors/onnx_graph.py), the door to the execution providers of phone NPUs (QNN, NNAPI,
+XNNPACK) where the onnxruntime build has them.
+
+- The session runs on our weight arrays: they are handed to ORT as external initializers (OrtValues over
+  our memory), so ORT keeps no copy of the quantized bytes it reads in place (Q4_0; see onnx_graph for
+  what it gets copies of). ORT prepacks MatMulNBits weights into its own blocked layout when the session
+  is made: that copy is ORT's, and `describe` reports the bytes made for ORT (BENCHMARKS.md measures the
+  peak and resident RSS).
+- It is built lazily, on the first prompt (the load's warm-up), once per KV cache element type, and the
+  graph (weights left out, a few hundred KiB) is kept on disk under `cache_dir`, keyed by the model's
+  layers, so a second start reads it instead of building it.
+- The prompt's keys and values come back per layer and are written into our KV cache in its layout and
+  element type; earlier positions (a chat's previous turns) go in as the graph's past, so the numba
+  decode and prefix reuse continue as with any prefill.
+- Providers come from the plan (plan.json prefill.providers, which the planner takes from
+  onnxruntime.get_available_providers()); those this build lacks are skipped, and CPU is always last.
+
+Failure is a fallback, never a crash: when onnx or onnxruntime is missing (Termux), the graph cannot
+express the model (UnsupportedGraph) or ORT fails to make the session or to run it, the `fallback`
+executor (the layer-by-layer stack on the next engine) runs the prompt instead, from then on, and
+`describe` says why in one line.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import numpy as np
+
+from engine.executors.base import Executor
+
+CPU = "CPUExecutionProvider"
+
+
+def _ort_errors(ort) -> tuple[type, ...]:
+    """The exception types ONNX Runtime's Python binding raises (all derive from Exception directly)."""
+    state = ort.capi.onnxruntime_pybind11_state
+    names = ("Fail", "InvalidArgument", "NoSuchFile", "NoModel", "EngineError", "RuntimeException",
+             "InvalidProtobuf", "ModelLoaded", "NotImplemented", "InvalidGraph", "EPFail")
+    return tuple(getattr(state, n) for n in names if hasattr(state, n)) + (RuntimeError, ValueError)
+
+
+class OnnxPrefill(Executor):
+    kind = "ONNX Runtime"
+
+    def __init__(self, config, layers, fallback, providers: tuple[str, ...] = (CPU,), cache_dir: Path | None = None,
+                 threads: int | None = None):
+        """layers: the model's LayerWeights (fused by engine/model/layout.py); fallback: the phase
+        executor that runs the prompt when ORT cannot; providers: ORT execution providers, in order of
+        preference; cache_dir: where built graphs are kept (None: not kept); threads: ORT's intra-op
+        threads (None: engine.threads' setting)."""
+        self.config = config
+        self.layers = layers
+        self.fallback = fallback
+        self.providers = tuple(providers)
+        self.cache_dir = cache_dir
+        self.threads = threads
+        self.sessions: dict[bool, object] = {}       # half KV cache? -> InferenceSession
+        self.extra_bytes = 0
+        self.approximations: list[str] = []
+        self.used_providers: list[str] = []
+        self.reason: str | None = None                # why the fallback runs, once it does
+        try:
+            import onnx  # noqa: F401  (the graph builder's)
+            import onnxruntime as ort
+        except ImportError as e:
+            self.reason = f"{e.name} is not installed"
+            return
+        self.ort = ort
+        self.errors = _ort_errors(ort)
+
+    def layer_descriptions(self):
+        if self.reason is not None:
+            return [(i, f"{text} (ONNX Runtime not used: {self.reason})")
+                    for i, text in self.fallback.layer_descriptions()]
+        extra = f", {self.extra_bytes / 2**20:.1f} MiB made for ORT" if self.sessions else ""
+        providers = ",".join(p.removesuffix("ExecutionProvider") for p in (self.used_providers or self.providers))
+        text = f"all layers in one ONNX Runtime session ({providers}; MatMulNBits on the stored blocks{extra})"
+        return [(i, text) for i in range(self.config.num_hidden_layers)]
+
+    def reports(self):
+        return self.fallback.reports()
+
+    def run(self, x: np.ndarray, cache, start: int, cos: np.ndarray, sin: np.ndarray) -> None:
+        """x (n, hidden) f32 in place; cos, sin (n, head_dim/2) f32 for positions start..start+n-1."""
+        if self.reason is None:
+            try:
+                self._run(x, cache, start, cos, sin)
+                return
+            except self.errors as e:
+                if self.reason is None:           # else _session gave up already, and said why
+                    self._give_up(f"ONNX Runtime failed to run the prompt: {_first_line(e)}")
+        self.fallback.run(x, cache, start, cos, sin)
+
+    def _give_up(self, reason: str) -> None:
+        self.reason = reason
+        self.sessions.clear()
+
+    def _run(self, x, cache, start, cos, sin) -> None:
+        c = self.config
+        half = cache.dtype == np.uint16
+        session = self._session(half)
+        n, end = x.shape[0], start + x.shape[0]
+        group = c.num_attention_heads // c.num_key_value_heads
+        pos_q, pos_k = np.arange(start, end)[:, None], np.arange(end)[None, :]
+        allowed = pos_k <= pos_q
+        if c.window > 0:
+            allowed &= pos_k > pos_q - c.window
+        mask = np.tile(np.where(allowed, np.float32(0), np.float32(-np.inf)), (group, 1))   # (group*n, end) f32
+        feeds = {"x": x, "cos": np.ascontiguousarray(cos), "sin": np.ascontiguousarray(sin),
+                 "position_ids": np.arange(n, dtype=np.int64)[None], "mask": mask}
+        for i in range(c.num_hidden_layers):
+            for name, store in (("past_k", cache.k[i]), ("past_v", cache.v[i])):
+                past = np.ascontiguousarray(store[:, :start])                         # (kv_heads, start, hd)
+                feeds[f"{name}.{i}"] = past.view(np.float16) if half else past
+        out = session.run(None, feeds)
+        x[:] = out[0]
+        for i in range(c.num_hidden_layers):
+            k, v = out[1 + 2 * i], out[2 + 2 * i]                                     # (kv_heads, n, hd)
+            cache.k[i][:, start:end] = k.view(np.uint16) if half else k
+            cache.v[i][:, start:end] = v.view(np.uint16) if half else v
+
+    def _session(self, half: bool):
+        if half not in self.sessions:
+            try:
+                self.sessions[half] = self._make_session(half)
+            except self.errors as e:
+                self._give_up(f"ONNX Runtime could not make the session: {_first_line(e)}")
+                raise
+        return self.sessions[half]
+
+    def _make_session(self, half: bool):
+        from engine.executors import onnx_graph
+
+        ort = self.ort
+        try:
+            graph = onnx_graph.build(self.config, self.layers, half)
+        except onnx_graph.UnsupportedGraph as e:
+            raise ValueError(f"the graph cannot express the model: {e}") from None
+        self.extra_bytes = graph.extra_bytes
+        self.approximations = graph.approximations
+        model = graph.model.SerializeToString()
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = self.threads or _threads()
+        opts.inter_op_num_threads = 1
+        opts.log_severity_level = 3
+        # ORT's pool would spin after each prompt and starve numba's decode threads (DESIGN.md).
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        names = list(graph.initializers)
+        opts.add_external_initializers(names, [ort.OrtValue.ortvalue_from_numpy(graph.initializers[n]) for n in names])
+        available = set(ort.get_available_providers())
+        providers = [p for p in self.providers if p in available and p != CPU] + [CPU]
+        session = ort.InferenceSession(model, sess_options=opts, providers=providers)
+        self.used_providers = session.get_providers()
+        self.keep = graph.initializers        # ORT reads these arrays in place: they must outlive the session
+        return session
+
+
+def _threads() -> int:
+    from engine.threads import current_threads
+
+    return current_threads()
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0][:200] if text else type(e).__name__
