@@ -56,7 +56,7 @@ class UnsupportedGraph(ValueError):
 
 @dataclass
 class Graph:
-    model: onnx.ModelProto                                   # weights as external initializers, no data
+    model: onnx.ModelProto                                   # weights as external data in PLACEHOLDER
     initializers: dict[str, np.ndarray] = field(default_factory=dict)   # name -> C-contiguous array
     extra_bytes: int = 0                                     # bytes of the arrays made for ORT, not ours
     approximations: list[str] = field(default_factory=list)  # formats mapped with rounding, one line each
@@ -261,13 +261,20 @@ def build(config, layers, kv_half: bool) -> Graph:
     return Graph(model, {n: a for n, a in b.inits.items() if n not in small}, b.extra, sorted(b.approx))
 
 
+PLACEHOLDER = "weights.placeholder"
+
+
 def _external(name: str, a: np.ndarray) -> TensorProto:
-    """An initializer whose data ORT takes from memory we hand it (SessionOptions.add_external_initializers)."""
+    """An initializer whose data ORT takes from memory we hand it (SessionOptions.add_initializer). The
+    proto names external data in PLACEHOLDER, a sparse file of zeros beside the model file that ORT
+    checks for but does not read: add_initializer uses our array in place, where
+    add_external_initializers (ORT 1.32) copies it."""
     t = TensorProto()
     t.name = name
     t.data_type = helper.np_dtype_to_tensor_dtype(a.dtype)
     t.dims.extend(a.shape)
     t.data_location = TensorProto.EXTERNAL
-    entry = t.external_data.add()
-    entry.key, entry.value = "location", "pocketinfer-memory"
+    for key, value in (("location", PLACEHOLDER), ("offset", "0"), ("length", str(a.nbytes))):
+        entry = t.external_data.add()
+        entry.key, entry.value = key, value
     return t

@@ -2,14 +2,15 @@
 engine/executors/onnx_graph.py), the door to the execution providers of phone NPUs (QNN, NNAPI,
 XNNPACK) where the onnxruntime build has them.
 
-- The session runs on our weight arrays: they are handed to ORT as external initializers (OrtValues over
-  our memory), so ORT keeps no copy of the quantized bytes it reads in place (Q4_0; see onnx_graph for
-  what it gets copies of). ORT prepacks MatMulNBits weights into its own blocked layout when the session
-  is made: that copy is ORT's, and `describe` reports the bytes made for ORT (BENCHMARKS.md measures the
-  peak and resident RSS).
-- It is built lazily, on the first prompt (the load's warm-up), once per KV cache element type, and the
-  graph (weights left out, a few hundred KiB) is kept on disk under `cache_dir`, keyed by the model's
-  layers, so a second start reads it instead of building it.
+- The session runs on our weight arrays: each is handed to ORT with SessionOptions.add_initializer (an
+  OrtValue over our memory, used in place), so ORT holds no copy of the quantized bytes it reads as
+  stored (Q4_0, Q4_1; onnx_graph says what it gets copies of). ORT then prepacks MatMulNBits weights
+  into its own blocked layout when the session is made, without which its kernel measured 3x slower:
+  that copy is ORT's. `describe` reports the bytes made for ORT and the RSS the session added.
+- The session is made lazily, on the first prompt (the load's warm-up), once per KV cache element type.
+  Its model file (the graph without weights, ~100-300 KiB) is kept in `cache_dir`
+  ($POCKETINFER_HOME/onnx by default) under the graph's hash and reused; what a start still pays is
+  building the graph (~0.3 s) and ORT's prepacking (BENCHMARKS.md).
 - The prompt's keys and values come back per layer and are written into our KV cache in its layout and
   element type; earlier positions (a chat's previous turns) go in as the graph's past, so the numba
   decode and prefix reuse continue as with any prefill.
@@ -26,6 +27,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -60,6 +63,7 @@ class OnnxPrefill(Executor):
         self.threads = threads
         self.sessions: dict[bool, object] = {}       # half KV cache? -> InferenceSession
         self.extra_bytes = 0
+        self.session_bytes = 0                        # RSS that making the session added (ORT's prepacking)
         self.approximations: list[str] = []
         self.used_providers: list[str] = []
         self.reason: str | None = None                # why the fallback runs, once it does
@@ -76,7 +80,8 @@ class OnnxPrefill(Executor):
         if self.reason is not None:
             return [(i, f"{text} (ONNX Runtime not used: {self.reason})")
                     for i, text in self.fallback.layer_descriptions()]
-        extra = f", {self.extra_bytes / 2**20:.1f} MiB made for ORT" if self.sessions else ""
+        extra = (f", {self.extra_bytes / 2**20:.1f} MiB made for ORT, session +{self.session_bytes / 2**20:.0f} MiB"
+                 if self.sessions else "")
         providers = ",".join(p.removesuffix("ExecutionProvider") for p in (self.used_providers or self.providers))
         text = f"all layers in one ONNX Runtime session ({providers}; MatMulNBits on the stored blocks{extra})"
         return [(i, text) for i in range(self.config.num_hidden_layers)]
@@ -142,21 +147,65 @@ class OnnxPrefill(Executor):
             raise ValueError(f"the graph cannot express the model: {e}") from None
         self.extra_bytes = graph.extra_bytes
         self.approximations = graph.approximations
-        model = graph.model.SerializeToString()
+        path = self._model_file(graph)
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = self.threads or _threads()
         opts.inter_op_num_threads = 1
         opts.log_severity_level = 3
         # ORT's pool would spin after each prompt and starve numba's decode threads (DESIGN.md).
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        names = list(graph.initializers)
-        opts.add_external_initializers(names, [ort.OrtValue.ortvalue_from_numpy(graph.initializers[n]) for n in names])
+        values = {n: ort.OrtValue.ortvalue_from_numpy(a) for n, a in graph.initializers.items()}
+        for name, value in values.items():
+            opts.add_initializer(name, value)
         available = set(ort.get_available_providers())
         providers = [p for p in self.providers if p in available and p != CPU] + [CPU]
-        session = ort.InferenceSession(model, sess_options=opts, providers=providers)
+        before = _rss()
+        session = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
+        self.session_bytes = _rss() - before
         self.used_providers = session.get_providers()
-        self.keep = graph.initializers        # ORT reads these arrays in place: they must outlive the session
+        # ORT reads these arrays in place: they (and their OrtValues) must outlive the session
+        self.keep = (graph.initializers, values)
         return session
+
+    def _model_file(self, graph) -> Path:
+        """The graph's model file (weights left out) and its placeholder, in cache_dir under the hash of
+        the graph, written once (to a temporary directory, then renamed) and reused by later starts."""
+        from engine.executors.onnx_graph import PLACEHOLDER
+
+        model = graph.model.SerializeToString()
+        root = Path(self.cache_dir) if self.cache_dir is not None else _default_cache()
+        folder = root / hashlib.sha256(model).hexdigest()[:20]
+        path = folder / "prefill.onnx"
+        if path.exists():
+            return path
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(dir=root, prefix=".building-"))
+        except OSError:
+            # a read-only cache: a private folder that lives as long as this executor
+            self._tmp = tempfile.TemporaryDirectory(prefix="pocketinfer-onnx-")
+            folder = tmp = Path(self._tmp.name)
+        (tmp / "prefill.onnx").write_bytes(model)
+        with open(tmp / PLACEHOLDER, "wb") as f:      # sparse: sized, no blocks on disk
+            f.truncate(max((a.nbytes for a in graph.initializers.values()), default=0))
+        if tmp != folder:
+            try:
+                os.rename(tmp, folder)
+            except OSError:                             # another process put it there first
+                shutil.rmtree(tmp, ignore_errors=True)
+        return folder / "prefill.onnx"
+
+
+def _default_cache() -> Path:
+    from engine.formats.registry import cache_dir
+
+    return cache_dir() / "onnx"
+
+
+def _rss() -> int:
+    import psutil
+
+    return psutil.Process().memory_info().rss
 
 
 def _threads() -> int:
