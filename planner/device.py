@@ -105,7 +105,7 @@ class KernelInfo:
     backend: str                         # "numba" or "numpy" (the kernels the engine picked)
     threads: int
     matvec: tuple[KernelPoint, ...]
-    matmul_gflops: dict                  # {"numpy": f, "onnxruntime:CPUExecutionProvider": f, ...}
+    matmul_gflops: dict                  # {"numpy": f, "int8": f, "onnx": f, "onnx:<provider>": f, same "@2048"}
     sparse_ffn: tuple[KernelPoint, ...] = ()   # cluster kernel vs cluster size, once kernels/sparse_ffn.py exists
     notes: tuple[str, ...] = ()
 

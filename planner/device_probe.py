@@ -159,7 +159,7 @@ def _best_seconds(fn, repeats: int) -> float:
 
 def kernel_info(threads: int, shapes=DEFAULT_SHAPES) -> KernelInfo:
     from kernels.backend import NUMBA
-    from planner import onnx_matmul
+    from planner.onnx_probe import onnx_gflops
 
     points, notes = [], []
     rng = np.random.default_rng(0)
@@ -186,23 +186,26 @@ def kernel_info(threads: int, shapes=DEFAULT_SHAPES) -> KernelInfo:
     points.append(KernelPoint("gemv_f32", 1536, 576, a.nbytes, threads, round(a.nbytes / _timed(lambda: v @ a) / 1e9, 2)))
     points.append(predictor_point(threads, rng))
     # Prefill: a 128-token chunk through SmolLM2's gate|up shape, and through a 2048-wide square matrix
-    # (1B models: "@2048"), f32 through BLAS ("numpy") and the int8 GEMM on a Q4_1 weight ("int8",
-    # engine/executors/prefill.py; numba only: its numpy twin is f32 BLAS plus the rounding). The int8
-    # GEMM's fixed costs per row and token weigh more on narrow rows, so the winner can differ by width.
+    # (1B models: "@2048"): f32 through BLAS ("numpy"), and on a Q4_1 weight the int8 GEMM ("int8"; numba
+    # only: its numpy twin is f32 BLAS plus the rounding) and ONNX Runtime's MatMulNBits as the ONNX
+    # engine runs it ("onnx", the fastest provider, and "onnx:<provider>" each; engine/executors/prefill.py).
+    # The engines' fixed costs per row and token weigh more on narrow rows, so the winner can differ by width.
     gflops = {}
     for n, k, m, suffix in ((128, 576, 3072, ""), (128, 2048, 2048, "@2048")):
         xa, wb = rng.standard_normal((n, k), dtype=np.float32), rng.standard_normal((k, m), dtype=np.float32)
         gflops["numpy" + suffix] = round(2.0 * n * k * m / _timed(lambda: xa @ wb) / 1e9, 1)
+        wq = random_gguf_weight("q4_1", m, k, rng)
         if NUMBA:
-            wq = random_gguf_weight("q4_1", m, k, rng)
             gflops["int8" + suffix] = round(2.0 * n * k * m / _timed(lambda: wq.matmul_int8(xa)) / 1e9, 1)
-    n, k, m = 128, 576, 3072
-    try:
-        ort, ort_notes = onnx_matmul.ort_gflops(n, k, m, threads)
-        gflops.update(ort)
-        notes += ort_notes
-    except ImportError:
-        notes.append("onnxruntime is not installed: prefill can only use numpy")
+        try:
+            ort, ort_notes = onnx_gflops(wq, xa, threads)
+        except ImportError as e:
+            notes.append(f"{e.name} is not installed: prefill cannot use ONNX Runtime")
+            continue
+        notes += [f"onnxruntime {note}" for note in ort_notes]
+        gflops.update({key + suffix: value for key, value in ort.items()})
+        if ort:
+            gflops["onnx" + suffix] = max(ort.values())
     points += sparse_points(threads, rng)
     return KernelInfo(backend="numba" if NUMBA else "numpy", threads=threads, matvec=tuple(points),
                       matmul_gflops=gflops, notes=tuple(notes))

@@ -69,7 +69,7 @@ class Solution:
     staging_bytes: int
     decode_s: float
     ttft_s: float
-    prefill_engine: str                  # engine/executors/prefill.py: int8 or f32
+    prefill_engine: str                  # engine/executors/prefill.py: int8, onnx or f32
     prefill_chunk: int
     compute_threads: int
     io_threads: int
@@ -80,6 +80,8 @@ class Solution:
     rationale: tuple[str, ...]
     head_on_flash: bool = False      # embeddings / LM head streamed from the weights file every token
     head_flash_bytes: float = 0.0    # their bytes read per token
+    prefill_fallback: str = "f32"    # what runs when ONNX Runtime cannot: int8 or f32
+    prefill_providers: tuple[str, ...] = ("CPUExecutionProvider",)   # ONNX Runtime's, in order
 
 
     @property
@@ -239,21 +241,41 @@ def _cost(c: Candidate) -> float:
     return c.time_s + FLASH_TIE_S_PER_BYTE * c.flash_bytes
 
 
-def prefill_engine(gflops: dict, hidden: int) -> tuple[str, float]:
-    """(engine, GFLOP/s): the faster of the int8 GEMM and f32 BLAS as the device profile measured them at
-    the width nearest the model's (kernels.matmul_gflops: "int8" and "numpy" at 576 columns, "int8@2048"
-    and "numpy@2048" at 2048; int8 absent without numba); f32 on a tie or without a figure."""
+def prefill_engine(gflops: dict, hidden: int, spare_bytes: float | None = None,
+                   onnx_bytes: float = 0.0) -> tuple[str, float, str]:
+    """(engine, GFLOP/s, fallback): the fastest of the int8 GEMM, ONNX Runtime and f32 BLAS as the
+    device profile measured them at the width nearest the model's (kernels.matmul_gflops: "int8",
+    "onnx" and "numpy" at 576 columns, the same "@2048" at 2048; int8 absent without numba, onnx without
+    onnxruntime), and the faster of int8 and f32 as ONNX Runtime's fallback; f32 on a tie or without a
+    figure. ONNX Runtime prepacks the weights into its own copy (engine/executors/onnx_prefill.py), so it
+    is a candidate only when the budget has onnx_bytes to spare (spare_bytes None: not counted)."""
     suffix = "@2048" if hidden >= 1536 and "numpy@2048" in gflops else ""
     f32 = gflops["numpy" + suffix]
     int8 = gflops.get("int8" + suffix, 0.0)
-    return ("int8", int8) if int8 > f32 else ("f32", f32)
+    fallback, best = ("int8", int8) if int8 > f32 else ("f32", f32)
+    onnx = gflops.get("onnx" + suffix, 0.0)
+    if onnx > best and (spare_bytes is None or spare_bytes >= onnx_bytes):
+        return "onnx", onnx, fallback
+    return fallback, best, fallback
+
+
+def onnx_providers(gflops: dict) -> tuple[str, ...]:
+    """ONNX Runtime's execution providers the device profile measured ("onnx:<provider>" keys), fastest
+    first, then the CPU one."""
+    eps = sorted((k.split(":", 1)[1] for k in gflops if k.startswith("onnx:") and "@" not in k),
+                 key=lambda k: -gflops["onnx:" + k])
+    return tuple(p for p in eps if p != "CPUExecutionProvider") + ("CPUExecutionProvider",)
 
 
 def _assemble(cost, evidence, chosen, budget, staging, recall_floor, head_flash: bool = False) -> Solution:
     s, dev = cost.shape, cost.dev
     F = s.ffn
     decode_s = cost.fixed_decode_s(head_flash) + sum(c.time_s for c in chosen)
-    engine, gflops = prefill_engine(dev.kernels.matmul_gflops, s.hidden)
+    layer_bytes = s.n_layers * (s.attn_bytes + s.ffn_bytes)
+    spare = budget - (s.fixed_bytes + staging + sum(c.mem for c in chosen))
+    flash = any(c.flash_bytes > 0 for c in chosen)
+    engine, gflops, fallback = prefill_engine(dev.kernels.matmul_gflops, s.hidden,
+                                              -1.0 if flash else spare, layer_bytes)
     cold_bytes = sum((F - c.hot - c.cache) * s.bundle_bytes for c in chosen)
     prefill_io, _ = cost.read_s(cold_bytes, SEQUENTIAL_REQUEST, "sequential")
     ttft = cost.prefill_s(TTFT_PROMPT_TOKENS, gflops) + prefill_io
@@ -273,7 +295,9 @@ def _assemble(cost, evidence, chosen, budget, staging, recall_floor, head_flash:
     kv = KV_TOKENS * s.kv_bytes_per_token
     fixed = s.fixed_bytes_head_on_flash if head_flash else s.fixed_bytes
     sol = Solution(budget_bytes=budget, layers=tuple(chosen), evidence=tuple(evidence), fixed_bytes=fixed,
-                   staging_bytes=staging, decode_s=decode_s, ttft_s=ttft, prefill_engine=engine, prefill_chunk=chunk,
+                   staging_bytes=staging, decode_s=decode_s, ttft_s=ttft, prefill_engine=engine,
+                   prefill_fallback=fallback, prefill_providers=onnx_providers(dev.kernels.matmul_gflops),
+                   prefill_chunk=chunk,
                    compute_threads=threads, io_threads=io_threads, direct_io=dev.storage.direct_io and uses_flash,
                    prefetch_layers=1 if uses_flash else 0, kv_bytes=kv, runtime_bytes=RUNTIME_BASE_BYTES, rationale=(),
                    head_on_flash=head_flash, head_flash_bytes=head_bytes)
@@ -317,14 +341,17 @@ def _rationale(cost: CostModel, sol: Solution, recall_floor: float) -> list[str]
                      f"{'O_DIRECT' if sol.direct_io else 'buffered (O_DIRECT refused by the filesystem)'}, prefetch "
                      f"{sol.prefetch_layers} layer ahead so reads overlap compute")
     g = dev.kernels.matmul_gflops
-    ort = {k: v for k, v in g.items() if k.startswith("onnxruntime")}
     width = "@2048" if s.hidden >= 1536 and "numpy@2048" in g else ""
-    measured = ", ".join(f"{name} {g[key + width]:.0f}" for name, key in (("int8 GEMM", "int8"), ("f32 BLAS", "numpy"))
-                         if key + width in g)
+    measured = ", ".join(f"{name} {g[key + width]:.0f}" for name, key in
+                         (("int8 GEMM", "int8"), ("ONNX Runtime", "onnx"), ("f32 BLAS", "numpy")) if key + width in g)
+    why = ""
+    if sol.prefill_engine != "onnx" and g.get("onnx" + width, 0.0) > g.get(sol.prefill_engine.replace("f32", "numpy") + width, 0.0):
+        why = ("; ONNX Runtime measured faster but prepacks its own copy of the layers' weights, which "
+               + ("flash-resident FFNs rule out" if any(c.flash_bytes > 0 for c in sol.layers) else "the budget cannot hold"))
     lines.append(f"prefill: the {sol.prefill_engine} engine, the fastest measured ({measured} GFLOP/s at a 128-token "
-                 f"chunk, {2048 if width else 576} columns), in chunks of {sol.prefill_chunk} tokens"
-                 + (f"; onnxruntime measured {max(ort.values()):.0f} GFLOP/s but the runtime has no ONNX Runtime "
-                    "prefill path yet" if ort else ""))
+                 f"chunk, {2048 if width else 576} columns), in chunks of {sol.prefill_chunk} tokens{why}"
+                 + (f"; {sol.prefill_fallback} when ONNX Runtime cannot run, providers "
+                    f"{', '.join(sol.prefill_providers)}" if sol.prefill_engine == "onnx" else ""))
     lines.append(f"threads: {sol.compute_threads} compute threads (the fastest core clusters: "
                  f"{'+'.join(str(len(c.cores)) for c in dev.cpu.clusters)} cores in clusters)")
     calib = ""

@@ -159,14 +159,25 @@ def test_prefill_engine_is_the_fastest_measured_and_recorded():
     where the profile has no int8 figure (no numba); plan.json records it with the figures."""
     from planner.solver import prefill_engine
 
+    from planner.solver import onnx_providers
+
     g = {"numpy": 50.0, "int8": 40.0, "numpy@2048": 60.0, "int8@2048": 90.0}
-    assert prefill_engine(g, 576) == ("f32", 50.0)                # narrow: BLAS measured faster
-    assert prefill_engine(g, 2048) == ("int8", 90.0)              # wide: the int8 GEMM
-    assert prefill_engine({"numpy": 50.0, "int8": 120.0}, 4096) == ("int8", 120.0)   # one width measured
-    assert prefill_engine({"numpy": 50.0, "onnxruntime:CPUExecutionProvider": 80.0}, 576) == ("f32", 50.0)
+    assert prefill_engine(g, 576) == ("f32", 50.0, "f32")          # narrow: BLAS measured faster
+    assert prefill_engine(g, 2048) == ("int8", 90.0, "int8")       # wide: the int8 GEMM
+    assert prefill_engine({"numpy": 50.0, "int8": 120.0}, 4096) == ("int8", 120.0, "int8")   # one width measured
+    # ONNX Runtime when it is the fastest and the budget holds its prepacked copy; the faster of the
+    # others behind it
+    g = {"numpy": 50.0, "int8": 60.0, "onnx": 80.0, "onnx:CPUExecutionProvider": 80.0}
+    assert prefill_engine(g, 576) == ("onnx", 80.0, "int8")
+    assert prefill_engine(g, 576, spare_bytes=10e6, onnx_bytes=20e6) == ("int8", 60.0, "int8")
+    assert prefill_engine(g, 576, spare_bytes=30e6, onnx_bytes=20e6) == ("onnx", 80.0, "int8")
+    assert onnx_providers({"onnx:CPUExecutionProvider": 80.0, "onnx:XnnpackExecutionProvider": 95.0,
+                           "onnx:QNNExecutionProvider": 300.0, "onnx:QNNExecutionProvider@2048": 1.0}) == (
+        "QNNExecutionProvider", "XnnpackExecutionProvider", "CPUExecutionProvider")
     c = cost()
     sol = solve(c, evidence(False), c.shape.weight_bytes, 0.99)
     assert sol.prefill_engine == "f32"                            # the shipped phone profile has no int8 figure
     doc = json.loads(plan_text(c, sol))
     assert doc["prefill"]["engine"] == "f32"
+    assert doc["prefill"]["fallback"] == "f32" and doc["prefill"]["providers"] == ["CPUExecutionProvider"]
     assert any(line.startswith("prefill: the f32 engine") for line in doc["rationale"])

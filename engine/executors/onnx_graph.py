@@ -250,6 +250,20 @@ def build(config, layers, kv_half: bool) -> Graph:
         else:
             b.node("Add", [down, x], ["y"])
     outputs.insert(0, helper.make_tensor_value_info("y", TensorProto.FLOAT, ["T", c.hidden_size]))
+    return _finish(b, inputs, outputs)
+
+
+def matmul(w) -> Graph:
+    """One weight's product as the prefill graph computes it: x (T, cols) f32 -> y (T, rows) f32 = x @ w.T
+    (the planner times it)."""
+    b = _Builder(TensorProto.FLOAT)
+    rows, cols = w.shape
+    b.node("Identity", [b.linear("w", w, "x")], ["y"])
+    return _finish(b, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["T", cols])],
+                   [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["T", rows])])
+
+
+def _finish(b: _Builder, inputs: list, outputs: list) -> Graph:
     graph = helper.make_graph(b.nodes, "pocketinfer_prefill", inputs, outputs)
     small = {n: a for n, a in b.inits.items() if a.nbytes <= 64}
     graph.initializer.extend(helper.make_tensor(n, helper.np_dtype_to_tensor_dtype(a.dtype), a.shape, a.ravel().tolist())

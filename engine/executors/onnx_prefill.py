@@ -2,15 +2,11 @@
 engine/executors/onnx_graph.py), the door to the execution providers of phone NPUs (QNN, NNAPI,
 XNNPACK) where the onnxruntime build has them.
 
-- The session runs on our weight arrays: each is handed to ORT with SessionOptions.add_initializer (an
-  OrtValue over our memory, used in place), so ORT holds no copy of the quantized bytes it reads as
-  stored (Q4_0, Q4_1; onnx_graph says what it gets copies of). ORT then prepacks MatMulNBits weights
-  into its own blocked layout when the session is made, without which its kernel measured 3x slower:
-  that copy is ORT's. `describe` reports the bytes made for ORT and the RSS the session added.
-- The session is made lazily, on the first prompt (the load's warm-up), once per KV cache element type.
-  Its model file (the graph without weights, ~100-300 KiB) is kept in `cache_dir`
-  ($POCKETINFER_HOME/onnx by default) under the graph's hash and reused; what a start still pays is
-  building the graph (~0.3 s) and ORT's prepacking (BENCHMARKS.md).
+- The session runs on our weight arrays, used in place (engine/executors/onnx_session.py), so ORT holds
+  no copy of the quantized bytes it reads as stored (Q4_0, Q4_1; onnx_graph says what it gets copies
+  of), but its own prepacked one. `describe` reports the bytes made for ORT and the RSS the session added.
+- The session is made lazily, on the first prompt (the load's warm-up), once per KV cache element type;
+  its model file is cached on disk (onnx_session).
 - The prompt's keys and values come back per layer and are written into our KV cache in its layout and
   element type; earlier positions (a chat's previous turns) go in as the graph's past, so the numba
   decode and prefix reuse continue as with any prefill.
@@ -25,25 +21,12 @@ executor (the layer-by-layer stack on the next engine) runs the prompt instead, 
 
 from __future__ import annotations
 
-import hashlib
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from engine.executors.base import Executor
-
-CPU = "CPUExecutionProvider"
-
-
-def _ort_errors(ort) -> tuple[type, ...]:
-    """The exception types ONNX Runtime's Python binding raises (all derive from Exception directly)."""
-    state = ort.capi.onnxruntime_pybind11_state
-    names = ("Fail", "InvalidArgument", "NoSuchFile", "NoModel", "EngineError", "RuntimeException",
-             "InvalidProtobuf", "ModelLoaded", "NotImplemented", "InvalidGraph", "EPFail")
-    return tuple(getattr(state, n) for n in names if hasattr(state, n)) + (RuntimeError, ValueError)
+from engine.executors.onnx_session import CPU, open_session, ort_errors
 
 
 class OnnxPrefill(Executor):
@@ -74,7 +57,7 @@ class OnnxPrefill(Executor):
             self.reason = f"{e.name} is not installed"
             return
         self.ort = ort
-        self.errors = _ort_errors(ort)
+        self.errors = ort_errors(ort)
 
     def layer_descriptions(self):
         if self.reason is not None:
@@ -140,78 +123,16 @@ class OnnxPrefill(Executor):
     def _make_session(self, half: bool):
         from engine.executors import onnx_graph
 
-        ort = self.ort
         try:
             graph = onnx_graph.build(self.config, self.layers, half)
         except onnx_graph.UnsupportedGraph as e:
             raise ValueError(f"the graph cannot express the model: {e}") from None
         self.extra_bytes = graph.extra_bytes
         self.approximations = graph.approximations
-        path = self._model_file(graph)
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = self.threads or _threads()
-        opts.inter_op_num_threads = 1
-        opts.log_severity_level = 3
-        # ORT's pool would spin after each prompt and starve numba's decode threads (DESIGN.md).
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        values = {n: ort.OrtValue.ortvalue_from_numpy(a) for n, a in graph.initializers.items()}
-        for name, value in values.items():
-            opts.add_initializer(name, value)
-        available = set(ort.get_available_providers())
-        providers = [p for p in self.providers if p in available and p != CPU] + [CPU]
-        before = _rss()
-        session = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
-        self.session_bytes = _rss() - before
-        self.used_providers = session.get_providers()
-        # ORT reads these arrays in place: they (and their OrtValues) must outlive the session
-        self.keep = (graph.initializers, values)
+        session = open_session(self.ort, graph, self.providers, self.threads, self.cache_dir)
+        self.session_bytes = session.rss_added
+        self.used_providers = session.providers
         return session
-
-    def _model_file(self, graph) -> Path:
-        """The graph's model file (weights left out) and its placeholder, in cache_dir under the hash of
-        the graph, written once (to a temporary directory, then renamed) and reused by later starts."""
-        from engine.executors.onnx_graph import PLACEHOLDER
-
-        model = graph.model.SerializeToString()
-        root = Path(self.cache_dir) if self.cache_dir is not None else _default_cache()
-        folder = root / hashlib.sha256(model).hexdigest()[:20]
-        path = folder / "prefill.onnx"
-        if path.exists():
-            return path
-        try:
-            root.mkdir(parents=True, exist_ok=True)
-            tmp = Path(tempfile.mkdtemp(dir=root, prefix=".building-"))
-        except OSError:
-            # a read-only cache: a private folder that lives as long as this executor
-            self._tmp = tempfile.TemporaryDirectory(prefix="pocketinfer-onnx-")
-            folder = tmp = Path(self._tmp.name)
-        (tmp / "prefill.onnx").write_bytes(model)
-        with open(tmp / PLACEHOLDER, "wb") as f:      # sparse: sized, no blocks on disk
-            f.truncate(max((a.nbytes for a in graph.initializers.values()), default=0))
-        if tmp != folder:
-            try:
-                os.rename(tmp, folder)
-            except OSError:                             # another process put it there first
-                shutil.rmtree(tmp, ignore_errors=True)
-        return folder / "prefill.onnx"
-
-
-def _default_cache() -> Path:
-    from engine.formats.registry import cache_dir
-
-    return cache_dir() / "onnx"
-
-
-def _rss() -> int:
-    import psutil
-
-    return psutil.Process().memory_info().rss
-
-
-def _threads() -> int:
-    from engine.threads import current_threads
-
-    return current_threads()
 
 
 def _first_line(e: BaseException) -> str:
