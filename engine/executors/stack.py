@@ -12,6 +12,7 @@ import numpy as np
 
 from engine.executors import prefill
 from engine.executors.base import Executor
+from engine.threads import one_pool
 from kernels.attention import attention, attention_numpy
 from kernels.norm import rmsnorm
 from kernels.rope import rope
@@ -32,6 +33,8 @@ class LayerStack(Executor):
         self.engine = engine
         self.matmul = prefill.matmul_of(engine)
         self.attend = attention_numpy if batched else attention
+        # The pool a prefill keeps (engine/threads.one_pool): the int8 GEMM's numba threads, f32's BLAS ones.
+        self.pool = ("numba" if engine == "int8" else "blas") if batched else None
 
     def layer_descriptions(self):
         how = f", {prefill.LABELS[self.engine]}" if self.batched else ""
@@ -42,6 +45,13 @@ class LayerStack(Executor):
 
     def run(self, x: np.ndarray, cache, start: int, cos: np.ndarray, sin: np.ndarray) -> None:
         """x (n, hidden) f32 in place; cos, sin (n, head_dim/2) f32 for positions start..start+n-1."""
+        if self.pool is None:
+            self._run(x, cache, start, cos, sin)
+            return
+        with one_pool(self.pool):
+            self._run(x, cache, start, cos, sin)
+
+    def _run(self, x, cache, start, cos, sin) -> None:
         c = self.config
         n = x.shape[0]
         hq, hkv = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
