@@ -1,10 +1,12 @@
 """Side-by-side speed of pocketinfer and its peers on one GGUF model: decode and prefill tok/s, time to
 first token and peak memory, with the ratios pocketinfer / peer.
 
-Peers: llama.cpp through llama-cpp-python (tools/peer_llamacpp.py, run by the python of its own venv)
-and, with --transformers, Hugging Face transformers on torch fp32 (tools/peer_transformers.py, run
-by this python). Every measurement is a fresh process: `python -m engine bench --json` for
-pocketinfer and the peer scripts for the others, all on the same model file with the same threads,
+Peers: llama.cpp through llama-cpp-python (tools/peer_llamacpp.py, run by the python of its own venv);
+with --transformers, Hugging Face transformers on torch fp32 (tools/peer_transformers.py, run by this
+python); with --ortgenai, ONNX Runtime GenAI on the int4 ONNX model its own builder makes of the GGUF
+(tools/peer_ortgenai.py, run by the python of its own venv; built once before the rounds and cached).
+Every measurement is a fresh process: `python -m engine bench --json` for pocketinfer and the peer
+scripts for the others, all on the same model file with the same threads,
 the same prompt ids (engine.measure.bench.PARAGRAPH repeated; each side prints a digest of its ids) and the
 same token counts. Rounds alternate the sides (A B A B ...); the tables show the median over rounds.
 
@@ -12,12 +14,14 @@ same token counts. Rounds alternate the sides (A B A B ...); the tables show the
     python tools/bench_peers.py --prompt-tokens 32 --gen-tokens 16 --rounds 1   # a quick check
     python tools/bench_peers.py --transformers --write           # add HF transformers, update BENCHMARKS.md
     python tools/bench_peers.py --install-llamacpp               # create the llama.cpp venv (builds, minutes)
+    python tools/bench_peers.py --ortgenai --install-ortgenai    # create the ORT GenAI venv, add that peer
     git worktree add ../before REV && python tools/bench_peers.py --no-llamacpp --baseline ../before
                                                                  # this checkout against commit REV
     python tools/bench_peers.py --prefill int8,f32               # also pocketinfer with its f32 prefill
 
 The llama.cpp venv is --llamacpp-venv, else $POCKETINFER_LLAMACPP_VENV, else .venv-llamacpp in the
-repo. Run it on an otherwise idle machine: on a busy one, multi-threaded decode waits for
+repo; the ORT GenAI venv is --ortgenai-venv, else $POCKETINFER_ORTGENAI_VENV, else .venv-ortgenai.
+Run it on an otherwise idle machine: on a busy one, multi-threaded decode waits for
 descheduled threads and every figure (pocketinfer's and the peers') falls apart.
 """
 
@@ -39,7 +43,13 @@ REPO = Path(__file__).resolve().parent.parent
 TOOLS = REPO / "tools"
 BENCH_MD = REPO / "BENCHMARKS.md"
 DEFAULT_MODEL = "smollm2-135m-instruct"
-SKIP_EXIT = 3   # a peer's "cannot run here" (tools/peer_transformers.py)
+SKIP_EXIT = 3   # a peer's "cannot run here" (tools/peer_transformers.py, tools/peer_ortgenai.py)
+ORTGENAI = "ORT GenAI"
+# The ORT GenAI venv: torch is pinned and installed alone first so that nothing after it pulls another
+# torch; transformers (with gguf) turns the GGUF into the Hugging Face checkpoint the model builder reads,
+# and the builder needs torch, onnx and onnx-ir besides onnxruntime-genai itself.
+ORTGENAI_TORCH = "torch==2.13.0"
+ORTGENAI_PACKAGES = ["transformers", "gguf", "onnx", "onnx-ir", "onnxruntime-genai", "numpy"]
 
 BASE = "pocketinfer"
 # (JSON key, label, scale, decimals)
@@ -252,6 +262,27 @@ def install_llamacpp(venv: Path) -> None:
     subprocess.run([str(venv_python(venv)), "-m", "pip", "install", "--upgrade", "llama-cpp-python"], check=True)
 
 
+def install_ortgenai(venv: Path) -> None:
+    if not venv_python(venv).exists():
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    pip = [str(venv_python(venv)), "-m", "pip", "install", "--upgrade"]
+    subprocess.run([*pip, ORTGENAI_TORCH], check=True)
+    subprocess.run([*pip, ORTGENAI_TORCH, *ORTGENAI_PACKAGES], check=True)
+
+
+def build_ortgenai(venv: Path, model: Path) -> str | None:
+    """Build (or find in the cache) ORT GenAI's ONNX model of `model` before the rounds, with the
+    builder's progress on this terminal. Returns why the peer must be skipped, or None."""
+    cmd = [str(venv_python(venv)), str(TOOLS / "peer_ortgenai.py"), "build", "--model", str(model)]
+    proc = subprocess.run(cmd, cwd=REPO, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, text=True)
+    if proc.returncode == SKIP_EXIT:
+        lines = proc.stdout.strip().splitlines()
+        return lines[-1] if lines else f"{ORTGENAI} could not build its model"
+    if proc.returncode != 0:
+        raise SystemExit(f"{ORTGENAI} model build failed (exit {proc.returncode}): {shlex.join(cmd)}")
+    return None
+
+
 def resolve_model(source: str) -> Path:
     """A GGUF path as given, or a registry alias resolved (pulled on first use) by pocketinfer."""
     if str(REPO) not in sys.path:
@@ -280,6 +311,8 @@ def side_commands(args, model: Path, text_file: Path) -> dict[str, tuple[list[st
         cmds["llama.cpp"] = ([str(venv_python(args.llamacpp_venv)), str(TOOLS / "peer_llamacpp.py"), *peer], REPO)
     if args.transformers:
         cmds["transformers"] = ([sys.executable, str(TOOLS / "peer_transformers.py"), *peer], REPO)
+    if args.ortgenai:
+        cmds[ORTGENAI] = ([str(venv_python(args.ortgenai_venv)), str(TOOLS / "peer_ortgenai.py"), *peer], REPO)
     return cmds
 
 
@@ -343,6 +376,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--install-llamacpp", action="store_true", help="create/update the llama.cpp venv first")
     ap.add_argument("--no-llamacpp", action="store_true", help="leave llama.cpp out")
     ap.add_argument("--transformers", action="store_true", help="also run HF transformers (torch fp32)")
+    ap.add_argument("--ortgenai", action="store_true",
+                    help="also run ONNX Runtime GenAI on its builder's int4 model (built once, then cached)")
+    ap.add_argument("--ortgenai-venv", type=Path,
+                    default=Path(os.environ.get("POCKETINFER_ORTGENAI_VENV") or REPO / ".venv-ortgenai"))
+    ap.add_argument("--install-ortgenai", action="store_true",
+                    help="create/update the ORT GenAI venv first (implies --ortgenai)")
     ap.add_argument("--baseline", type=Path, default=None, metavar="DIR",
                     help="also run another pocketinfer checkout (e.g. `git worktree add DIR REV`) as a peer")
     ap.add_argument("--write", action="store_true", help=f"add or update this run's section in {BENCH_MD.name}")
@@ -355,6 +394,12 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_llamacpp and not venv_python(args.llamacpp_venv).exists():
         raise SystemExit(f"no llama.cpp venv at {args.llamacpp_venv}: run with --install-llamacpp, give "
                          "--llamacpp-venv (or $POCKETINFER_LLAMACPP_VENV), or pass --no-llamacpp")
+    if args.install_ortgenai:
+        install_ortgenai(args.ortgenai_venv)
+        args.ortgenai = True
+    if args.ortgenai and not venv_python(args.ortgenai_venv).exists():
+        raise SystemExit(f"no ORT GenAI venv at {args.ortgenai_venv}: run with --install-ortgenai, or give "
+                         "--ortgenai-venv (or $POCKETINFER_ORTGENAI_VENV)")
 
     model = resolve_model(args.model)
     machine = machine_info()
@@ -363,12 +408,16 @@ def main(argv: list[str] | None = None) -> int:
     # processes map cannot be paged out (engine/memory.py, engine/measure/bench.py).
     assert "llvmlite" not in sys.modules, "bench_peers imported the kernels"
 
+    skipped: dict[str, str] = {}
+    if args.ortgenai:
+        why = build_ortgenai(args.ortgenai_venv, model)
+        if why:
+            skipped[ORTGENAI] = why
     with tempfile.TemporaryDirectory() as tmp:
         text_file = Path(tmp) / "paragraph.txt"
         text_file.write_text(PARAGRAPH, encoding="utf-8")
         cmds = side_commands(args, model, text_file)
         results: dict[str, list[dict]] = {name: [] for name in cmds}
-        skipped: dict[str, str] = {}
         for rnd in range(args.rounds):
             for name, (cmd, root) in cmds.items():
                 if name in skipped:
