@@ -167,8 +167,11 @@ def _gemm_lanes_numba(w, d, m, x, out, flip):
     return out
 
 
+LANES_FORM = NUMBA and target.VNNI512     # the rows-in-lanes form runs on this machine
+
+
 def _lanes(w) -> bool:
-    return NUMBA and target.VNNI512 and w.shape[0] % (lanetile.GROUPS * lanetile.LANES) == 0
+    return LANES_FORM and w.shape[0] % (lanetile.GROUPS * lanetile.LANES) == 0
 
 
 def gemm_q4(qs, d, m, x, out):

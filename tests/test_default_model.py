@@ -85,24 +85,30 @@ def test_perplexity_matches_llamacpp(llm):
 
 
 @pytest.fixture(scope="module")
-def llm_int8():
+def llm_f32():
     import engine
 
-    return engine.load("smollm2-135m-instruct", threads=2, prefill="int8")
+    return engine.load("smollm2-135m-instruct", threads=2, prefill="f32")
 
 
-def test_int8_prefill_against_f32(llm, llm_int8):
-    """The int8 prefill engine (activations rounded per block of 32, as llama.cpp's): perplexity within
-    0.5% of the f32 path's, and every greedy continuation and teacher-forced argmax of the golden prompts
-    still llama.cpp's, up to its near-ties."""
+@pytest.mark.parametrize("name", ["int8", "onnx"])
+def test_prefill_engine_against_f32(llm_f32, name):
+    """The int8 prefill engine (activations rounded per block of 32, as llama.cpp's) and the ONNX Runtime
+    one (f32 arithmetic on the stored blocks): perplexity within 0.5% of the f32 path's, and every greedy
+    continuation and teacher-forced argmax of the golden prompts still llama.cpp's, up to its near-ties."""
+    import engine
     from engine.measure.perplexity import perplexity
 
-    tokens = llm.tokenizer.encode(PPL_TEXT.read_text(encoding="utf-8"))
+    if name == "onnx":
+        pytest.importorskip("onnxruntime")
+    other = engine.load("smollm2-135m-instruct", threads=2, prefill=name)
+    assert f"{'int8 GEMM' if name == 'int8' else 'ONNX Runtime session'}" in other.describe()
+    tokens = llm_f32.tokenizer.encode(PPL_TEXT.read_text(encoding="utf-8"))
     ctx = GOLDEN["perplexity"]["ctx"]
-    f32, int8 = (perplexity(m, tokens, ctx, PPL_WINDOWS).ppl for m in (llm, llm_int8))
-    assert abs(int8 / f32 - 1.0) <= 0.005, f"perplexity int8 {int8:.4f} vs f32 {f32:.4f}"
+    f32, got_ppl = (perplexity(m, tokens, ctx, PPL_WINDOWS).ppl for m in (llm_f32, other))
+    assert abs(got_ppl / f32 - 1.0) <= 0.005, f"perplexity {name} {got_ppl:.4f} vs f32 {f32:.4f}"
     n = GOLDEN["greedy"]["n_tokens"]
     for prompt in GOLDEN["greedy"]["prompts"]:
-        got = list(map(int, llm_int8.generate(prompt["prompt_ids"], max_tokens=n, temperature=0.0).tokens))
+        got = list(map(int, other.generate(prompt["prompt_ids"], max_tokens=n, temperature=0.0).tokens))
         assert greedy_check(prompt, got, TIE_MARGIN)[1] is None, prompt["name"]
-        assert teacher_forced_check(llm_int8.logits, prompt, TIE_MARGIN)[1] == [], prompt["name"]
+        assert teacher_forced_check(other.logits, prompt, TIE_MARGIN)[1] == [], prompt["name"]

@@ -82,10 +82,13 @@ def test_any_prompt_length_and_engines_alternating(stories_dir):
 
 
 def _fallback_matches(source, reason: str, **load):
+    """Without a plan the fallback is the default engine."""
+    from engine.executors.prefill import LABELS, default_engine
+
     llm = engine.load(source, threads=2, prefill="onnx", **load)
     assert reason in llm.describe()
-    assert "attention dense, FFN dense, f32 BLAS" in llm.describe()
-    ref = engine.load(source, threads=2, prefill="f32", **load)
+    assert f"attention dense, FFN dense, {LABELS[default_engine()]}" in llm.describe()
+    ref = engine.load(source, threads=2, prefill=default_engine(), **load)
     ids = np.arange(3, 30)
     assert np.array_equal(llm.logits(ids), ref.logits(ids))
     return llm
@@ -117,6 +120,8 @@ def test_fallback_when_the_session_fails(stories_dir, monkeypatch):
 def test_fallback_when_a_run_fails(stories_dir):
     import onnxruntime as ort
 
+    from engine.executors.prefill import default_engine
+
     llm = engine.load(str(stories_dir), threads=2, prefill="onnx")
     prefill = llm.model.executors.prefill
     (session,) = prefill.sessions.values()
@@ -127,7 +132,7 @@ def test_fallback_when_a_run_fails(stories_dir):
 
     prefill.sessions = {key: Failing() for key in prefill.sessions}
     ids = np.arange(3, 30)
-    ref = engine.load(str(stories_dir), threads=2, prefill="f32").logits(ids)
+    ref = engine.load(str(stories_dir), threads=2, prefill=default_engine()).logits(ids)
     assert np.array_equal(llm.logits(ids), ref)
     assert "ONNX Runtime failed to run the prompt: out of memory" in llm.describe()
     assert np.array_equal(llm.logits(ids), ref)           # and it stays on the fallback

@@ -366,7 +366,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("-m", "--model", default=DEFAULT_MODEL, help="GGUF path or registry alias")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--prefill", default=None, metavar="E[,E...]",
-                    help="pocketinfer's prefill engine (int8, f32); more than one adds a side per further engine")
+                    help="pocketinfer's prefill engine (int8, onnx, f32); more than one adds a side per further engine")
     ap.add_argument("--prompt-tokens", type=int, default=128)
     ap.add_argument("--gen-tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=1, help="timed runs inside each process (default 1)")

@@ -20,7 +20,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prefill", choices=ENGINES, default=None,
                    help="prefill engine: int8 (x rounded to int8, integer kernels on Q4/Q8 weights), onnx (ONNX "
                         "Runtime, MatMulNBits on the stored blocks; falls back to f32 when it cannot run) or f32 "
-                        "(BLAS on f32 tiles) (default: the deploy's plan, else f32)")
+                        "(BLAS on f32 tiles) (default: the deploy's plan, else int8 where the CPU has AVX-512 VNNI, f32 "
+                        "elsewhere)")
     p.add_argument("--verbose", action="store_true", help="print load and speed statistics on stderr")
 
 

@@ -7,11 +7,11 @@ prefill (engine/executors/stack.py and the dense FFN).
 - "f32": tiles of the weight dequantized to f32, then BLAS (engine/model/weights.Weight.matmul).
 - "onnx": not a matmul but a phase executor: every layer in one ONNX Runtime session
   (engine/executors/onnx_prefill.py), with int8 or f32 as its fallback (the plan's prefill.fallback).
-The default (`default_engine`) is f32. The int8 GEMM's speed depends on the CPU: its rows-in-lanes form
-(AVX-512 VNNI, kernels/lanetile.py) beats BLAS on every shape measured, its rows-in-turn form (every other
-target) only on wide matrices, BENCHMARKS.md "Prefill engines". The planner
-(`pocketinfer plan`) measures both on the device and writes the faster into plan.json's prefill.engine;
-`load(prefill=)` and `--prefill` override either.
+The default (`default_engine`) is int8 where the int8 GEMM's rows-in-lanes form runs (numba on a CPU
+with AVX-512 VNNI, kernels/lanetile.py), which measured faster than f32 BLAS on every shape and model
+tried (BENCHMARKS.md "Prefill engines"); elsewhere f32, since the rows-in-turn form of other CPUs beat
+BLAS only on wide matrices. The planner (`pocketinfer plan`) measures the engines on the device and
+writes the fastest into plan.json's prefill.engine; `load(prefill=)` and `--prefill` override either.
 """
 
 from __future__ import annotations
@@ -22,7 +22,9 @@ LABELS = {"int8": "int8 GEMM", "onnx": "ONNX Runtime", "f32": "f32 BLAS"}
 
 
 def default_engine() -> str:
-    return "f32"
+    from kernels.gemm import LANES_FORM
+
+    return "int8" if LANES_FORM else "f32"
 
 
 def f32(w, x):
