@@ -66,3 +66,21 @@ def test_sharded_checkpoint(tmp_path):
     assert (tmp_path / "model.safetensors.index.json").exists()
     llm = engine.load(str(tmp_path), threads=2)
     assert np.abs(llm.logits(PROMPT) - torch_logits(ref, PROMPT)).max() < TOL
+
+
+@pytest.mark.parametrize("name", sorted(VARIANTS))
+def test_onnx_prefill_matches_transformers(name, tmp_path):
+    """The ONNX Runtime prefill engine (f32 arithmetic, Gemm on these f32 weights) within the same
+    tolerance, then 16 cached decode steps continuing from the K/V it wrote. (The int8 engine multiplies
+    f32 weights through BLAS like f32: its tolerance on quantized weights is tests/test_gemm.py's.)"""
+    pytest.importorskip("onnxruntime")
+    ref = make_hf_model(name, tmp_path)
+    llm = engine.load(str(tmp_path), threads=2, prefill="onnx")
+    assert "all layers in one ONNX Runtime session" in llm.describe(), llm.describe()
+    assert np.abs(llm.logits(PROMPT) - torch_logits(ref, PROMPT)).max() < TOL, name
+    want = torch_cached_steps(ref, PROMPT, STEPS)
+    cache = llm.model.new_cache(64)
+    llm.model.forward(np.array(PROMPT), cache)
+    for i, t in enumerate(STEPS):
+        got = llm.model.forward(np.array([t]), cache, all_logits=False)[0]
+        assert np.abs(got - want[i]).max() < TOL, f"{name}: step {i} after the ONNX prefill differs from transformers"

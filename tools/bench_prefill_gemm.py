@@ -1,5 +1,7 @@
-"""Prefill matmul speed per engine: the int8 GEMM (kernels/gemm.py) against the f32 path (dequantized tiles
-through BLAS), at a 1.1B Llama's kernel shapes, in GFLOP/s (2 * tokens * rows * cols / time).
+"""Prefill matmul speed per engine: the int8 GEMM (kernels/gemm.py), ONNX Runtime's MatMulNBits as the
+ONNX engine runs it (engine/executors/onnx_graph.matmul in a session of engine/executors/onnx_session.py,
+our arrays in place) and the f32 path (dequantized tiles through BLAS), at a 1.1B Llama's kernel shapes,
+in GFLOP/s (2 * tokens * rows * cols / time).
 
     python tools/bench_prefill_gemm.py                             # Q4_0 and Q8_0, 128 and 512 tokens, 1 and 2 threads
     python tools/bench_prefill_gemm.py --formats Q4_1 --tokens 128 --threads 2 --reps 7
@@ -41,8 +43,8 @@ def bench(fmt: str, tokens: int, threads: int, reps: int, rng) -> list[dict]:
     for name, (rows, cols) in SHAPES.items():
         w = gq.weight_from_gguf(TYPE_IDS[fmt], gguf_bytes(fmt, rows, cols, rng), (rows, cols), fmt, "bench")
         x = rng.standard_normal((tokens, cols), dtype=np.float32)
-        engines = {"int8": w.matmul_int8, "f32": w.matmul}
         set_threads(threads)
+        engines = {"int8": w.matmul_int8, "onnx": onnx_matmul(w), "f32": w.matmul}
         for fn in engines.values():                     # compile, fault pages in
             fn(x)
         times = {e: [] for e in engines}
@@ -54,9 +56,19 @@ def bench(fmt: str, tokens: int, threads: int, reps: int, rng) -> list[dict]:
                 time.sleep(SETTLE_S)
         flop = 2.0 * tokens * rows * cols
         g = {e: flop / statistics.median(t) / 1e9 for e, t in times.items()}
-        rows_out.append(dict(format=fmt, shape=name, rows=rows, cols=cols, tokens=tokens, threads=threads,
-                             int8=g["int8"], f32=g["f32"]))
+        rows_out.append(dict(format=fmt, shape=name, rows=rows, cols=cols, tokens=tokens, threads=threads, **g))
     return rows_out
+
+
+def onnx_matmul(w):
+    """x -> x @ w.T through the ONNX engine's graph for one weight, in a session on w's arrays."""
+    import onnxruntime as ort
+
+    from engine.executors import onnx_graph
+    from engine.executors.onnx_session import open_session
+
+    session = open_session(ort, onnx_graph.matmul(w))
+    return lambda x: session.run(None, {"x": x})[0]
 
 
 def main() -> None:
@@ -68,14 +80,16 @@ def main() -> None:
     args = ap.parse_args()
     rng = np.random.default_rng(0)
     print(f"load average before: {' '.join(f'{v:.2f}' for v in os.getloadavg())}", file=sys.stderr)
-    print("| format | shape (rows x cols) | tokens | threads | int8 GEMM GFLOP/s | f32 BLAS GFLOP/s | int8 / f32 |")
-    print("|---|---|---:|---:|---:|---:|---:|")
+    print("| format | shape (rows x cols) | tokens | threads | int8 GEMM GFLOP/s | ONNX Runtime GFLOP/s | "
+          "f32 BLAS GFLOP/s | int8 / f32 | ONNX / f32 |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
     for fmt in args.formats.split(","):
         for tokens in (int(t) for t in args.tokens.split(",")):
             for threads in (int(t) for t in args.threads.split(",")):
                 for r in bench(fmt, tokens, threads, args.reps, rng):
                     print(f"| {fmt} | {r['shape']} {r['rows']}x{r['cols']} | {tokens} | {threads} | {r['int8']:.1f} | "
-                          f"{r['f32']:.1f} | {r['int8'] / r['f32']:.2f} |", flush=True)
+                          f"{r['onnx']:.1f} | {r['f32']:.1f} | {r['int8'] / r['f32']:.2f} | {r['onnx'] / r['f32']:.2f} |",
+                          flush=True)
     print(f"load average after: {' '.join(f'{v:.2f}' for v in os.getloadavg())}", file=sys.stderr)
 
 
