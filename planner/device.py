@@ -149,6 +149,7 @@ class DeviceProfile:
     duration_s: float = 0.0
     sources: tuple[str, ...] = ()    # citations for example profiles
     notes: tuple[str, ...] = ()
+    probe_version: int = 0           # planner/device_probe.PROBE_VERSION of the code that measured it
     schema: str = field(default=SCHEMA)
     schema_version: int = field(default=SCHEMA_VERSION)
 
@@ -209,6 +210,7 @@ def from_dict(d: dict, source: str = "device profile") -> DeviceProfile:
             duration_s=float(d.get("duration_s", 0.0)),
             sources=tuple(str(s) for s in d.get("sources", ())),
             notes=tuple(str(s) for s in d.get("notes", ())),
+            probe_version=int(d.get("probe_version", 0)),
         )
     except KeyError as e:
         raise PlanError(f"{source}: device profile lacks the field {e.args[0]!r}; run `pocketinfer profile-device` "

@@ -37,6 +37,10 @@ DEFAULT_SHAPES = ((3072, 576), (576, 1536), (2752, 4096))
 _SIMD = {"sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "avx512_bf16",
          "amx_int8", "neon", "asimd", "asimdhp", "asimddp", "sve", "sve2", "i8mm", "bf16", "fphp"}
 SECONDS_PER_KERNEL = 0.2
+# Raised whenever a kernel or engine the probe times changes, so that a profile cached by older code is
+# measured again (planner/pipeline.load_device).
+PROBE_VERSION = 1
+
 STREAM = "matvec_q4_1_stream"
 STREAM_MATRICES = 14   # x 6.7 MiB = 94 MiB, beyond the largest last-level caches of laptops and phones
 
@@ -64,7 +68,7 @@ def profile_device(path: Path, threads: int | None = None, shapes=DEFAULT_SHAPES
     overhead = overhead_info()
     return DeviceProfile(name=platform.node() or "this machine", kind="measured", cpu=cpu, memory=memory,
                          storage=storage, kernels=kernels, overhead=overhead,
-                         duration_s=round(time.perf_counter() - t0, 1))
+                         duration_s=round(time.perf_counter() - t0, 1), probe_version=PROBE_VERSION)
 
 
 # ---------------------------------------------------------------- cpu

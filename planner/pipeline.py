@@ -27,17 +27,23 @@ class Result:
 
 
 def load_device(spec, progress: Progress | None = None):
-    """The given profile, else this machine's cached one, else a fresh measurement (then cached)."""
+    """The given profile, else this machine's cached one when this code measured it on this CPU, else a
+    fresh measurement (then cached)."""
     from planner import device
 
     path = device.resolve_profile(spec)
     if path is not None:
         return device.load_profile(path)
+    from engine.formats.registry import cache_dir
+    from planner.device_probe import PROBE_VERSION, cpu_info, profile_device
+
     cached = device.default_path()
     if cached.exists():
-        return device.load_profile(cached)
-    from engine.formats.registry import cache_dir
-    from planner.device_probe import profile_device
+        prof = device.load_profile(cached)
+        # measured by this code on this CPU (a home folder can outlive the machine and the code)
+        cpu = cpu_info()
+        if prof.probe_version == PROBE_VERSION and (prof.cpu.model, prof.cpu.simd) == (cpu.model, cpu.simd):
+            return prof
 
     stages = ["cpu topology", "memory bandwidth", "storage reads", "kernels", "call overhead"]
     prof = profile_device(cache_dir() / "models",

@@ -77,3 +77,25 @@ def test_budget_parsing(text, expected):
 def test_bad_budgets(text):
     with pytest.raises(PlanError):
         parse_budget(text, 1000)
+
+
+def test_cached_profile_is_measured_again_when_the_code_or_cpu_changed(tmp_path, monkeypatch):
+    """A cached profile serves only the code version and CPU that measured it: a home folder can outlive
+    both (a profile from older kernels chose the wrong prefill engine)."""
+    import dataclasses
+
+    from planner import device, device_probe, pipeline
+
+    monkeypatch.setenv("POCKETINFER_HOME", str(tmp_path))
+    example = device.load_profile(device.example_profiles()["snapdragon-8gen3-ufs4"])
+    here = dataclasses.replace(example, kind="measured", cpu=device_probe.cpu_info(),
+                               probe_version=device_probe.PROBE_VERSION)
+    fresh = dataclasses.replace(here, name="fresh")
+    calls = []
+    monkeypatch.setattr(device_probe, "profile_device", lambda *a, **k: calls.append(1) or fresh)
+    for cached, measured in ((here, False), (dataclasses.replace(here, probe_version=0), True),
+                             (dataclasses.replace(here, cpu=example.cpu), True)):
+        calls.clear()
+        device.save_profile(dataclasses.replace(cached, name="cached"), device.default_path())
+        got = pipeline.load_device(None)
+        assert (got.name, bool(calls)) == (("fresh", True) if measured else ("cached", False))
