@@ -15,6 +15,18 @@ if NUMBA:
     from numba import prange
 
 
+def allowed_positions(start: int, n: int, window: int) -> np.ndarray:
+    """(n, start+n) bool: which cached positions query start+i attends to (causal, and within `window`
+    positions when window > 0)."""
+    end = start + n
+    pos_q = np.arange(start, end)[:, None]             # (n, 1)
+    pos_k = np.arange(end)[None, :]                    # (1, end)
+    allowed = pos_k <= pos_q
+    if window > 0:
+        allowed &= pos_k > pos_q - window
+    return allowed
+
+
 def attention_numpy(q, k_cache, v_cache, start, window, out):
     """q (n, H, hd) f32; k_cache, v_cache (Hkv, max_seq, hd) f32 or uint16 half bits (kernels/kv.py)
     holding positions 0..start+n-1;
@@ -24,11 +36,7 @@ def attention_numpy(q, k_cache, v_cache, start, window, out):
     group = n_heads // n_kv
     end = start + n
     scale = np.float32(1.0 / math.sqrt(hd))
-    pos_q = np.arange(start, end)[:, None]             # (n, 1)
-    pos_k = np.arange(end)[None, :]                    # (1, end)
-    allowed = pos_k <= pos_q
-    if window > 0:
-        allowed &= pos_k > pos_q - window
+    allowed = allowed_positions(start, n, window)      # (n, end)
     for g in range(n_kv):
         qg = q[:, g * group:(g + 1) * group].transpose(1, 0, 2)          # (group, n, hd)
         scores = (qg @ to_f32(k_cache[g, :end]).T) * scale                # (group, n, end)

@@ -16,7 +16,7 @@ def onnx_gflops(w, x: np.ndarray, threads: int, seconds: float = 0.3) -> tuple[d
     import onnxruntime as ort
 
     from engine.executors import onnx_graph
-    from engine.executors.onnx_session import CPU, open_session, ort_errors
+    from engine.executors.onnx_session import CPU, first_line, open_session, ort_errors
 
     graph = onnx_graph.matmul(w)
     flops = 2.0 * x.shape[0] * w.shape[0] * w.shape[1]
@@ -35,5 +35,5 @@ def onnx_gflops(w, x: np.ndarray, threads: int, seconds: float = 0.3) -> tuple[d
                 calls += 1
             out[f"onnx:{ep}"] = round(flops * calls / (time.perf_counter() - t0) / 1e9, 1)
         except ort_errors(ort) as e:
-            notes.append(f"{ep}: {str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__}")
+            notes.append(f"{ep}: {first_line(e)}")
     return out, notes

@@ -271,11 +271,11 @@ def _assemble(cost, evidence, chosen, budget, staging, recall_floor, head_flash:
     s, dev = cost.shape, cost.dev
     F = s.ffn
     decode_s = cost.fixed_decode_s(head_flash) + sum(c.time_s for c in chosen)
-    layer_bytes = s.n_layers * (s.attn_bytes + s.ffn_bytes)
-    spare = budget - (s.fixed_bytes + staging + sum(c.mem for c in chosen))
-    flash = any(c.flash_bytes > 0 for c in chosen)
-    engine, gflops, fallback = prefill_engine(dev.kernels.matmul_gflops, s.hidden,
-                                              -1.0 if flash else spare, layer_bytes)
+    uses_flash = any(c.flash_bytes > 0 for c in chosen)
+    fixed = s.fixed_bytes_head_on_flash if head_flash else s.fixed_bytes
+    spare = -1.0 if uses_flash else budget - (fixed + staging + sum(c.mem for c in chosen))
+    ort_copy = s.n_layers * (s.attn_bytes + s.ffn_bytes)      # ONNX Runtime's prepacked layers
+    engine, gflops, fallback = prefill_engine(dev.kernels.matmul_gflops, s.hidden, spare, ort_copy)
     cold_bytes = sum((F - c.hot - c.cache) * s.bundle_bytes for c in chosen)
     prefill_io, _ = cost.read_s(cold_bytes, SEQUENTIAL_REQUEST, "sequential")
     ttft = cost.prefill_s(TTFT_PROMPT_TOKENS, gflops) + prefill_io
@@ -289,11 +289,9 @@ def _assemble(cost, evidence, chosen, budget, staging, recall_floor, head_flash:
     top = clusters[0].max_mhz if clusters else 0.0
     big = sum(len(cl.cores) for cl in clusters if top and cl.max_mhz >= 0.75 * top) if top else 0
     threads = min(dev.cpu.physical_cores, big or dev.cpu.physical_cores)
-    uses_flash = any(c.flash_bytes > 0 for c in chosen)
     # At most the threads the staging memory was budgeted for (CostModel.staging_bytes).
     io_threads = min(cost.io_threads(), max((c.io_threads for c in chosen), default=0)) if uses_flash else 0
     kv = KV_TOKENS * s.kv_bytes_per_token
-    fixed = s.fixed_bytes_head_on_flash if head_flash else s.fixed_bytes
     sol = Solution(budget_bytes=budget, layers=tuple(chosen), evidence=tuple(evidence), fixed_bytes=fixed,
                    staging_bytes=staging, decode_s=decode_s, ttft_s=ttft, prefill_engine=engine,
                    prefill_fallback=fallback, prefill_providers=onnx_providers(dev.kernels.matmul_gflops),
@@ -345,7 +343,7 @@ def _rationale(cost: CostModel, sol: Solution, recall_floor: float) -> list[str]
     measured = ", ".join(f"{name} {g[key + width]:.0f}" for name, key in
                          (("int8 GEMM", "int8"), ("ONNX Runtime", "onnx"), ("f32 BLAS", "numpy")) if key + width in g)
     why = ""
-    if sol.prefill_engine != "onnx" and g.get("onnx" + width, 0.0) > g.get(sol.prefill_engine.replace("f32", "numpy") + width, 0.0):
+    if sol.prefill_engine != "onnx" and prefill_engine(g, s.hidden)[0] == "onnx":    # the budget ruled it out
         why = ("; ONNX Runtime measured faster but prepacks its own copy of the layers' weights, which "
                + ("flash-resident FFNs rule out" if any(c.flash_bytes > 0 for c in sol.layers) else "the budget cannot hold"))
     lines.append(f"prefill: the {sol.prefill_engine} engine, the fastest measured ({measured} GFLOP/s at a 128-token "

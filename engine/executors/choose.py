@@ -40,8 +40,8 @@ def choose(config, weights, plan: Plan) -> Executors:
         from engine.executors.flash_ffn import open_flash
 
         store = open_flash(config, plan)
-        engine = plan.prefill_fallback if plan.prefill == "onnx" else plan.prefill
-        return Executors(LayerStack(config, layers, store.layer_ffns(batched=True), batched=True, engine=engine),
+        return Executors(LayerStack(config, layers, store.layer_ffns(batched=True), batched=True,
+                                    engine=plan.stack_engine),
                          LayerStack(config, layers, store.layer_ffns(batched=False), batched=False), extra,
                          plan.source)
     dense = all(m == "dense" for m in plan.decode)
@@ -51,10 +51,9 @@ def choose(config, weights, plan: Plan) -> Executors:
     else:
         decode = LayerStack(config, layers, decode_ffns(config, layers, plan.decode, predictors=plan.predictors,
                                                         cluster=plan.cluster), batched=False)
-    engine = plan.prefill_fallback if plan.prefill == "onnx" else plan.prefill
-    matmul = prefill_engines.matmul_of(engine)
+    matmul = prefill_engines.matmul_of(plan.stack_engine)
     prefill = LayerStack(config, layers, [DenseFFN(lw, config.act_kind, matmul) for lw in layers], batched=True,
-                         engine=engine)
+                         engine=plan.stack_engine)
     if plan.prefill == "onnx":
         prefill = OnnxPrefill(config, layers, prefill, plan.providers)
     return Executors(prefill, decode, extra, plan.source)

@@ -59,7 +59,6 @@ class Graph:
     model: onnx.ModelProto                                   # weights as external data in PLACEHOLDER
     initializers: dict[str, np.ndarray] = field(default_factory=dict)   # name -> C-contiguous array
     extra_bytes: int = 0                                     # bytes of the arrays made for ORT, not ours
-    approximations: list[str] = field(default_factory=list)  # formats mapped with rounding, one line each
 
 
 def _f32_scales(d: np.ndarray) -> np.ndarray:
@@ -68,12 +67,10 @@ def _f32_scales(d: np.ndarray) -> np.ndarray:
 
 
 class _Builder:
-    def __init__(self, kv_type: int):
+    def __init__(self):
         self.nodes: list[onnx.NodeProto] = []
         self.inits: dict[str, np.ndarray] = {}
         self.extra = 0
-        self.approx: set[str] = set()
-        self.kv_type = kv_type
         self.permuted: dict[str, str] = {}      # activation name -> its block-permuted copy
         self.n = 0
 
@@ -133,13 +130,10 @@ class _Builder:
             qs = self.init(name + ".qs", w.qs, True)
             self.inits[qs] = self.inits[qs].reshape(rows, blocks, 16)
             d = _f32_scales(w.d)
-            inputs = [self.permute_blocks(x, cols), qs]
+            inputs = [self.permute_blocks(x, cols), qs, self.init(name + ".d", d, d is w.d)]
             if w.m.shape[1]:
                 # explicit zero points 0 (packed nibbles), and the offsets as their own small matmul
-                zeros = np.zeros((rows, (blocks + 1) // 2), np.uint8)
-                inputs += [self.init(name + ".d", d, d is w.d), self.init(name + ".z", zeros, False)]
-            else:
-                inputs.append(self.init(name + ".d", d, d is w.d))
+                inputs.append(self.init(name + ".z", np.zeros((rows, (blocks + 1) // 2), np.uint8), False))
             y = self.one("MatMulNBits", inputs, MS, K=cols, N=rows, bits=4, block_size=32, accuracy_level=0)
             y = self.offsets(name, w, x, y, 32)
         elif isinstance(w, I8Weight) and w.d.shape[1] and cols % w.d.shape[1] == 0:
@@ -180,7 +174,7 @@ def build(config, layers, kv_half: bool) -> Graph:
     cache of f32 or (kv_half) IEEE half elements. Raises UnsupportedGraph."""
     c = config
     kv_type = TensorProto.FLOAT16 if kv_half else TensorProto.FLOAT
-    b = _Builder(kv_type)
+    b = _Builder()
     heads, kv_heads, hd = c.num_attention_heads, c.num_key_value_heads, c.head_dim
     group = heads // kv_heads
     hq, hkv = heads * hd, kv_heads * hd
@@ -256,7 +250,7 @@ def build(config, layers, kv_half: bool) -> Graph:
 def matmul(w) -> Graph:
     """One weight's product as the prefill graph computes it: x (T, cols) f32 -> y (T, rows) f32 = x @ w.T
     (the planner times it)."""
-    b = _Builder(TensorProto.FLOAT)
+    b = _Builder()
     rows, cols = w.shape
     b.node("Identity", [b.linear("w", w, "x")], ["y"])
     return _finish(b, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["T", cols])],
@@ -272,7 +266,7 @@ def _finish(b: _Builder, inputs: list, outputs: list) -> Graph:
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(MS, 1)],
                               producer_name="pocketinfer")
     model.ir_version = 10
-    return Graph(model, {n: a for n, a in b.inits.items() if n not in small}, b.extra, sorted(b.approx))
+    return Graph(model, {n: a for n, a in b.inits.items() if n not in small}, b.extra)
 
 
 PLACEHOLDER = "weights.placeholder"

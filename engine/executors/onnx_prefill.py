@@ -26,7 +26,8 @@ from pathlib import Path
 import numpy as np
 
 from engine.executors.base import Executor
-from engine.executors.onnx_session import CPU, open_session, ort_errors
+from engine.executors.onnx_session import CPU, first_line, open_session, ort_errors
+from kernels.attention import allowed_positions
 
 
 class OnnxPrefill(Executor):
@@ -36,7 +37,7 @@ class OnnxPrefill(Executor):
                  threads: int | None = None):
         """layers: the model's LayerWeights (fused by engine/model/layout.py); fallback: the phase
         executor that runs the prompt when ORT cannot; providers: ORT execution providers, in order of
-        preference; cache_dir: where built graphs are kept (None: not kept); threads: ORT's intra-op
+        preference; cache_dir: where model files are kept (None: $POCKETINFER_HOME/onnx); threads: ORT's intra-op
         threads (None: engine.threads' setting)."""
         self.config = config
         self.layers = layers
@@ -44,10 +45,9 @@ class OnnxPrefill(Executor):
         self.providers = tuple(providers)
         self.cache_dir = cache_dir
         self.threads = threads
-        self.sessions: dict[bool, object] = {}       # half KV cache? -> InferenceSession
+        self.sessions: dict[bool, object] = {}       # half KV cache? -> onnx_session.Session
         self.extra_bytes = 0
         self.session_bytes = 0                        # RSS that making the session added (ORT's prepacking)
-        self.approximations: list[str] = []
         self.used_providers: list[str] = []
         self.reason: str | None = None                # why the fallback runs, once it does
         try:
@@ -80,7 +80,7 @@ class OnnxPrefill(Executor):
                 return
             except self.errors as e:
                 if self.reason is None:           # else _session gave up already, and said why
-                    self._give_up(f"ONNX Runtime failed to run the prompt: {_first_line(e)}")
+                    self._give_up(f"ONNX Runtime failed to run the prompt: {first_line(e)}")
         self.fallback.run(x, cache, start, cos, sin)
 
     def _give_up(self, reason: str) -> None:
@@ -93,10 +93,7 @@ class OnnxPrefill(Executor):
         session = self._session(half)
         n, end = x.shape[0], start + x.shape[0]
         group = c.num_attention_heads // c.num_key_value_heads
-        pos_q, pos_k = np.arange(start, end)[:, None], np.arange(end)[None, :]
-        allowed = pos_k <= pos_q
-        if c.window > 0:
-            allowed &= pos_k > pos_q - c.window
+        allowed = allowed_positions(start, n, c.window)                                  # (n, end) bool
         mask = np.tile(np.where(allowed, np.float32(0), np.float32(-np.inf)), (group, 1))   # (group*n, end) f32
         feeds = {"x": x, "cos": np.ascontiguousarray(cos), "sin": np.ascontiguousarray(sin),
                  "position_ids": np.arange(n, dtype=np.int64)[None], "mask": mask}
@@ -116,7 +113,7 @@ class OnnxPrefill(Executor):
             try:
                 self.sessions[half] = self._make_session(half)
             except self.errors as e:
-                self._give_up(f"ONNX Runtime could not make the session: {_first_line(e)}")
+                self._give_up(f"ONNX Runtime could not make the session: {first_line(e)}")
                 raise
         return self.sessions[half]
 
@@ -128,13 +125,8 @@ class OnnxPrefill(Executor):
         except onnx_graph.UnsupportedGraph as e:
             raise ValueError(f"the graph cannot express the model: {e}") from None
         self.extra_bytes = graph.extra_bytes
-        self.approximations = graph.approximations
         session = open_session(self.ort, graph, self.providers, self.threads, self.cache_dir)
         self.session_bytes = session.rss_added
         self.used_providers = session.providers
         return session
 
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return text[0][:200] if text else type(e).__name__

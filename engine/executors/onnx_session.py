@@ -34,6 +34,12 @@ def ort_errors(ort) -> tuple[type, ...]:
     return tuple(getattr(state, n) for n in names if hasattr(state, n)) + (RuntimeError, ValueError)
 
 
+def first_line(e: BaseException) -> str:
+    """ORT's message, first line only (its messages carry a source path and a stack)."""
+    text = str(e).strip().splitlines()
+    return text[0][:200] if text else type(e).__name__
+
+
 class Session:
     """An InferenceSession with the arrays it reads in place kept alive beside it."""
 

@@ -55,6 +55,11 @@ class Plan:
     providers: tuple[str, ...] = ("CPUExecutionProvider",)    # ONNX Runtime's, in order of preference
     source: str = "defaults (engine/executors/plan.py)"       # where the plan came from, for describe()
 
+    @property
+    def stack_engine(self) -> str:
+        """The matmul engine of the layer-by-layer prefill: the plan's engine, or under "onnx" its fallback."""
+        return self.prefill_fallback if self.prefill == "onnx" else self.prefill
+
     def unloaded(self) -> set[str]:
         """Our names of the matrices the plan serves from flash, which the reader must not load."""
         out = set()
