@@ -91,7 +91,7 @@ def load(source: str | os.PathLike = "smollm2-135m-instruct", *, threads: int | 
         weights = gguf_loader.load_weights(g, config, progress, skip=plan.unloaded(),
                                            direct_io=plan.direct_io)
         file_bytes = path.stat().st_size
-        del g  # drop the file mapping: the weights were copied into their own layout
+        del g  # the weights were copied into their own layout (an untied embedding table keeps a view of the mapping)
     else:
         raise ModelFormatError(f"{path}: not a model (expected an HF directory with config.json or a .gguf file)")
     ctx = min(config.max_position_embeddings, 4096) if n_ctx is None else int(n_ctx)

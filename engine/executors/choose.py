@@ -33,9 +33,14 @@ from engine.model import layout
 def choose(config, weights, plan: Plan) -> Executors:
     """The executors that run `weights` (a model's ModelWeights, arranged here in place) under `plan`."""
     layers = weights.layers
-    for lw in layers:
-        layout.fuse(lw)
     extra = (weights.lm_head,) if plan.head_on_flash else ()
+    dense = all(m == "dense" for m in plan.decode)
+    one_region = plan.flash is None and dense and ONE_REGION and layout.stackable(layers)
+    if one_region:
+        stacks = layout.stack_layers(layers)      # fuses q|k|v and gate|up as it stacks
+    else:
+        for lw in layers:
+            layout.fuse(lw)
     if plan.flash is not None:
         from engine.executors.flash_ffn import open_flash
 
@@ -44,10 +49,8 @@ def choose(config, weights, plan: Plan) -> Executors:
                                     engine=plan.stack_engine),
                          LayerStack(config, layers, store.layer_ffns(batched=False), batched=False), extra,
                          plan.source)
-    dense = all(m == "dense" for m in plan.decode)
-    if (dense and ONE_REGION and all(layout.one_region_layer(lw) for lw in layers)
-            and layout.same_layouts(layers)):
-        decode = OneRegionDecode(config, layout.stack_layers(layers))
+    if one_region:
+        decode = OneRegionDecode(config, stacks)
     else:
         decode = LayerStack(config, layers, decode_ffns(config, layers, plan.decode, predictors=plan.predictors,
                                                         cluster=plan.cluster), batched=False)

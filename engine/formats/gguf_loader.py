@@ -11,6 +11,7 @@ from engine.formats import weight_map
 from engine.formats.assemble import assemble
 from engine.formats.gguf_file import GGUFFile
 from engine.formats.gguf_quants import vector_from_gguf, weight_from_gguf
+from engine.formats.mapped_rows import MappedRows
 from engine.model.config import ModelConfig
 from engine.model.transformer import ModelWeights
 from engine.model.weights import Weight
@@ -109,10 +110,19 @@ def load_weights(g: GGUFFile, config: ModelConfig, progress=None, skip: frozense
         order = _unpermute_order(t.shape[0], heads)
         return t.take_rows(order) if isinstance(t, Weight) else t[order]
 
+    # An untied embedding table is only looked up: it stays in the file mapping (engine/formats/mapped_rows.py).
+    mapped = "output.weight" in g.tensors and "embed" not in skip and "token_embd.weight" in g.tensors
     weights = assemble(config, weight_map.GGUF, src, matrix, vector, lambda n: n in g.tensors, fix, progress,
-                       skip=skip)
+                       skip=skip | {"embed"} if mapped else skip)
     if "rope_freqs.weight" in g.tensors:
         weights.rope_freq_factors = vector("rope_freqs.weight")
+    if mapped:
+        t = g.tensors["token_embd.weight"]
+        if tuple(t.shape) != (config.vocab_size, config.hidden_size):
+            raise ModelFormatError(f"{src}: tensor 'token_embd.weight' has shape {tuple(t.shape)}, expected "
+                                   f"{(config.vocab_size, config.hidden_size)} from the config; the weights don't "
+                                   "match the config")
+        weights.embed = MappedRows(t.ggml_type, g.raw(t.name), t.shape, t.name, src)
     if "embed" in skip:
         attach_head(weights, g, direct_io)
     return weights

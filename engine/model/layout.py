@@ -1,6 +1,6 @@
 """The one module that arranges a model's weights for the executors chosen at load: everything that
 rewrites LayerWeights or builds a second layout of them. `fuse` stacks q|k|v and gate|up, `stack_layers`
-stacks the layers for the one-region decode, `transpose_down` and `sparse_arrays` build the neuron-major
+fuses and stacks the layers for the one-region decode, `transpose_down` and `sparse_arrays` build the neuron-major
 down and the neuron records of sparse layers. engine/executors/choose.py calls them for the executors it
 chose, for a loaded model and for its miniature (engine/model/miniature.py) alike, so that the warm-up
 compiles exactly the layouts the model will run.
@@ -18,7 +18,9 @@ from engine.model.weights import BF16Weight, F16Weight, F32Weight, I8Weight, Q4W
 from kernels.neuron_records import pack
 
 FUSED = (("wqkv", ("wq", "wk", "wv")), ("w_gate_up", ("w_gate", "w_up")))
-ONE_REGION_MATS = ("wqkv", "wo", "w_gate_up", "w_down")   # kernels/decode_token.py's matrices, in its order
+# kernels/decode_token.py's matrices, in its order, each with the matrices it stacks
+ONE_REGION_GROUPS = (("wqkv", ("wq", "wk", "wv")), ("wo", ("wo",)), ("w_gate_up", ("w_gate", "w_up")),
+                     ("w_down", ("w_down",)))
 DOWN_FORMATS = ("auto", "i8", "q4", "f32")
 _TILE_ROWS = 256                            # rows of down dequantized at a time while transposing
 
@@ -62,42 +64,67 @@ def _split_views(lw, fused_name: str, names: tuple[str, ...]) -> None:
         r0 += rows
 
 
-def one_region_layer(lw) -> bool:
-    """Whether kernels/decode_token.py runs this layer: Q4 or 32-block I8 matrices, no biases."""
-    mats = [getattr(lw, f) for f in ONE_REGION_MATS]
-    return (all(isinstance(w, Q4Weight) or (isinstance(w, I8Weight) and w.q.shape[1] == 32 * w.d.shape[1])
-                for w in mats) and all(b is None for b in (lw.bq, lw.bk, lw.bv, lw.bo)))
+def _one_region_weight(w) -> bool:
+    return isinstance(w, Q4Weight) or (isinstance(w, I8Weight) and w.q.shape[1] == 32 * w.d.shape[1])
 
 
-def same_layouts(layers) -> bool:
-    """Whether every layer's one-region matrices have the same array shapes and dtypes (stackable)."""
-    def sig(lw):
-        return [(a.shape, a.dtype) for f in ONE_REGION_MATS for a in getattr(lw, f)._arrays()]
-    return len({str(sig(lw)) for lw in layers}) == 1
+def _stack_signature(lw) -> list | None:
+    """The (rows, ...) shape and dtype of each array of the layer's fused one-region matrices, or None when
+    kernels/decode_token.py cannot run the layer (a layout other than Q4 or 32-block I8, parts of a fused
+    matrix in different layouts, or biases)."""
+    if any(b is not None for b in (lw.bq, lw.bk, lw.bv, lw.bo)):
+        return None
+    sig = []
+    for _, names in ONE_REGION_GROUPS:
+        parts = [getattr(lw, n) for n in names]
+        if not all(_one_region_weight(w) and type(w) is type(parts[0]) for w in parts):
+            return None
+        tails = {tuple((a.shape[1:], a.dtype) for a in w._arrays()) for w in parts}
+        if len(tails) != 1:
+            return None
+        rows = sum(w.shape[0] for w in parts)
+        sig += [((rows,) + tail, dtype) for tail, dtype in tails.pop()]
+    return sig
+
+
+def stackable(layers) -> bool:
+    """Whether the one-region decode (kernels/decode_token.py) can run every layer, in one stack per array:
+    Q4 or 32-block I8 matrices, no biases, the same shapes in every layer."""
+    sigs = [_stack_signature(lw) for lw in layers]
+    return sigs[0] is not None and all(s == sigs[0] for s in sigs)
 
 
 def stack_layers(layers) -> tuple[np.ndarray, ...]:
-    """Every layer's norms and arrays of q|k|v, o, gate|up and down in one (layers, ...) array per
-    field, the layers' weights turned into views of them. Arrays passed one by one would cost ~450
-    unboxings per token, numba's typed lists ~50 MiB of compiler memory at load. Layer by layer, so the
-    copy adds one layer to the peak."""
+    """Fuses and stacks in one pass (the layers pass `stackable`): every layer's norms and arrays of q|k|v,
+    o, gate|up and down in one (layers, ...) array per field, the layers' weights turned into views of
+    them. Arrays passed one by one would cost ~450 unboxings per token, numba's typed lists ~50 MiB of
+    compiler memory at load. Each source matrix is copied once, into its place in the stack, and dropped
+    right after, so loading peaks one matrix above the model, not a layer."""
     L = len(layers)
     norms = (np.stack([lw.attn_norm for lw in layers]), np.stack([lw.ffn_norm for lw in layers]))
-    stacks = [np.empty((L,) + a.shape, a.dtype) for f in ONE_REGION_MATS for a in getattr(layers[0], f)._arrays()]
+    stacks, groups = [], []          # groups: (fused name, part names, its slice of stacks)
+    for fused_name, names in ONE_REGION_GROUPS:
+        parts = [getattr(layers[0], n) for n in names]
+        rows = sum(w.shape[0] for w in parts)
+        arrays = parts[0]._arrays()
+        groups.append((fused_name, names, slice(len(stacks), len(stacks) + len(arrays))))
+        stacks += [np.empty((L, rows) + a.shape[1:], a.dtype) for a in arrays]   # (layers, rows, ...) each
     for i, lw in enumerate(layers):
         lw.attn_norm, lw.ffn_norm = norms[0][i], norms[1][i]
-        k = 0
-        for f in ONE_REGION_MATS:
-            w = getattr(lw, f)
-            parts = []
-            for a in w._arrays():
-                stacks[k][i] = a
-                parts.append(stacks[k][i])
-                k += 1
-            setattr(lw, f, type(w)(*parts))
-        for fused_name, names in FUSED:       # drop the views of the old arrays, freeing them
-            _split_views(lw, fused_name, names)
-        trim_heap()     # glibc keeps freed blocks of these sizes on its heap: give each layer's back now
+        for fused_name, names, k in groups:
+            kind, r0, bounds = type(getattr(lw, names[0])), 0, []
+            for n in names:
+                rows = getattr(lw, n).shape[0]
+                for s, a in zip(stacks[k], getattr(lw, n)._arrays()):
+                    s[i, r0:r0 + rows] = a
+                setattr(lw, n, None)          # the last reference to the source (or its view of a fused copy)
+                bounds.append((n, r0, r0 + rows))
+                r0 += rows
+            fused = kind(*[s[i] for s in stacks[k]])
+            setattr(lw, fused_name, fused)
+            for n, a, b in bounds:
+                setattr(lw, n, fused if n == fused_name else fused.row_slice(a, b))
+            trim_heap()     # glibc keeps freed blocks of these sizes on its heap: give them back now
     return norms + tuple(stacks)
 
 

@@ -46,7 +46,7 @@ class LayerWeights:
 
 @dataclass
 class ModelWeights:
-    embed: Weight                  # (vocab, hidden)
+    embed: Weight                  # (vocab, hidden); MappedRows for an untied GGUF table (only looked up)
     layers: list[LayerWeights]
     norm: np.ndarray               # (hidden,) f32
     lm_head: Weight                # (vocab, hidden); the same object as embed when tied
