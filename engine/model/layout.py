@@ -69,9 +69,9 @@ def _one_region_weight(w) -> bool:
 
 
 def _stack_signature(lw) -> list | None:
-    """The (rows, ...) shape and dtype of each array of the layer's fused one-region matrices, or None when
+    """Per fused one-region matrix, the (rows, ...) shape and dtype of each of its arrays; None when
     kernels/decode_token.py cannot run the layer (a layout other than Q4 or 32-block I8, parts of a fused
-    matrix in different layouts, or biases)."""
+    matrix in different layouts, or biases). Shapes only: it keeps no reference to the weights."""
     if any(b is not None for b in (lw.bq, lw.bk, lw.bv, lw.bo)):
         return None
     sig = []
@@ -83,7 +83,7 @@ def _stack_signature(lw) -> list | None:
         if len(tails) != 1:
             return None
         rows = sum(w.shape[0] for w in parts)
-        sig += [((rows,) + tail, dtype) for tail, dtype in tails.pop()]
+        sig.append([((rows,) + tail, dtype) for tail, dtype in tails.pop()])
     return sig
 
 
@@ -103,12 +103,9 @@ def stack_layers(layers) -> tuple[np.ndarray, ...]:
     L = len(layers)
     norms = (np.stack([lw.attn_norm for lw in layers]), np.stack([lw.ffn_norm for lw in layers]))
     stacks, groups = [], []          # groups: (fused name, part names, its slice of stacks)
-    for fused_name, names in ONE_REGION_GROUPS:
-        parts = [getattr(layers[0], n) for n in names]
-        rows = sum(w.shape[0] for w in parts)
-        arrays = parts[0]._arrays()
+    for (fused_name, names), arrays in zip(ONE_REGION_GROUPS, _stack_signature(layers[0])):
         groups.append((fused_name, names, slice(len(stacks), len(stacks) + len(arrays))))
-        stacks += [np.empty((L, rows) + a.shape[1:], a.dtype) for a in arrays]   # (layers, rows, ...) each
+        stacks += [np.empty((L,) + shape, dtype) for shape, dtype in arrays]    # (layers, rows, ...) each
     for i, lw in enumerate(layers):
         lw.attn_norm, lw.ffn_norm = norms[0][i], norms[1][i]
         for fused_name, names, k in groups:
