@@ -257,9 +257,21 @@ def venv_python(venv: Path) -> Path:
 
 
 def install_llamacpp(venv: Path) -> None:
+    """Build llama-cpp-python in `venv` with $CMAKE_ARGS, then print the CPU features its ggml uses."""
     if not venv_python(venv).exists():
         subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-    subprocess.run([str(venv_python(venv)), "-m", "pip", "install", "--upgrade", "llama-cpp-python"], check=True)
+    pip = [str(venv_python(venv)), "-m", "pip", "install", "--upgrade"]
+    if os.environ.get("CMAKE_ARGS"):
+        pip += ["--no-cache-dir", "--force-reinstall"]     # pip's wheel cache would return a wheel built without them
+    subprocess.run([*pip, "llama-cpp-python"], check=True)
+    probe = "import llama_cpp; print(llama_cpp.llama_print_system_info().decode())"
+    info = subprocess.run([str(venv_python(venv)), "-c", probe], capture_output=True, text=True,
+                          check=True).stdout.strip()
+    print(f"llama.cpp system info: {info}", file=sys.stderr)
+    if "AMX_INT8 = 1" in info:
+        print("llama.cpp uses AMX here; its AMX kernels segfaulted on a KVM guest (BENCHMARKS.md, 2026-12-02): if "
+              "it crashes, rebuild with CMAKE_ARGS=\"-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_AVX512=ON "
+              "-DGGML_AVX512_VNNI=ON -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF\"", file=sys.stderr)
 
 
 def install_ortgenai(venv: Path) -> None:

@@ -10,7 +10,7 @@ executor and the planner's measurement of it.
   the session added to this process's RSS.
 - The model file (the graph without weights, ~100-300 KiB) is kept in `cache_dir` ($POCKETINFER_HOME/onnx
   by default) under the graph's hash and reused by later starts; what a start still pays is building
-  the graph and ORT's prepacking (BENCHMARKS.md).
+  the graph and ORT's prepacking (BENCHMARKS.md). The KEEP_GRAPHS most recently used stay.
 - Providers: those asked for that this build has, then CPU; ORT's intra-op pool does not spin between
   runs, where it would starve numba's decode threads (DESIGN.md).
 """
@@ -71,6 +71,9 @@ def open_session(ort, graph, providers=(CPU,), threads: int | None = None, cache
     return Session(session, (graph.initializers, values), _rss() - before)
 
 
+KEEP_GRAPHS = 32          # model folders kept in the cache, least recently used dropped first
+
+
 def model_file(graph, cache_dir: Path | None = None) -> Path:
     """The graph's model file and its placeholder, under the hash of the graph in cache_dir, written
     once (into a temporary folder, then renamed) and reused; a private temporary folder when the cache
@@ -81,6 +84,7 @@ def model_file(graph, cache_dir: Path | None = None) -> Path:
     root = Path(cache_dir) if cache_dir is not None else _default_cache()
     folder = root / hashlib.sha256(model).hexdigest()[:20]
     if (folder / "prefill.onnx").exists():
+        _touch(folder)
         return folder / "prefill.onnx"
     try:
         root.mkdir(parents=True, exist_ok=True)
@@ -95,7 +99,27 @@ def model_file(graph, cache_dir: Path | None = None) -> Path:
             os.rename(tmp, folder)
         except OSError:                                 # another process put it there first
             shutil.rmtree(tmp, ignore_errors=True)
+        prune(root, keep=KEEP_GRAPHS)
     return folder / "prefill.onnx"
+
+
+def _touch(folder: Path) -> None:
+    try:
+        os.utime(folder)
+    except OSError:
+        pass                                            # a read-only cache: its order just goes stale
+
+
+def prune(root: Path, keep: int) -> None:
+    """Remove all but the `keep` most recently used model folders under root (each model and KV cache
+    type makes its own graph). A session already made does not read its folder again."""
+    try:
+        folders = sorted((f for f in root.iterdir() if f.is_dir() and not f.name.startswith(".")),
+                         key=lambda f: f.stat().st_mtime, reverse=True)
+    except OSError:
+        return                                          # another process pruned beside us: it keeps the cache
+    for f in folders[keep:]:
+        shutil.rmtree(f, ignore_errors=True)
 
 
 def _default_cache() -> Path:
