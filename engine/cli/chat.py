@@ -1,6 +1,8 @@
 """`pocketinfer chat [-m MODEL] [-p PROMPT] [--system TEXT]`: an interactive, streaming chat REPL.
 
-Ctrl-C stops the current answer (the partial answer stays in the history); Ctrl-D or /bye leaves.
+Ctrl-C stops the current answer (the partial answer stays in the history); Ctrl-D or /bye leaves. When the
+conversation outgrows the context, the oldest exchanges are dropped (never the system prompt) down to half
+the context, so that the next turns reuse the cached prefix (engine/text/conversation.py).
 """
 
 from __future__ import annotations
@@ -8,7 +10,8 @@ from __future__ import annotations
 import sys
 
 from engine.cli.common import add_model_args, add_sampling_args, load_model, print_stats, sampling_kwargs
-from engine.errors import PocketInferError
+from engine.errors import ContextLengthError, PocketInferError
+from engine.text.conversation import fit_conversation
 
 HELP = """commands:
   /reset   forget the conversation (keeps the system prompt)
@@ -45,6 +48,26 @@ def _answer(llm, messages, args) -> str:
     if args.verbose and last is not None and last.finish_reason:
         print_stats(last.stats, last.finish_reason)
     return "".join(parts)
+
+
+def _fit(llm, messages: list[dict], args) -> list[dict]:
+    """The history, fitted before a turn so that the answer has room: args.max_tokens, or a quarter of
+    the context (at most half)."""
+    n_ctx = llm.n_ctx
+    room = min(args.max_tokens or n_ctx // 4, n_ctx // 2)
+
+    def count(msgs: list[dict]) -> int:
+        return len(llm.tokenizer.encode(llm.tokenizer.apply_chat_template(msgs, add_generation_prompt=True)))
+
+    if count(messages) + room <= n_ctx:
+        return messages
+    try:
+        kept, dropped = fit_conversation(messages, count, n_ctx // 2)
+    except ContextLengthError:      # the system prompt and the new message fill more than half: use the rest
+        kept, dropped = fit_conversation(messages, count, n_ctx - room)
+    print(f"(the conversation outgrew the context of {n_ctx} tokens: dropped its {dropped} oldest messages, "
+          "kept the system prompt)", file=sys.stderr)
+    return kept
 
 
 def run(args) -> int:
@@ -87,8 +110,9 @@ def run(args) -> int:
             continue
         messages.append({"role": "user", "content": line})
         try:
+            messages = _fit(llm, messages, args)
             reply = _answer(llm, messages, args)
-        except PocketInferError as e:  # e.g. the conversation outgrew the context: keep the REPL alive
+        except PocketInferError as e:  # e.g. a message longer than the context: keep the REPL alive
             messages.pop()
             print(f"pocketinfer: error: {e} (/reset starts a new conversation)", file=sys.stderr)
             continue
