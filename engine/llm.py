@@ -2,10 +2,21 @@
 logits, generate, stream, chat and describe.
 
 The library never prints; errors are PocketInferError subclasses with one-line messages.
+
+Threads. An LLM is one conversation: one KV cache and the prompt ids it holds, for prefix reuse. Its calls
+are serialized: a call from a second thread waits until the first one's generation is finished (or its
+stream closed), and a second call from the thread that is iterating a stream raises RuntimeError rather
+than wait for itself. `llm.session()` is another conversation over the same weights, with its own cache;
+threads driving different sessions generate at the same time, their forward passes interleaved token by
+token (the model runs one pass at a time, engine/model/transformer.py), and each gets exactly the tokens
+it would get alone.
 """
 
 from __future__ import annotations
 
+import copy
+import threading
+from contextlib import contextmanager
 from typing import Iterator, Sequence
 
 import numpy as np
@@ -34,6 +45,16 @@ class LLM:
         self.plan = plan
         self._cache = None
         self._cache_ids: list[int] = []   # the token ids whose K/V the cache holds, for prefix reuse
+        self._lock = threading.Lock()     # held by the call using the cache (module docstring)
+        self._owner: int | None = None    # the thread holding it
+
+    def session(self) -> "LLM":
+        """Another conversation over the same weights, tokenizer and executors: its own KV cache and
+        prefix, its own lock (module docstring). Costs the cache only."""
+        other = copy.copy(self)
+        other._cache, other._cache_ids = None, []
+        other._lock, other._owner = threading.Lock(), None
+        return other
 
     # ------------------------------------------------------------------ low level
 
@@ -77,17 +98,18 @@ class LLM:
             raise ValueError(f"max_tokens must be at least 1, got {max_tokens}")
         if isinstance(stop, str):
             stop = [stop]
-        reuse = self._prepare_cache(ids)
-        generated: list[int] = []
-        try:
-            for chunk in stream_generate(self.model, self._cache, ids, reuse, make_sampler(params), max_tokens,
-                                         set(self.tokenizer.eos_token_ids), stop or (), self.tokenizer.decode):
-                if chunk.token is not None:
-                    generated.append(chunk.token)
-                yield chunk
-        finally:
-            # What the cache now holds: the prompt and every generated token that was fed back.
-            self._cache_ids = (ids + generated)[: self._cache.length]
+        with self._turn():
+            reuse = self._prepare_cache(ids)
+            generated: list[int] = []
+            try:
+                for chunk in stream_generate(self.model, self._cache, ids, reuse, make_sampler(params), max_tokens,
+                                             set(self.tokenizer.eos_token_ids), stop or (), self.tokenizer.decode):
+                    if chunk.token is not None:
+                        generated.append(chunk.token)
+                    yield chunk
+            finally:
+                # What the cache now holds: the prompt and every generated token that was fed back.
+                self._cache_ids = (ids + generated)[: self._cache.length]
 
     def generate(self, prompt: str | Sequence[int], **kwargs) -> Response:
         text, tokens, last = [], [], None
@@ -110,11 +132,27 @@ class LLM:
 
     def reset(self) -> None:
         """Forget the cached conversation (the next call prefills from scratch)."""
-        self._cache_ids = []
-        if self._cache is not None:
-            self._cache.reset()
+        with self._turn():
+            self._cache_ids = []
+            if self._cache is not None:
+                self._cache.reset()
 
     # ------------------------------------------------------------------ helpers
+
+    @contextmanager
+    def _turn(self):
+        """Hold this conversation's cache for one call: wait for another thread's call to end; raise for a
+        call from the thread already inside one (it would wait for itself)."""
+        me = threading.get_ident()
+        if self._owner == me:
+            raise RuntimeError("this LLM is already generating in this thread: finish or close that stream first, "
+                               "or use llm.session() for a second conversation")
+        with self._lock:
+            self._owner = me
+            try:
+                yield
+            finally:
+                self._owner = None
 
     def _prepare_cache(self, ids: list[int]) -> int:
         """Reuse the longest common prefix with what the cache holds; return how many ids it covers."""

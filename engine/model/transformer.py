@@ -9,6 +9,7 @@ several the prefill phase.
 
 from __future__ import annotations
 
+import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -72,6 +73,10 @@ class Transformer:
         self.executors = executors
         self.kv_dtype = kv_dtype
         self.rope = RopeTable(config, weights.rope_freq_factors)
+        # One forward pass at a time: the executors keep scratch buffers, and numba's workqueue threading
+        # layer aborts on parallel regions launched from two threads. Conversations (LLM.session) on
+        # several threads interleave their passes token by token.
+        self._forward_lock = threading.Lock()
 
     def describe(self) -> str:
         return self.executors.describe()
@@ -104,7 +109,8 @@ class Transformer:
         # so a write past the cache would corrupt memory rather than fail.
         assert cache.length + len(ids) <= cache.max_seq, "caller checks the context length"
         try:
-            return self._forward(np.asarray(ids, dtype=np.int64), cache, all_logits)
+            with self._forward_lock:
+                return self._forward(np.asarray(ids, dtype=np.int64), cache, all_logits)
         except SystemError as e:
             # A Ctrl-C that lands inside a numba kernel comes back as "SystemError: CPUDispatcher(...)
             # returned a result with an exception set", caused by the KeyboardInterrupt. Give callers the
