@@ -32,3 +32,8 @@ class PlanError(PocketInferError, ValueError):
 class FlashReadError(PocketInferError, OSError):
     """Reading FFN neuron bundles from flash failed (an I/O error or a short read) during a request.
     The request fails; the engine stays usable for the next one."""
+
+
+class SessionError(PocketInferError, ValueError):
+    """A saved conversation (engine/session_file.py) cannot be loaded: not a session file, another
+    version, another model, or damaged."""

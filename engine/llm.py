@@ -137,6 +137,29 @@ class LLM:
             if self._cache is not None:
                 self._cache.reset()
 
+    def save_session(self, path) -> None:
+        """Write this conversation's KV cache and token ids to `path` (engine/session_file.py), so that
+        load_session resumes it later, in this process or another, without prefilling it again."""
+        from engine import session_file
+
+        with self._turn():
+            session_file.save(path, self.model, self._cache, self._cache_ids)
+
+    def load_session(self, path) -> None:
+        """Resume the conversation saved at `path`: the next call whose prompt starts with its tokens
+        reuses their K/V. SessionError when the file is not a session of this model and KV cache type."""
+        from engine import session_file
+
+        with self._turn():
+            ids, k, v = session_file.load(path, self.model, self.n_ctx)
+            if self._cache is None:
+                self._cache = self.model.new_cache(self.n_ctx)
+            n = len(ids)
+            self._cache.k_all[:, :, :n] = k
+            self._cache.v_all[:, :, :n] = v
+            self._cache.length = n
+            self._cache_ids = ids
+
     # ------------------------------------------------------------------ helpers
 
     @contextmanager
