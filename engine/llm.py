@@ -137,6 +137,15 @@ class LLM:
             if self._cache is not None:
                 self._cache.reset()
 
+    def cached_tokens(self, ids: Sequence[int]) -> int:
+        """How many leading `ids` this conversation's cache holds: what a call with them would reuse."""
+        common = 0
+        for a, b in zip(self._cache_ids, ids):
+            if a != b:
+                break
+            common += 1
+        return common
+
     def save_session(self, path) -> None:
         """Write this conversation's KV cache and token ids to `path` (engine/session_file.py), so that
         load_session resumes it later, in this process or another, without prefilling it again."""
@@ -181,12 +190,7 @@ class LLM:
         """Reuse the longest common prefix with what the cache holds; return how many ids it covers."""
         if self._cache is None:
             self._cache = self.model.new_cache(self.n_ctx)
-        common = 0
-        for a, b in zip(self._cache_ids, ids):
-            if a != b:
-                break
-            common += 1
-        common = min(common, len(ids) - 1)   # at least one token must be evaluated to get logits
+        common = min(self.cached_tokens(ids), len(ids) - 1)   # at least one token is evaluated, for logits
         self._cache.truncate(common)
         self._cache_ids = self._cache_ids[:common]
         return common
