@@ -17,6 +17,7 @@ A conversation longer than the context loses its oldest exchanges, never the sys
 
 from __future__ import annotations
 
+import asyncio
 import json
 import threading
 import time
@@ -195,26 +196,66 @@ def create_app(model: Model, api_key: str | None = None) -> Starlette:
     return Starlette(routes=routes, exception_handlers={404: no_route, 405: no_route})
 
 
+class _Producer:
+    """Runs one request's generation in its own thread and hands the chunks to the event loop through a
+    queue, so that sending a token never delays computing the next. stop() ends it after the token in
+    flight; `done` runs on the event loop once the generation has really ended (the slot is free again)."""
+
+    END = object()
+
+    def __init__(self, chunks, done):
+        self.loop = asyncio.get_running_loop()
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._run, args=(chunks, done), daemon=True, name="pocketinfer-gen")
+        self.thread.start()
+
+    def _run(self, chunks, done) -> None:
+        last = self.END
+        try:
+            for chunk in chunks:
+                self.loop.call_soon_threadsafe(self.queue.put_nowait, chunk)
+                if self.stopped.is_set():
+                    break
+        except Exception as e:      # noqa: BLE001 -- the thread's edge: the request re-raises it (400, 500 or a cut)
+            last = e
+        finally:
+            chunks.close()
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, last)
+            self.loop.call_soon_threadsafe(done)
+
+    async def next(self):
+        """The next chunk, None at the end; raises what the generation raised."""
+        item = await self.queue.get()
+        if item is self.END:
+            return None
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    def stop(self) -> None:
+        self.stopped.set()
+
+
 async def _generate(model: Model, ids: list[int], opts: dict, chat: bool, stream: bool, include_usage: bool):
     """Run one request on a slot: the whole answer as JSON, or its chunks as server-sent events."""
     limiter_token = object()
     await model.limiter.acquire_on_behalf_of(limiter_token)
     session = model.take(ids)
-    chunks = session.stream(ids, **{k: v for k, v in opts.items() if v is not None or k == "max_tokens"})
 
-    def release():
-        chunks.close()
+    def free_slot():
         model.free.append(session)
         model.limiter.release_on_behalf_of(limiter_token)
 
+    chunks = session.stream(ids, **{k: v for k, v in opts.items() if v is not None or k == "max_tokens"})
+    producer = _Producer(chunks, free_slot)
     try:
-        first = await anyio.to_thread.run_sync(next, chunks, None)      # errors before any byte is sent
+        first = await producer.next()                       # errors before any byte is sent
     except (ContextLengthError, ValueError) as e:
-        release()
         return APIError(400, str(e), code="context_length_exceeded" if isinstance(e, ContextLengthError)
                         else None).response()
     except BaseException:
-        release()
+        producer.stop()
         raise
     rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
     created = int(time.time())
@@ -231,9 +272,9 @@ async def _generate(model: Model, ids: list[int], opts: dict, chat: bool, stream
             while chunk is not None:
                 parts.append(chunk.text)
                 last = chunk
-                chunk = await anyio.to_thread.run_sync(next, chunks, None)
+                chunk = await producer.next()
         finally:
-            release()
+            producer.stop()
         text = "".join(parts)
         choice = ({"index": 0, "message": {"role": "assistant", "content": text}} if chat
                   else {"index": 0, "text": text, "logprobs": None})
@@ -260,10 +301,10 @@ async def _generate(model: Model, ids: list[int], opts: dict, chat: bool, stream
                     yield event({"content": chunk.text} if chat else chunk.text, None)
                 if chunk.finish_reason:
                     yield event({} if chat else "", chunk.finish_reason, chunk.stats if include_usage else None)
-                chunk = await anyio.to_thread.run_sync(next, chunks, None)
+                chunk = await producer.next()
             yield "data: [DONE]\n\n"
         finally:
-            release()       # also when the client went away: the generation stops here
+            producer.stop()       # also when the client went away: the generation stops after its token
 
     return StreamingResponse(events(), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
