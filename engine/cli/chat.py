@@ -11,7 +11,7 @@ import sys
 
 from engine.cli.common import add_model_args, add_sampling_args, load_model, print_stats, sampling_kwargs
 from engine.errors import ContextLengthError, PocketInferError
-from engine.text.conversation import fit_conversation
+from engine.text.conversation import answer_room, fit_conversation, prompt_ids
 
 HELP = """commands:
   /reset   forget the conversation (keeps the system prompt)
@@ -51,13 +51,12 @@ def _answer(llm, messages, args) -> str:
 
 
 def _fit(llm, messages: list[dict], args) -> list[dict]:
-    """The history, fitted before a turn so that the answer has room: args.max_tokens, or a quarter of
-    the context (at most half)."""
+    """The history, fitted before a turn so that the answer has room (conversation.answer_room)."""
     n_ctx = llm.n_ctx
-    room = min(args.max_tokens or n_ctx // 4, n_ctx // 2)
+    room = answer_room(n_ctx, args.max_tokens)
 
     def count(msgs: list[dict]) -> int:
-        return len(llm.tokenizer.encode(llm.tokenizer.apply_chat_template(msgs, add_generation_prompt=True)))
+        return len(prompt_ids(llm.tokenizer, msgs))
 
     if count(messages) + room <= n_ctx:
         return messages

@@ -85,11 +85,14 @@ def load_weights(g: GGUFFile, config: ModelConfig, progress=None, skip: frozense
     embeddings, those and the LM head are streamed from the file at every use instead
     (engine/flash/matrix.py, O_DIRECT reads unless direct_io is False)."""
     src = str(g.path)
+    untied = "output.weight" in g.tensors
 
-    def matrix(name) -> Weight:
+    def matrix(name) -> Weight | MappedRows:
         t = g.tensors[name]
         if len(t.shape) != 2:
             raise ModelFormatError(f"{src}: tensor {name!r} has shape {t.shape}, expected a matrix")
+        if untied and name == "token_embd.weight":      # only looked up: it stays in the file mapping
+            return MappedRows(t.ggml_type, g.raw(name), t.shape, name, src)
         w = weight_from_gguf(t.ggml_type, g.raw(name), t.shape, name, src)
         g.release(name)
         return w
@@ -110,19 +113,10 @@ def load_weights(g: GGUFFile, config: ModelConfig, progress=None, skip: frozense
         order = _unpermute_order(t.shape[0], heads)
         return t.take_rows(order) if isinstance(t, Weight) else t[order]
 
-    # An untied embedding table is only looked up: it stays in the file mapping (engine/formats/mapped_rows.py).
-    mapped = "output.weight" in g.tensors and "embed" not in skip and "token_embd.weight" in g.tensors
     weights = assemble(config, weight_map.GGUF, src, matrix, vector, lambda n: n in g.tensors, fix, progress,
-                       skip=skip | {"embed"} if mapped else skip)
+                       skip=skip)
     if "rope_freqs.weight" in g.tensors:
         weights.rope_freq_factors = vector("rope_freqs.weight")
-    if mapped:
-        t = g.tensors["token_embd.weight"]
-        if tuple(t.shape) != (config.vocab_size, config.hidden_size):
-            raise ModelFormatError(f"{src}: tensor 'token_embd.weight' has shape {tuple(t.shape)}, expected "
-                                   f"{(config.vocab_size, config.hidden_size)} from the config; the weights don't "
-                                   "match the config")
-        weights.embed = MappedRows(t.ggml_type, g.raw(t.name), t.shape, t.name, src)
     if "embed" in skip:
         attach_head(weights, g, direct_io)
     return weights

@@ -30,7 +30,7 @@ from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
 
 from engine.errors import ContextLengthError, PocketInferError
-from engine.text.conversation import fit_conversation
+from engine.text.conversation import answer_room, fit_conversation, prompt_ids
 
 SAMPLING = {"temperature": float, "top_p": float, "seed": int}
 
@@ -44,6 +44,12 @@ class APIError(Exception):
     def response(self) -> JSONResponse:
         body = {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
         return JSONResponse(body, status_code=self.status)
+
+
+def _bad_request(e: Exception) -> JSONResponse:
+    """A request the library refused (ContextLengthError and other ValueErrors) as a 400."""
+    code = "context_length_exceeded" if isinstance(e, ContextLengthError) else None
+    return APIError(400, str(e), code=code).response()
 
 
 class Model:
@@ -128,23 +134,24 @@ def _messages(body: dict) -> list[dict]:
     return out
 
 
-def _prompt_ids(llm, messages: list[dict], max_tokens: int | None) -> list[int]:
+def _chat_ids(llm, messages: list[dict], max_tokens: int | None) -> list[int]:
     """The chat prompt's ids, the oldest exchanges dropped when the conversation outgrows the context."""
-    tok = llm.tokenizer
-    room = min(max_tokens or llm.n_ctx // 4, llm.n_ctx // 2)
-
-    def count(msgs):
-        return len(tok.encode(tok.apply_chat_template(msgs, add_generation_prompt=True)))
-
-    messages, _ = fit_conversation(messages, count, llm.n_ctx - room)
-    return tok.encode(tok.apply_chat_template(messages, add_generation_prompt=True))
+    ids = prompt_ids(llm.tokenizer, messages)
+    limit = llm.n_ctx - answer_room(llm.n_ctx, max_tokens)
+    if len(ids) <= limit:
+        return ids
+    messages, _ = fit_conversation(messages, lambda msgs: len(prompt_ids(llm.tokenizer, msgs)), limit)
+    return prompt_ids(llm.tokenizer, messages)
 
 
 def create_app(model: Model, api_key: str | None = None) -> Starlette:
+    def check_key(request: Request) -> None:
+        if api_key is not None and request.headers.get("authorization") != f"Bearer {api_key}":
+            raise APIError(401, "incorrect API key provided", code="invalid_api_key")
+
     async def run(request: Request, chat: bool):
         try:
-            if api_key is not None and request.headers.get("authorization") != f"Bearer {api_key}":
-                raise APIError(401, "incorrect API key provided", code="invalid_api_key")
+            check_key(request)
             try:
                 body = json.loads(await request.body())
             except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -155,7 +162,7 @@ def create_app(model: Model, api_key: str | None = None) -> Starlette:
             opts = _options(body)
             llm = model.llm
             if chat:
-                ids = _prompt_ids(llm, _messages(body), opts["max_tokens"])
+                ids = _chat_ids(llm, _messages(body), opts["max_tokens"])
             else:
                 prompt = body.get("prompt")
                 if not isinstance(prompt, str) or not prompt:
@@ -165,9 +172,8 @@ def create_app(model: Model, api_key: str | None = None) -> Starlette:
             include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
         except APIError as e:
             return e.response()
-        except (ContextLengthError, ValueError, TypeError) as e:
-            return APIError(400, str(e), code="context_length_exceeded" if isinstance(e, ContextLengthError)
-                            else None).response()
+        except (ValueError, TypeError) as e:
+            return _bad_request(e)
         return await _generate(model, ids, opts, chat, stream, include_usage)
 
     async def chat_completions(request: Request):
@@ -177,8 +183,10 @@ def create_app(model: Model, api_key: str | None = None) -> Starlette:
         return await run(request, chat=False)
 
     async def models(request: Request):
-        if api_key is not None and request.headers.get("authorization") != f"Bearer {api_key}":
-            return APIError(401, "incorrect API key provided", code="invalid_api_key").response()
+        try:
+            check_key(request)
+        except APIError as e:
+            return e.response()
         return JSONResponse({"object": "list", "data": [{"id": model.id, "object": "model", "created": 0,
                                                          "owned_by": "pocketinfer"}]})
 
@@ -247,13 +255,11 @@ async def _generate(model: Model, ids: list[int], opts: dict, chat: bool, stream
         model.free.append(session)
         model.limiter.release_on_behalf_of(limiter_token)
 
-    chunks = session.stream(ids, **{k: v for k, v in opts.items() if v is not None or k == "max_tokens"})
-    producer = _Producer(chunks, free_slot)
+    producer = _Producer(session.stream(ids, **opts), free_slot)
     try:
         first = await producer.next()                       # errors before any byte is sent
-    except (ContextLengthError, ValueError) as e:
-        return APIError(400, str(e), code="context_length_exceeded" if isinstance(e, ContextLengthError)
-                        else None).response()
+    except ValueError as e:
+        return _bad_request(e)
     except BaseException:
         producer.stop()
         raise

@@ -15,6 +15,17 @@ from typing import Callable
 from engine.errors import ContextLengthError
 
 
+def answer_room(n_ctx: int, max_tokens: int | None) -> int:
+    """The tokens a fitted conversation leaves for the answer: max_tokens, or a quarter of the context;
+    at most half of it."""
+    return min(max_tokens or n_ctx // 4, n_ctx // 2)
+
+
+def prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
+    """The chat prompt of `messages`: the model's template with the generation prompt, as token ids."""
+    return tokenizer.encode(tokenizer.apply_chat_template(messages, add_generation_prompt=True))
+
+
 def fit_conversation(messages: list[dict], count: Callable[[list[dict]], int], limit: int
                      ) -> tuple[list[dict], int]:
     """(kept messages, how many were dropped): the fewest oldest exchanges dropped so that
