@@ -85,6 +85,8 @@ def load(source: str | os.PathLike = "smollm2-135m-instruct", *, threads: int | 
 
             warm_up_kernels(g, config, plan, kv_dtype)
         tokenizer = from_gguf(g.meta, str(path))
+        if tokenizer.chat_template is None:
+            tokenizer.chat_template = registry.chat_template_for(path)
         for key in ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.scores",
                     "tokenizer.ggml.token_type"):
             g.meta.pop(key, None)   # ~10 MiB of Python strings the tokenizer has copied: not in the peak

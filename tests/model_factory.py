@@ -24,6 +24,17 @@ VARIANTS = {
     "llama-relu": ("LlamaForCausalLM", {"hidden_act": "relu"}),
     "llama-gelu": ("LlamaForCausalLM", {"hidden_act": "gelu"}),
     "bamboo-drelu": ("LlamaForCausalLM", {"hidden_act": "relu"}),   # rewritten as BambooForCausalLM below
+    # q/k norms; a head_dim that is not hidden/heads
+    "qwen3": ("Qwen3ForCausalLM", {"head_dim": 24}),
+    # q|k|v and gate|up fused in the checkpoint; a sliding window on every layer
+    "phi3": ("Phi3ForCausalLM", {"pad_token_id": 0, "sliding_window": 12}),
+    # sliding and full layers with their own RoPE bases, a window shorter than the test's 26 tokens,
+    # an attention scale other than 1/sqrt(head_dim), norms around both outputs, GeGLU, scaled embeddings
+    "gemma3": ("Gemma3ForCausalLM", {
+        "num_hidden_layers": 3, "layer_types": ["sliding_attention", "full_attention", "sliding_attention"],
+        "sliding_window": 6, "query_pre_attn_scalar": 24, "head_dim": 16, "pad_token_id": 0,
+        "rope_parameters": {"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                            "full_attention": {"rope_type": "default", "rope_theta": 1000000.0}}}),
 }
 
 
@@ -35,7 +46,7 @@ def make_hf_model(name: str, directory: Path, seed: int = 0, dtype: str = "float
     import transformers
 
     arch, extra = VARIANTS[name]
-    cfg_cls = getattr(transformers, arch.replace("ForCausalLM", "Config"))
+    cfg_cls = getattr(transformers, arch.replace("ForCausalLM", "TextConfig" if "Gemma3" in arch else "Config"))
     config = cfg_cls(**{**BASE, **extra, **overrides})
     if hasattr(config, "_attn_implementation"):
         config._attn_implementation = "eager"
@@ -115,7 +126,9 @@ def _permute(w: np.ndarray, n_head: int) -> np.ndarray:
 
 def hf_to_gguf(hf_dir: Path, out: Path, qtype: str = "F32", vocab_meta: dict | None = None,
                arch: str = "llama") -> Path:
-    """Convert a float32 HF llama checkpoint into a GGUF file with 2-D weights in `qtype`."""
+    """Convert a float32 HF checkpoint into a GGUF file of `arch` (llama, qwen3, phi3 or gemma3) with 2-D
+    weights in `qtype`, named and laid out as llama.cpp's converter does: only llama's Q/K rows permuted,
+    Gemma's norms stored as 1 + w. Without vocab_meta, a stand-in vocabulary of the config's size."""
     import gguf
     from safetensors.numpy import load_file
 
@@ -130,11 +143,15 @@ def hf_to_gguf(hf_dir: Path, out: Path, qtype: str = "F32", vocab_meta: dict | N
     w.add_head_count(heads)
     w.add_head_count_kv(kv)
     w.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
-    w.add_rope_freq_base(cfg.get("rope_theta", 10000.0))
+    rope = cfg.get("rope_parameters") or {}
+    rope = rope.get("full_attention", rope)       # Gemma 3: the global layers' base goes in the file
+    w.add_rope_freq_base(rope.get("rope_theta", cfg.get("rope_theta", 10000.0)))
     if "head_dim" in cfg:
         w.add_key_length(cfg["head_dim"])
         w.add_value_length(cfg["head_dim"])
-    meta = vocab_meta or {}
+    if cfg.get("sliding_window"):
+        w.add_sliding_window(cfg["sliding_window"])
+    meta = vocab_meta or _stand_in_vocab(cfg["vocab_size"])
     w.add_tokenizer_model(meta.get("model", "llama"))
     if "tokens" in meta:
         w.add_token_list(meta["tokens"])
@@ -151,8 +168,14 @@ def hf_to_gguf(hf_dir: Path, out: Path, qtype: str = "F32", vocab_meta: dict | N
         "self_attn.k_proj.weight": "attn_k.weight", "self_attn.v_proj.weight": "attn_v.weight",
         "self_attn.o_proj.weight": "attn_output.weight", "post_attention_layernorm.weight": "ffn_norm.weight",
         "mlp.gate_proj.weight": "ffn_gate.weight", "mlp.up_proj.weight": "ffn_up.weight",
-        "mlp.down_proj.weight": "ffn_down.weight",
+        "mlp.down_proj.weight": "ffn_down.weight", "self_attn.q_norm.weight": "attn_q_norm.weight",
+        "self_attn.k_norm.weight": "attn_k_norm.weight", "self_attn.qkv_proj.weight": "attn_qkv.weight",
+        "mlp.gate_up_proj.weight": "ffn_up.weight",
     }
+    if arch == "gemma3":
+        layer_names.update({"post_attention_layernorm.weight": "post_attention_norm.weight",
+                            "pre_feedforward_layernorm.weight": "ffn_norm.weight",
+                            "post_feedforward_layernorm.weight": "post_ffw_norm.weight"})
     qt = getattr(gguf.GGMLQuantizationType, qtype)
     for hf_name, arr in tensors.items():
         if hf_name in names:
@@ -161,9 +184,11 @@ def hf_to_gguf(hf_dir: Path, out: Path, qtype: str = "F32", vocab_meta: dict | N
             parts = hf_name.split(".")  # model.layers.{i}.rest
             name = f"blk.{parts[2]}." + layer_names[".".join(parts[3:])]
         arr = arr.astype(np.float32)
-        if name.endswith("attn_q.weight"):
+        if arch == "gemma3" and name.endswith("norm.weight"):
+            arr = arr + np.float32(1.0)
+        if arch == "llama" and name.endswith("attn_q.weight"):
             arr = _permute(arr, heads)
-        elif name.endswith("attn_k.weight"):
+        elif arch == "llama" and name.endswith("attn_k.weight"):
             arr = _permute(arr, kv)
         block = gguf.GGML_QUANT_SIZES[qt][0]
         # Like llama.cpp's quantizer, rows whose length is not a multiple of the block stay F32.
@@ -178,3 +203,10 @@ def hf_to_gguf(hf_dir: Path, out: Path, qtype: str = "F32", vocab_meta: dict | N
     w.write_tensors_to_file()
     w.close()
     return out
+
+
+def _stand_in_vocab(n: int) -> dict:
+    """A SentencePiece-type vocabulary of n tokens: <unk>, <s>, </s>, then pieces "a0", "a1", ..."""
+    tokens = ["<unk>", "<s>", "</s>"] + [f"a{i}" for i in range(n - 3)]
+    return {"model": "llama", "tokens": tokens, "scores": [0.0] * 3 + [-float(i) for i in range(n - 3)],
+            "types": [2, 3, 3] + [1] * (n - 3)}

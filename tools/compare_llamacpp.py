@@ -5,8 +5,9 @@ never a pocketinfer dependency. Both sides get identical inputs, and the tool co
 
 - tokenization of tricky strings (special tokens recognized, the model's default BOS);
 - 32 greedy tokens for a few prompts, from the same prompt ids, argmax of the raw logits;
-- perplexity on tests/data/ppl_text.txt: non-overlapping windows of --ctx tokens, the mean NLL of
-  predicting tokens 1..ctx-1 of each window (llama.cpp's own tool convention is shown beside it).
+- perplexity on tests/data/ppl_text.txt: non-overlapping windows of --ctx tokens, BOS first in each
+  when the model adds BOS, the mean NLL of predicting tokens 1..ctx-1 of each window (llama.cpp's own
+  tool convention is shown beside it).
 
 Usage (from the repo root, with pocketinfer's python):
 
@@ -42,7 +43,8 @@ DEFAULT_VENV = REPO / ".venv-llamacpp"
 SIDE_SCRIPT = REPO / "tools" / "llamacpp_side.py"
 
 # Strings whose tokenization is easy to get wrong: the smollm pre-tokenizer splits digits one by
-# one, byte-level BPE must round-trip any UTF-8, and ChatML markers are special tokens.
+# one, byte-level BPE must round-trip any UTF-8, and ChatML (SmolLM2) and turn markers (Gemma) are
+# special tokens.
 TOKENIZE_CASES = [
     "",
     "Hello world",
@@ -60,6 +62,10 @@ TOKENIZE_CASES = [
     "https://example.com/path?q=1&r=two#frag",
     "I'm sure they'll say it's 'quoted' and \"double-quoted\".",
     "ALL CAPS and MiXeD cAsE wordsss",
+    # Gemma's turn markers (special there, plain text elsewhere); SentencePiece's byte fallback
+    "<start_of_turn>user\nhi<end_of_turn>\n<start_of_turn>model\n",
+    "\u00a0non-breaking\u2003spaces\u200b and a zero-width one",
+    "  leading spaces, and a trailing one ",
 ]
 
 GREEDY_PROMPTS = [
@@ -164,10 +170,10 @@ def write_fixture(result: dict, model_source: str, model: Path, argv: list[str])
         "ppl_text_sha256": hashlib.sha256(PPL_TEXT.read_bytes()).hexdigest(),
         "perplexity_convention": (
             "text tokenized with the model's default BOS; non-overlapping windows of ctx tokens "
-            "(trailing partial window dropped), each from an empty cache; ppl = exp(mean NLL of "
-            "predicting tokens 1..ctx-1 of every window). llamacpp_tool_ppl = llama-perplexity's "
-            "convention on the same windows (BOS in place of the first token when the model adds "
-            "BOS, only tokens ctx/2+1..ctx-1 scored)."
+            "(trailing partial window dropped), each from an empty cache, and when the model adds BOS "
+            "the stream's leading BOS dropped and BOS put in place of every window's first token; "
+            "ppl = exp(mean NLL of predicting tokens 1..ctx-1 of every window). llamacpp_tool_ppl = "
+            "llama-perplexity's convention on the same windows (only tokens ctx/2+1..ctx-1 scored)."
         ),
         **{k: result[k] for k in ("model_info", "tokenize", "greedy", "perplexity")},
     }

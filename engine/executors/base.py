@@ -4,7 +4,8 @@ them chosen for a model (DESIGN.md's polymorphic neuron engine; STYLE.md: choose
 Two levels:
 - a *phase* executor runs every layer for one phase (prefill: several tokens; decode: one token):
   `run(x, cache, start, cos, sin)` updates the residual stream x (n, hidden) f32 in place and writes
-  the tokens' K/V at positions start..start+n-1. The layer-by-layer stack (engine/executors/stack.py)
+  the tokens' K/V at positions start..start+n-1; cos, sin (kinds, n, head_dim/2) f32 hold each RoPE
+  the layers use (engine/model/rope.RopeTable). The layer-by-layer stack (engine/executors/stack.py)
   and the one-region decode (engine/executors/one_region.py) are phase executors;
 - an *FFN* executor computes one layer's FFN inside the layer-by-layer stack: `ffn(h)` takes the
   normed input h (n, hidden) f32 and returns the FFN output, (n, hidden) or (hidden,) f32, which the

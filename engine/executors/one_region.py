@@ -55,13 +55,14 @@ class OneRegionDecode(Executor):
         return self.scratch
 
     def run(self, x: np.ndarray, cache, start: int, cos: np.ndarray, sin: np.ndarray) -> None:
-        """x (1, hidden) f32 in place; cos, sin (1, head_dim/2) f32 for position `start`."""
+        """x (1, hidden) f32 in place; cos, sin (1, 1, head_dim/2) f32 for position `start` (one RoPE:
+        choose() gives the one-region decode only models of Llama layers)."""
         import numba
 
         c = self.config
         threads = numba.get_num_threads()
         scratch = self._scratch(threads, cache.max_seq)
         self.work.fill(0)
-        decode_token(threads, x, *self.stacks, cache.k_all, cache.v_all, cos, sin, start, c.window,
+        decode_token(threads, x, *self.stacks, cache.k_all, cache.v_all, cos[0], sin[0], start, c.window,
                      c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.act_kind, c.rms_norm_eps,
                      self.work, *scratch, *self.out)

@@ -50,6 +50,10 @@ class OnnxPrefill(Executor):
         self.session_bytes = 0                        # RSS that making the session added (ORT's prepacking)
         self.used_providers: list[str] = []
         self.reason: str | None = None                # why the fallback runs, once it does
+        if not config.llama_layers:
+            self.reason = (f"the graph builds Llama layers, not {config.model_type}'s (q/k norms, output norms, "
+                           "per-layer windows or RoPE bases)")
+            return
         try:
             import onnx  # noqa: F401  (the graph builder's)
             import onnxruntime as ort
@@ -73,7 +77,8 @@ class OnnxPrefill(Executor):
         return self.fallback.reports()
 
     def run(self, x: np.ndarray, cache, start: int, cos: np.ndarray, sin: np.ndarray) -> None:
-        """x (n, hidden) f32 in place; cos, sin (n, head_dim/2) f32 for positions start..start+n-1."""
+        """x (n, hidden) f32 in place; cos, sin (1, n, head_dim/2) f32 for positions start..start+n-1 (one
+        RoPE: choose() gives ONNX Runtime only models of Llama layers)."""
         if self.reason is None:
             try:
                 self._run(x, cache, start, cos, sin)
@@ -95,7 +100,7 @@ class OnnxPrefill(Executor):
         group = c.num_attention_heads // c.num_key_value_heads
         allowed = allowed_positions(start, n, c.window)                                  # (n, end) bool
         mask = np.tile(np.where(allowed, np.float32(0), np.float32(-np.inf)), (group, 1))   # (group*n, end) f32
-        feeds = {"x": x, "cos": np.ascontiguousarray(cos), "sin": np.ascontiguousarray(sin),
+        feeds = {"x": x, "cos": np.ascontiguousarray(cos[0]), "sin": np.ascontiguousarray(sin[0]),
                  "position_ids": np.arange(n, dtype=np.int64)[None], "mask": mask}
         for i in range(c.num_hidden_layers):
             for name, store in (("past_k", cache.k[i]), ("past_v", cache.v[i])):

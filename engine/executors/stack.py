@@ -44,7 +44,7 @@ class LayerStack(Executor):
         return [c for f in self.ffns for c in f.reports()]
 
     def run(self, x: np.ndarray, cache, start: int, cos: np.ndarray, sin: np.ndarray) -> None:
-        """x (n, hidden) f32 in place; cos, sin (n, head_dim/2) f32 for positions start..start+n-1."""
+        """x (n, hidden) f32 in place; cos, sin (kinds, n, head_dim/2) f32 for positions start..start+n-1."""
         if self.pool is None:
             self._run(x, cache, start, cos, sin)
             return
@@ -57,6 +57,9 @@ class LayerStack(Executor):
         hq, hkv = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
         h = np.empty_like(x)                                                  # (n, hidden) f32 normed x
         attn = np.empty((n, c.num_attention_heads, c.head_dim), np.float32)   # (n, heads, head_dim) f32
+        # the kernels scale scores by 1/sqrt(head_dim); a model with another scale (Gemma 3's
+        # query_pre_attn_scalar) gets the ratio on q
+        q_scale = np.float32(c.attn_scale * c.head_dim ** 0.5)
         for i, (lw, ffn) in enumerate(zip(self.layers, self.ffns)):
             rmsnorm(x, lw.attn_norm, c.rms_norm_eps, h)
             if lw.wqkv is not None:
@@ -70,13 +73,30 @@ class LayerStack(Executor):
             q = q.reshape(n, c.num_attention_heads, c.head_dim)
             k = k.reshape(n, c.num_key_value_heads, c.head_dim)
             v = v.reshape(n, c.num_key_value_heads, c.head_dim)
-            rope(q, cos, sin, q)
-            rope(k, cos, sin, k)
+            if lw.q_norm is not None:
+                q, k = self._head_norm(q, lw.q_norm), self._head_norm(k, lw.k_norm)
+            if q_scale != 1.0:
+                q = q * q_scale
+            kind = c.layer_rope[i]
+            rope(q, cos[kind], sin[kind], q)
+            rope(k, cos[kind], sin[kind], k)
             cache.write(i, start, k, v)
-            self.attend(q, cache.k[i], cache.v[i], start, c.window, attn)
-            x += self._linear(lw.wo, attn.reshape(n, -1), lw.bo)
+            self.attend(q, cache.k[i], cache.v[i], start, c.layer_window[i], attn)
+            o = self._linear(lw.wo, attn.reshape(n, -1), lw.bo)               # (n, hidden) f32
+            if lw.post_attn_norm is not None:
+                rmsnorm(o, lw.post_attn_norm, c.rms_norm_eps, o)
+            x += o
             rmsnorm(x, lw.ffn_norm, c.rms_norm_eps, h)
-            x += ffn(h)
+            f = ffn(h).reshape(n, -1)                                         # (n, hidden) f32
+            if lw.post_ffn_norm is not None:
+                rmsnorm(f, lw.post_ffn_norm, c.rms_norm_eps, f)
+            x += f
+
+    def _head_norm(self, t: np.ndarray, w: np.ndarray) -> np.ndarray:
+        """t (n, heads, head_dim) f32 -> a new (n, heads, head_dim) f32, each head RMS-normed by w (head_dim,)."""
+        n, heads, hd = t.shape
+        flat = t.reshape(n * heads, hd).copy()                              # (n*heads, head_dim) f32
+        return rmsnorm(flat, w, self.config.rms_norm_eps, flat).reshape(n, heads, hd)
 
     def _linear(self, w, x: np.ndarray, bias: np.ndarray | None) -> np.ndarray:
         y = self.matmul(w, x)

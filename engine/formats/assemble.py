@@ -12,7 +12,8 @@ from typing import Callable
 import numpy as np
 
 from engine.errors import ModelFormatError
-from engine.formats.weight_map import LAYER_BIASES, LAYER_MATRICES, LAYER_VECTORS, source_name
+from engine.formats.weight_map import (FUSED_PARTS, LAYER_BIASES, LAYER_MATRICES, LAYER_VECTORS, QK_NORMS,
+                                       SANDWICH_NORMS, source_name)
 from engine.model.config import ModelConfig
 from engine.model.transformer import LayerWeights, ModelWeights
 from engine.model.weights import Weight
@@ -27,6 +28,9 @@ def expected_shapes(c: ModelConfig) -> dict[str, tuple[int, ...]]:
         "w_gate": (c.intermediate_size, c.hidden_size), "w_up": (c.intermediate_size, c.hidden_size),
         "w_down": (c.hidden_size, c.intermediate_size),
         "bq": (q,), "bk": (kv,), "bv": (kv,), "bo": (c.hidden_size,),
+        "q_norm": (c.head_dim,), "k_norm": (c.head_dim,), "post_attn_norm": (c.hidden_size,),
+        "post_ffn_norm": (c.hidden_size,),
+        "wqkv": (q + 2 * kv, c.hidden_size), "w_gate_up": (2 * c.intermediate_size, c.hidden_size),
     }
 
 
@@ -49,7 +53,7 @@ def assemble(config: ModelConfig, table: dict, source: str,
                                        f"{config.model_type} model")
             return None
         field = ours.rsplit(".", 1)[-1]
-        is_matrix = field in LAYER_MATRICES or field in ("embed", "lm_head")
+        is_matrix = field in LAYER_MATRICES or field in ("embed", "lm_head", "wqkv", "w_gate_up")
         t = fix(ours, matrix(name) if is_matrix else vector(name))
         if tuple(t.shape) != shapes[field]:
             raise ModelFormatError(f"{source}: tensor {name!r} has shape {tuple(t.shape)}, expected "
@@ -64,7 +68,22 @@ def assemble(config: ModelConfig, table: dict, source: str,
     layers = []
     n = config.num_hidden_layers
     for i in range(n):
-        parts = {f: fetch(f"layers.{i}.{f}") for f in LAYER_MATRICES + LAYER_VECTORS}
+        parts = {f: fetch(f"layers.{i}.{f}") for f in LAYER_VECTORS}
+        fused = {}
+        for f in LAYER_MATRICES:
+            if "layers.{}." + f in table:
+                parts[f] = fetch(f"layers.{i}.{f}")
+                continue
+            # a row block of a fused tensor (Phi-3): rows of q|k|v or gate|up, as views
+            whole, block = FUSED_PARTS[f]
+            if whole not in fused:
+                fused[whole] = fetch(f"layers.{i}.{whole}")
+            rows = [shapes[p][0] for p, (w, _) in FUSED_PARTS.items() if w == whole]
+            parts[f] = None if fused[whole] is None else fused[whole].row_slice(sum(rows[:block]), sum(rows[:block + 1]))
+        for f in QK_NORMS:
+            parts[f] = fetch(f"layers.{i}.{f}") if config.qk_norm else None
+        for f in SANDWICH_NORMS:
+            parts[f] = fetch(f"layers.{i}.{f}") if config.sandwich_norms else None
         wanted = set()
         if config.qkv_bias:
             wanted |= {"bq", "bk", "bv"}
@@ -72,7 +91,7 @@ def assemble(config: ModelConfig, table: dict, source: str,
             wanted.add("bo")
         for f in LAYER_BIASES:
             parts[f] = fetch(f"layers.{i}.{f}", required=f in wanted)
-        layers.append(LayerWeights(**parts))
+        layers.append(LayerWeights(**parts, **{f"{w}": m for w, m in fused.items()}))
         if progress:
             progress(i + 1, n)
     return ModelWeights(embed=embed, layers=layers, norm=fetch("norm"), lm_head=lm_head)

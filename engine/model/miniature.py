@@ -24,7 +24,7 @@ import numpy as np
 from engine.formats.assemble import assemble
 from engine.formats.gguf_file import GGUFFile
 from engine.formats.gguf_quants import tensor_nbytes, vector_from_gguf, weight_from_gguf
-from engine.formats.weight_map import GGUF, LAYER_BIASES, LAYER_MATRICES, LAYER_VECTORS, source_name
+from engine.formats.weight_map import GGUF, LAYER_BIASES, LAYER_MATRICES, LAYER_VECTORS, gguf_table, source_name
 from engine.model.config import ModelConfig
 from engine.model.transformer import ModelWeights
 
@@ -52,7 +52,8 @@ def gguf_miniature(g: GGUFFile, config: ModelConfig, modes: tuple[str, ...] | No
             layer_of.append(i)
     mini = dataclasses.replace(config, vocab_size=WIDTH, hidden_size=WIDTH, intermediate_size=WIDTH,
                                num_hidden_layers=len(layer_of), num_attention_heads=heads,
-                               num_key_value_heads=kv, head_dim=hd, source=f"{config.source} (miniature)")
+                               num_key_value_heads=kv, head_dim=hd, source=f"{config.source} (miniature)",
+                               layer_types=tuple(config.layer_types[i] for i in layer_of) if config.layer_types else None)
     shapes = _mini_shapes(mini)
 
     def real_name(name: str) -> str:
@@ -76,7 +77,7 @@ def gguf_miniature(g: GGUFFile, config: ModelConfig, modes: tuple[str, ...] | No
         raw = np.zeros(tensor_nbytes(t.ggml_type, n), np.uint8)
         return vector_from_gguf(t.ggml_type, raw, n, name, mini.source)
 
-    weights = assemble(mini, GGUF, mini.source, matrix, vector, lambda n: real_name(n) in g.tensors)
+    weights = assemble(mini, gguf_table(mini.model_type), mini.source, matrix, vector, lambda n: real_name(n) in g.tensors)
     if "rope_freqs.weight" in g.tensors:
         weights.rope_freq_factors = np.ones(hd // 2, np.float32)
     return mini, weights, layer_of
@@ -90,7 +91,9 @@ def _mini_shapes(c: ModelConfig) -> dict[str, tuple[int, ...]]:
             "attn_norm.weight": (h,), "ffn_norm.weight": (h,), "attn_q.weight": (q, h), "attn_k.weight": (kv, h),
             "attn_v.weight": (kv, h), "attn_output.weight": (h, q), "ffn_gate.weight": (f, h),
             "ffn_up.weight": (f, h), "ffn_down.weight": (h, f), "attn_q.bias": (q,), "attn_k.bias": (kv,),
-            "attn_v.bias": (kv,), "attn_output.bias": (h,)}
+            "attn_v.bias": (kv,), "attn_output.bias": (h,), "attn_q_norm.weight": (c.head_dim,),
+            "attn_k_norm.weight": (c.head_dim,), "post_attention_norm.weight": (h,), "post_ffw_norm.weight": (h,),
+            "attn_qkv.weight": (q + 2 * kv, h), **({"ffn_up.weight": (2 * f, h)} if c.model_type == "phi3" else {})}
 
 
 def warm_up_kernels(g: GGUFFile, config: ModelConfig, plan, kv_dtype=np.uint16) -> None:

@@ -9,14 +9,18 @@ import numpy as np
 from engine.model.config import ModelConfig
 
 
-def inv_freq(config: ModelConfig, freq_factors: np.ndarray | None = None) -> np.ndarray:
+def inv_freq(config: ModelConfig, freq_factors: np.ndarray | None = None, local: bool = False) -> np.ndarray:
     """(head_dim/2,) float64 inverse frequencies theta^(-2i/d), after Llama-3 scaling if configured.
 
     freq_factors: GGUF's `rope_freqs.weight`, llama.cpp's precomputed Llama-3 divisors; it replaces
-    the rope_scaling computation for GGUF files.
+    the rope_scaling computation for GGUF files. local: the sliding layers' RoPE (Gemma 3), with its own
+    base and no scaling.
     """
     d = config.head_dim
-    base = 1.0 / (config.rope_theta ** (np.arange(0, d, 2, dtype=np.float64) / d))
+    theta = config.rope_local_base_freq if local else config.rope_theta
+    base = 1.0 / (theta ** (np.arange(0, d, 2, dtype=np.float64) / d))
+    if local:
+        return base
     if freq_factors is not None:
         return base / freq_factors.astype(np.float64)
     rs = config.rope_scaling
@@ -34,9 +38,9 @@ def inv_freq(config: ModelConfig, freq_factors: np.ndarray | None = None) -> np.
     return np.where(mid, (1 - smooth) * base / factor + smooth * base, scaled)
 
 
-def position_scale(config: ModelConfig) -> float:
-    """Linear rope scaling divides positions by `factor`."""
-    rs = config.rope_scaling
+def position_scale(config: ModelConfig, local: bool = False) -> float:
+    """Linear rope scaling divides positions by `factor` (never in the local RoPE)."""
+    rs = None if local else config.rope_scaling
     if rs and rs.get("rope_type", rs.get("type")) == "linear":
         return 1.0 / float(rs["factor"])
     return 1.0
@@ -49,15 +53,19 @@ def cos_sin(positions: np.ndarray, freqs: np.ndarray, pos_scale: float = 1.0) ->
 
 
 class RopeTable:
-    """cos, sin of every position used so far, grown by doubling and reused."""
+    """cos, sin of every position used so far, grown by doubling and reused, for each RoPE the layers use:
+    kind 0 the global one, kind 1 the local one of sliding layers when it differs (config.layer_rope)."""
 
     def __init__(self, config: ModelConfig, freq_factors: np.ndarray | None = None):
-        self.freqs = inv_freq(config, freq_factors)
-        self.pos_scale = position_scale(config)
-        self.cos = self.sin = np.zeros((0, config.head_dim // 2), dtype=np.float32)   # (positions, hd/2) f32
+        kinds = (False, True) if any(config.layer_rope) else (False,)
+        self.kinds = [(inv_freq(config, freq_factors, local), position_scale(config, local)) for local in kinds]
+        self.cos = self.sin = np.zeros((len(kinds), 0, config.head_dim // 2), dtype=np.float32)  # (kinds, positions, hd/2)
 
     def table(self, start: int, n: int) -> tuple[np.ndarray, np.ndarray]:
-        """cos, sin (n, head_dim/2) f32 for positions start..start+n-1."""
-        if len(self.cos) < start + n:
-            self.cos, self.sin = cos_sin(np.arange(max(start + n, 2 * len(self.cos))), self.freqs, self.pos_scale)
-        return self.cos[start:start + n], self.sin[start:start + n]
+        """cos, sin (kinds, n, head_dim/2) f32 for positions start..start+n-1."""
+        if self.cos.shape[1] < start + n:
+            positions = np.arange(max(start + n, 2 * self.cos.shape[1]))
+            tables = [cos_sin(positions, freqs, scale) for freqs, scale in self.kinds]
+            self.cos = np.stack([c for c, _ in tables])
+            self.sin = np.stack([s for _, s in tables])
+        return self.cos[:, start:start + n], self.sin[:, start:start + n]

@@ -1,6 +1,7 @@
-"""The Llama-family model (Llama, Mistral, Qwen2, Bamboo/dReLU): its weights, and the forward pass
-embedding -> layers -> final norm -> LM head, the layers run by the executors chosen at load
-(engine/executors/choose.py).
+"""The Llama-family model (Llama, Mistral, Qwen2/3, Phi-3, Gemma 3, Bamboo/dReLU): its weights, and the
+forward pass embedding -> layers -> final norm -> LM head, the layers run by the executors chosen at load
+(engine/executors/choose.py). What a family adds to the Llama layer (q/k norms, norms around the
+attention and FFN outputs, per-layer windows and RoPE bases) is in the config (engine/model/config.py).
 
 forward(ids, cache) runs n new tokens at positions cache.length.. and returns their logits; it does
 nothing else (no sampling, no I/O) and asks nothing about the executors: one token is the decode phase,
@@ -39,6 +40,10 @@ class LayerWeights:
     bk: np.ndarray | None = None
     bv: np.ndarray | None = None
     bo: np.ndarray | None = None   # (hidden,) f32, attention_bias only
+    q_norm: np.ndarray | None = None   # (head_dim,) f32, RMSNorm of each q head (config.qk_norm)
+    k_norm: np.ndarray | None = None   # (head_dim,) f32, of each k head
+    post_attn_norm: np.ndarray | None = None  # (hidden,) f32, RMSNorm of the attention output (config.sandwich_norms)
+    post_ffn_norm: np.ndarray | None = None   # (hidden,) f32, of the FFN output
     # engine/model/layout.fuse: the stacked rows of wq|wk|wv and w_gate|w_up where their layouts match,
     # the separate weights then row views of them (no extra memory).
     wqkv: Weight | None = None     # ((heads + 2*kv_heads)*head_dim, hidden)
@@ -122,14 +127,21 @@ class Transformer:
     def _forward(self, ids: np.ndarray, cache: KVCache, all_logits: bool) -> np.ndarray:
         n, start = len(ids), cache.length
         phase = self.executors.decode if n == 1 else self.executors.prefill
+        c = self.config
         x = self.weights.embed.rows_f32(ids)                                 # (n, hidden) f32
-        cos, sin = self.rope.table(start, n)                                 # (n, head_dim/2) f32 each
+        if c.embed_scale != 1.0:
+            x *= np.float32(c.embed_scale)
+        cos, sin = self.rope.table(start, n)                                 # (kinds, n, head_dim/2) f32 each
         phase.run(x, cache, start, cos, sin)
         cache.length = start + n
         if not all_logits:
             x = x[-1:]
-        rmsnorm(x, self.weights.norm, self.config.rms_norm_eps, x)
+        rmsnorm(x, self.weights.norm, c.rms_norm_eps, x)
         logits = self.weights.lm_head.matmul(np.ascontiguousarray(x))        # (n or 1, vocab) f32
+        if c.final_logit_softcapping:
+            cap = np.float32(c.final_logit_softcapping)
+            np.tanh(logits / cap, out=logits)
+            logits *= cap
         if n > 1:
             # The layers' temporaries (under engine/memory.py's mmap threshold) stay on glibc's heap
             # otherwise: +12 MiB after a 128-token prompt on SmolLM2. A trim costs well under 1 ms.

@@ -83,12 +83,19 @@ def from_hf_dir(directory: Path, eos_ids: tuple[int, ...], bos_id: int | None) -
                      add_bos=cfg.get("add_bos_token"), chat_template=template, source=str(path))
 
 
+END_OF_TURN_TEXTS = ("<|eot_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "<|eom_id|>",
+                     "<EOT>", "<|end_of_text|>", "<end_of_utterance>")
+
+
 def from_gguf(meta: dict, source: str) -> Tokenizer:
     from engine.text.gguf_tokenizer import gguf_add_bos, tokenizer_from_gguf
 
     tk = tokenizer_from_gguf(meta, source)
     eos = [meta.get(k) for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id",
                                   "tokenizer.ggml.eom_token_id")]
+    # llama.cpp also ends generation at the end-of-turn tokens it knows by their text (Gemma's
+    # <end_of_turn> is in no metadata key)
+    eos += [i for i in (tk.token_to_id(t) for t in END_OF_TURN_TEXTS) if i is not None and int(i) not in eos]
     # The GGUF tokenizer's post-processor already adds BOS when the metadata (or llama.cpp's default for
     # that vocabulary) asks for it; add_bos here only informs chat-template and perplexity handling.
     add_bos = gguf_add_bos(meta)
