@@ -15,6 +15,7 @@ special=True)`: BOS/EOS follow the metadata, and special-token text such as "<|i
 from __future__ import annotations
 
 import warnings
+from array import array
 from collections.abc import Mapping
 
 import numpy as np
@@ -145,13 +146,17 @@ def _merges_from_scores(tokens, vocab, scores) -> list[tuple[str, str]]:
     llama.cpp's SentencePiece tokenizer repeatedly joins the adjacent pair whose concatenation is in the
     vocab with the highest score; BPE with these ranks makes the same choices.
     """
-    ranked = []  # (-score of merged piece, its id, left, right)
+    # Only (piece id, split point) pairs are kept while ranking: tuples of strings and floats for every
+    # candidate cost ~250 bytes each, some 120 MiB of peak on Gemma's 262144-piece vocabulary.
+    ids, cuts = array("i"), array("i")
     for tid, piece in enumerate(tokens):
         for k in range(1, len(piece)):
             if piece[:k] in vocab and piece[k:] in vocab:
-                ranked.append((-float(scores[tid]), tid, piece[:k], piece[k:]))
-    ranked.sort()
-    return [(left, right) for _, _, left, right in ranked]
+                ids.append(tid)
+                cuts.append(k)
+    ids_np, cuts_np = np.frombuffer(ids, np.int32), np.frombuffer(cuts, np.int32)
+    order = np.lexsort((cuts_np, ids_np, -np.asarray(scores, np.float64)[ids_np]))   # score desc, id, split
+    return [(tokens[t][:k], tokens[t][k:]) for t, k in zip(ids_np[order].tolist(), cuts_np[order].tolist())]
 
 
 def _bos_eos_processor(tokens, bos: int | None, eos: int | None):
