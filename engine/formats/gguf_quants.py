@@ -20,7 +20,10 @@ Block formats (ggml, little-endian; "f16" is an IEEE half; "element j" counts wi
 
 Scales that are f16 in the file stay f16, kept as uint16 bit patterns (numba has no float16 arrays; the
 kernels convert in registers). K-quant scales are products d*sc of an f16 and a 6- or 8-bit integer,
-which f16 cannot hold exactly: they become float32. 5- and 6-bit values are widened to int8.
+which f16 holds to 11 bits: Q4_K's are rounded to f16 all the same (a relative error below 2^-11 on a
+4-bit weight's scale, and 1.11x the file's bytes where float32 scales took 1.33x); Q5_K's stay
+float32. 5- and 6-bit values are widened to int8, Q6_K's 16-element blocks merged into blocks of 32
+(`_merge_sub_blocks`).
 """
 
 from __future__ import annotations
@@ -275,13 +278,16 @@ def _k_scales(blk, d_out, m_out):
 def _q4_k(flat, rows, cols):
     blocks = flat.view(_Q4_K)
     qs_out = np.empty((rows, cols // 2), dtype=np.uint8)
-    d = np.empty((rows, cols // 32), dtype=np.float32)
-    m = np.empty_like(d)
+    d = np.empty((rows, cols // 32), dtype=np.uint16)     # f16 bits of d*sc, rounded (module doc)
+    m = np.empty_like(d)                                   # f16 bits of -dmin*mn
     qv, dv, mv = qs_out.reshape(-1, 128), d.reshape(-1, 8), m.reshape(-1, 8)
     t_buf = np.empty(min(rows * cols, max(_CHUNK_ELEMS, cols)) // 16, dtype=_U64)  # scratch
+    ds, ms = (np.empty((max(n for _, n in _superblock_chunks(rows, cols)), 8), np.float32) for _ in range(2))
     for b0, n in _superblock_chunks(rows, cols):
         blk = blocks[b0 : b0 + n]
-        _k_scales(blk, dv[b0 : b0 + n], mv[b0 : b0 + n])
+        _k_scales(blk, ds[:n], ms[:n])
+        dv[b0 : b0 + n] = ds[:n].astype(np.float16).view(np.uint16)
+        mv[b0 : b0 + n] = ms[:n].astype(np.float16).view(np.uint16)
         o = qv[b0 : b0 + n]
         o.view("V128")[:, 0] = blk["qs"]
         # In each 32-byte chunk, byte l holds element l of sub-block 2c (low nibble) and of 2c+1
@@ -328,12 +334,13 @@ def _q5_k(flat, rows, cols):
 def _q6_k(flat, rows, cols):
     blocks = flat.view(_Q6_K)
     q_out = np.empty((rows, cols), dtype=np.int8)
-    d = np.empty((rows, cols // 16), dtype=np.float32)
-    qv, dv = q_out.view(np.uint8).reshape(-1, 256), d.reshape(-1, 16)
+    d = np.empty((rows, cols // 32), dtype=np.float32)
+    qv, dv = q_out.view(np.uint8).reshape(-1, 256), d.reshape(-1, 8)
     h_buf = np.empty((min(rows * cols, max(_CHUNK_ELEMS, cols)) // 256, 256), dtype=np.uint8)  # scratch
+    ds = np.empty((max(n for _, n in _superblock_chunks(rows, cols)), 16), np.float32)   # scratch
     for b0, n in _superblock_chunks(rows, cols):
         blk = blocks[b0 : b0 + n]
-        np.multiply(blk["scales"], blk["d"].astype(np.float32)[:, None], out=dv[b0 : b0 + n])
+        np.multiply(blk["scales"], blk["d"].astype(np.float32)[:, None], out=ds[:n])
         # Quarter t (32 elements) of each half takes its low 4 bits from ql bytes 32*(t%2) + l of
         # that half, nibble t//2, and its top 2 bits from bit pair t of qh byte l of that half.
         o = qv[b0 : b0 + n]                               # (n, half, t//2, t%2, 32)
@@ -349,7 +356,23 @@ def _q6_k(flat, rows, cols):
         h <<= 4
         f |= h
         o -= 32                                           # wraps in uint8: the int8 view reads q-32
+        _merge_sub_blocks(o.view(np.int8), ds[:n], dv[b0 : b0 + n])
     return I8Weight(q_out, d, np.empty((rows, 0), dtype=np.float32))
+
+
+def _merge_sub_blocks(q: np.ndarray, ds: np.ndarray, d_out: np.ndarray) -> None:
+    """Q6_K's blocks of 16 (q (n, 256) int8 in [-32, 31], scales ds (n, 16) f32) as blocks of 32 in
+    place, scales into d_out (n, 8) f32: the block scale is S/3, S the larger |scale| of the pair, and
+    q becomes round(q * scale / (S/3)), within +-96. The sub-block with the larger scale (both, when
+    equal) stays exact; the other is rounded to a step of S/3, a third of its pair's 6-bit step. One
+    block size lets Q6_K run in the 32-block kernels with every other int8 layout."""
+    pair = np.abs(ds).reshape(-1, 8, 2).max(axis=2)                    # (n, 8) S
+    np.divide(pair, np.float32(3), out=d_out)
+    safe = np.where(d_out > 0, d_out, np.float32(1))
+    factor = ds.reshape(-1, 8, 2) / safe[:, :, None]                   # (n, 8, 2), within +-3
+    v = q.reshape(-1, 8, 2, 16).astype(np.float32) * factor[..., None]
+    np.rint(v, out=v)
+    q[:] = v.reshape(q.shape).astype(np.int8)
 
 
 _CONVERTERS = {
