@@ -1,6 +1,6 @@
 """One numba parallel region per decoded token: every layer of a model whose matrices all have the Q4
 layout or the I8 layout with blocks of 32 (kernels/layouts.md; Q4_0, Q4_1, Q4_K, Q8_0, Q5_0, Q5_1,
-Q5_K) and no biases, in one call.
+Q5_K, Q6_K), at most two of them per matrix group across layers, and no biases, in one call.
 
 Why: a kernel call per matrix and step (q|k|v, attention, o, gate|up, down) is ~150 fork/joins of the
 thread team per token on SmolLM2, each a few microseconds of wake-up and of waiting for the slower
@@ -13,13 +13,16 @@ next matvec) each computes for itself into its own scratch: cheaper than a step 
 Steps of layer i, each with its own counters and its own output rows (nothing is overwritten within a
 token, so a thread running ahead never clobbers what the other still reads):
   0 q|k|v rows            -> qkv[i]                (x normed and rounded privately first)
-  1 KV heads              -> RoPE of k, k and v into the cache at `pos`
-  2 query heads           -> RoPE of q, attention  -> attn[i]
+  1 KV heads              -> (k head norm,) RoPE of k, k and v into the cache at `pos`
+  2 query heads           -> (q head norm,) RoPE of q, attention  -> attn[i]
   3 o rows                -> o_out[i]              (attn[i] rounded privately first)
   4 gate|up neuron chunks -> act[i] = act(gate) * up (the chunk's gate and up rows together)
   5 down rows             -> dn_out[i]             (act[i] rounded privately first)
-and the residual x += o_out[i], then x += dn_out[i], privately. x (1, hidden) gets the last layer's
-output. The LM head stays with the caller (one parallel call of its own).
+and the residual x += o_out[i], then x += dn_out[i], privately (each RMS-normed first in models with
+output norms, Gemma 3). Each layer has its own RoPE row and window (Gemma 3's local and global
+layers), and its matrices may come from either of two stacks per group (a Q4_K_M file's Q4_K and Q6_K
+down projections). x (1, hidden) gets the last layer's output. The LM head stays with the caller (one
+parallel call of its own).
 
 The arithmetic is the layer-by-layer decode's (engine/executors/stack.py: kernels/matvec.py's rowdot
 products, the same RMSNorm, RoPE, attention and activation), each output element computed by one
@@ -27,8 +30,6 @@ thread in the same order whichever thread it is, so the results do not depend on
 That layer-by-layer decode is the numpy twin; tests/test_rowdot_sync.py compares the two. None when
 numba is off.
 """
-
-import math
 
 import numpy as np
 
@@ -65,15 +66,49 @@ if NUMBA:
             c = sync.take(counters, step, t, threads, items)
         sync.wait_step(counters, step, threads, items)
 
+    @jit(inline=True)
+    def _group_rows(counters, step, t, threads, w, a_qs, a_d, a_m, b_qs, b_d, b_m, xq, xp, xc, dx, xsum, out):
+        """_rows on the layer's matrix: slot w of the group's first-layout stacks, or -1 - w of its second."""
+        if w >= 0:
+            _rows(counters, step, t, threads, a_qs[w], a_d[w], a_m[w], xq, xp, xc, dx, xsum, out)
+        else:
+            _rows(counters, step, t, threads, b_qs[-1 - w], b_d[-1 - w], b_m[-1 - w], xq, xp, xc, dx, xsum, out)
+
+    @jit(inline=True)
+    def _gate_up(counters, step, t, threads, gq, gd, gm, ffn, xq, xp, xc, dx, xsum, act, ao):
+        """Step `step`: ao[n] = act(gate row n . x) * (up row ffn + n . x), ROWS neurons per item (the
+        chunk's gate and up rows together)."""
+        items = (ffn + ROWS - 1) // ROWS
+        c = sync.take(counters, step, t, threads, items)
+        while c >= 0:
+            for n in range(c * ROWS, min(ffn, c * ROWS + ROWS)):
+                gate = rowdot.row(gq, gd, gm, n, xq, xp, xc, dx, xsum)
+                up = rowdot.row(gq, gd, gm, ffn + n, xq, xp, xc, dx, xsum)
+                ao[n] = act_scalar(gate, up, act)
+            sync.finish(counters, step, threads)
+            c = sync.take(counters, step, t, threads, items)
+        sync.wait_step(counters, step, threads, items)
+
+    @jit(inline=True)
+    def _add_output(xt, out_row, norm_w, eps, h):
+        """xt += out_row (1, hidden), RMS-normed by norm_w first when the model has output norms (h scratch)."""
+        if norm_w.shape[0]:
+            rmsnorm(out_row, norm_w, eps, h)
+            out_row = h
+        for j in range(xt.shape[1]):
+            xt[0, j] += out_row[0, j]
+
     @jit()
-    def _worker(t, threads, x, attn_norm, ffn_norm, qkv_qs, qkv_d, qkv_m, o_qs, o_d, o_m, gu_qs, gu_d, gu_m,
-                dn_qs, dn_d, dn_m, k_caches, v_caches, cos, sin, pos, window, n_heads, n_kv, head_dim, act,
-                eps, counters, xs, hs, xqs, xps, xcs, dxs, xsums, scores, qkv, attn, o_out, act_out, dn_out):
+    def _worker(t, threads, x, attn_norm, ffn_norm, q_norm, k_norm, post_attn, post_ffn,
+                qkv_qs, qkv_d, qkv_m, qkv2_qs, qkv2_d, qkv2_m, o_qs, o_d, o_m, o2_qs, o2_d, o2_m,
+                gu_qs, gu_d, gu_m, gu2_qs, gu2_d, gu2_m, dn_qs, dn_d, dn_m, dn2_qs, dn2_d, dn2_m, where,
+                k_caches, v_caches, cos, sin, rope_kind, windows, pos, n_heads, n_kv, head_dim, act, eps, scale,
+                counters, xs, hs, xqs, xps, xcs, dxs, xsums, scores, qkv, attn, o_out, act_out, dn_out):
         hidden = x.shape[1]
         hq, hkv = n_heads * head_dim, n_kv * head_dim
         ffn = act_out.shape[1]
         group = n_heads // n_kv
-        scale = np.float32(1.0 / math.sqrt(head_dim))
+        scale = np.float32(scale)
         xt = xs[t : t + 1]                      # (1, hidden) f32 this thread's residual stream
         h = hs[t : t + 1]                       # (1, hidden) f32 its normed copy
         # This thread's rounded-x buffers as views of each width, taken once: a slice made inside a
@@ -85,14 +120,19 @@ if NUMBA:
         dx_h, xs_h = dxs[t, : hidden // 32], xsums[t, : hidden // 32]
         xq_a, xp_a, xc_a, dx_a, xs_a = xqs[t, :hq], xps[t, :hq], xcs[t, : hq // 4], dxs[t, : hq // 32], xsums[t, : hq // 32]
         xq_f, xp_f, xc_f, dx_f, xs_f = xqs[t, :ffn], xps[t, :ffn], xcs[t, : ffn // 4], dxs[t, : ffn // 32], xsums[t, : ffn // 32]
+        qk_norm = q_norm.shape[1] > 0
         for j in range(hidden):
             xt[0, j] = x[0, j]
-        for i in range(len(qkv_qs)):
+        for i in range(len(attn_norm)):
             base = STEPS * i
+            w = where[i]
+            kind = rope_kind[i]
+            cs, sn = cos[kind : kind + 1], sin[kind : kind + 1]
             # 0: q|k|v
             rmsnorm(xt, attn_norm[i], eps, h)
             rowdot.round_x(h[0], xq_h, xp_h, xc_h, dx_h, xs_h)
-            _rows(counters, base, t, threads, qkv_qs[i], qkv_d[i], qkv_m[i], xq_h, xp_h, xc_h, dx_h, xs_h, qkv[i])
+            _group_rows(counters, base, t, threads, w[0], qkv_qs, qkv_d, qkv_m, qkv2_qs, qkv2_d, qkv2_m,
+                        xq_h, xp_h, xc_h, dx_h, xs_h, qkv[i])
             q = qkv[i, :hq].reshape((1, n_heads, head_dim))
             k = qkv[i, hq : hq + hkv].reshape((1, n_kv, head_dim))
             v = qkv[i, hq + hkv :].reshape((1, n_kv, head_dim))
@@ -100,7 +140,9 @@ if NUMBA:
             # 1: KV heads into the cache
             g = sync.take(counters, base + 1, t, threads, n_kv)
             while g >= 0:
-                rope_head(k, cos, sin, 0, g, k)
+                if qk_norm:
+                    rmsnorm(k[0, g : g + 1], k_norm[i], eps, k[0, g : g + 1])
+                rope_head(k, cs, sn, 0, g, k)
                 for j in range(head_dim):
                     kc[g, pos, j] = store(k[0, g, j], kc)
                     vc[g, pos, j] = store(v[0, g, j], vc)
@@ -111,55 +153,58 @@ if NUMBA:
             a = attn[i]
             hh = sync.take(counters, base + 2, t, threads, n_heads)
             while hh >= 0:
-                rope_head(q, cos, sin, 0, hh, q)
-                attend_head(q, kc, vc, 0, hh, hh // group, pos, window, scale, sc, a)
+                if qk_norm:
+                    rmsnorm(q[0, hh : hh + 1], q_norm[i], eps, q[0, hh : hh + 1])
+                rope_head(q, cs, sn, 0, hh, q)
+                attend_head(q, kc, vc, 0, hh, hh // group, pos, windows[i], scale, sc, a)
                 sync.finish(counters, base + 2, threads)
                 hh = sync.take(counters, base + 2, t, threads, n_heads)
             sync.wait_step(counters, base + 2, threads, n_heads)
             # 3: o
             rowdot.round_x(a.reshape(hq), xq_a, xp_a, xc_a, dx_a, xs_a)
-            _rows(counters, base + 3, t, threads, o_qs[i], o_d[i], o_m[i], xq_a, xp_a, xc_a, dx_a, xs_a, o_out[i])
-            for j in range(hidden):
-                xt[0, j] += o_out[i, j]
-            # 4: gate|up and the activation, ROWS neurons per item
+            _group_rows(counters, base + 3, t, threads, w[1], o_qs, o_d, o_m, o2_qs, o2_d, o2_m,
+                        xq_a, xp_a, xc_a, dx_a, xs_a, o_out[i])
+            _add_output(xt, o_out[i : i + 1], post_attn[i], eps, h)
+            # 4: gate|up and the activation
             rmsnorm(xt, ffn_norm[i], eps, h)
             rowdot.round_x(h[0], xq_h, xp_h, xc_h, dx_h, xs_h)
-            gq, gd, gm, ao = gu_qs[i], gu_d[i], gu_m[i], act_out[i]
-            items = (ffn + ROWS - 1) // ROWS
-            c = sync.take(counters, base + 4, t, threads, items)
-            while c >= 0:
-                for n in range(c * ROWS, min(ffn, c * ROWS + ROWS)):
-                    gate = rowdot.row(gq, gd, gm, n, xq_h, xp_h, xc_h, dx_h, xs_h)
-                    up = rowdot.row(gq, gd, gm, ffn + n, xq_h, xp_h, xc_h, dx_h, xs_h)
-                    ao[n] = act_scalar(gate, up, act)
-                sync.finish(counters, base + 4, threads)
-                c = sync.take(counters, base + 4, t, threads, items)
-            sync.wait_step(counters, base + 4, threads, items)
+            if w[2] >= 0:
+                _gate_up(counters, base + 4, t, threads, gu_qs[w[2]], gu_d[w[2]], gu_m[w[2]], ffn,
+                         xq_h, xp_h, xc_h, dx_h, xs_h, act, act_out[i])
+            else:
+                _gate_up(counters, base + 4, t, threads, gu2_qs[-1 - w[2]], gu2_d[-1 - w[2]], gu2_m[-1 - w[2]], ffn,
+                         xq_h, xp_h, xc_h, dx_h, xs_h, act, act_out[i])
             # 5: down
-            rowdot.round_x(ao, xq_f, xp_f, xc_f, dx_f, xs_f)
-            _rows(counters, base + 5, t, threads, dn_qs[i], dn_d[i], dn_m[i], xq_f, xp_f, xc_f, dx_f, xs_f, dn_out[i])
-            for j in range(hidden):
-                xt[0, j] += dn_out[i, j]
+            rowdot.round_x(act_out[i], xq_f, xp_f, xc_f, dx_f, xs_f)
+            _group_rows(counters, base + 5, t, threads, w[3], dn_qs, dn_d, dn_m, dn2_qs, dn2_d, dn2_m,
+                        xq_f, xp_f, xc_f, dx_f, xs_f, dn_out[i])
+            _add_output(xt, dn_out[i : i + 1], post_ffn[i], eps, h)
         if t == 0:
             for j in range(hidden):
                 x[0, j] = xt[0, j]
 
     @jit(parallel=True)
-    def _decode_token_numba(threads, x, attn_norm, ffn_norm, qkv_qs, qkv_d, qkv_m, o_qs, o_d, o_m, gu_qs, gu_d,
-                            gu_m, dn_qs, dn_d, dn_m, k_caches, v_caches, cos, sin, pos, window, n_heads, n_kv,
-                            head_dim, act, eps, counters, xs, hs, xqs, xps, xcs, dxs, xsums, scores, qkv, attn, o_out,
+    def _decode_token_numba(threads, x, attn_norm, ffn_norm, q_norm, k_norm, post_attn, post_ffn,
+                            qkv_qs, qkv_d, qkv_m, qkv2_qs, qkv2_d, qkv2_m, o_qs, o_d, o_m, o2_qs, o2_d, o2_m,
+                            gu_qs, gu_d, gu_m, gu2_qs, gu2_d, gu2_m, dn_qs, dn_d, dn_m, dn2_qs, dn2_d, dn2_m, where,
+                            k_caches, v_caches, cos, sin, rope_kind, windows, pos, n_heads, n_kv, head_dim, act,
+                            eps, scale, counters, xs, hs, xqs, xps, xcs, dxs, xsums, scores, qkv, attn, o_out,
                             act_out, dn_out):
-        """x (1, hidden) f32 in and out. Stacked per layer (first axis layers; engine/model/transformer.py's
-        _stack_layers): the norms (L, hidden) f32, the weight arrays (qs or q, d, m) of q|k|v, o, gate|up
-        and down, and the KV caches (L, n_kv, max_seq, hd) f32; cos, sin (1, hd/2) f32 of position `pos`. counters from counters_for(layers, threads).
-        Scratch per thread (first axis `threads`): xs (T, hidden), hs (T, hidden), xqs and xps (T, C)
-        int8, xcs (T, C/4) int32, dxs and xsums (T, C/32), scores (T, >= pos + 1), all f32 unless
-        said, C the widest matvec input. Per layer (first axis layers): qkv (L, hq + 2 hkv), attn (L, 1, heads, hd),
-        o_out (L, hidden), act_out (L, ffn), dn_out (L, hidden)."""
+        """x (1, hidden) f32 in and out. The layers' arrays from engine/model/layout.stack_layers
+        (OneRegionStacks: the norms, then per matrix group the arrays (qs or q, d, m) of its two layouts,
+        then `where`), the KV caches (L, n_kv, max_seq, hd) f32 or half bits; cos, sin (kinds, hd/2) f32 of
+        position `pos`, one row per RoPE; rope_kind and windows (L,) int64 each layer's RoPE row and
+        sliding window (0: none); scale the attention's score scale. counters from counters_for(layers,
+        threads). Scratch per thread (first axis `threads`): xs (T, hidden), hs (T, hidden), xqs and xps
+        (T, C) int8, xcs (T, C/4) int32, dxs and xsums (T, C/32), scores (T, >= pos + 1), all f32 unless
+        said, C the widest matvec input. Per layer (first axis layers): qkv (L, hq + 2 hkv), attn (L, 1,
+        heads, hd), o_out (L, hidden), act_out (L, ffn), dn_out (L, hidden)."""
         for t in prange(threads):
-            _worker(t, threads, x, attn_norm, ffn_norm, qkv_qs, qkv_d, qkv_m, o_qs, o_d, o_m, gu_qs, gu_d, gu_m,
-                    dn_qs, dn_d, dn_m, k_caches, v_caches, cos, sin, pos, window, n_heads, n_kv, head_dim, act,
-                    eps, counters, xs, hs, xqs, xps, xcs, dxs, xsums, scores, qkv, attn, o_out, act_out, dn_out)
+            _worker(t, threads, x, attn_norm, ffn_norm, q_norm, k_norm, post_attn, post_ffn,
+                    qkv_qs, qkv_d, qkv_m, qkv2_qs, qkv2_d, qkv2_m, o_qs, o_d, o_m, o2_qs, o2_d, o2_m,
+                    gu_qs, gu_d, gu_m, gu2_qs, gu2_d, gu2_m, dn_qs, dn_d, dn_m, dn2_qs, dn2_d, dn2_m, where,
+                    k_caches, v_caches, cos, sin, rope_kind, windows, pos, n_heads, n_kv, head_dim, act, eps,
+                    scale, counters, xs, hs, xqs, xps, xcs, dxs, xsums, scores, qkv, attn, o_out, act_out, dn_out)
         return x
 
     decode_token = _decode_token_numba

@@ -4,6 +4,7 @@ converter lays them out (Q/K rows permuted, dims reversed)."""
 
 from __future__ import annotations
 
+import fnmatch
 import json
 from pathlib import Path
 
@@ -125,9 +126,10 @@ def _permute(w: np.ndarray, n_head: int) -> np.ndarray:
 
 
 def hf_to_gguf(hf_dir: Path, out: Path, qtype: str = "F32", vocab_meta: dict | None = None,
-               arch: str = "llama") -> Path:
+               arch: str = "llama", qtypes: dict[str, str] | None = None) -> Path:
     """Convert a float32 HF checkpoint into a GGUF file of `arch` (llama, qwen3, phi3 or gemma3) with 2-D
-    weights in `qtype`, named and laid out as llama.cpp's converter does: only llama's Q/K rows permuted,
+    weights in `qtype` (or qtypes[fnmatch pattern of the GGUF name], the first that matches, as a
+    Q4_K_M file mixes types), named and laid out as llama.cpp's converter does: only llama's Q/K rows permuted,
     Gemma's norms stored as 1 + w. Without vocab_meta, a stand-in vocabulary of the config's size."""
     import gguf
     from safetensors.numpy import load_file
@@ -176,7 +178,6 @@ def hf_to_gguf(hf_dir: Path, out: Path, qtype: str = "F32", vocab_meta: dict | N
         layer_names.update({"post_attention_layernorm.weight": "post_attention_norm.weight",
                             "pre_feedforward_layernorm.weight": "ffn_norm.weight",
                             "post_feedforward_layernorm.weight": "post_ffw_norm.weight"})
-    qt = getattr(gguf.GGMLQuantizationType, qtype)
     for hf_name, arr in tensors.items():
         if hf_name in names:
             name = names[hf_name]
@@ -190,12 +191,15 @@ def hf_to_gguf(hf_dir: Path, out: Path, qtype: str = "F32", vocab_meta: dict | N
             arr = _permute(arr, heads)
         elif arch == "llama" and name.endswith("attn_k.weight"):
             arr = _permute(arr, kv)
+        kind = next((t for pattern, t in (qtypes or {}).items() if fnmatch.fnmatch(name, pattern)), qtype)
+        qt = getattr(gguf.GGMLQuantizationType, kind)
         block = gguf.GGML_QUANT_SIZES[qt][0]
         # Like llama.cpp's quantizer, rows whose length is not a multiple of the block stay F32.
-        if arr.ndim == 2 and qtype != "F32" and arr.shape[1] % block == 0:
-            data = gguf.quants.quantize(arr, qt) if qtype != "F16" else arr.astype(np.float16)
+        if arr.ndim == 2 and kind != "F32" and arr.shape[1] % block == 0:
+            writers = {"F16": lambda v: v.astype(np.float16), "Q4_K": quantize_q4_k, "Q6_K": quantize_q6_k}
+            data = writers.get(kind, lambda v: gguf.quants.quantize(v, qt))(arr)
             # add_tensor derives the logical shape from the quantized byte shape and raw_dtype.
-            w.add_tensor(name, data, raw_dtype=qt if qtype != "F16" else None)
+            w.add_tensor(name, data, raw_dtype=qt if kind != "F16" else None)
         else:
             w.add_tensor(name, arr)
     w.write_header_to_file()
@@ -210,3 +214,48 @@ def _stand_in_vocab(n: int) -> dict:
     tokens = ["<unk>", "<s>", "</s>"] + [f"a{i}" for i in range(n - 3)]
     return {"model": "llama", "tokens": tokens, "scores": [0.0] * 3 + [-float(i) for i in range(n - 3)],
             "types": [2, 3, 3] + [1] * (n - 3)}
+
+
+# ------------------------------------------------------------------ K-quant writers (gguf-py has none)
+
+def quantize_q4_k(a: np.ndarray) -> np.ndarray:
+    """(rows, cols) f32 -> (rows, cols/256*144) uint8 Q4_K blocks: per 32-element sub-block a 6-bit scale
+    and min of the super-block's f16 d and dmin, 4-bit values (engine/formats/gguf_quants.py's layout)."""
+    x = a.astype(np.float32).reshape(-1, 8, 32)                              # (blocks, sub-block, 32)
+    lo = np.minimum(x.min(axis=2), 0)                                        # values are d*sc*q - dmin*mn
+    step = (x.max(axis=2) - lo) / 15
+    d = (step.max(axis=1) / 63).astype(np.float16)
+    dmin = (-lo.min(axis=1) / 63).astype(np.float16)
+    sc = np.clip(np.rint(step / np.maximum(d.astype(np.float32), 1e-30)[:, None]), 1, 63).astype(np.uint8)
+    mn = np.clip(np.rint(-lo / np.maximum(dmin.astype(np.float32), 1e-30)[:, None]), 0, 63).astype(np.uint8)
+    ds = d.astype(np.float32)[:, None] * sc
+    ms = dmin.astype(np.float32)[:, None] * mn
+    q = np.clip(np.rint((x + ms[..., None]) / np.maximum(ds, 1e-30)[..., None]), 0, 15).astype(np.uint8)
+    out = np.zeros((x.shape[0], 144), np.uint8)
+    out[:, 0:2] = d.view(np.uint8).reshape(-1, 2)
+    out[:, 2:4] = dmin.view(np.uint8).reshape(-1, 2)
+    out[:, 4:8] = (sc[:, :4] & 63) | ((sc[:, 4:] >> 4) << 6)
+    out[:, 8:12] = (mn[:, :4] & 63) | ((mn[:, 4:] >> 4) << 6)
+    out[:, 12:16] = (sc[:, 4:] & 15) | ((mn[:, 4:] & 15) << 4)
+    qs = q.reshape(-1, 4, 2, 32)                                             # chunk c: sub-blocks 2c, 2c+1
+    out[:, 16:] = (qs[:, :, 0] | (qs[:, :, 1] << 4)).reshape(-1, 128)
+    return out.reshape(a.shape[0], -1)
+
+
+def quantize_q6_k(a: np.ndarray) -> np.ndarray:
+    """(rows, cols) f32 -> (rows, cols/256*210) uint8 Q6_K blocks: per 16 elements an int8 scale of the
+    super-block's f16 d, 6-bit values (engine/formats/gguf_quants.py's layout)."""
+    x = a.astype(np.float32).reshape(-1, 16, 16)
+    step = np.abs(x).max(axis=2) / 31
+    d = (step.max(axis=1) / 127).astype(np.float16)
+    scale = np.clip(np.rint(step / np.maximum(d.astype(np.float32), 1e-30)[:, None]), 1, 127).astype(np.int8)
+    ds = d.astype(np.float32)[:, None] * scale
+    q = (np.clip(np.rint(x / np.maximum(ds, 1e-30)[..., None]), -32, 31) + 32).astype(np.uint8).reshape(-1, 2, 4, 32)
+    out = np.zeros((x.shape[0], 210), np.uint8)
+    ql = out[:, :128].reshape(-1, 2, 2, 32)                                  # half, t % 2, l
+    ql[:] = (q[:, :, 0:2] & 15) | ((q[:, :, 2:4] & 15) << 4)                 # quarter t's nibble t // 2
+    qh = out[:, 128:192].reshape(-1, 2, 32)
+    qh[:] = sum(((q[:, :, t] >> 4) & 3) << (2 * t) for t in range(4))
+    out[:, 192:208] = scale.view(np.uint8)
+    out[:, 208:210] = d.view(np.uint8).reshape(-1, 2)
+    return out.reshape(a.shape[0], -1)

@@ -132,11 +132,21 @@ def test_take_in_a_parallel_region():
     assert (seen == n).all()
 
 
-@pytest.mark.parametrize("threads,qtype", [(1, "Q4_1"), (2, "Q4_1"), (1, "Q8_0"), (2, "Q8_0"), (2, "Q4_0")])
+# Gemma 3 as a Q4_K_M file has it: 5-bit q/k/gate/up, Q8_0 or Q5_0 v, Q4_K o, and down projections that
+# alternate between Q4_K (the Q4 layout) and Q6_K (the I8 layout) across layers; local and global layers.
+GEMMA_MIX = {"blk.[024].ffn_down.weight": "Q4_K", "*ffn_down.weight": "Q6_K", "*attn_output.weight": "Q4_K",
+             "blk.[135].attn_v.weight": "Q8_0", "blk.*": "Q5_0", "*": "Q8_0"}
+GEMMA_SHAPE = dict(hidden_size=256, intermediate_size=256, head_dim=64, num_hidden_layers=6, query_pre_attn_scalar=64,
+                   layer_types=["sliding_attention"] * 5 + ["full_attention"])
+
+
+@pytest.mark.parametrize("threads,qtype", [(1, "Q4_1"), (2, "Q4_1"), (1, "Q8_0"), (2, "Q8_0"), (2, "Q4_0"),
+                                           (1, "gemma3-mix"), (2, "gemma3-mix")])
 def test_one_region_decode_matches_layer_by_layer(tmp_path, threads, qtype):
     """The one-region decode (engine/executors/one_region.py, kernels/decode_token.py: the default for Q4
     and Q8_0 models) against dense decode layer by layer, its numpy twin, on 1 and 2 threads: the same
-    logits within float rounding over 8 cached steps, and near the uncached prefill's."""
+    logits within float rounding over 8 cached steps, and near the uncached prefill's. gemma3-mix: q/k and
+    output norms, two RoPE bases, windows shorter than the 13 tokens, and two layouts of down."""
     pytest.importorskip("torch", reason="the test model is made with the [test] extra (torch, transformers)")
     from model_factory import hf_to_gguf, make_hf_model
 
@@ -147,12 +157,20 @@ def test_one_region_decode_matches_layer_by_layer(tmp_path, threads, qtype):
 
     if not AVAILABLE:
         pytest.skip("numba only")
-    make_hf_model("llama", tmp_path)      # hidden 64, FFN 96: every matrix quantizes to the Q4 or I8 layout
     tokens = ["<unk>", "<s>", "</s>"] + [f"w{i}" for i in range(3, 128)]
     vocab = {"model": "llama", "tokens": tokens, "scores": [0.0] * 128, "types": [2, 3, 3] + [1] * 125}
-    llm = engine.load(str(hf_to_gguf(tmp_path, tmp_path / "m.gguf", qtype, vocab)), threads=threads)
+    if qtype == "gemma3-mix":
+        make_hf_model("gemma3", tmp_path, **GEMMA_SHAPE)
+        path = hf_to_gguf(tmp_path, tmp_path / "m.gguf", "Q8_0", vocab, arch="gemma3", qtypes=GEMMA_MIX)
+    else:
+        make_hf_model("llama", tmp_path)      # hidden 64, FFN 96: every matrix quantizes to the Q4 or I8 layout
+        path = hf_to_gguf(tmp_path, tmp_path / "m.gguf", qtype, vocab)
+    llm = engine.load(str(path), threads=threads)
     m = llm.model
     assert isinstance(m.executors.decode, OneRegionDecode)
+    if qtype == "gemma3-mix":
+        downs = {type(lw.w_down).__name__ for lw in m.weights.layers}
+        assert downs == {"Q4Weight", "I8Weight"} and len(set(m.config.layer_rope)) == 2
     prompt, steps = [1, 17, 93, 5, 64], [3, 99, 14, 51, 76, 20, 8, 111]
 
     def decode():

@@ -1,8 +1,9 @@
 """The one-region decode: every layer of one token in one numba parallel region
 (kernels/decode_token.py explains why one region beats a kernel launch per matrix).
 
-It runs the decode of models whose layers are all dense, in the Q4 or 32-block I8 layouts, without
-biases and with the same shapes (engine/model/layout.py stacks them), when numba is on.
+It runs the decode of models whose layers are all dense, in the Q4 or 32-block I8 layouts (at most two
+per matrix group across layers), without biases and with the same shapes (engine/model/layout.py stacks
+them), when numba is on; with q/k norms, output norms and per-layer windows and RoPE (Gemma 3) or not.
 """
 
 from __future__ import annotations
@@ -18,11 +19,13 @@ AVAILABLE = decode_token is not None
 class OneRegionDecode(Executor):
     kind = "one region per token"
 
-    def __init__(self, config, stacks: tuple[np.ndarray, ...]):
-        """stacks: engine/model/layout.stack_layers's arrays, in kernels/decode_token.py's order."""
+    def __init__(self, config, stacks):
+        """stacks: engine/model/layout.stack_layers's OneRegionStacks."""
         c = config
         self.config = c
-        self.stacks = stacks
+        self.stacks = stacks.arrays()
+        self.rope_kind = np.array(c.layer_rope, np.int64)          # (L,) each layer's row of cos/sin
+        self.windows = np.array(c.layer_window, np.int64)          # (L,) each layer's window, 0 for none
         L, hidden, ffn = c.num_hidden_layers, c.hidden_size, c.intermediate_size
         hq, hkv = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
         # Each layer's outputs have their own rows (kernels/decode_token.py explains why).
@@ -55,14 +58,13 @@ class OneRegionDecode(Executor):
         return self.scratch
 
     def run(self, x: np.ndarray, cache, start: int, cos: np.ndarray, sin: np.ndarray) -> None:
-        """x (1, hidden) f32 in place; cos, sin (1, 1, head_dim/2) f32 for position `start` (one RoPE:
-        choose() gives the one-region decode only models of Llama layers)."""
+        """x (1, hidden) f32 in place; cos, sin (kinds, 1, head_dim/2) f32 for position `start`."""
         import numba
 
         c = self.config
         threads = numba.get_num_threads()
         scratch = self._scratch(threads, cache.max_seq)
         self.work.fill(0)
-        decode_token(threads, x, *self.stacks, cache.k_all, cache.v_all, cos[0], sin[0], start, c.window,
-                     c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.act_kind, c.rms_norm_eps,
-                     self.work, *scratch, *self.out)
+        decode_token(threads, x, *self.stacks, cache.k_all, cache.v_all, cos[:, 0], sin[:, 0], self.rope_kind,
+                     self.windows, start, c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.act_kind,
+                     c.rms_norm_eps, c.attn_scale, self.work, *scratch, *self.out)

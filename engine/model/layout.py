@@ -87,42 +87,102 @@ def _stack_signature(lw) -> list | None:
     return sig
 
 
-def stackable(layers) -> bool:
-    """Whether the one-region decode (kernels/decode_token.py) can run every layer, in one stack per array:
-    Q4 or 32-block I8 matrices, no biases, the same shapes in every layer."""
+VARIANTS = 2      # layouts a one-region group may mix across layers (a Q4_K_M file's Q4_K and Q6_K downs)
+
+
+def _variants(layers) -> list[list] | None:
+    """Per one-region group, the distinct signatures of its layers in order of first appearance; None
+    when a layer cannot run in the one-region decode or a group mixes more than VARIANTS layouts."""
     sigs = [_stack_signature(lw) for lw in layers]
-    return sigs[0] is not None and all(s == sigs[0] for s in sigs)
+    if any(s is None for s in sigs):
+        return None
+    out = []
+    for g in range(len(ONE_REGION_GROUPS)):
+        distinct = []
+        for s in sigs:
+            if s[g] not in distinct:
+                distinct.append(s[g])
+        if len(distinct) > VARIANTS:
+            return None
+        out.append(distinct)
+    return out
 
 
-def stack_layers(layers) -> tuple[np.ndarray, ...]:
+def stackable(layers) -> bool:
+    """Whether the one-region decode (kernels/decode_token.py) can run every layer: Q4 or 32-block I8
+    matrices, no biases, the same shapes in every layer, at most VARIANTS layouts per matrix group."""
+    return _variants(layers) is not None
+
+
+@dataclass
+class OneRegionStacks:
+    """The layers' weights as kernels/decode_token.py reads them, each field stacked over layers:
+    - norms: attn_norm, ffn_norm (L, hidden) f32; q_norm, k_norm (L, head_dim) f32, or (L, 0) when the
+      model has no q/k norms; post_attn_norm, post_ffn_norm (L, hidden) f32, or (L, 0);
+    - groups: per group of ONE_REGION_GROUPS, the arrays (qs or q, d, m) of its first layout stacked over
+      the layers that have it, then those of its second layout (empty (0, ...) copies of the first's when
+      every layer has one layout), six arrays per group;
+    - where (L, groups) int64: layer i's slot in its group's first-layout stacks, or -1 - its slot in the
+      second-layout ones."""
+    norms: tuple
+    groups: tuple
+    where: np.ndarray
+
+    def arrays(self) -> tuple[np.ndarray, ...]:
+        """Every array, in decode_token's argument order."""
+        return (*self.norms, *(a for g in self.groups for a in g), self.where)
+
+
+def stack_layers(layers) -> OneRegionStacks:
     """Fuses and stacks in one pass (the layers pass `stackable`): every layer's norms and arrays of q|k|v,
-    o, gate|up and down in one (layers, ...) array per field, the layers' weights turned into views of
-    them. Arrays passed one by one would cost ~450 unboxings per token, numba's typed lists ~50 MiB of
-    compiler memory at load. Each source matrix is copied once, into its place in the stack, and dropped
-    right after, so loading peaks one matrix above the model, not a layer."""
+    o, gate|up and down stacked per field and layout, the layers' weights turned into views of them.
+    Arrays passed one by one would cost ~450 unboxings per token, numba's typed lists ~50 MiB of compiler
+    memory at load. Each source matrix is copied once, into its place in the stack, and dropped right
+    after, so loading peaks one matrix above the model, not a layer."""
     L = len(layers)
-    norms = (np.stack([lw.attn_norm for lw in layers]), np.stack([lw.ffn_norm for lw in layers]))
-    stacks, groups = [], []          # groups: (fused name, part names, its slice of stacks)
-    for (fused_name, names), arrays in zip(ONE_REGION_GROUPS, _stack_signature(layers[0])):
-        groups.append((fused_name, names, slice(len(stacks), len(stacks) + len(arrays))))
-        stacks += [np.empty((L,) + shape, dtype) for shape, dtype in arrays]    # (layers, rows, ...) each
+    norms = tuple(_stack_vectors(layers, f) for f in ("attn_norm", "ffn_norm", "q_norm", "k_norm",
+                                                      "post_attn_norm", "post_ffn_norm"))
+    variants = _variants(layers)
+    sigs = [_stack_signature(lw) for lw in layers]
+    where = np.empty((L, len(ONE_REGION_GROUPS)), np.int64)
+    groups = []
+    for g, distinct in enumerate(variants):
+        counts = [0] * len(distinct)
+        for i, s in enumerate(sigs):
+            v = distinct.index(s[g])
+            where[i, g] = counts[v] if v == 0 else -1 - counts[v]
+            counts[v] += 1
+        stacks = [[np.empty((n,) + shape, dtype) for shape, dtype in sig] for sig, n in zip(distinct, counts)]
+        if len(stacks) == 1:
+            stacks.append([a[:0] for a in stacks[0]])
+        groups.append(stacks)
     for i, lw in enumerate(layers):
-        lw.attn_norm, lw.ffn_norm = norms[0][i], norms[1][i]
-        for fused_name, names, k in groups:
+        for f, stack in zip(("attn_norm", "ffn_norm", "q_norm", "k_norm", "post_attn_norm", "post_ffn_norm"), norms):
+            if getattr(lw, f) is not None:
+                setattr(lw, f, stack[i])
+        for (fused_name, names), stacks, w in zip(ONE_REGION_GROUPS, groups, where[i]):
+            arrays, slot = (stacks[0], w) if w >= 0 else (stacks[1], -1 - w)
             kind, r0, bounds = type(getattr(lw, names[0])), 0, []
             for n in names:
                 rows = getattr(lw, n).shape[0]
-                for s, a in zip(stacks[k], getattr(lw, n)._arrays()):
-                    s[i, r0:r0 + rows] = a
+                for s, a in zip(arrays, getattr(lw, n)._arrays()):
+                    s[slot, r0:r0 + rows] = a
                 setattr(lw, n, None)          # the last reference to the source (or its view of a fused copy)
                 bounds.append((n, r0, r0 + rows))
                 r0 += rows
-            fused = kind(*[s[i] for s in stacks[k]])
+            fused = kind(*[s[slot] for s in arrays])
             setattr(lw, fused_name, fused)
             for n, a, b in bounds:
                 setattr(lw, n, fused if n == fused_name else fused.row_slice(a, b))
             trim_heap()     # glibc keeps freed blocks of these sizes on its heap: give them back now
-    return norms + tuple(stacks)
+    return OneRegionStacks(norms, tuple(tuple(stacks[0]) + tuple(stacks[1]) for stacks in groups), where)
+
+
+def _stack_vectors(layers, field: str) -> np.ndarray:
+    """(L, n) f32 of every layer's vector `field`, or (L, 0) when the layers have none."""
+    if getattr(layers[0], field) is None:
+        return np.empty((len(layers), 0), np.float32)
+    return np.stack([getattr(lw, field) for lw in layers])
 
 
 # ---------------------------------------------------------------- sparse decode: downT and neuron records
