@@ -107,3 +107,23 @@ def test_onnx_prefill_matches_transformers(name, tmp_path):
     for i, t in enumerate(STEPS):
         got = llm.model.forward(np.array([t]), cache, all_logits=False)[0]
         assert np.abs(got - want[i]).max() < TOL, f"{name}: step {i} after the ONNX prefill differs from transformers"
+
+
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_1", "F16"])
+def test_gguf_tensors_converted_in_row_chunks_are_the_same(tmp_path, monkeypatch, qtype):
+    """gguf_loader converts large tensors a chunk of rows at a time (releasing each chunk's file pages):
+    the arrays equal a whole-tensor conversion's, down to the last chunk's partial size."""
+    from engine.formats import gguf_loader
+    from engine.formats.gguf_file import GGUFFile
+    from engine.formats.gguf_quants import weight_from_gguf
+
+    make_hf_model("llama", tmp_path / "hf")
+    path = hf_to_gguf(tmp_path / "hf", tmp_path / "m.gguf", qtype)
+    g = GGUFFile(path)
+    t = g.tensors["token_embd.weight"]                 # 128 rows
+    whole = weight_from_gguf(t.ggml_type, g.raw("token_embd.weight"), t.shape, "t", str(path))
+    monkeypatch.setattr(gguf_loader, "CHUNK_BYTES", 3 * (t.nbytes // t.shape[0]))   # 3 rows per chunk
+    chunked = gguf_loader._converted_in_row_chunks(g, "token_embd.weight", str(path))
+    assert type(chunked) is type(whole)
+    for a, b in zip(chunked._arrays(), whole._arrays()):
+        assert a.dtype == b.dtype and np.array_equal(a, b)

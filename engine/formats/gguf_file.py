@@ -125,7 +125,8 @@ class GGUFFile:
         t = self.tensors[name]
         return self._mm[t.offset:t.offset + t.nbytes]
 
-    def release(self, name: str) -> None:
-        """Call once a tensor has been copied out: its file pages leave our resident set."""
+    def release(self, name: str, start: int = 0, nbytes: int | None = None) -> None:
+        """Call once a tensor (or its bytes start..start+nbytes) has been copied out: those file pages
+        leave our resident set."""
         t = self.tensors[name]
-        release(self._mm, t.offset, t.nbytes)
+        release(self._mm, t.offset + start, t.nbytes - start if nbytes is None else nbytes)

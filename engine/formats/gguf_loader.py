@@ -96,6 +96,33 @@ def _unpermute_order(rows: int, n_head: int) -> np.ndarray:
     return np.arange(rows).reshape(n_head, hd // 2, 2).transpose(0, 2, 1).reshape(-1)
 
 
+CHUNK_BYTES = 16 << 20      # file bytes converted (and released) at a time
+
+
+def _converted_in_row_chunks(g: GGUFFile, name: str, src: str) -> Weight:
+    """The tensor in its kernel layout, converted CHUNK_BYTES of whole rows at a time (blocks never cross
+    rows), each chunk's file pages released once copied: a large tensor (Gemma 3's 178 MB embedding
+    table) then never has its file pages and its copy resident at once."""
+    t = g.tensors[name]
+    rows, cols = t.shape
+    row_bytes = t.nbytes // rows
+    step = max(1, CHUNK_BYTES // row_bytes)
+    raw = g.raw(name)
+    first = weight_from_gguf(t.ggml_type, raw[:min(step, rows) * row_bytes], (min(step, rows), cols), name, src)
+    if rows <= step:
+        g.release(name)
+        return first
+    arrays = [np.empty((rows,) + a.shape[1:], a.dtype) for a in first._arrays()]
+    for r0 in range(0, rows, step):
+        r1 = min(rows, r0 + step)
+        part = first if r0 == 0 else weight_from_gguf(t.ggml_type, raw[r0 * row_bytes:r1 * row_bytes],
+                                                      (r1 - r0, cols), name, src)
+        for out, a in zip(arrays, part._arrays()):
+            out[r0:r1] = a
+        g.release(name, r0 * row_bytes, (r1 - r0) * row_bytes)
+    return type(first)(*arrays)
+
+
 def load_weights(g: GGUFFile, config: ModelConfig, progress=None, skip: frozenset[str] = frozenset(),
                  direct_io: bool = True) -> ModelWeights:
     """skip: our names of matrices left unloaded (engine/formats/assemble.py); when they include the
@@ -111,9 +138,7 @@ def load_weights(g: GGUFFile, config: ModelConfig, progress=None, skip: frozense
             raise ModelFormatError(f"{src}: tensor {name!r} has shape {t.shape}, expected a matrix")
         if untied and name == "token_embd.weight":      # only looked up: it stays in the file mapping
             return MappedRows(t.ggml_type, g.raw(name), t.shape, name, src)
-        w = weight_from_gguf(t.ggml_type, g.raw(name), t.shape, name, src)
-        g.release(name)
-        return w
+        return _converted_in_row_chunks(g, name, src)
 
     def vector(name) -> np.ndarray:
         t = g.tensors[name]
