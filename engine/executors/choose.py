@@ -8,7 +8,7 @@ From the plan (engine/executors/plan.py), the model's weight layouts and the ker
 - decode:
   - flash, when the plan streams every FFN from the bundle file (engine/executors/flash_ffn.py);
   - the one-region decode (engine/executors/one_region.py), when every layer is dense and it can run
-    them all (numba; Q4 or 32-block I8 layouts, no biases, the same shapes);
+    them all (numba; Q4 or 32-block I8 layouts, at most two per matrix group, no biases, the same shapes);
   - else the layer-by-layer stack with each layer's FFN executor: dense, or sparse in the plan's mode.
 engine/model/layout.py arranges the weights for what was chosen, the same way for the model and for its
 miniature (engine/model/miniature.py), and `Executors.describe()` prints the choice.

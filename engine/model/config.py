@@ -73,7 +73,7 @@ class ModelConfig:
     act_kind: int = field(init=False)
     qkv_bias: bool = field(init=False)
     o_bias: bool = field(init=False)
-    window: int = field(init=False)
+    window: int = field(init=False)              # the sliding window of the windowed layers, 0 for none
     layer_window: tuple = field(init=False)      # per layer: its sliding window, 0 for full attention
     layer_rope: tuple = field(init=False)        # per layer: 0 the global RoPE base, 1 the local one
     qk_norm: bool = field(init=False)
@@ -84,8 +84,7 @@ class ModelConfig:
     @property
     def llama_layers(self) -> bool:
         """Whether every layer is a plain Llama layer (one window and one RoPE for all, no extra norms,
-        the 1/sqrt(head_dim) attention scale, no scaled embeddings): what the one-region decode and the
-        ONNX graph build."""
+        the 1/sqrt(head_dim) attention scale, no scaled embeddings): what the ONNX prefill graph builds."""
         return (len(set(self.layer_window)) == 1 and not any(self.layer_rope) and not self.qk_norm
                 and not self.sandwich_norms and self.embed_scale == 1.0
                 and self.attn_scale == 1.0 / self.head_dim ** 0.5 and not self.final_logit_softcapping)
