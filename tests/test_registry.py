@@ -306,3 +306,18 @@ def test_shipped_gemma_entry_is_split_and_noted():
     assert sum(p["size"] for p in src["parts"]) == src["size"]
     assert "Gemma Terms of Use" in e["license_note"]
     assert e["chat_template"].startswith("{{ bos_token }}")
+
+
+def test_shipped_gemma_template_renders_gemma_turns():
+    """Gemma's turn format: the system prompt folded into the first user turn, "model" for the assistant,
+    the generation prompt last; turns that do not alternate are refused."""
+    from engine.text.chat_template import TemplateError, render
+
+    template = registry.entry("gemma3")["chat_template"]
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": " Hi "},
+                {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Why?"}]
+    assert render(template, messages, bos_token="<bos>") == (
+        "<bos><start_of_turn>user\nBe brief.\n\nHi<end_of_turn>\n<start_of_turn>model\nHello.<end_of_turn>\n"
+        "<start_of_turn>user\nWhy?<end_of_turn>\n<start_of_turn>model\n")
+    with pytest.raises(TemplateError, match="alternate"):
+        render(template, [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}], bos_token="<bos>")
