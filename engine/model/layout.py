@@ -88,12 +88,14 @@ def _stack_signature(lw) -> list | None:
 
 
 VARIANTS = 2      # layouts a one-region group may mix across layers (a Q4_K_M file's Q4_K and Q6_K downs)
+# the norm vectors kernels/decode_token.py reads, in its order
+ONE_REGION_NORMS = ("attn_norm", "ffn_norm", "q_norm", "k_norm", "post_attn_norm", "post_ffn_norm")
 
 
-def _variants(layers) -> list[list] | None:
-    """Per one-region group, the distinct signatures of its layers in order of first appearance; None
-    when a layer cannot run in the one-region decode or a group mixes more than VARIANTS layouts."""
-    sigs = [_stack_signature(lw) for lw in layers]
+def _variants(sigs: list) -> list[list] | None:
+    """Per one-region group, the distinct signatures (of `_stack_signature`, one per layer) in order of
+    first appearance; None when a layer cannot run in the one-region decode or a group mixes more than
+    VARIANTS layouts."""
     if any(s is None for s in sigs):
         return None
     out = []
@@ -111,7 +113,7 @@ def _variants(layers) -> list[list] | None:
 def stackable(layers) -> bool:
     """Whether the one-region decode (kernels/decode_token.py) can run every layer: Q4 or 32-block I8
     matrices, no biases, the same shapes in every layer, at most VARIANTS layouts per matrix group."""
-    return _variants(layers) is not None
+    return _variants([_stack_signature(lw) for lw in layers]) is not None
 
 
 @dataclass
@@ -140,10 +142,9 @@ def stack_layers(layers) -> OneRegionStacks:
     memory at load. Each source matrix is copied once, into its place in the stack, and dropped right
     after, so loading peaks one matrix above the model, not a layer."""
     L = len(layers)
-    norms = tuple(_stack_vectors(layers, f) for f in ("attn_norm", "ffn_norm", "q_norm", "k_norm",
-                                                      "post_attn_norm", "post_ffn_norm"))
-    variants = _variants(layers)
+    norms = tuple(_stack_vectors(layers, f) for f in ONE_REGION_NORMS)
     sigs = [_stack_signature(lw) for lw in layers]
+    variants = _variants(sigs)
     where = np.empty((L, len(ONE_REGION_GROUPS)), np.int64)
     groups = []
     for g, distinct in enumerate(variants):
@@ -157,7 +158,7 @@ def stack_layers(layers) -> OneRegionStacks:
             stacks.append([a[:0] for a in stacks[0]])
         groups.append(stacks)
     for i, lw in enumerate(layers):
-        for f, stack in zip(("attn_norm", "ffn_norm", "q_norm", "k_norm", "post_attn_norm", "post_ffn_norm"), norms):
+        for f, stack in zip(ONE_REGION_NORMS, norms):
             if getattr(lw, f) is not None:
                 setattr(lw, f, stack[i])
         for (fused_name, names), stacks, w in zip(ONE_REGION_GROUPS, groups, where[i]):

@@ -95,7 +95,7 @@ def from_gguf(meta: dict, source: str) -> Tokenizer:
                                   "tokenizer.ggml.eom_token_id")]
     # llama.cpp also ends generation at the end-of-turn tokens it knows by their text (Gemma's
     # <end_of_turn> is in no metadata key)
-    eos += [i for i in (tk.token_to_id(t) for t in END_OF_TURN_TEXTS) if i is not None and int(i) not in eos]
+    eos += [tk.token_to_id(t) for t in END_OF_TURN_TEXTS]
     # The GGUF tokenizer's post-processor already adds BOS when the metadata (or llama.cpp's default for
     # that vocabulary) asks for it; add_bos here only informs chat-template and perplexity handling.
     add_bos = gguf_add_bos(meta)
