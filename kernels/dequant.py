@@ -131,13 +131,97 @@ def dequant_q4_numpy(qs, d, m, out):
     blocks = out.reshape(rows, -1, 2, 16)          # (rows, blocks, lo/hi, 16)
     np.bitwise_and(q, 15, out=blocks[:, :, 0], casting="unsafe")
     np.right_shift(q, 4, out=blocks[:, :, 1], casting="unsafe")
-    flat = out.reshape(rows, -1, 32)
+    return _scaled_blocks(out.reshape(rows, -1, 32), d, m, 8, out)
+
+
+def _scaled_blocks(flat, d, m, offset, out):
+    """flat (rows, nb, 32) f32 values q, in place: d*q + m, or d*(q - offset) where m is empty."""
     if not m.shape[1]:
-        flat -= 8
+        flat -= offset
     flat *= scales_f32_numpy(d)[:, :, None]
     if m.shape[1]:
         flat += scales_f32_numpy(m)[:, :, None]
     return out
+
+
+def q5_segments(nb: int):
+    """(first block, blocks per group, groups) of a Q5 row of nb blocks: groups of four, then a group of
+    two and/or one (kernels/rowdot.py's steps)."""
+    b = 0
+    for k, n in ((4, nb // 4), (2, (nb % 4) // 2), (1, nb % 2)):
+        if n:
+            yield b, k, n
+            b += k * n
+
+
+def q5_block_views(qs, nb):
+    """Views of a Q5 weight's groups (kernels/layouts.md): per segment of q5_segments, (first block, k,
+    nibbles (rows, groups, k, 16) uint8, high words (rows, groups, k) uint32). qs (rows, 5*nb) uint32
+    with contiguous rows; each group of k blocks is 16k nibble bytes, then k 32-bit words of high bits."""
+    rows = qs.shape[0]
+    by = qs.view(np.uint8)                                          # (rows, 20*nb)
+    out = []
+    for b, k, n in q5_segments(nb):
+        seg = by[:, 20 * b: 20 * (b + k * n)].reshape(rows, n, 20 * k)
+        out.append((b, k, seg[:, :, : 16 * k].reshape(rows, n, k, 16), seg[:, :, 16 * k:].view(np.uint32)))
+    return out
+
+
+def q5_split_numpy(qs, nb):
+    """qs (rows, 5*nb) uint32 (the Q5 layout) -> nibbles (rows, nb, 16) uint8 in the Q4 layout's order,
+    high words (rows, nb) uint32: bit j of block b's word is bit 4 of its element j."""
+    rows = qs.shape[0]
+    nib = np.empty((rows, nb, 16), np.uint8)
+    high = np.empty((rows, nb), np.uint32)
+    for b, k, nv, hv in q5_block_views(qs, nb):
+        n = nv.shape[1]
+        nib[:, b: b + k * n] = nv.reshape(rows, n * k, 16)
+        high[:, b: b + k * n] = hv.reshape(rows, n * k)
+    return nib, high
+
+
+def q5_join_numpy(nib, high, qs):
+    """q5_split_numpy's inverse: nibbles (rows, nb, 16) uint8, high words (rows, nb) uint32 -> qs (rows,
+    5*nb) uint32, written in place and returned."""
+    rows, nb = high.shape
+    for b, k, nv, hv in q5_block_views(qs, nb):
+        n = nv.shape[1]
+        nv[:] = nib[:, b: b + k * n].reshape(rows, n, k, 16)
+        hv[:] = high[:, b: b + k * n].reshape(rows, n, k)
+    return qs
+
+
+def q5_values_numpy(qs, nb):
+    """qs (rows, 5*nb) uint32 in the Q5 layout -> (rows, nb, 32) uint8 values 0..31 in natural order."""
+    nib, high = q5_split_numpy(qs, nb)
+    rows = qs.shape[0]
+    v = np.empty((rows, nb, 32), dtype=np.uint8)
+    np.bitwise_and(nib, 15, out=v[:, :, :16])
+    np.right_shift(nib, 4, out=v[:, :, 16:])
+    v |= (((high[:, :, None] >> np.arange(32, dtype=np.uint32)) & np.uint32(1)) << np.uint32(4)).astype(np.uint8)
+    return v
+
+
+@jit(inline=True)
+def q5_block_at(b, nb):
+    """Byte offsets in a Q5 row of block b's 16 nibble bytes and of its 32-bit high word (q5_segments)."""
+    full = nb - nb % 4
+    if b < full:
+        g, k = b - b % 4, 4
+    elif b < full + 2 and nb - full >= 2:
+        g, k = full, 2
+    else:
+        g, k = nb - 1, 1
+    return 20 * g + 16 * (b - g), 20 * g + 16 * k + 4 * (b - g)
+
+
+def dequant_q5_numpy(qs, d, m, out):
+    """qs (rows, 5*cols/32) uint32 (the Q5 layout), d (rows, cols/32) and m (rows, cols/32 or 0) f32 or
+    f16 bits -> out (rows, cols) f32; an empty m means value = d*(q-16) (Q5_0)."""
+    rows, nb = d.shape
+    flat = out.reshape(rows, nb, 32)
+    flat[:] = q5_values_numpy(qs, nb)
+    return _scaled_blocks(flat, d, m, 16, out)
 
 
 def dequant_i8_numpy(q, d, m, out):
@@ -205,6 +289,31 @@ def _dequant_q4_numba(qs, d, m, out):
 
 
 @jit(parallel=False)
+def _dequant_q5_numba(qs, d, m, out):
+    rows = qs.shape[0]
+    nb = d.shape[1]
+    sym = m.shape[1] == 0                            # Q5_0: value = d*(q-16), no min array
+    for r in range(rows):
+        by = qs[r].view(np.uint8)                    # (20*nb,) the row's bytes
+        o = out[r]
+        dr = d[r]
+        mr = m[r]
+        for b in range(nb):
+            s = scale_f32(dr[b])
+            a = np.float32(-16.0) * s if sym else scale_f32(mr[b])
+            nib, hw = q5_block_at(b, nb)
+            h = (np.uint32(by[hw]) | (np.uint32(by[hw + 1]) << np.uint32(8)) | (np.uint32(by[hw + 2]) << np.uint32(16))
+                 | (np.uint32(by[hw + 3]) << np.uint32(24)))
+            for j in range(16):
+                q = np.int32(by[nib + j])
+                lo = (q & 15) | np.int32(((h >> np.uint32(j)) & np.uint32(1)) << np.uint32(4))
+                hi = (q >> 4) | np.int32(((h >> np.uint32(j + 16)) & np.uint32(1)) << np.uint32(4))
+                o[32 * b + j] = s * np.float32(lo) + a
+                o[32 * b + 16 + j] = s * np.float32(hi) + a
+    return out
+
+
+@jit(parallel=False)
 def _dequant_i8_numba(q, d, m, out):
     rows, cols = q.shape
     nb = d.shape[1]
@@ -233,3 +342,4 @@ dequant_f16 = pick(_dequant_f16_numba, dequant_f16_numpy)
 dequant_bf16 = pick(_dequant_bf16_numba, dequant_bf16_numpy)
 dequant_q4 = pick(_dequant_q4_numba, dequant_q4_numpy)
 dequant_i8 = pick(_dequant_i8_numba, dequant_i8_numpy)
+dequant_q5 = pick(_dequant_q5_numba, dequant_q5_numpy)

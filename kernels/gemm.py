@@ -1,4 +1,4 @@
-"""Matrix products for prefill on Q4 and 32-block I8 weights: out (n, rows) = x (n, cols) @ W.T, with each
+"""Matrix products for prefill on Q4, Q5 and 32-block I8 weights: out (n, rows) = x (n, cols) @ W.T, with each
 token's x rounded to int8 per block of 32 (kernels/intdot.py), as decode rounds it and as ggml does.
 
 Why: the f32 path dequantizes tiles of W and calls BLAS, which runs at the f32 FMA's rate. With x in
@@ -49,12 +49,11 @@ def tile(w, d, r, t, xq, xp, xc, dx):
 
 
 if NUMBA:
-    _q4_tile = rowdot.tile_intrinsic(True, TILE_ROWS, TILE_TOKENS)
-    _i8_tile = rowdot.tile_intrinsic(False, TILE_ROWS, TILE_TOKENS)
+    _q4_tile, _i8_tile, _q5_tile = (rowdot.tile_intrinsic(f, TILE_ROWS, TILE_TOKENS) for f in ("q4", "i8", "q5"))
 
     @overload(tile, inline="always", jit_options={"fastmath": True})
     def _tile_ov(w, d, r, t, xq, xp, xc, dx):
-        form = {types.uint8: _q4_tile, types.int8: _i8_tile}.get(w.dtype)
+        form = {types.uint8: _q4_tile, types.int8: _i8_tile, types.uint32: _q5_tile}.get(w.dtype)
         if form is None:
             return None
         return lambda w, d, r, t, xq, xp, xc, dx: form(w, d, r, t, xq, xp, xc, dx)
@@ -92,6 +91,12 @@ def gemm_q4_numpy(qs, d, m, x, out):
     return _tiled_numpy(dequant.dequant_q4_numpy, (qs, d, m), x, out)
 
 
+def gemm_q5_numpy(qs, d, m, x, out):
+    """qs (rows, 5*cols/32) uint32, d (rows, cols/32) and m (rows, cols/32 or 0) f32 or uint16 f16 bits
+    (the Q5 layout, kernels/layouts.md), x (n, cols) f32 -> out (n, rows) f32."""
+    return _tiled_numpy(dequant.dequant_q5_numpy, (qs, d, m), x, out)
+
+
 def gemm_i8_numpy(q, d, m, x, out):
     """q (rows, cols) int8 in blocks of 32, d (rows, cols/32) and m (rows, cols/32 or 0) f32 or uint16 f16
     bits, x (n, cols) f32 -> out (n, rows) f32."""
@@ -100,7 +105,7 @@ def gemm_i8_numpy(q, d, m, x, out):
 
 @jit(parallel=True)
 def _gemm_numba(w, d, m, x, out):
-    """Both layouts: numba compiles one form per weight dtype (uint8 nibbles: Q4; int8: I8), and the
+    """Every layout: numba compiles one form per weight dtype (uint8 nibbles: Q4; uint32: Q5; int8: I8), and the
     rowdot forms are picked by that dtype. w, d, m with contiguous rows (kernels/neuron_records.py)."""
     check_weight_rows(w, d, m)
     n, cols = x.shape
@@ -138,9 +143,10 @@ def _gemm_numba(w, d, m, x, out):
 
 
 @jit(parallel=True)
-def _gemm_lanes_numba(w, d, m, x, out, flip):
+def _gemm_lanes_numba(w, d, m, x, out, flip, row_bytes):
     """The rows-in-lanes form (kernels/lanetile.py) for AVX-512 VNNI and rows a multiple of 32: each
-    prange iteration packs 32 rows, then every token passes over them."""
+    prange iteration packs 32 rows (row_bytes each: lanetile.packed_bytes), then every token passes
+    over them."""
     check_weight_rows(w, d, m)
     n, cols = x.shape
     rows = w.shape[0]
@@ -153,7 +159,7 @@ def _gemm_lanes_numba(w, d, m, x, out, flip):
         intdot.rounded_block_sums(xq[t], dx[t], xsum[t])
     G, L, T = lanetile.GROUPS, lanetile.LANES, lanetile.TOKENS
     for p in prange(rows // (G * L)):
-        ws = np.empty((G, L * w.shape[1]), dtype=np.uint8)     # (groups, 16 rows' bytes) packed rows
+        ws = np.empty((G, L * row_bytes), dtype=np.uint8)      # (groups, 16 rows' bytes) packed rows
         sw = np.empty((G, nb * L), dtype=np.float32)           # (groups, nb*16) scales
         mw = np.empty((G, nb * L), dtype=np.float32)           # (groups, nb*16) min coefficients
         r0 = p * G * L
@@ -177,12 +183,19 @@ def _lanes(w) -> bool:
 def gemm_q4(qs, d, m, x, out):
     """gemm_q4_numpy's numba twin (the rows-in-lanes form where it applies)."""
     if _lanes(qs):
-        return _gemm_lanes_numba(qs, d, m, x, out, False)
+        return _gemm_lanes_numba(qs, d, m, x, out, False, lanetile.packed_bytes(qs, d.shape[1]))
     return _gemm_numba(qs, d, m, x, out) if NUMBA else gemm_q4_numpy(qs, d, m, x, out)
+
+
+def gemm_q5(qs, d, m, x, out):
+    """gemm_q5_numpy's numba twin (the rows-in-lanes form where it applies)."""
+    if _lanes(qs):
+        return _gemm_lanes_numba(qs, d, m, x, out, False, lanetile.packed_bytes(qs, d.shape[1]))
+    return _gemm_numba(qs, d, m, x, out) if NUMBA else gemm_q5_numpy(qs, d, m, x, out)
 
 
 def gemm_i8(q, d, m, x, out):
     """gemm_i8_numpy's numba twin (the rows-in-lanes form where it applies)."""
     if _lanes(q):
-        return _gemm_lanes_numba(q, d, m, x, out, True)
+        return _gemm_lanes_numba(q, d, m, x, out, True, lanetile.packed_bytes(q, d.shape[1]))
     return _gemm_numba(q, d, m, x, out) if NUMBA else gemm_i8_numpy(q, d, m, x, out)

@@ -11,11 +11,12 @@ multiply by the block's scale d_w * d_x.
   rounded_block_sums  the block sums of the rounded x
   scale_dot           sum over blocks of a row's scales times a vector (LLVM IR, 8 blocks per step)
   min_term            the min term of a Q4 or I8 row: m, or Q4_0's -8d, times the rounded block sums
+  min_term16          the same for a Q5 row: m, or Q5_0's -16d
 
 f16 scales convert through kernels/llvm_ir.half_to_f32: one instruction where the target has it,
 integer operations elsewhere.
 
-Numerics: the min term of Q4_1/Q4_K/Q5_1/Q5_K and Q4_0's -8 offset use the block sums of the rounded x.
+Numerics: the min term of Q4_1/Q4_K/Q5_1/Q5_K and the -8 and -16 offsets of Q4_0 and Q5_0 use the block sums of the rounded x.
 Using float sums there looks more exact but is worse: the rounding errors then multiply d*q (all >= 0)
 instead of the centred weight, which costs SmolLM2 ~2% decode perplexity. The numpy twins round x the
 same way.
@@ -79,11 +80,12 @@ def scale_dot_numpy(s, r, v):
     return np.float32((scales_f32_numpy(s[r]) * v).sum(dtype=np.float32))
 
 
-def min_term_numpy(d, m, r, xsum):
-    """The min term of row r: scale_dot(m, r, xsum), or -8 scale_dot(d, r, xsum) when m is empty (Q4_0)."""
+def min_term_numpy(d, m, r, xsum, offset=-8.0):
+    """The min term of row r: scale_dot(m, r, xsum), or offset * scale_dot(d, r, xsum) when m is empty:
+    Q4_0's -8, Q5_0's -16 (min_term16)."""
     if m.shape[1]:
         return scale_dot_numpy(m, r, xsum)
-    return np.float32(-8.0) * scale_dot_numpy(d, r, xsum)
+    return np.float32(offset) * scale_dot_numpy(d, r, xsum)
 
 
 if NUMBA:
@@ -172,12 +174,19 @@ if NUMBA:
 
         return types.float32(s, r, v), codegen
 
-    @intrinsic
-    def _min_term_ir(typingctx, d, m, r, xsum):
-        """The min term of row r of a Q4 or I8 weight: sum_b m[r, b] * xsum[b], or -8 sum_b d[r, b] *
-        xsum[b] when m is empty (Q4_0). An intrinsic rather than a numba function with a branch: passing
-        arrays into a branchy jitted helper per row leaves numba's reference counting in the loop (atomic
-        increments on the arrays' shared counters), which costs more than the row's arithmetic."""
+    def _min_term_intrinsic(offset):
+        """min_term(d, m, r, xsum): the min term of row r of a Q4 or Q5 weight, sum_b m[r, b] * xsum[b],
+        or offset * sum_b d[r, b] * xsum[b] when m is empty (Q4_0: -8, Q5_0: -16). An intrinsic rather
+        than a numba function with a branch: passing arrays into a branchy jitted helper per row leaves
+        numba's reference counting in the loop (atomic increments on the arrays' shared counters), which
+        costs more than the row's arithmetic."""
+        def min_term(typingctx, d, m, r, xsum):
+            return _min_term_typer(offset, d, m, r, xsum)
+
+        min_term.__name__ = min_term.__qualname__ = f"min_term{-int(offset)}"
+        return intrinsic(min_term)
+
+    def _min_term_typer(offset, d, m, r, xsum):
         if not (_is_scales(d) and _is_scales(m) and isinstance(r, types.Integer) and _is_vec(xsum)):
             return None
 
@@ -193,7 +202,7 @@ if NUMBA:
                     then_block = builder.block
                 with otherwise:
                     with_d = builder.fmul(_emit_scale_dot(builder, drow, nbd, vp, d.dtype == types.uint16),
-                                          ir.Constant(_F32, -8.0))
+                                          ir.Constant(_F32, offset))
                     else_block = builder.block
             res = builder.phi(_F32)
             res.add_incoming(with_m, then_block)
@@ -203,7 +212,8 @@ if NUMBA:
         return types.float32(d, m, r, xsum), codegen
 
 
-# scale_dot(s, r, v) and min_term(d, m, r, xsum): see the numpy twins above.
+# scale_dot(s, r, v), min_term(d, m, r, xsum) and min_term16 (Q5's offset): see the numpy twins above.
 scale_dot = _scale_dot_ir if NUMBA else None
-min_term = _min_term_ir if NUMBA else None
+min_term = _min_term_intrinsic(-8.0) if NUMBA else None
+min_term16 = _min_term_intrinsic(-16.0) if NUMBA else None
 

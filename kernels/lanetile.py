@@ -8,19 +8,21 @@ serves 16 rows, the integer sums of a whole block of 32 stay in the lanes, and t
 scale, accumulate, min term) comes once per block for 16 rows: a quarter of it.
 
 Layout of a packed group of 16 rows (`pack`, `pack_numpy`; one group per row of ws, sw, mw):
-  ws (K/2 bytes for Q4, K for I8, times 16): chunk c of every row, 4 bytes each, rows 0..15, then chunk
-      c + 1... A Q4 chunk holds, in its low nibbles, elements 4c'..4c'+3 of its block and in its high
-      nibbles elements 16+4c'..16+4c'+3 (c' = c mod 4, kernels/layouts.md); an I8 chunk holds four
-      elements, sign bit flipped (q + 128 as unsigned), since vpdpbusd multiplies unsigned by signed bytes.
+  ws (K/2 bytes for Q4, K for I8 and Q5, times 16): chunk c of every row, 4 bytes each, rows 0..15, then
+      chunk c + 1... A Q4 chunk holds, in its low nibbles, elements 4c'..4c'+3 of its block and in its
+      high nibbles elements 16+4c'..16+4c'+3 (c' = c mod 4, kernels/layouts.md); an I8 chunk holds four
+      elements, sign bit flipped (q + 128 as unsigned), since vpdpbusd multiplies unsigned by signed
+      bytes; a Q5 chunk four values 0..31 (unsigned already), read by the I8 tile.
   sw (nb * 16) f32: block b's scales of the 16 rows.
   mw (nb * 16) f32: block b's min coefficients, which multiply the block sums of the rounded x: m, or
-      Q4_0's -8d; for I8 m - 128d (or -128d), the -128 undoing the sign flip.
+      Q4_0's -8d or Q5_0's -16d; for I8 m - 128d (or -128d), the -128 undoing the sign flip.
 Packing moves 4-byte chunks, a transpose of 32-bit words per group; it runs once per panel and every
 token reuses it.
 """
 
 import numpy as np
 
+from kernels import dequant
 from kernels.backend import NUMBA, jit
 from kernels.dequant import scale_f32, scales_f32_numpy
 
@@ -30,12 +32,18 @@ TOKENS = 4          # tokens per tile
 
 
 def pack_numpy(w, d, m, r0, ws, sw, mw, flip):
-    """Rows r0..r0+15 of a Q4 (w uint8 nibbles) or 32-block I8 (w int8, flip=True) weight into one group:
-    ws (16 * w.shape[1],) uint8, sw, mw (nb * 16,) f32 (module doc)."""
-    words = np.ascontiguousarray(w[r0:r0 + LANES]).view(np.uint32)         # (16, chunks)
-    ws.view(np.uint32)[:] = words.T.reshape(-1) ^ np.uint32(0x80808080 if flip else 0)
+    """Rows r0..r0+15 of a Q4 (w uint8 nibbles), 32-block I8 (w int8, flip=True) or Q5 (w uint32) weight
+    into one group: ws (16 * packed_bytes,) uint8, sw, mw (nb * 16,) f32 (module doc)."""
     dd = scales_f32_numpy(d[r0:r0 + LANES])                                 # (16, nb)
     sw[:] = dd.T.reshape(-1)
+    if w.dtype == np.uint32:
+        values = dequant.q5_values_numpy(w[r0:r0 + LANES], d.shape[1])      # (16, nb, 32) uint8
+        ws.view(np.uint32)[:] = values.reshape(LANES, -1).view(np.uint32).T.reshape(-1)
+        mm = scales_f32_numpy(m[r0:r0 + LANES]) if m.shape[1] else np.float32(-16.0) * dd
+        mw[:] = mm.T.reshape(-1)
+        return
+    words = np.ascontiguousarray(w[r0:r0 + LANES]).view(np.uint32)         # (16, chunks)
+    ws.view(np.uint32)[:] = words.T.reshape(-1) ^ np.uint32(0x80808080 if flip else 0)
     if m.shape[1]:
         mm = scales_f32_numpy(m[r0:r0 + LANES]) + (np.float32(-128.0) * dd if flip else np.float32(0.0))
     else:
@@ -43,9 +51,67 @@ def pack_numpy(w, d, m, r0, ws, sw, mw, flip):
     mw[:] = mm.T.reshape(-1)
 
 
-@jit(inline=True)
+def packed_bytes(w, nb: int) -> int:
+    """Bytes of one packed row: cols/2 for Q4 nibbles, cols for I8 and for Q5 (unpacked to bytes)."""
+    return 16 * nb if w.dtype == np.uint8 else 32 * nb
+
+
 def pack(w, d, m, r0, ws, sw, mw, flip):
-    """pack_numpy's numba twin; flip: XOR each byte with 0x80 (I8)."""
+    """pack_numpy's numba twin; numba picks the layout by w's dtype."""
+
+
+@jit(inline=True)
+def _spread_bits(b8):
+    """uint64 whose byte k is 16 where bit k of b8 (0..255) is set, else 0: the byte replicated, each copy
+    masked to its own bit, then the top bit of (masked + 0x7F) moved to bit 4 (no carry crosses bytes)."""
+    t = (b8 * np.uint64(0x0101010101010101)) & np.uint64(0x8040201008040201)
+    return ((t + np.uint64(0x7F7F7F7F7F7F7F7F)) & np.uint64(0x8080808080808080)) >> np.uint64(3)
+
+
+@jit(inline=True)
+def _le_bytes(by, at, n):
+    """The little-endian uint64 of bytes at..at+n-1 of by (n <= 8; LLVM merges the loads into one)."""
+    v = np.uint64(0)
+    for i in range(n):
+        v |= np.uint64(by[at + i]) << np.uint64(8 * i)
+    return v
+
+
+@jit(inline=True)
+def _pack_q5(w, d, m, r0, ws, sw, mw, flip):
+    """The Q5 layout into the I8 form: each value (0..31) a byte, chunk c of row i at 64c + 4i; min
+    coefficients m, or Q5_0's -16d. Eight values at a time in uint64 words."""
+    nb = d.shape[1]
+    flat = ws.view(np.uint32)
+    low = np.uint64(0x0F0F0F0F0F0F0F0F)
+    for i in range(LANES):
+        by = w[r0 + i].view(np.uint8)                # (20*nb,) the row's bytes (kernels/layouts.md)
+        b = 0
+        while b < nb:                                # groups of k blocks: 16k nibble bytes, then k words
+            k = 4 if nb - b >= 4 else (2 if nb - b >= 2 else 1)
+            for t in range(k):
+                at = 20 * b + 16 * t
+                n0, n1 = _le_bytes(by, at, 8), _le_bytes(by, at + 8, 8)    # nibble bytes 0-7 and 8-15
+                h = _le_bytes(by, 20 * b + 16 * k + 4 * t, 4)
+                v = ((n0 & low) | _spread_bits(h & np.uint64(255)),                   # elements 0-7
+                     (n1 & low) | _spread_bits((h >> np.uint64(8)) & np.uint64(255)),  # 8-15
+                     ((n0 >> np.uint64(4)) & low) | _spread_bits((h >> np.uint64(16)) & np.uint64(255)),
+                     ((n1 >> np.uint64(4)) & low) | _spread_bits(h >> np.uint64(24)))  # 24-31
+                for e in range(4):
+                    c = 8 * (b + t) + 2 * e          # the chunks of elements 8e..8e+3 and 8e+4..8e+7
+                    flat[c * LANES + i] = np.uint32(v[e] & np.uint64(0xFFFFFFFF))
+                    flat[(c + 1) * LANES + i] = np.uint32(v[e] >> np.uint64(32))
+            b += k
+    for i in range(LANES):
+        for b in range(nb):
+            s = scale_f32(d[r0 + i, b])
+            sw[b * LANES + i] = s
+            mw[b * LANES + i] = scale_f32(m[r0 + i, b]) if m.shape[1] else np.float32(-16.0) * s
+
+
+@jit(inline=True)
+def _pack_words(w, d, m, r0, ws, sw, mw, flip):
+    """The Q4 and I8 layouts: 4-byte chunks moved as words; flip: XOR each byte with 0x80 (I8)."""
     chunks = w.shape[1] // 4
     flat = ws.view(np.uint32)
     mask = np.uint32(0x80808080) if flip else np.uint32(0)
@@ -199,9 +265,18 @@ def tile1(w, ws, sw, mw, xq, dx, xsum, t, out, col):
 if NUMBA:
     from numba.core.extending import overload
 
+    @overload(pack, inline="always")
+    def _pack_ov(w, d, m, r0, ws, sw, mw, flip):
+        if w.dtype == types.uint32:
+            return _pack_q5.py_func
+        if w.dtype in (types.uint8, types.int8):
+            return _pack_words.py_func
+        return None
+
     def _dispatch(q4, i8):
         def ov(w, ws, sw, mw, xq, dx, xsum, t, out, col):
-            form = {types.uint8: q4, types.int8: i8}.get(w.dtype)
+            # Q5 packs into bytes (_pack_q5): the I8 form reads them.
+            form = {types.uint8: q4, types.int8: i8, types.uint32: i8}.get(w.dtype)
             if form is None:
                 return None
             return lambda w, ws, sw, mw, xq, dx, xsum, t, out, col: form(ws, sw, mw, xq, dx, xsum, t, out, col)

@@ -16,7 +16,7 @@ How the numba kernels are written (tools/bench_kernels.py measures them; DESIGN.
   at a time reads 4 bytes of x per int8 weight (8 per byte of nibbles), and once x no longer stays in
   L1 next to the weight stream that traffic, not DRAM, is the limit. Narrower rows stay one at a
   time: 4 interleaved streams are served worse by the hardware prefetchers;
-- Q4 and 32-block I8 multiply x rounded to int8 per block (kernels/intdot.py) with integer SIMD, four
+- Q4, Q5 and 32-block I8 multiply x rounded to int8 per block (kernels/intdot.py) with integer SIMD, four
   blocks per step (kernels/rowdot.py): a float loop over nibbles is compute-bound, well below what
   memory delivers.
 Left out, for no gain here: software prefetch of the next rows, 2-row groups, 4-row groups for narrow
@@ -165,18 +165,28 @@ def matvec_q4_numpy(qs, d, m, x, out):
     return out
 
 
+def matvec_q5_numpy(qs, d, m, x, out):
+    """qs (rows, 5*cols/32) uint32 (the Q5 layout), d (rows, cols/32) and m (rows, cols/32 or 0) f32 or
+    f16 bits, x (cols,) f32 -> out (rows,) f32. An empty m means value = d*(q-16) (Q5_0). Like the numba
+    kernel, it multiplies x rounded to int8 per block, min part too."""
+    cols = 32 * d.shape[1]
+    xr = _int8_rounded(x)
+    _chunked(dequant.dequant_q5_numpy, (qs, d, m), cols, xr, out)
+    return out
+
+
 @jit(parallel=True)
 def _matvec_q4_numba(qs, d, m, x, out):
-    """x rounded once per call as kernels/rowdot.py's row dots read it, then one row dot per row. qs, d,
-    m with contiguous rows (the weights' own arrays, or neuron-record fields: kernels/neuron_records.py;
-    the row dots walk raw rows)."""
+    """x rounded once per call as kernels/rowdot.py's row dots read it, then one row dot per row: the Q4
+    layout (qs uint8) or the Q5 layout (qs uint32), by qs's dtype. qs, d, m with contiguous rows (the
+    weights' own arrays, or neuron-record fields: kernels/neuron_records.py; the row dots walk raw rows)."""
     check_weight_rows(qs, d, m)
-    rows, half = qs.shape
+    rows = qs.shape[0]
     nb = d.shape[1]
-    xq = np.empty(2 * half, dtype=np.int8)       # (cols,) x rounded per block of 32
-    xp = np.empty(2 * half, dtype=np.int8)       # (cols,) the same in rowdot's step order
+    xq = np.empty(32 * nb, dtype=np.int8)        # (cols,) x rounded per block of 32
+    xp = np.empty(32 * nb, dtype=np.int8)        # (cols,) the same in rowdot's step order
     dx = np.empty(nb, dtype=np.float32)          # (cols/32,) its block scales
-    xc = np.empty(half // 2, dtype=np.int32)     # (cols/4,) its lane corrections (round_x makes them; Q4 rows skip them)
+    xc = np.empty(8 * nb, dtype=np.int32)        # (cols/4,) its lane corrections (round_x makes them; Q4/Q5 rows skip them)
     xsum = np.empty(nb, dtype=np.float32)        # (cols/32,) its block sums, for the min term
     rowdot.round_x(x, xq, xp, xc, dx, xsum)
     for r in prange(rows):
@@ -300,4 +310,5 @@ def _matvec_i8_numba(q, d, m, x, out):
 matvec_f16 = pick(_matvec_f16_numba, matvec_f16_numpy)
 matvec_bf16 = pick(_matvec_bf16_numba, matvec_bf16_numpy)
 matvec_q4 = pick(_matvec_q4_numba, matvec_q4_numpy)
+matvec_q5 = pick(_matvec_q4_numba, matvec_q5_numpy)
 matvec_i8 = pick(_matvec_i8_numba, matvec_i8_numpy)

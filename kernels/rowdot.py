@@ -21,12 +21,16 @@ The activations are prepared once per matvec and shared by every row (`prepare_q
     block, kernels/intdot.py) rearranged that way: per group of k blocks (k = 4, then 2 and 1 for
     the tail) the k first halves, then the k second halves. Block b's group starts at byte 32*b, and
     a group of one block is the natural order.
+  - Q5: the Q4 layout's nibbles, each value's bit 4 taken from its block's 32-bit word of high bits
+    (one shuffle, test and masked move per 16k values) before the same products as Q4; values 0..31.
+    A step's nibbles and high words are adjacent in the row: kept at the row's end instead, the high
+    words form a second short stream per row that the hardware prefetchers miss (2.6x the time).
   - I8 on VNNI: vpdpbusd multiplies unsigned by signed bytes, so the weights go in as w + 128 (a
     sign-bit flip) and each lane's accumulator starts at -128 * (its four x values' sum): `xc`
     (cols/4,) int32, the exact integer correction. AVX2 takes ggml's sign trick instead (no xc).
 
 Numerics: the integer block sums are exact in every form; the float sum runs in lanes, then a
-horizontal sum, so results differ from the numpy twins' (q4_dot_numpy, i8_dot_numpy) in the last bits
+horizontal sum, so results differ from the numpy twins' (q4_dot_numpy, q5_dot_numpy, i8_dot_numpy) in the last bits
 only. The twins take x in natural order: the arrangement is a numba-side matter.
 
 Targets: these are the integer row dots of every numba target. The x86 forms above need AVX2 or
@@ -39,7 +43,7 @@ runs the twin tests again in a process compiled for a CPU with neither F16C nor 
 
 import numpy as np
 
-from kernels import intdot, target
+from kernels import dequant, intdot, target
 from kernels.backend import NUMBA, jit
 
 
@@ -69,6 +73,16 @@ def i8_dot_numpy(q, d, r, xq, dx):
     blocks of 32 (the I8 layout with B = 32: Q8_0, Q5_0, Q5_1, Q5_K). float32."""
     row = q[r].reshape(-1, 32).astype(np.int32)
     isum = (row * xq.reshape(-1, 32).astype(np.int32)).sum(axis=1)                       # (nb,) int32
+    dr = d[r].view(np.float16).astype(np.float32) if d.dtype == np.uint16 else d[r]
+    return np.float32((isum.astype(np.float32) * (dr * dx)).sum(dtype=np.float32))
+
+
+def q5_dot_numpy(qs, d, r, xq, dx):
+    """q4_dot_numpy for row r of a Q5 weight (qs (rows, 5*cols/32) uint32, kernels/layouts.md): the
+    values 0..31 in natural order, x in natural order. float32."""
+    nb = d.shape[1]
+    q = dequant.q5_values_numpy(qs[r : r + 1], nb)[0].astype(np.int32)                # (nb, 32)
+    isum = (q * xq.reshape(-1, 32).astype(np.int32)).sum(axis=1)                         # (nb,) int32
     dr = d[r].view(np.float16).astype(np.float32) if d.dtype == np.uint16 else d[r]
     return np.float32((isum.astype(np.float32) * (dr * dx)).sum(dtype=np.float32))
 
@@ -193,8 +207,9 @@ if NUMBA:
         return _x86(builder, name, _vec(_I32, n // 2), v16, _splat(_I16, n, 1))
 
     def _isum_q4(builder, lo, hi, xl, xh):
-        """lo, hi <n x i8> nibbles (0..15), xl, xh <n x i8> signed, n in 16, 32, 64 -> <n/4 x i32>: lane
-        l = the sum over its four bytes of lo*xl + hi*xh (|lane| <= 8*15*127: no overflow anywhere)."""
+        """lo, hi <n x i8> unsigned values (Q4 nibbles 0..15, Q5 values 0..31), xl, xh <n x i8> signed, n in
+        16, 32, 64 -> <n/4 x i32>: lane l = the sum over its four bytes of lo*xl + hi*xh (|lane| <=
+        8*31*128: no overflow anywhere)."""
         n = lo.type.count
         if target.VNNI512 and n == 64:
             v16 = _vec(_I32, 16)
@@ -206,7 +221,7 @@ if NUMBA:
             if n == 64:
                 return _concat(builder, *(_isum_q4(builder, *(_half(builder, v, h, 32) for v in (lo, hi, xl, xh)))
                                           for h in (0, 32)))
-            # pair sums of lo*xl plus those of hi*xh: |.| <= 4*15*127, within pmaddubsw's i16
+            # pair sums of lo*xl plus those of hi*xh: |.| <= 4*31*128, within pmaddubsw's i16
             return _madd_ones(builder, builder.add(_maddubs(builder, lo, xl), _maddubs(builder, hi, xh)))
         t = _vec(_I16, n)
         p = builder.add(builder.mul(builder.zext(lo, t), builder.sext(xl, t)),
@@ -254,17 +269,41 @@ if NUMBA:
         return builder.fadd(acc, builder.fmul(builder.sitofp(isum, _vec(_F32, isum.type.count)), scales,
                                               flags=("fast",)), flags=("fast",))
 
-    def _q4_step(builder, qrow, xp, drow, dx, b, k, f16):
-        """Blocks b..b+k-1 of a Q4 row (k in 4, 2, 1) -> <4k x float> scaled partial sums."""
-        w = _load(builder, qrow, builder.mul(b, _c(16)), _I8, 16 * k)
-        lo = builder.and_(w, _splat(_I8, 16 * k, 15))
-        hi = builder.lshr(w, _splat(_I8, 16 * k, 4))
+    def _halves_step(builder, lo, hi, xp, drow, dx, b, k, f16):
+        """lo, hi <16k x i8> the values (0..31) of blocks b..b+k-1 in the Q4 step order (first halves, then
+        second halves) -> <4k x float> scaled partial sums."""
         xoff = builder.mul(b, _c(32))
         xl = _load(builder, xp, xoff, _I8, 16 * k)
         xh = _load(builder, xp, builder.add(xoff, _c(16 * k)), _I8, 16 * k)
         isum = _isum_q4(builder, lo, hi, xl, xh)
         s = _scales(builder, drow, dx, b, k, f16)
         return builder.fmul(builder.sitofp(isum, _vec(_F32, 4 * k)), _spread(builder, s, 4, 0, k), flags=("fast",))
+
+    def _q4_step(builder, qrow, xp, drow, dx, b, k, f16):
+        """Blocks b..b+k-1 of a Q4 row (k in 4, 2, 1) -> <4k x float> scaled partial sums."""
+        w = _load(builder, qrow, builder.mul(b, _c(16)), _I8, 16 * k)
+        lo = builder.and_(w, _splat(_I8, 16 * k, 15))
+        hi = builder.lshr(w, _splat(_I8, 16 * k, 4))
+        return _halves_step(builder, lo, hi, xp, drow, dx, b, k, f16)
+
+    def _high_bits(builder, h, k, second):
+        """<16k x i8>: 16 where element j (or j + 16, second half) of each of k blocks has bit 4 set, else
+        0; h <4k x i8> the k blocks' high-bit words as bytes (bit j of word i: byte 4i + j//8, bit j%8)."""
+        idx = [4 * i + 2 * second + (j >> 3) for i in range(k) for j in range(16)]
+        spread = builder.shuffle_vector(h, h, _lanes(*idx))
+        masks = ir.Constant(_vec(_I8, 16 * k), [1 << (j & 7) for _ in range(k) for j in range(16)])
+        hit = builder.icmp_unsigned("!=", builder.and_(spread, masks), _splat(_I8, 16 * k, 0))
+        return builder.select(hit, _splat(_I8, 16 * k, 16), _splat(_I8, 16 * k, 0))
+
+    def _q5_step(builder, qrow, xp, drow, dx, b, k, f16):
+        """Blocks b..b+k-1 of a Q5 row (k in 4, 2, 1; qrow its i8 pointer) -> <4k x float> scaled partial
+        sums: the Q4 step with bit 4 of each value from its block's high-bit word. The group's 16k nibble
+        bytes and k words sit together at byte 20b (kernels/layouts.md): one stream per row."""
+        w = _load(builder, qrow, builder.mul(b, _c(20)), _I8, 16 * k)
+        h = _load(builder, qrow, builder.add(builder.mul(b, _c(20)), _c(16 * k)), _I8, 4 * k)
+        lo = builder.or_(builder.and_(w, _splat(_I8, 16 * k, 15)), _high_bits(builder, h, k, 0))
+        hi = builder.or_(builder.lshr(w, _splat(_I8, 16 * k, 4)), _high_bits(builder, h, k, 1))
+        return _halves_step(builder, lo, hi, xp, drow, dx, b, k, f16)
 
     def _i8_step(builder, qrow, xq, xc, drow, dx, b, k, f16):
         """Blocks b..b+k-1 of an I8 row with blocks of 32 (k in 4, 2, 1) -> a list of <16 x float> (or
@@ -363,12 +402,23 @@ if NUMBA:
         def __call__(self, b, k):
             return [self.one_row(i, b, k) for i in range(self.rows)]
 
-    def _dots_intrinsic(nibbles, nmats, prefetch):
+    _WDTYPES = {"q4": types.uint8, "i8": types.int8, "q5": types.uint32}
+
+    def _layout_step(form, builder, qrow, xq, xp, xc, drow, dx, f16):
+        """step(b, k) of one row of the form's layout: a list of its partial-sum vectors."""
+        if form == "q4":
+            return lambda b, k: [_q4_step(builder, qrow, xp, drow, dx, b, k, f16)]
+        if form == "q5":
+            qbytes = builder.bitcast(qrow, _I8.as_pointer())
+            return lambda b, k: [_q5_step(builder, qbytes, xp, drow, dx, b, k, f16)]
+        return lambda b, k: _i8_step(builder, qrow, xq, xc, drow, dx, b, k, f16)
+
+    def _dots_intrinsic(form, nmats, prefetch):
         """Row dots of row j of nmats weights of one layout, sharing the x loads; with prefetch, also
         row jp of each weight and its scales (jp < 0: none). Arguments: (w, d) per weight, j, [jp,]
-        xq, xp, xc, dx: xp (Q4 step order) is read for the Q4 layout, xq and xc for I8 (see the forms
-        below)."""
-        wdtype = types.uint8 if nibbles else types.int8
+        xq, xp, xc, dx: xp (Q4 step order) is read for the Q4 and Q5 layouts, xq and xc for I8 (see the
+        forms below)."""
+        wdtype = _WDTYPES[form]
 
         def typer(args):
             ws, ds = args[0:2 * nmats:2], args[1:2 * nmats:2]
@@ -396,13 +446,9 @@ if NUMBA:
                     if prefetch:
                         for i in (2 * m, 2 * m + 1):
                             targets.append(_target(context, builder, sig.args[i], vals[i], vals[k + 1]))
-                if nibbles:
-                    step = _Step(nmats, lambda i, b, kk: [_q4_step(builder, rows[i][0], xp_v, rows[i][1], dx_v, b,
-                                                                   kk, rows[i][2])])
-                else:
-                    step = _Step(nmats, lambda i, b, kk: _i8_step(builder, rows[i][0], xq_v, xc_v, rows[i][1], dx_v,
-                                                                  b, kk, rows[i][2]))
-                out = _emit_rows(builder, nb, 1 if nibbles else 2, step, targets)
+                steps = [_layout_step(form, builder, q, xq_v, xp_v, xc_v, dr, dx_v, f16) for q, dr, f16 in rows]
+                step = _Step(nmats, lambda i, b, kk: steps[i](b, kk))
+                out = _emit_rows(builder, nb, 2 if form == "i8" else 1, step, targets)
                 return out[0] if nmats == 1 else context.make_tuple(builder, sig.return_type, out)
 
             ret = types.float32 if nmats == 1 else types.UniTuple(types.float32, nmats)
@@ -418,17 +464,17 @@ if NUMBA:
         else:
             def dots(typingctx, w0, d0, j, xq, xp, xc, dx):
                 return typer((w0, d0, j, xq, xp, xc, dx))
-        dots.__name__ = dots.__qualname__ = f"{'q4' if nibbles else 'i8'}_dots{nmats}{'p' if prefetch else ''}"
+        dots.__name__ = dots.__qualname__ = f"{form}_dots{nmats}{'p' if prefetch else ''}"
         return intrinsic(dots)
 
-    def tile_intrinsic(nibbles, R, T):
+    def tile_intrinsic(form, R, T):
         """Row dots of R rows of one weight with T tokens of x, sharing each row's weight loads across the
         tokens and each token's x loads across the rows (LLVM merges the identical loads and nibble
         splits): the register tile of the prefill GEMM (kernels/gemm.py). Arguments: w, d, r (first row),
         t (first token), then x as round_x makes it, one row per token: xq, xp (n, cols) int8, xc
         (n, cols/4) int32, dx (n, cols/32) f32. Returns R*T floats, row i and token j at i*T + j, min
         terms excluded."""
-        wdtype = types.uint8 if nibbles else types.int8
+        wdtype = _WDTYPES[form]
 
         def tile(typingctx, w, d, r, t, xq, xp, xc, dx):
             if not (_rows_array(w, wdtype) and _rows_array(d, types.float32, types.uint16)
@@ -446,37 +492,35 @@ if NUMBA:
                 qrows, drows = rows_of(0, vals[2], R), rows_of(1, vals[2], R)
                 nb = _row_ptr(context, builder, sig.args[1], vals[1], vals[2])[1]
                 xqs, xps, xcs, dxs = (rows_of(i, vals[3], T) for i in range(4, 8))
-                if nibbles:
-                    step = _Step(R * T, lambda p, b, kk: [_q4_step(builder, qrows[p // T], xps[p % T], drows[p // T],
-                                                                   dxs[p % T], b, kk, f16)])
-                else:
-                    step = _Step(R * T, lambda p, b, kk: _i8_step(builder, qrows[p // T], xqs[p % T], xcs[p % T],
-                                                                  drows[p // T], dxs[p % T], b, kk, f16))
-                out = _emit_rows(builder, nb, 1 if nibbles else 2, step)
+                steps = [_layout_step(form, builder, qrows[p // T], xqs[p % T], xps[p % T], xcs[p % T],
+                                      drows[p // T], dxs[p % T], f16) for p in range(R * T)]
+                step = _Step(R * T, lambda p, b, kk: steps[p](b, kk))
+                out = _emit_rows(builder, nb, 2 if form == "i8" else 1, step)
                 return context.make_tuple(builder, sig.return_type, out)
 
             return types.UniTuple(types.float32, R * T)(w, d, r, t, xq, xp, xc, dx), codegen
 
-        tile.__name__ = tile.__qualname__ = f"{'q4' if nibbles else 'i8'}_tile{R}x{T}"
+        tile.__name__ = tile.__qualname__ = f"{form}_tile{R}x{T}"
         return intrinsic(tile)
 
     # The forms. Each product is sum over blocks b of scale(d[r, b]) * dx[b] * sum_j q[r, 32b + j] *
     # xq[32b + j] (q4_dot_numpy, i8_dot_numpy), min terms excluded, for w
-    # (rows, cols/2) uint8 nibbles (Q4) or (rows, cols) int8 in blocks of 32 (I8), d (rows, cols/32) f32
+    # (rows, cols/2) uint8 nibbles (Q4), (rows, 5*cols/32) uint32 nibbles and high bits (Q5) or
+    # (rows, cols) int8 in blocks of 32 (I8), d (rows, cols/32) f32
     # or uint16 f16 bits, and x as round_x makes it: xq (cols,) int8 natural order, xp (cols,) int8 Q4
-    # step order (read for Q4), xc (cols/4,) int32 lane corrections (read for I8 on VNNI), dx (cols/32,) f32.
+    # step order (read for Q4 and Q5), xc (cols/4,) int32 lane corrections (read for I8 on VNNI), dx (cols/32,) f32.
     # One row: q4_dot(w, d, r, xq, xp, xc, dx), i8_dot(...): the dense matvecs' (see row below).
     # For the sparse FFN (kernels/sparse_ffn.py), prefetching row jp: (gate row j . x, up row j . x) of
-    # two weights of one layout, q4_gu(gw, gd, uw, ud, j, jp, xq, xp, xc, dx), i8_gu(...); one row,
-    # q4_row1p(w, d, j, jp, xq, xp, xc, dx), i8_row1p(...).
-    q4_dot, i8_dot = _dots_intrinsic(True, 1, False), _dots_intrinsic(False, 1, False)
-    q4_gu, i8_gu = _dots_intrinsic(True, 2, True), _dots_intrinsic(False, 2, True)
-    q4_row1p, i8_row1p = _dots_intrinsic(True, 1, True), _dots_intrinsic(False, 1, True)
+    # two weights of one layout, q4_gu(gw, gd, uw, ud, j, jp, xq, xp, xc, dx), i8_gu(...), q5_gu(...);
+    # one row, q4_row1p(w, d, j, jp, xq, xp, xc, dx), i8_row1p(...), q5_row1p(...).
+    q4_dot, i8_dot, q5_dot = (_dots_intrinsic(f, 1, False) for f in ("q4", "i8", "q5"))
+    q4_gu, i8_gu, q5_gu = (_dots_intrinsic(f, 2, True) for f in ("q4", "i8", "q5"))
+    q4_row1p, i8_row1p, q5_row1p = (_dots_intrinsic(f, 1, True) for f in ("q4", "i8", "q5"))
 
 
 def row(qs, d, m, r, xq, xp, xc, dx, xsum):
-    """Row r of a Q4 (qs uint8) or 32-block I8 (qs int8) weight times x rounded by round_x, min term
-    included (xsum (cols/32,) f32 the rounded block sums); numba picks the formula by qs's dtype. The one
+    """Row r of a Q4 (qs uint8), Q5 (qs uint32) or 32-block I8 (qs int8) weight times x rounded by
+    round_x, min term included (xsum (cols/32,) f32 the rounded block sums); numba picks the formula by qs's dtype. The one
     row product of the dense matvecs (kernels/matvec.py), the one-region decode (kernels/decode_token.py),
     the sparse FFN's rows (kernels/sparse_ffn.py) and the prefill GEMM (kernels/gemm.py), so that all of
     them round alike."""
@@ -484,7 +528,7 @@ def row(qs, d, m, r, xq, xp, xc, dx, xsum):
 
 def min_part(qs, d, m, r, xsum):
     """The min term of row r that `row` adds: for Q4 (qs uint8) m, or Q4_0's -8d, times the rounded block
-    sums (intdot.min_term); for I8 (qs int8) m times them, or 0 when the format has no m."""
+    sums (intdot.min_term); for Q5 (qs uint32) m or Q5_0's -16d (intdot.min_term16); for I8 (qs int8) m times them, or 0 when the format has no m."""
 
 
 if NUMBA:
@@ -494,6 +538,8 @@ if NUMBA:
     def _min_part_ov(qs, d, m, r, xsum):
         if qs.dtype == types.uint8:
             return lambda qs, d, m, r, xsum: intdot.min_term(d, m, r, xsum)
+        if qs.dtype == types.uint32:
+            return lambda qs, d, m, r, xsum: intdot.min_term16(d, m, r, xsum)
         if qs.dtype == types.int8:
             def i8(qs, d, m, r, xsum):
                 return intdot.scale_dot(m, r, xsum) if m.shape[1] else np.float32(0.0)
@@ -507,5 +553,8 @@ if NUMBA:
                                                               + min_part(qs, d, m, r, xsum))
         if qs.dtype == types.int8:
             return lambda qs, d, m, r, xq, xp, xc, dx, xsum: (i8_dot(qs, d, r, xq, xp, xc, dx)
+                                                              + min_part(qs, d, m, r, xsum))
+        if qs.dtype == types.uint32:
+            return lambda qs, d, m, r, xq, xp, xc, dx, xsum: (q5_dot(qs, d, r, xq, xp, xc, dx)
                                                               + min_part(qs, d, m, r, xsum))
         return None

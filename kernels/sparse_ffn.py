@@ -13,6 +13,7 @@ pass empty (rows, 0) float32 arrays where a layout has none):
   float32 w               F32
   uint16 bits             F16 (bits16=0) or BF16 (bits16=1): numba has no float16 arrays
   uint8 qs (rows, cols/2) Q4, GGUF Q4_0 nibble order, block-32 scales, m empty for Q4_0
+  uint32 qs (rows, 5*cols/32) Q5 (gate and up only), block-32 scales, m empty for Q5_0
   int8 q                  I8, block-B scales (B = cols / d.shape[1]), optional mins
 Scales are float32 or f16 bits (uint16) everywhere: read through dequant.scale_f32.
 Any 2-D array may also be a field of neuron records (kernels/neuron_records.py): a view whose rows are
@@ -43,7 +44,7 @@ How the numba kernel runs: ONE prange launch per call (each launch costs ~3 us).
 neurons are split into one contiguous share per thread with equal neuron counts (every neuron costs
 the same: up to two row dot products and one row axpy), each thread accumulates into its own partial
 (hidden,) row, and the partials are summed after the parallel loop. Row dot products round as the
-dense matvec's: Q4 and 32-block I8 rows take kernels/rowdot.py's integer SIMD product with x rounded
+dense matvec's: Q4, Q5 and 32-block I8 rows take kernels/rowdot.py's integer SIMD product with x rounded
 to int8 per block (so sparse and dense round alike), in the form that reads a neuron's gate and up
 rows in one pass and software-prefetches the rows of the neuron PREFETCH_AHEAD places on: the rows
 are scattered, where the hardware prefetchers find no stream (kernels/gather.py); the other layouts
@@ -83,7 +84,7 @@ def _rows_f32(w, d, m, bits16, rows):
     n = len(rows)
     if w.dtype == np.float32:
         return np.ascontiguousarray(w[rows])
-    cols = w.shape[1] * 2 if w.dtype == np.uint8 else w.shape[1]
+    cols = w.shape[1] * 2 if w.dtype == np.uint8 else (32 * d.shape[1] if w.dtype == np.uint32 else w.shape[1])
     out = np.empty((n, cols), dtype=np.float32)
     if w.dtype == np.uint16:
         fn = dequant.dequant_bf16_numpy if bits16 else dequant.dequant_f16_numpy
@@ -92,14 +93,16 @@ def _rows_f32(w, d, m, bits16, rows):
         return dequant.dequant_q4_numpy(w[rows], d[rows], m[rows], out)
     if w.dtype == np.int8:
         return dequant.dequant_i8_numpy(w[rows], d[rows], m[rows], out)
+    if w.dtype == np.uint32:
+        return dequant.dequant_q5_numpy(w[rows], d[rows], m[rows], out)
     raise TypeError(f"no sparse FFN layout for weight dtype {w.dtype}")
 
 
 def _dots_numpy(w, d, m, bits16, rows, x):
-    """(len(rows),) f32: the listed rows of one weight dot x, rounded like the numba kernel: Q4 and
+    """(len(rows),) f32: the listed rows of one weight dot x, rounded like the numba kernel: Q4, Q5 and
     32-block I8 multiply x rounded to int8 per block (kernels/intdot.py) and add the min term (Q4_0's
-    -8*d) from block sums of the rounded x; the other layouts use x as is."""
-    if w.dtype == np.uint8 or (w.dtype == np.int8 and w.shape[1] == 32 * d.shape[1]):
+    -8*d, Q5_0's -16*d) from block sums of the rounded x; the other layouts use x as is."""
+    if w.dtype in (np.uint8, np.uint32) or (w.dtype == np.int8 and w.shape[1] == 32 * d.shape[1]):
         n, nb = len(rows), d.shape[1]
         xq = np.empty(x.shape[0], np.int8)
         dx = np.empty(nb, np.float32)
@@ -107,9 +110,10 @@ def _dots_numpy(w, d, m, bits16, rows, x):
         xr = (xq.reshape(-1, 32) * dx[:, None]).reshape(-1)                 # (cols,) f32
         xsum = xr.reshape(-1, 32).sum(axis=1, dtype=np.float32)             # (cols/32,) f32, as matvec
         zero = np.zeros((n, nb), np.float32)
-        if w.dtype == np.uint8:
-            scaled = dequant.dequant_q4_numpy(w[rows], d[rows], zero, np.empty((n, x.shape[0]), np.float32))
-            mins = scales_f32_numpy(m[rows]) if m.shape[1] else scales_f32_numpy(d[rows]) * np.float32(-8.0)
+        if w.dtype in (np.uint8, np.uint32):
+            fn, offset = (dequant.dequant_q4_numpy, -8.0) if w.dtype == np.uint8 else (dequant.dequant_q5_numpy, -16.0)
+            scaled = fn(w[rows], d[rows], zero, np.empty((n, x.shape[0]), np.float32))
+            mins = scales_f32_numpy(m[rows]) if m.shape[1] else scales_f32_numpy(d[rows]) * np.float32(offset)
         else:
             scaled = dequant.dequant_i8_numpy(w[rows], d[rows], zero[:, :0], np.empty((n, x.shape[0]), np.float32))
             mins = scales_f32_numpy(m[rows]) if m.shape[1] else zero
@@ -226,6 +230,7 @@ if NUMBA:
     def _dot_q4(w, d, m, j, x, xq, xp, xc, dx, xsum, bits16):
         # The dense matvec's row product (kernels/rowdot.py, x rounded to int8 per block), so that both
         # paths round alike: relu-exact's gate comes from the dense kernel and its up from this one.
+        # Q4 and Q5 rows (by w's dtype).
         return rowdot.row(w, d, m, j, xq, xp, xc, dx, xsum)
 
     @jit()
@@ -252,7 +257,7 @@ if NUMBA:
             return _dot_f32.py_func
         if dt == types.uint16:
             return _dot_bits16.py_func
-        if dt == types.uint8:
+        if dt in (types.uint8, types.uint32):
             return _dot_q4.py_func
         if dt == types.int8:
             return _dot_i8.py_func
@@ -404,12 +409,18 @@ def _axpy4p(w, d, m, j, a, pf, acc, bits16):
 
 
 if NUMBA:
-    @jit()
-    def _gu_q4(gw, gd, gm, uw, ud, um, j, jp, x, xq, xp, xc, dx, xsum, gate, bits16):
-        if gate.shape[0]:
-            return gate[j], rowdot.q4_row1p(uw, ud, j, jp, xq, xp, xc, dx) + intdot.min_term(ud, um, j, xsum)
-        g, u = rowdot.q4_gu(gw, gd, uw, ud, j, jp, xq, xp, xc, dx)
-        return g + intdot.min_term(gd, gm, j, xsum), u + intdot.min_term(ud, um, j, xsum)
+    def _gu_nibbles(row1p, gu, min_term):
+        """_gu for the Q4 layout (rowdot.q4_row1p, q4_gu, intdot.min_term) or the Q5 one (q5_*, min_term16)."""
+        @jit()
+        def gu_rows(gw, gd, gm, uw, ud, um, j, jp, x, xq, xp, xc, dx, xsum, gate, bits16):
+            if gate.shape[0]:
+                return gate[j], row1p(uw, ud, j, jp, xq, xp, xc, dx) + min_term(ud, um, j, xsum)
+            g, u = gu(gw, gd, uw, ud, j, jp, xq, xp, xc, dx)
+            return g + min_term(gd, gm, j, xsum), u + min_term(ud, um, j, xsum)
+        return gu_rows
+
+    _gu_q4 = _gu_nibbles(rowdot.q4_row1p, rowdot.q4_gu, intdot.min_term)
+    _gu_q5 = _gu_nibbles(rowdot.q5_row1p, rowdot.q5_gu, intdot.min_term16)
 
     @jit()
     def _gu_i8(gw, gd, gm, uw, ud, um, j, jp, x, xq, xp, xc, dx, xsum, gate, bits16):
@@ -436,6 +447,8 @@ if NUMBA:
         if gw.dtype == uw.dtype and gd.dtype == ud.dtype and _rows_layout(gw, gd, gm, uw, ud, um):
             if gw.dtype == types.uint8:
                 return _gu_q4.py_func
+            if gw.dtype == types.uint32:
+                return _gu_q5.py_func
             if gw.dtype == types.int8:
                 return _gu_i8.py_func
         return _gu_rows.py_func

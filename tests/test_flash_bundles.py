@@ -20,13 +20,24 @@ from planner.bundles import hot_to_cold, layer_arrays, write_bundles
 HIDDEN, FFN, LAYERS = 64, 96, 2
 
 
-def make_layers(seed=0, q4=False):
+def _q5(a):
+    """a (rows, cols) f32 as a Q5Weight, through GGUF's Q5_0 blocks."""
+    from gguf import GGMLQuantizationType, quants
+
+    from engine.formats.gguf_quants import weight_from_gguf
+    raw = quants.quantize(a, GGMLQuantizationType.Q5_0)
+    return weight_from_gguf(int(GGMLQuantizationType.Q5_0), raw.reshape(-1), a.shape, "t", "test")
+
+
+def make_layers(seed=0, q4=False, q5=False):
     rng = np.random.default_rng(seed)
     layers = []
     for _ in range(LAYERS):
         g, u = (rng.standard_normal((FFN, HIDDEN)).astype(np.float32) for _ in range(2))
         d = rng.standard_normal((HIDDEN, FFN)).astype(np.float32)
-        if q4:
+        if q5:
+            lw = types.SimpleNamespace(w_gate=_q5(g), w_up=_q5(u), w_down=_q5(d))
+        elif q4:
             lw = types.SimpleNamespace(w_gate=Q4Weight(*quantize_q4(g)), w_up=Q4Weight(*quantize_q4(u)),
                                        w_down=Q4Weight(*quantize_q4(d)))
         else:

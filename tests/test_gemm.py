@@ -10,22 +10,24 @@ import numpy as np
 import pytest
 
 from kernels import backend, gemm, matvec
-from tests.test_kernels import _i8, _q4, ref_q4
+from tests.test_kernels import _i8, _q4, _q5, ref_q4, ref_q5
 
 # (rows, cols, tokens): tiles with nothing left over, rows and tokens left over, one block of 32, rows
 # in several panels with a short last one, fewer rows than one tile, a single token; rows a multiple of
 # 32 take the rows-in-lanes form where the CPU has AVX-512 VNNI (64 and 96 rows, the latter with a
 # token left over).
 SHAPES = [(64, 128, 8), (70, 96, 9), (131, 32, 3), (200, 224, 13), (3, 64, 5), (5, 64, 1), (96, 160, 7)]
-FORMATS = ["q4_0", "q4_1", "q8_0", "q5_1"]
+FORMATS = ["q4_0", "q4_1", "q8_0", "i8_min", "q5_0", "q5_1"]
 
 
 def _weight(rng, kind, rows, cols, scales):
-    """(fn, twin, matvec twin, arrays) of one format: Q4_0/Q4_1 nibbles, Q8_0 (I8, no min) or Q5_1 (I8 with
-    a min), all in blocks of 32."""
+    """(fn, twin, matvec twin, arrays) of one format: Q4_0/Q4_1 nibbles, Q8_0 (I8, no min), I8 with a min,
+    or the Q5 layout without (Q5_0) and with (Q5_1) a min, all in blocks of 32."""
     if kind.startswith("q4"):
         return gemm.gemm_q4, gemm.gemm_q4_numpy, matvec.matvec_q4_numpy, _q4(rng, rows, cols, scales, sym=kind == "q4_0")
-    arrays = _i8(rng, rows, cols, 32, kind == "q5_1", scales)
+    if kind.startswith("q5"):
+        return gemm.gemm_q5, gemm.gemm_q5_numpy, matvec.matvec_q5_numpy, _q5(rng, rows, cols, scales, sym=kind == "q5_0")
+    arrays = _i8(rng, rows, cols, 32, kind == "i8_min", scales)
     return gemm.gemm_i8, gemm.gemm_i8_numpy, matvec.matvec_i8_numpy, arrays
 
 
@@ -75,7 +77,7 @@ def test_numba_equals_twin(kind, scales, shape):
 @pytest.mark.slow
 def test_numba_equals_twin_on_every_code(simd_code):
     """The register tile on the AVX-512 VNNI, AVX2 and generic code (tests/conftest.py forces each when
-    the kernel compiles), extreme values included: q = 15 or -128 against x = +-127."""
+    the kernel compiles), extreme values included: q = 15, 31 or -128 against x = +-127."""
     if not backend.NUMBA:
         pytest.skip("numba only")
     from numba import njit
@@ -86,7 +88,7 @@ def test_numba_equals_twin_on_every_code(simd_code):
     for kind in FORMATS:
         for scales in ("f32", "f16"):
             _, twin, _, arrays = _weight(rng, kind, rows, cols, scales)
-            arrays[0][0] = 0xFF if kind.startswith("q4") else -128
+            arrays[0][0] = {"q4": 0xFF, "q5": 0xFFFFFFFF}.get(kind[:2], -128)
             x = rng.standard_normal((n, cols), dtype=np.float32)
             x[1] = np.sign(x[1])                       # rounds to +-127 everywhere
             got = kernel(*arrays, x, np.empty((n, rows), np.float32))
@@ -162,12 +164,18 @@ def test_lane_packing_twins(kind, scales):
     rng = np.random.default_rng(3)
     _, _, _, (w, d, m) = _weight(rng, kind, 48, 96, scales)
     flip = not kind.startswith("q4")
-    nbytes, nb = 16 * w.shape[1], d.shape[1]
+    nb = d.shape[1]
+    nbytes = 16 * lanetile.packed_bytes(w, nb)
     want = [np.empty(nbytes, np.uint8), np.empty(16 * nb, np.float32), np.empty(16 * nb, np.float32)]
     got = [np.empty_like(a) for a in want]
     lanetile.pack_numpy(w, d, m, 16, *want, flip)
     pack(w, d, m, 16, *got, flip)
     for a, b in zip(got, want):
         np.testing.assert_array_equal(a, b)
+    if kind.startswith("q5"):
+        values = np.rint(ref_q5(w, np.ones_like(d, np.float32), np.zeros_like(d, np.float32))).astype(np.uint8)
+        assert want[0][:4].tobytes() == values[16, :4].tobytes()
+        assert want[0][4:8].tobytes() == values[17, :4].tobytes()
+        return
     assert want[0][:4].tobytes() == (w[16, :4].view(np.uint8) ^ (0x80 if flip else 0)).tobytes()
     assert want[0][4:8].tobytes() == (w[17, :4].view(np.uint8) ^ (0x80 if flip else 0)).tobytes()

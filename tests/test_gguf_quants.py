@@ -15,7 +15,7 @@ from hypothesis import given, settings, strategies as st
 from engine.errors import ModelFormatError
 from engine.formats import gguf_quants as gq
 from engine.formats.gguf_quants import tensor_nbytes, type_name, vector_from_gguf, weight_from_gguf
-from engine.model.weights import BF16Weight, F16Weight, F32Weight, I8Weight, Q4Weight
+from engine.model.weights import BF16Weight, F16Weight, F32Weight, I8Weight, Q4Weight, Q5Weight
 
 # type -> (expected layout, block B of its scales or None, byte offsets of its float16 scale fields)
 TYPES = {
@@ -24,21 +24,22 @@ TYPES = {
     T.BF16: (BF16Weight, None, ()),
     T.Q4_0: (Q4Weight, 32, (0,)),
     T.Q4_1: (Q4Weight, 32, (0, 2)),
-    T.Q5_0: (I8Weight, 32, (0,)),
-    T.Q5_1: (I8Weight, 32, (0, 2)),
+    T.Q5_0: (Q5Weight, 32, (0,)),
+    T.Q5_1: (Q5Weight, 32, (0, 2)),
     T.Q8_0: (I8Weight, 32, (0,)),
     T.Q4_K: (Q4Weight, 32, (0, 2)),
-    T.Q5_K: (I8Weight, 32, (0, 2)),
+    T.Q5_K: (Q5Weight, 32, (0, 2)),
     T.Q6_K: (I8Weight, 32, (208,)),
 }
 WITH_MIN = {T.Q4_1, T.Q4_K, T.Q5_1, T.Q5_K}  # Q4_0's -8d offset is implied by an empty m (layouts.md)
-F16_SCALES = {T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0, T.Q4_K}  # f16 scales kept as uint16 bits
+F16_SCALES = {T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0, T.Q4_K, T.Q5_K}  # f16 scales kept as uint16 bits
 
-# Resident bytes / file bytes (kernels/layouts.md): f16 scales stay f16, Q4_K's become f16, Q5_K's and
-# Q6_K's are float32, and 5/6-bit values widen to int8 (Q6_K in blocks of 32).
+# Resident bytes / file bytes (kernels/layouts.md): f16 scales stay f16, Q4_K's and Q5_K's become f16,
+# Q6_K's are float32, 5-bit values keep 5 bits (the Q5 layout) and 6-bit ones widen to int8 (Q6_K in
+# blocks of 32).
 MEMORY_RATIO = {
-    T.F32: 1.0, T.F16: 1.0, T.BF16: 1.0, T.Q4_0: 1.0, T.Q4_1: 1.0, T.Q5_0: 34 / 22,
-    T.Q5_1: 36 / 24, T.Q8_0: 1.0, T.Q4_K: 160 / 144, T.Q5_K: 320 / 176, T.Q6_K: 288 / 210,
+    T.F32: 1.0, T.F16: 1.0, T.BF16: 1.0, T.Q4_0: 1.0, T.Q4_1: 1.0, T.Q5_0: 1.0,
+    T.Q5_1: 1.0, T.Q8_0: 1.0, T.Q4_K: 160 / 144, T.Q5_K: 192 / 176, T.Q6_K: 288 / 210,
 }
 
 
@@ -69,7 +70,7 @@ def reference(qtype, raw, rows, cols):
 def assert_values(qtype, w, got, want):
     """The weight's values `got` against gguf-py's `want`: exact to float32 rounding, except where the
     layout rounds on purpose (gguf_quants' module doc)."""
-    if qtype == T.Q4_K:      # scales d*sc and dmin*mn rounded to f16: 2^-11 of each term at most
+    if qtype in (T.Q4_K, T.Q5_K):   # scales d*sc and dmin*mn rounded to f16: 2^-11 of each term at most
         tol = 2.0**-11 * (np.abs(want).max() + np.abs(w.m.view(np.float16).astype(np.float32)).max())
         assert np.abs(got - want).max() <= tol + 1e-30
     elif qtype == T.Q6_K:    # sub-blocks merged: half a step of the block's scale d at most
@@ -116,7 +117,7 @@ def test_values_match_gguf(qtype, rows, n_blocks):
     # The Q4 layout's matvec, and the I8 layout's with blocks of 32, multiply x rounded to int8 per
     # block, as ggml does (kernels/intdot.py; tests/test_kernels.py checks them exactly against that
     # rounding): within ~1/254 of each block's max |x|.
-    tol = 1e-2 if layout is Q4Weight or block == 32 else 1e-5
+    tol = 1e-2 if layout in (Q4Weight, Q5Weight) or block == 32 else 1e-5
     assert (np.abs(w.matvec(x) - want @ x) / scale).max() < tol
 
     X = _x(rng, cols, n=5)
@@ -154,7 +155,7 @@ def test_chunking(qtype, chunk, monkeypatch):
     raw = random_tensor(qtype, rows, cols, rng)
     w = weight_from_gguf(int(qtype), raw, (rows, cols), "t", "f.gguf")
     want = reference(qtype, raw, rows, cols).astype(np.float32)
-    if qtype in (T.Q4_K, T.Q6_K):
+    if qtype in (T.Q4_K, T.Q5_K, T.Q6_K):
         assert_values(qtype, w, w.to_float32(), want)
     else:
         assert np.array_equal(w.to_float32(), want)

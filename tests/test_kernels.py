@@ -62,6 +62,15 @@ def _q4(rng, rows, cols, kind="f32", sym=False):
     return qs, d, m
 
 
+def _q5(rng, rows, cols, kind="f32", sym=False):
+    """The Q5 layout: (rows, 5*cols/32) uint32 random bits; sym: Q5_0's form, value d*(q-16) with an
+    empty m."""
+    qs = rng.integers(0, 1 << 32, (rows, 5 * cols // 32), dtype=np.uint32)
+    d = _scales(rng, 0.001, 0.1, (rows, cols // 32), kind)
+    m = _scales(rng, -0.5, 0.5, (rows, 0 if sym else cols // 32), kind)
+    return qs, d, m
+
+
 def _i8(rng, rows, cols, block, with_min, kind="f32"):
     q = rng.integers(-128, 128, (rows, cols), dtype=np.int8)
     d = _scales(rng, 0.001, 0.1, (rows, cols // block), kind)
@@ -106,6 +115,31 @@ def ref_q4_int8x(qs, d, m, x):
         scale_only += 8 * _f64(d)[:, np.arange(x.shape[0]) // 32]   # undo the -8 offset: d*q only
     mins = ref_q4(qs, d, m) - scale_only
     return scale_only @ xr + mins @ xr
+
+
+def ref_q5(qs, d, m):
+    """Each row in groups of four blocks, then a two and/or a one; a group of k blocks is 16k bytes of
+    the Q4 layout's nibbles, then one little-endian 32-bit word per block whose bit j is bit 4 of the
+    block's element j (layouts.md); value d*q + m, or d*(q-16) with an empty m."""
+    rows, nb = d.shape
+    by = qs.view(np.uint8)
+    q = np.empty((rows, 32 * nb), dtype=np.float64)
+    b, at = 0, 0
+    while b < nb:
+        k = 4 if nb - b >= 4 else (2 if nb - b >= 2 else 1)
+        for i in range(k):
+            nib = by[:, at + 16 * i: at + 16 * i + 16].astype(np.int64)
+            word = by[:, at + 16 * k + 4 * i: at + 16 * k + 4 * i + 4].astype(np.int64)
+            high = word[:, 0] | word[:, 1] << 8 | word[:, 2] << 16 | word[:, 3] << 24
+            for j in range(16):
+                q[:, 32 * (b + i) + j] = (nib[:, j] & 15) + 16 * ((high >> j) & 1)
+                q[:, 32 * (b + i) + 16 + j] = (nib[:, j] >> 4) + 16 * ((high >> (j + 16)) & 1)
+        at += 20 * k
+        b += k
+    block = np.arange(32 * nb) // 32
+    if not m.shape[1]:
+        return (q - 16) * _f64(d)[:, block]
+    return q * _f64(d)[:, block] + _f64(m)[:, block]
 
 
 def ref_i8(q, d, m):
@@ -170,19 +204,26 @@ def test_matvec_bf16(rows, cols):
     _check_matvec(matvec.matvec_bf16, matvec.matvec_bf16_numpy, (bits,), ref_bf16(bits), _x(rng, cols))
 
 
+# The layouts whose matvecs multiply x rounded to int8: (kernel, twin, random arrays, float64 values).
+NIBBLE_LAYOUTS = {"q4": (matvec.matvec_q4, matvec.matvec_q4_numpy, _q4, ref_q4),
+                  "q5": (matvec.matvec_q5, matvec.matvec_q5_numpy, _q5, ref_q5)}
+
+
+@pytest.mark.parametrize("layout", list(NIBBLE_LAYOUTS))
 @pytest.mark.parametrize("kind,sym", [("f32", False), ("f16", False), ("f16", True), ("f32", True)])
 @pytest.mark.parametrize("rows,cols", SHAPES_32 + SHAPES_WIDE)
-def test_matvec_q4(rows, cols, kind, sym):
+def test_matvec_q4_q5(rows, cols, kind, sym, layout):
     """Exact to float rounding against x rounded to int8 as intdot does, and within that rounding
     (~1/254 of each block's max |x|) of the float product."""
+    kernel, twin, make, ref = NIBBLE_LAYOUTS[layout]
     rng = np.random.default_rng(rows * 1000 + cols + 2)
-    args = _q4(rng, rows, cols, kind, sym)
+    args = make(rng, rows, cols, kind, sym)
     x = _x(rng, cols)
-    w64 = ref_q4(*args)
-    want = ref_q4_int8x(*args, x)
+    w64 = ref(*args)
+    want = ref_q4_int8x(*args, x) if layout == "q4" else w64 @ _int8_x(x)
     scale = np.abs(w64) @ np.abs(x.astype(np.float64)) + 1e-30
     outs = []
-    for fn in (matvec.matvec_q4, matvec.matvec_q4_numpy):
+    for fn in (kernel, twin):
         out = np.full(rows, np.nan, dtype=np.float32)
         assert fn(*args, x, out) is out
         assert (np.abs(out - want) / scale).max() < RTOL, getattr(fn, "__name__", fn)
@@ -295,6 +336,14 @@ def test_dequant_q4(rows, cols, kind, sym):
     rng = np.random.default_rng(rows + cols + 2)
     args = _q4(rng, rows, cols, kind, sym)
     _check_dequant(dequant.dequant_q4, dequant.dequant_q4_numpy, args, ref_q4(*args))
+
+
+@pytest.mark.parametrize("kind,sym", [("f32", False), ("f16", False), ("f16", True)])
+@pytest.mark.parametrize("rows,cols", SHAPES_32)
+def test_dequant_q5(rows, cols, kind, sym):
+    rng = np.random.default_rng(rows + cols + 5)
+    args = _q5(rng, rows, cols, kind, sym)
+    _check_dequant(dequant.dequant_q5, dequant.dequant_q5_numpy, args, ref_q5(*args))
 
 
 @pytest.mark.parametrize("kind", ["f32", "f16"])

@@ -17,7 +17,7 @@ pytest.importorskip("onnxruntime")
 pytest.importorskip("onnx")
 
 
-@pytest.fixture(scope="module", params=["Q4_0", "Q4_1", "Q8_0"])
+@pytest.fixture(scope="module", params=["Q4_0", "Q4_1", "Q8_0", "Q5_0", "Q5_1"])
 def gguf_model(request, stories_dir, tmp_path_factory):
     """stories260K (a real model) converted to a GGUF in the format of the parameter."""
     from tests.model_factory import hf_to_gguf

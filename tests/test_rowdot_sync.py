@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from kernels import backend, rowdot, sync
-from tests.test_kernels import _i8, _q4
+from tests.test_kernels import _i8, _q4, _q5
 
 NB = (1, 2, 3, 4, 5, 6, 7, 8, 18, 48, 49)     # every tail: fours, then a two and/or a one
 
@@ -32,10 +32,10 @@ def test_prepare_and_corrections_twins(nb):
 
 
 def test_row_dots_against_numpy(simd_code):
-    """q4_dot and i8_dot on the AVX-512 VNNI, AVX2 and generic-vector code, the last with hardware or
-    integer half conversion (each forced by compiling with the other flags off: tests/conftest.py), both
-    scale dtypes, every tail length, extreme values (q = 15 and -128 with x = +-127: the i16 and VNNI
-    bias bounds)."""
+    """q4_dot, q5_dot and i8_dot on the AVX-512 VNNI, AVX2 and generic-vector code, the last with
+    hardware or integer half conversion (each forced by compiling with the other flags off:
+    tests/conftest.py), both scale dtypes, every tail length, extreme values (q = 15, 31 and -128 with
+    x = +-127: the i16 and VNNI bias bounds)."""
     if not backend.NUMBA:
         pytest.skip("the four-block row dots are LLVM intrinsics: numba only")
     from numba import njit
@@ -44,6 +44,12 @@ def test_row_dots_against_numpy(simd_code):
     def q4_rows(qs, d, xq, xp, xc, dx, out):
         for r in range(qs.shape[0]):
             out[r] = rowdot.q4_dot(qs, d, r, xq, xp, xc, dx)
+        return out
+
+    @njit(cache=False)
+    def q5_rows(qs, d, xq, xp, xc, dx, out):
+        for r in range(qs.shape[0]):
+            out[r] = rowdot.q5_dot(qs, d, r, xq, xp, xc, dx)
         return out
 
     @njit(cache=False)
@@ -64,6 +70,11 @@ def test_row_dots_against_numpy(simd_code):
             got = q4_rows(qs, d, xq, xp, np.zeros(8 * nb, np.int32), dx, np.empty(5, np.float32))
             want = np.array([rowdot.q4_dot_numpy(qs, d, r, xq, dx) for r in range(5)])
             np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5, err_msg=f"q4 nb={nb} {kind}")
+            q5, d5, _ = _q5(rng, 5, 32 * nb, kind, sym=True)
+            q5[0] = 0xFFFFFFFF                            # every value 31
+            got = q5_rows(q5, d5, xq, xp, np.zeros(8 * nb, np.int32), dx, np.empty(5, np.float32))
+            want = np.array([rowdot.q5_dot_numpy(q5, d5, r, xq, dx) for r in range(5)])
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5, err_msg=f"q5 nb={nb} {kind}")
             q, d8, _ = _i8(rng, 5, 32 * nb, 32, False, kind)
             q[0] = -128
             q[1, :32] = 127
@@ -139,9 +150,14 @@ GEMMA_MIX = {"blk.[024].ffn_down.weight": "Q4_K", "*ffn_down.weight": "Q6_K", "*
 GEMMA_SHAPE = dict(hidden_size=256, intermediate_size=256, head_dim=64, num_hidden_layers=6, query_pre_attn_scalar=64,
                    layer_types=["sliding_attention"] * 5 + ["full_attention"])
 
+# A Llama Q4_K_M file: Q4_K matrices with a Q6_K v and down in some layers; here also a Q5_0 up beside
+# a Q4_K gate. The fused q|k|v and gate|up of those layers mix layouts (layout.match_fused_layouts).
+LLAMA_MIX = {"blk.[13].attn_v.weight": "Q6_K", "blk.[02].ffn_down.weight": "Q6_K", "blk.2.ffn_up.weight": "Q5_0",
+             "blk.*": "Q4_K", "*": "Q8_0"}
+
 
 @pytest.mark.parametrize("threads,qtype", [(1, "Q4_1"), (2, "Q4_1"), (1, "Q8_0"), (2, "Q8_0"), (2, "Q4_0"),
-                                           (1, "gemma3-mix"), (2, "gemma3-mix")])
+                                           (1, "gemma3-mix"), (2, "gemma3-mix"), (2, "llama-mix")])
 def test_one_region_decode_matches_layer_by_layer(tmp_path, threads, qtype):
     """The one-region decode (engine/executors/one_region.py, kernels/decode_token.py: the default for Q4
     and Q8_0 models) against dense decode layer by layer, its numpy twin, on 1 and 2 threads: the same
@@ -162,6 +178,9 @@ def test_one_region_decode_matches_layer_by_layer(tmp_path, threads, qtype):
     if qtype == "gemma3-mix":
         make_hf_model("gemma3", tmp_path, **GEMMA_SHAPE)
         path = hf_to_gguf(tmp_path, tmp_path / "m.gguf", "Q8_0", vocab, arch="gemma3", qtypes=GEMMA_MIX)
+    elif qtype == "llama-mix":
+        make_hf_model("llama", tmp_path, hidden_size=256, intermediate_size=512, num_hidden_layers=4)
+        path = hf_to_gguf(tmp_path, tmp_path / "m.gguf", "Q8_0", vocab, qtypes=LLAMA_MIX)
     else:
         make_hf_model("llama", tmp_path)      # hidden 64, FFN 96: every matrix quantizes to the Q4 or I8 layout
         path = hf_to_gguf(tmp_path, tmp_path / "m.gguf", qtype, vocab)
@@ -171,6 +190,10 @@ def test_one_region_decode_matches_layer_by_layer(tmp_path, threads, qtype):
     if qtype == "gemma3-mix":
         downs = {type(lw.w_down).__name__ for lw in m.weights.layers}
         assert downs == {"Q4Weight", "I8Weight"} and len(set(m.config.layer_rope)) == 2
+    if qtype == "llama-mix":
+        qkv = [type(lw.wqkv).__name__ for lw in m.weights.layers]
+        gate_up = [type(lw.w_gate_up).__name__ for lw in m.weights.layers]
+        assert qkv == ["Q4Weight", "I8Weight"] * 2 and gate_up == ["Q4Weight", "Q4Weight", "I8Weight", "Q4Weight"]
     prompt, steps = [1, 17, 93, 5, 64], [3, 99, 14, 51, 76, 20, 8, 111]
 
     def decode():

@@ -17,6 +17,7 @@ from engine.executors.predictor import LayerPredictor
 from kernels import dequant, sparse_ffn as S
 from kernels.backend import NUMBA
 from kernels.neuron_records import layout, pack, rows_contiguous
+from tests.test_kernels import ref_q5
 
 REPO = Path(__file__).resolve().parent.parent
 RTOL = 1e-5          # fastmath reassociates f32 sums; errors are measured against sum |terms|
@@ -60,6 +61,14 @@ def make(rng, layout, rows, cols):
         blk = np.arange(cols) // 32
         off = -8 * _f64(d) if sym else _f64(m)
         return (qs, d, m), 0, (q * _f64(d)[:, blk], off, True)
+    if layout.startswith("q5"):                      # q5-<scale kind>[-sym]: the Q5 layout, as tests/test_kernels.py
+        kind, sym = layout.split("-")[1], layout.endswith("sym")
+        qs = rng.integers(0, 1 << 32, (rows, 5 * cols // 32), dtype=np.uint32)
+        d = _scales(rng, 0.005, 0.02, (rows, cols // 32), kind)
+        m = _scales(rng, -0.3, 0.0, (rows, 0 if sym else cols // 32), kind)
+        q = ref_q5(qs, np.ones((rows, cols // 32), np.float32), np.zeros((rows, cols // 32), np.float32))
+        off = -16 * _f64(d) if sym else _f64(m)
+        return (qs, d, m), 0, (q * _f64(d)[:, np.arange(cols) // 32], off, True)
     _, kind, block, mn = layout.split("-")            # i8-<scale kind>-<block>-<min|nomin>
     block = int(block)
     q = rng.integers(-127, 128, (rows, cols), dtype=np.int8)
@@ -111,7 +120,8 @@ def act64(g, u, kind):
     return np.maximum(g, 0) * np.maximum(u, 0)
 
 
-RECORDED = {("q4-f16-sym", "i8-f16-32-nomin"), ("i8-f16-32-nomin", "i8-f16-32-nomin")}   # Q4_0, Q8_0
+RECORDED = {("q4-f16-sym", "i8-f16-32-nomin"), ("i8-f16-32-nomin", "i8-f16-32-nomin"),   # Q4_0, Q8_0
+            ("q5-f16-sym", "i8-f16-32-nomin")}                                           # Q5_0
 
 
 def kernels():
@@ -185,7 +195,8 @@ def check(rng, layout, down_layout, hidden, ffn, idx, kind, given_gate=False):
 
 LAYOUTS = [("f32", "f32"), ("f16", "f16"), ("bf16", "bf16"), ("q4-f16-sym", "i8-f16-32-nomin"),
            ("q4-f32", "q4-f16"), ("q4-f16", "i8-f16-32-nomin"), ("i8-f16-32-nomin", "i8-f16-32-nomin"),
-           ("i8-f32-16-min", "i8-f32-32-min"), ("f32", "q4-f32-sym")]
+           ("i8-f32-16-min", "i8-f32-32-min"), ("f32", "q4-f32-sym"), ("q5-f16-sym", "i8-f16-32-nomin"),
+           ("q5-f32", "q4-f16")]
 
 
 @pytest.mark.parametrize("layout,down", LAYOUTS)

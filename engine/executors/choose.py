@@ -8,7 +8,7 @@ From the plan (engine/executors/plan.py), the model's weight layouts and the ker
 - decode:
   - flash, when the plan streams every FFN from the bundle file (engine/executors/flash_ffn.py);
   - the one-region decode (engine/executors/one_region.py), when every layer is dense and it can run
-    them all (numba; Q4 or 32-block I8 layouts, at most two per matrix group, no biases, the same shapes);
+    them all (numba; Q4, Q5 or 32-block I8 layouts, at most two per matrix group, no biases, the same shapes);
   - else the layer-by-layer stack with each layer's FFN executor: dense, or sparse in the plan's mode.
 engine/model/layout.py arranges the weights for what was chosen, the same way for the model and for its
 miniature (engine/model/miniature.py), and `Executors.describe()` prints the choice.
@@ -35,6 +35,9 @@ def choose(config, weights, plan: Plan) -> Executors:
     layers = weights.layers
     extra = (weights.lm_head,) if plan.head_on_flash else ()
     dense = all(m == "dense" for m in plan.decode)
+    if plan.flash is None and dense and ONE_REGION:
+        for lw in layers:
+            layout.match_fused_layouts(lw)
     one_region = plan.flash is None and dense and ONE_REGION and layout.stackable(layers)
     if one_region:
         stacks = layout.stack_layers(layers)      # fuses q|k|v and gate|up as it stacks

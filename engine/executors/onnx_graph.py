@@ -43,7 +43,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from engine.model.weights import F32Weight, I8Weight, Q4Weight
+from engine.model.weights import F32Weight, I8Weight, Q4Weight, Q5Weight
+from kernels import dequant
 from kernels.activation import DRELU, GELU, GELU_TANH, RELU, SILU
 
 OPSET = 18            # Split with num_outputs; ORT 1.16 and later run it
@@ -135,6 +136,15 @@ class _Builder:
                 # explicit zero points 0 (packed nibbles), and the offsets as their own small matmul
                 inputs.append(self.init(name + ".z", np.zeros((rows, (blocks + 1) // 2), np.uint8), False))
             y = self.one("MatMulNBits", inputs, MS, K=cols, N=rows, bits=4, block_size=32, accuracy_level=0)
+            y = self.offsets(name, w, x, y, 32)
+        elif isinstance(w, Q5Weight):
+            # 5-bit values as MatMulNBits' 8-bit ones (zero point 128): u + 128 reads d*u, and Q5_0's
+            # u + 112 reads d*(u - 16); the mins, where there are some, come as offsets.
+            values = dequant.q5_values_numpy(w.qs, cols // 32)                   # (rows, cols/32, 32) uint8
+            values += np.uint8(128 if w.m.shape[1] else 112)
+            d = _f32_scales(w.d)
+            inputs = [x, self.init(name + ".q", values, False), self.init(name + ".d", d, d is w.d)]
+            y = self.one("MatMulNBits", inputs, MS, K=cols, N=rows, bits=8, block_size=32, accuracy_level=0)
             y = self.offsets(name, w, x, y, 32)
         elif isinstance(w, I8Weight) and w.d.shape[1] and cols % w.d.shape[1] == 0:
             block = cols // w.d.shape[1]

@@ -2,7 +2,7 @@
 prefill (engine/executors/stack.py and the dense FFN).
 
 - "int8": each token's x rounded to int8 per block of 32 and integer dot products on the weights as they
-  are stored (kernels/gemm.py), for the Q4 and 32-block I8 layouts (Q4_0, Q4_1, Q8_0, Q5_0, Q5_1);
+  are stored (kernels/gemm.py), for the Q4, Q5 and 32-block I8 layouts (Q4_0, Q4_1, Q4_K, Q5_0, Q5_1, Q5_K, Q8_0);
   weights in other layouts take the f32 path. It rounds x as decode and llama.cpp do.
 - "f32": tiles of the weight dequantized to f32, then BLAS (engine/model/weights.Weight.matmul).
 - "onnx": not a matmul but a phase executor: every layer in one ONNX Runtime session

@@ -21,8 +21,9 @@ Block formats (ggml, little-endian; "f16" is an IEEE half; "element j" counts wi
 Scales that are f16 in the file stay f16, kept as uint16 bit patterns (numba has no float16 arrays; the
 kernels convert in registers). K-quant scales are products d*sc of an f16 and a 6- or 8-bit integer,
 which f16 holds to 11 bits: Q4_K's are rounded to f16 all the same (a relative error below 2^-11 on a
-4-bit weight's scale, and 1.11x the file's bytes where float32 scales took 1.33x); Q5_K's stay
-float32. 5- and 6-bit values are widened to int8, Q6_K's 16-element blocks merged into blocks of 32
+4-bit weight's scale, and 1.11x the file's bytes where float32 scales took 1.33x), and so are Q5_K's.
+5-bit values keep 5 bits (the Q5 layout: Q5_0 and Q5_1 blocks as they are, Q5_K's rewritten into
+them); 6-bit values are widened to int8, Q6_K's 16-element blocks merged into blocks of 32
 (`_merge_sub_blocks`).
 """
 
@@ -34,7 +35,8 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T
 
 from engine.errors import ModelFormatError
-from engine.model.weights import BF16Weight, F16Weight, F32Weight, I8Weight, Q4Weight, Weight
+from engine.model.weights import BF16Weight, F16Weight, F32Weight, I8Weight, Q4Weight, Q5Weight, Weight
+from kernels import dequant
 
 # ggml's type ids (gguf-py's GGMLQuantizationType, an IntEnum: the same ints as ggml.h's enum ggml_type).
 F32, F16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 = (T.F32, T.F16, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0)
@@ -161,18 +163,6 @@ def _runs(*values: int, lanes: int) -> tuple[int, ...]:
     return tuple(v for v in values for _ in range(lanes))
 
 
-def _spread_bits(byte_value: int) -> np.ndarray:
-    """(256,) uint64: byte i of entry b is `byte_value` where bit i of b is set, else 0."""
-    bits = np.unpackbits(np.arange(256, dtype=np.uint8)[:, None], axis=1, bitorder="little")
-    return (bits * np.uint8(byte_value)).view(_U64).reshape(256)
-
-
-# Q5_0/Q5_1 high bits as uint64 lanes of 8 elements: Q5_1 adds 16 where the bit is set; Q5_0's q-16
-# is the nibble with 0xF0 (-16 in two's complement) where the bit is clear, and the nibble where set.
-_Q5_HIGH = _spread_bits(0x10)
-_Q5_0_HIGH = _spread_bits(0xF0) ^ _U64(0xF0F0F0F0F0F0F0F0)
-
-
 def _u64(a: np.ndarray) -> np.ndarray:
     return a.reshape(-1).view(_U64)
 
@@ -214,30 +204,19 @@ def _q8_0(flat, rows, cols):
 
 
 def _q5_legacy(flat, rows, cols, with_min):
-    blocks = flat.view(_Q5_1 if with_min else _Q5_0)
+    # Q5_0/Q5_1 blocks hold the Q5 layout's parts as they are: nibbles in the Q4 order and a
+    # little-endian u32 of high bits, bit j for element j. Strided copies into the groups, no unpacking.
+    blocks = flat.view(_Q5_1 if with_min else _Q5_0).reshape(rows, cols // 32)
     nb = cols // 32
-    q = np.empty((rows, cols), dtype=np.int8)
-    d = _f16_bits(blocks, "d", rows, nb)                  # (rows, nb) f16 bits
-    high_table = _Q5_HIGH if with_min else _Q5_0_HIGH
-    qv = q.view(np.uint8).reshape(-1, 32)                 # (blocks, elements 0-15 then 16-31)
-    step = min(rows, max(1, _CHUNK_ELEMS // cols)) * nb
-    qh = np.empty((step, 4), dtype=np.uint8)              # scratch
-    high = np.empty(step * 4, dtype=_U64)                 # scratch
-    for b0 in range(0, rows * nb, step):
-        blk = blocks[b0 : b0 + step]
-        n = len(blk)
-        o = qv[b0 : b0 + n]
-        o.view("V16")[:] = blk["qs"][:, None]             # both halves get the 16 bytes...
-        f = _u64(o)
-        f >>= _lanes((0, 0, 4, 4), f.size)                # ...low nibbles first, high nibbles second
-        f &= _NIBBLES
-        # qh is a little-endian u32 whose bit j is bit 4 of element j: byte k of qh, bits i, go to
-        # elements 8k+i, i.e. one uint64 lane of output per qh byte.
-        qh[:n].view("V4")[:, 0] = blk["qh"]
-        np.take(high_table, qh[:n].reshape(-1), out=high[: 4 * n])
-        f |= high[: 4 * n]
-    m = _f16_bits(blocks, "m", rows, nb) if with_min else np.empty((rows, 0), dtype=np.uint16)
-    return I8Weight(q, d, m)
+    qs = np.empty((rows, 5 * nb), dtype=np.uint32)
+    for b, k, nv, hv in dequant.q5_block_views(qs, nb):
+        src = blocks[:, b: b + k * nv.shape[1]].reshape(rows, -1, k)
+        nv.view("V16")[..., 0] = src["qs"]
+        hv[:] = src["qh"].view("<u4")
+    d = _f16_bits(blocks.reshape(-1), "d", rows, nb)      # (rows, nb) f16 bits
+    # Q5_0 keeps no min: the layout's empty m means value = d*(q-16), as in the file.
+    m = _f16_bits(blocks.reshape(-1), "m", rows, nb) if with_min else np.empty((rows, 0), dtype=np.uint16)
+    return Q5Weight(qs, d, m)
 
 
 # ---------------------------------------------------------------- K-quants (256-element super-blocks)
@@ -290,45 +269,54 @@ def _q4_k(flat, rows, cols):
         mv[b0 : b0 + n] = ms[:n].astype(np.float16).view(np.uint16)
         o = qv[b0 : b0 + n]
         o.view("V128")[:, 0] = blk["qs"]
-        # In each 32-byte chunk, byte l holds element l of sub-block 2c (low nibble) and of 2c+1
-        # (high). The Q4 layout wants byte j of a sub-block to hold its elements j and j+16, so
-        # bytes j (A) and j+16 (B) of a chunk swap A's high nibble with B's low nibble:
-        # t = (A>>4 ^ B) & 15; A ^= t<<4; B ^= t (XOR swap). In uint64 lanes B is 2 lanes after A;
-        # t is masked to zero in the lanes that hold B.
-        f = _u64(o)
-        t = t_buf[: f.size - 2]
-        np.right_shift(f[:-2], 4, out=t)
-        t ^= f[2:]
-        t &= _lanes((0x0F0F0F0F0F0F0F0F, 0x0F0F0F0F0F0F0F0F, 0, 0), t.size)
-        f[2:] ^= t
-        t <<= 4
-        f[:-2] ^= t
+        _k_nibbles_to_q4_order(o, t_buf)
     return Q4Weight(qs_out, d, m)
+
+
+def _k_nibbles_to_q4_order(o: np.ndarray, t_buf: np.ndarray) -> None:
+    """o (n, 128) uint8 K-quant nibble chunks, rewritten in place in the Q4 layout's order. In each
+    32-byte chunk, byte l holds element l of sub-block 2c (low nibble) and of 2c+1 (high); the Q4 layout
+    wants byte j of a sub-block to hold its elements j and j+16, so bytes j (A) and j+16 (B) of a chunk
+    swap A's high nibble with B's low nibble: t = (A>>4 ^ B) & 15; A ^= t<<4; B ^= t (XOR swap). In
+    uint64 lanes B is 2 lanes after A; t is masked to zero in the lanes that hold B. t_buf: scratch of
+    at least o.size/8 - 2 uint64."""
+    f = _u64(o)
+    t = t_buf[: f.size - 2]
+    np.right_shift(f[:-2], 4, out=t)
+    t ^= f[2:]
+    t &= _lanes((0x0F0F0F0F0F0F0F0F, 0x0F0F0F0F0F0F0F0F, 0, 0), t.size)
+    f[2:] ^= t
+    t <<= 4
+    f[:-2] ^= t
 
 
 def _q5_k(flat, rows, cols):
     blocks = flat.view(_Q5_K)
-    q_out = np.empty((rows, cols), dtype=np.int8)
-    d = np.empty((rows, cols // 32), dtype=np.float32)
-    m = np.empty_like(d)
-    qv, dv, mv = q_out.view(np.uint8).reshape(-1, 256), d.reshape(-1, 8), m.reshape(-1, 8)
-    h_buf = np.empty((min(rows * cols, max(_CHUNK_ELEMS, cols)) // 256, 256), dtype=np.uint8)  # scratch
+    nb = cols // 32
+    qs = np.empty((rows, 5 * nb), dtype=np.uint32)
+    d = np.empty((rows, nb), dtype=np.uint16)             # f16 bits of d*sc, rounded as Q4_K's
+    m = np.empty_like(d)                                   # f16 bits of -dmin*mn
+    dv, mv = d.reshape(-1, 8), m.reshape(-1, 8)
+    n_max = max(n for _, n in _superblock_chunks(rows, cols))
+    ds, ms = (np.empty((n_max, 8), np.float32) for _ in range(2))
+    o = np.empty((n_max, 128), dtype=np.uint8)             # scratch: one chunk's nibbles
+    t_buf = np.empty(n_max * 16, dtype=_U64)               # scratch
     for b0, n in _superblock_chunks(rows, cols):
         blk = blocks[b0 : b0 + n]
-        _k_scales(blk, dv[b0 : b0 + n], mv[b0 : b0 + n])
-        o = qv[b0 : b0 + n]                               # (n, chunk c, nibble, 32)
-        o.view("V32").reshape(n, 4, 2)[:] = blk["qs"][:, :, None]
-        f = _u64(o)
-        f >>= _lanes(_runs(0, 4, lanes=4), f.size)
-        f &= _NIBBLES
-        high = h_buf[:n]                                  # (n, sub-block s, 32): (qh >> s) & 1
-        high.view("V32")[:] = blk["qh"][:, None]
-        h = _u64(high)
-        h >>= _lanes(_runs(*range(8), lanes=4), h.size)
-        h &= _U64(0x0101010101010101)
-        h <<= 4
-        f |= h
-    return I8Weight(q_out, d, m)
+        _k_scales(blk, ds[:n], ms[:n])
+        dv[b0 : b0 + n] = ds[:n].astype(np.float16).view(np.uint16)
+        mv[b0 : b0 + n] = ms[:n].astype(np.float16).view(np.uint16)
+        o[:n].view("V32").reshape(n, 4)[:] = blk["qs"]
+        _k_nibbles_to_q4_order(o[:n], t_buf)
+        r0, r1 = b0 * 8 // nb, (b0 + n) * 8 // nb       # the chunk's rows (chunks are whole rows)
+        # Bit s of qh[l] is bit 4 of element l of sub-block s: transpose the (32 x 8) bit matrix of each
+        # super-block into one 32-bit word per sub-block, bit l for element l.
+        qh = np.ascontiguousarray(blk["qh"]).view(np.uint8).reshape(n, 32, 1)
+        bits = np.unpackbits(qh, axis=2, bitorder="little")                 # (n, l, s)
+        words = np.packbits(bits.transpose(0, 2, 1), axis=2, bitorder="little")   # (n, s, 4) bytes
+        high = np.ascontiguousarray(words).view("<u4").reshape(r1 - r0, nb)
+        dequant.q5_join_numpy(o[:n].reshape(r1 - r0, nb, 16), high, qs[r0:r1])
+    return Q5Weight(qs, d, m)
 
 
 def _q6_k(flat, rows, cols):

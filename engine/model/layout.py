@@ -14,7 +14,8 @@ import numpy as np
 
 from engine.errors import ConfigError
 from engine.memory import trim_heap
-from engine.model.weights import BF16Weight, F16Weight, F32Weight, I8Weight, Q4Weight, Weight
+from engine.model.weights import BF16Weight, F16Weight, F32Weight, I8Weight, Q4Weight, Q5Weight, Weight
+from kernels import dequant
 from kernels.neuron_records import pack
 
 FUSED = (("wqkv", ("wq", "wk", "wv")), ("w_gate_up", ("w_gate", "w_up")))
@@ -37,6 +38,63 @@ def fuse(lw) -> None:
         if fused is not None:
             setattr(lw, fused_name, fused)
             _split_views(lw, fused_name, names)
+
+
+def match_fused_layouts(lw) -> None:
+    """Where the parts of q|k|v or gate|up differ in layout but each can run in the one-region decode
+    (a Q4_K_M file's Q4_K q and k beside a Q6_K v, a Q5_0 q beside a Q8_0 v), turn them all into the
+    32-block I8 layout, value for value, so that they fuse: the one-region decode runs fused matrices
+    only. It costs the widening of the narrower parts (int8 where they held 4 or 5 bits)."""
+    for fused_name, names in FUSED:
+        parts = [getattr(lw, n) for n in names]
+        if any(w is None for w in parts) or getattr(lw, fused_name) is not None:
+            continue
+        if not all(_one_region_weight(w) for w in parts) or _same_arrays(parts):
+            continue
+        d_dtype = np.uint16 if all(w.d.dtype == np.uint16 for w in parts) else np.float32
+        with_m = any(w.m.shape[1] for w in parts)
+        m_dtype = np.uint16 if all(w.m.dtype == np.uint16 for w in parts) else np.float32
+        for n, w in zip(names, parts):
+            setattr(lw, n, _as_i8(w, d_dtype, with_m, m_dtype))
+
+
+def _same_arrays(weights: list[Weight]) -> bool:
+    """Same layout, and arrays of the same row shapes and dtypes: what np.concatenate can stack."""
+    first = weights[0]
+    tails = {tuple((a.shape[1:], a.dtype) for a in w._arrays()) for w in weights}
+    return all(type(w) is type(first) for w in weights) and len(tails) == 1
+
+
+def _as_i8(w, d_dtype, with_m: bool, m_dtype) -> I8Weight:
+    """A Q4, Q5 or 32-block I8 weight as a 32-block I8 one with the same values: scales as d_dtype (f16
+    bits widen to float32 exactly), mins as m_dtype, zeros where it has none and with_m asks for them."""
+    rows, nb = w.d.shape
+    if isinstance(w, I8Weight):
+        q, offset = w.q, 0
+    else:
+        if isinstance(w, Q4Weight):
+            nib = w.qs.reshape(rows, nb, 16)
+            values = np.empty((rows, nb, 32), np.uint8)              # (rows, nb, 32) natural order
+            np.bitwise_and(nib, 15, out=values[:, :, :16])
+            np.right_shift(nib, 4, out=values[:, :, 16:])
+            offset = 8
+        else:
+            values, offset = dequant.q5_values_numpy(w.qs, nb), 16
+        if w.m.shape[1]:
+            offset = 0
+        q = (values.astype(np.int16) - offset).astype(np.int8).reshape(rows, 32 * nb)
+
+    def scales(a, dtype):
+        if a.dtype == dtype:
+            return a
+        return dequant.scales_f32_numpy(a).astype(np.float32)
+
+    d = scales(w.d, d_dtype)
+    if w.m.shape[1]:
+        m = scales(w.m, m_dtype)
+    else:
+        m = np.zeros((rows, nb if with_m else 0), m_dtype)        # zero bits are +0.0 in f16 too
+    return I8Weight(np.ascontiguousarray(q), d, m)
 
 
 def concat_rows(weights: list[Weight]) -> Weight | None:
@@ -65,12 +123,12 @@ def _split_views(lw, fused_name: str, names: tuple[str, ...]) -> None:
 
 
 def _one_region_weight(w) -> bool:
-    return isinstance(w, Q4Weight) or (isinstance(w, I8Weight) and w.q.shape[1] == 32 * w.d.shape[1])
+    return isinstance(w, (Q4Weight, Q5Weight)) or (isinstance(w, I8Weight) and w.q.shape[1] == 32 * w.d.shape[1])
 
 
 def _stack_signature(lw) -> list | None:
     """Per fused one-region matrix, the (rows, ...) shape and dtype of each of its arrays; None when
-    kernels/decode_token.py cannot run the layer (a layout other than Q4 or 32-block I8, parts of a fused
+    kernels/decode_token.py cannot run the layer (a layout other than Q4, Q5 or 32-block I8, parts of a fused
     matrix in different layouts, or biases). Shapes only: it keeps no reference to the weights."""
     if any(b is not None for b in (lw.bq, lw.bk, lw.bv, lw.bo)):
         return None
@@ -111,7 +169,7 @@ def _variants(sigs: list) -> list[list] | None:
 
 
 def stackable(layers) -> bool:
-    """Whether the one-region decode (kernels/decode_token.py) can run every layer: Q4 or 32-block I8
+    """Whether the one-region decode (kernels/decode_token.py) can run every layer: Q4, Q5 or 32-block I8
     matrices, no biases, the same shapes in every layer, at most VARIANTS layouts per matrix group."""
     return _variants([_stack_signature(lw) for lw in layers]) is not None
 
@@ -191,7 +249,7 @@ def _stack_vectors(layers, field: str) -> np.ndarray:
 def kernel_arrays(w: Weight) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
     """A weight's arrays as kernels/sparse_ffn.py takes them, (w, d, m), and the bits16 flag (1 = BF16,
     0 = F16, -1 = not 16-bit)."""
-    if isinstance(w, (Q4Weight, I8Weight)):
+    if isinstance(w, (Q4Weight, Q5Weight, I8Weight)):
         return (*w._arrays(), -1)
     if not isinstance(w, (F32Weight, F16Weight, BF16Weight)):
         raise ConfigError(f"sparse decode has no kernel for weight layout {type(w).__name__}")
@@ -293,7 +351,7 @@ def sparse_arrays(lw, with_gate: bool, down_format: str = "auto", records: str =
     dw, dd, dm, dscale, df = transpose_down(lw.w_down, down_format)
     bits16 = bits16_flag(gf, uf, df)
     extra = dw.nbytes + dd.nbytes + dm.nbytes + dscale.nbytes
-    recordable = type(lw.w_gate) is type(lw.w_up) and isinstance(lw.w_gate, (Q4Weight, I8Weight))
+    recordable = type(lw.w_gate) is type(lw.w_up) and isinstance(lw.w_gate, (Q4Weight, Q5Weight, I8Weight))
     if records == "off" or not recordable:
         return SparseArrays((gw, gd, gm, uw, ud, um, dw, dd, dm, dscale, bits16), None, extra)
     fields = [gw, uw, dw, gd, ud, dd, gm, um, dm] if with_gate else [uw, dw, ud, dd, um, dm]

@@ -52,7 +52,7 @@ class Weight:
 
     def matmul_int8(self, x: np.ndarray) -> np.ndarray:
         """x (n, cols) f32 -> (n, rows) f32 with x rounded to int8 per block of 32 and integer products
-        (kernels/gemm.py) where the layout has them (Q4, 32-block I8); matmul's f32 path elsewhere."""
+        (kernels/gemm.py) where the layout has them (Q4, Q5, 32-block I8); matmul's f32 path elsewhere."""
         return self.matmul(x)
 
     def rows_f32(self, ids: np.ndarray) -> np.ndarray:
@@ -144,29 +144,50 @@ class BF16Weight(_Bits16Weight):
 
 
 @dataclass(frozen=True, eq=False)
-class Q4Weight(Weight):
-    qs: np.ndarray  # (rows, cols/2) uint8, GGUF Q4_0 nibble order per 32-block (kernels/layouts.md)
+class _BlockWeight(Weight):
+    """Values packed below a byte in blocks of 32, one scale and optional min per block; subclasses
+    pick the kernels and say what qs holds."""
+
+    qs: np.ndarray  # (rows, ...) the packed values (subclasses)
     d: np.ndarray   # (rows, cols/32) block scale: float32, or uint16 f16 bits
-    m: np.ndarray   # (rows, cols/32) block offset like d; (rows, 0) for Q4_0, whose value is d*(q-8)
+    m: np.ndarray   # (rows, cols/32) block offset like d, or (rows, 0): an offset implied by the layout
 
     @property
     def shape(self):
-        return (self.qs.shape[0], self.qs.shape[1] * 2)
+        return (self.qs.shape[0], self.d.shape[1] * 32)
 
     def _arrays(self):
         return (self.qs, self.d, self.m)
 
     def _matvec(self, x, out):
-        return matvec.matvec_q4(self.qs, self.d, self.m, x, out)
+        return type(self).matvec_kernel(self.qs, self.d, self.m, x, out)
 
     def dequantize(self, r0, r1, out):
-        return dequant.dequant_q4(self.qs[r0:r1], self.d[r0:r1], self.m[r0:r1], out)
+        return type(self).dequant_kernel(self.qs[r0:r1], self.d[r0:r1], self.m[r0:r1], out)
 
     def matmul_int8(self, x):
         if x.shape[0] == 1:
             return self.matmul(x)
         out = np.empty((x.shape[0], self.shape[0]), dtype=np.float32)
-        return gemm.gemm_q4(self.qs, self.d, self.m, np.ascontiguousarray(x), out)
+        return type(self).gemm_kernel(self.qs, self.d, self.m, np.ascontiguousarray(x), out)
+
+
+class Q4Weight(_BlockWeight):
+    """qs (rows, cols/2) uint8, GGUF Q4_0 nibble order per 32-block (kernels/layouts.md); an empty m is
+    Q4_0's value d*(q-8)."""
+
+    matvec_kernel = staticmethod(matvec.matvec_q4)
+    dequant_kernel = staticmethod(dequant.dequant_q4)
+    gemm_kernel = staticmethod(gemm.gemm_q4)
+
+
+class Q5Weight(_BlockWeight):
+    """qs (rows, 5*cols/32) uint32: per group of blocks their nibbles in the Q4 order, then a word of high
+    bits per block (kernels/layouts.md); an empty m is Q5_0's value d*(q-16)."""
+
+    matvec_kernel = staticmethod(matvec.matvec_q5)
+    dequant_kernel = staticmethod(dequant.dequant_q5)
+    gemm_kernel = staticmethod(gemm.gemm_q5)
 
 
 @dataclass(frozen=True, eq=False)
