@@ -191,28 +191,30 @@ def q5_join_numpy(nib, high, qs):
     return qs
 
 
+def nibble_values_numpy(nib):
+    """nib (rows, nb, 16) uint8 in the Q4 layout's order -> (rows, nb, 32) uint8 values 0..15 in natural
+    order: byte j's low nibble is element j, its high nibble element j + 16."""
+    v = np.empty(nib.shape[:2] + (32,), dtype=np.uint8)
+    np.bitwise_and(nib, 15, out=v[:, :, :16])
+    np.right_shift(nib, 4, out=v[:, :, 16:])
+    return v
+
+
 def q5_values_numpy(qs, nb):
     """qs (rows, 5*nb) uint32 in the Q5 layout -> (rows, nb, 32) uint8 values 0..31 in natural order."""
     nib, high = q5_split_numpy(qs, nb)
-    rows = qs.shape[0]
-    v = np.empty((rows, nb, 32), dtype=np.uint8)
-    np.bitwise_and(nib, 15, out=v[:, :, :16])
-    np.right_shift(nib, 4, out=v[:, :, 16:])
+    v = nibble_values_numpy(nib)
     v |= (((high[:, :, None] >> np.arange(32, dtype=np.uint32)) & np.uint32(1)) << np.uint32(4)).astype(np.uint8)
     return v
 
 
 @jit(inline=True)
-def q5_block_at(b, nb):
-    """Byte offsets in a Q5 row of block b's 16 nibble bytes and of its 32-bit high word (q5_segments)."""
-    full = nb - nb % 4
-    if b < full:
-        g, k = b - b % 4, 4
-    elif b < full + 2 and nb - full >= 2:
-        g, k = full, 2
-    else:
-        g, k = nb - 1, 1
-    return 20 * g + 16 * (b - g), 20 * g + 16 * k + 4 * (b - g)
+def le_bytes(by, at, n):
+    """The little-endian uint64 of bytes at..at+n-1 of by (n <= 8; LLVM merges the loads into one)."""
+    v = np.uint64(0)
+    for i in range(n):
+        v |= np.uint64(by[at + i]) << np.uint64(8 * i)
+    return v
 
 
 def dequant_q5_numpy(qs, d, m, out):
@@ -298,18 +300,22 @@ def _dequant_q5_numba(qs, d, m, out):
         o = out[r]
         dr = d[r]
         mr = m[r]
-        for b in range(nb):
-            s = scale_f32(dr[b])
-            a = np.float32(-16.0) * s if sym else scale_f32(mr[b])
-            nib, hw = q5_block_at(b, nb)
-            h = (np.uint32(by[hw]) | (np.uint32(by[hw + 1]) << np.uint32(8)) | (np.uint32(by[hw + 2]) << np.uint32(16))
-                 | (np.uint32(by[hw + 3]) << np.uint32(24)))
-            for j in range(16):
-                q = np.int32(by[nib + j])
-                lo = (q & 15) | np.int32(((h >> np.uint32(j)) & np.uint32(1)) << np.uint32(4))
-                hi = (q >> 4) | np.int32(((h >> np.uint32(j + 16)) & np.uint32(1)) << np.uint32(4))
-                o[32 * b + j] = s * np.float32(lo) + a
-                o[32 * b + 16 + j] = s * np.float32(hi) + a
+        b = 0
+        while b < nb:                                # groups of k blocks: 16k nibble bytes, then k words
+            k = 4 if nb - b >= 4 else (2 if nb - b >= 2 else 1)
+            for t in range(k):
+                s = scale_f32(dr[b + t])
+                a = np.float32(-16.0) * s if sym else scale_f32(mr[b + t])
+                nib = 20 * b + 16 * t
+                h = np.uint32(le_bytes(by, 20 * b + 16 * k + 4 * t, 4))
+                o0 = 32 * (b + t)
+                for j in range(16):
+                    q = np.int32(by[nib + j])
+                    lo = (q & 15) | np.int32(((h >> np.uint32(j)) & np.uint32(1)) << np.uint32(4))
+                    hi = (q >> 4) | np.int32(((h >> np.uint32(j + 16)) & np.uint32(1)) << np.uint32(4))
+                    o[o0 + j] = s * np.float32(lo) + a
+                    o[o0 + 16 + j] = s * np.float32(hi) + a
+            b += k
     return out
 
 

@@ -69,15 +69,6 @@ def _spread_bits(b8):
 
 
 @jit(inline=True)
-def _le_bytes(by, at, n):
-    """The little-endian uint64 of bytes at..at+n-1 of by (n <= 8; LLVM merges the loads into one)."""
-    v = np.uint64(0)
-    for i in range(n):
-        v |= np.uint64(by[at + i]) << np.uint64(8 * i)
-    return v
-
-
-@jit(inline=True)
 def _pack_q5(w, d, m, r0, ws, sw, mw, flip):
     """The Q5 layout into the I8 form: each value (0..31) a byte, chunk c of row i at 64c + 4i; min
     coefficients m, or Q5_0's -16d. Eight values at a time in uint64 words."""
@@ -91,8 +82,8 @@ def _pack_q5(w, d, m, r0, ws, sw, mw, flip):
             k = 4 if nb - b >= 4 else (2 if nb - b >= 2 else 1)
             for t in range(k):
                 at = 20 * b + 16 * t
-                n0, n1 = _le_bytes(by, at, 8), _le_bytes(by, at + 8, 8)    # nibble bytes 0-7 and 8-15
-                h = _le_bytes(by, 20 * b + 16 * k + 4 * t, 4)
+                n0, n1 = dequant.le_bytes(by, at, 8), dequant.le_bytes(by, at + 8, 8)    # nibble bytes 0-7 and 8-15
+                h = dequant.le_bytes(by, 20 * b + 16 * k + 4 * t, 4)
                 v = ((n0 & low) | _spread_bits(h & np.uint64(255)),                   # elements 0-7
                      (n1 & low) | _spread_bits((h >> np.uint64(8)) & np.uint64(255)),  # 8-15
                      ((n0 >> np.uint64(4)) & low) | _spread_bits((h >> np.uint64(16)) & np.uint64(255)),

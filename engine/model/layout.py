@@ -73,11 +73,7 @@ def _as_i8(w, d_dtype, with_m: bool, m_dtype) -> I8Weight:
         q, offset = w.q, 0
     else:
         if isinstance(w, Q4Weight):
-            nib = w.qs.reshape(rows, nb, 16)
-            values = np.empty((rows, nb, 32), np.uint8)              # (rows, nb, 32) natural order
-            np.bitwise_and(nib, 15, out=values[:, :, :16])
-            np.right_shift(nib, 4, out=values[:, :, 16:])
-            offset = 8
+            values, offset = dequant.nibble_values_numpy(w.qs.reshape(rows, nb, 16)), 8   # (rows, nb, 32)
         else:
             values, offset = dequant.q5_values_numpy(w.qs, nb), 16
         if w.m.shape[1]:
