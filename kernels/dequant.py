@@ -144,7 +144,7 @@ def _scaled_blocks(flat, d, m, offset, out):
     return out
 
 
-def q5_segments(nb: int):
+def row_groups(nb: int):
     """(first block, blocks per group, groups) of a Q5 row of nb blocks: groups of four, then a group of
     two and/or one (kernels/rowdot.py's steps)."""
     b = 0
@@ -155,13 +155,13 @@ def q5_segments(nb: int):
 
 
 def q5_block_views(qs, nb):
-    """Views of a Q5 weight's groups (kernels/layouts.md): per segment of q5_segments, (first block, k,
+    """Views of a Q5 weight's groups (kernels/layouts.md): per segment of row_groups, (first block, k,
     nibbles (rows, groups, k, 16) uint8, high words (rows, groups, k) uint32). qs (rows, 5*nb) uint32
     with contiguous rows; each group of k blocks is 16k nibble bytes, then k 32-bit words of high bits."""
     rows = qs.shape[0]
     by = qs.view(np.uint8)                                          # (rows, 20*nb)
     out = []
-    for b, k, n in q5_segments(nb):
+    for b, k, n in row_groups(nb):
         seg = by[:, 20 * b: 20 * (b + k * n)].reshape(rows, n, 20 * k)
         out.append((b, k, seg[:, :, : 16 * k].reshape(rows, n, k, 16), seg[:, :, 16 * k:].view(np.uint32)))
     return out
@@ -215,6 +215,70 @@ def le_bytes(by, at, n):
     for i in range(n):
         v |= np.uint64(by[at + i]) << np.uint64(8 * i)
     return v
+
+
+def q6_block_views(qs, nb):
+    """Views of a Q6 weight's groups (kernels/layouts.md): per segment of row_groups (the same groups),
+    (first block, k, nibbles (rows, groups, k, 16) uint8, crumbs (rows, groups, 8k) uint8). qs (rows,
+    3*nb) uint64 with contiguous rows; each group of k blocks is 16k nibble bytes, then 8k bytes of the
+    values' top two bits."""
+    rows = qs.shape[0]
+    by = qs.view(np.uint8)                                          # (rows, 24*nb)
+    out = []
+    for b, k, n in row_groups(nb):
+        seg = by[:, 24 * b: 24 * (b + k * n)].reshape(rows, n, 24 * k)
+        out.append((b, k, seg[:, :, : 16 * k].reshape(rows, n, k, 16), seg[:, :, 16 * k:]))
+    return out
+
+
+def q6_values_numpy(qs, nb):
+    """qs (rows, 3*nb) uint64 in the Q6 layout -> (rows, nb, 32) uint8 values 0..63 in natural order.
+    In a group of k blocks, the step's low vector holds the blocks' first halves (element e: block e//16,
+    element e%16) and its high vector their second halves; crumb byte i holds bits 4-5 of low elements i
+    (bits 0-1) and i + 8k (bits 2-3), and of high elements i (bits 4-5) and i + 8k (bits 6-7)."""
+    rows = qs.shape[0]
+    v = np.empty((rows, nb, 32), np.uint8)
+    for b, k, nib, crumbs in q6_block_views(qs, nb):
+        n = nib.shape[1]
+        c = crumbs.astype(np.uint8)
+        lo_top = np.concatenate([c & 3, (c >> 2) & 3], axis=2).reshape(rows, n, k, 16)
+        hi_top = np.concatenate([(c >> 4) & 3, c >> 6], axis=2).reshape(rows, n, k, 16)
+        out = v[:, b: b + k * n].reshape(rows, n, k, 32)
+        out[..., :16] = (nib & 15) | (lo_top << 4)
+        out[..., 16:] = (nib >> 4) | (hi_top << 4)
+    return v
+
+
+def q6_join_numpy(values, qs):
+    """q6_values_numpy's inverse: values (rows, nb, 32) uint8 0..63 in natural order -> qs (rows, 3*nb)
+    uint64, written in place and returned."""
+    rows, nb = values.shape[:2]
+    for b, k, nib, crumbs in q6_block_views(qs, nb):
+        n = nib.shape[1]
+        v = values[:, b: b + k * n].reshape(rows, n, k, 32)
+        nib[:] = (v[..., :16] & 15) | ((v[..., 16:] & 15) << 4)
+        lo = (v[..., :16] >> 4).reshape(rows, n, 16 * k)
+        hi = (v[..., 16:] >> 4).reshape(rows, n, 16 * k)
+        h = 8 * k
+        crumbs[:] = lo[..., :h] | (lo[..., h:] << 2) | (hi[..., :h] << 4) | (hi[..., h:] << 6)
+    return qs
+
+
+def q6_scales_numpy(d):
+    """d (rows, nb) uint32, a Q6 weight's scales (two f16 per block: elements 0..15 in the low half) ->
+    (rows, nb, 2) float32."""
+    return d.view(np.uint16).view(np.float16).astype(np.float32).reshape(d.shape[0], d.shape[1], 2)
+
+
+def dequant_q6_numpy(qs, d, m, out):
+    """qs (rows, 3*cols/32) uint64 (the Q6 layout), d (rows, cols/32) uint32 (two f16 scales per block), m
+    (rows, 0) -> out (rows, cols) f32: value = scale of the element's 16 * (q - 32)."""
+    rows, nb = d.shape
+    halves = out.reshape(rows, nb, 2, 16)
+    halves[:] = q6_values_numpy(qs, nb).reshape(rows, nb, 2, 16)
+    halves -= np.float32(32)
+    halves *= q6_scales_numpy(d)[:, :, :, None]
+    return out
 
 
 def dequant_q5_numpy(qs, d, m, out):
@@ -320,6 +384,32 @@ def _dequant_q5_numba(qs, d, m, out):
 
 
 @jit(parallel=False)
+def _dequant_q6_numba(qs, d, m, out):
+    rows = qs.shape[0]
+    nb = d.shape[1]
+    for r in range(rows):
+        by = qs[r].view(np.uint8)                    # (24*nb,) the row's bytes
+        dh = d[r].view(np.uint16)                    # (2*nb,) f16 scales, one per 16 elements
+        o = out[r]
+        b = 0
+        while b < nb:                                # groups of k blocks: 16k nibble bytes, then 8k crumbs
+            k = 4 if nb - b >= 4 else (2 if nb - b >= 2 else 1)
+            crumbs = 24 * b + 16 * k
+            for e in range(16 * k):                  # element e of the step's low and high vectors
+                t, j = e // 16, e % 16
+                q = np.int32(by[24 * b + e])
+                c = np.int32(by[crumbs + e % (8 * k)])
+                sh = 2 * (e // (8 * k))
+                lo = (q & 15) | (((c >> sh) & 3) << 4)
+                hi = (q >> 4) | (((c >> (sh + 4)) & 3) << 4)
+                o0 = 32 * (b + t)
+                o[o0 + j] = f16_to_f32(dh[2 * (b + t)]) * np.float32(lo - 32)
+                o[o0 + 16 + j] = f16_to_f32(dh[2 * (b + t) + 1]) * np.float32(hi - 32)
+            b += k
+    return out
+
+
+@jit(parallel=False)
 def _dequant_i8_numba(q, d, m, out):
     rows, cols = q.shape
     nb = d.shape[1]
@@ -349,3 +439,4 @@ dequant_bf16 = pick(_dequant_bf16_numba, dequant_bf16_numpy)
 dequant_q4 = pick(_dequant_q4_numba, dequant_q4_numpy)
 dequant_i8 = pick(_dequant_i8_numba, dequant_i8_numpy)
 dequant_q5 = pick(_dequant_q5_numba, dequant_q5_numpy)
+dequant_q6 = pick(_dequant_q6_numba, dequant_q6_numpy)

@@ -1,4 +1,4 @@
-"""Matrix products for prefill on Q4, Q5 and 32-block I8 weights: out (n, rows) = x (n, cols) @ W.T, with each
+"""Matrix products for prefill on Q4, Q5, Q6 and 32-block I8 weights: out (n, rows) = x (n, cols) @ W.T, with each
 token's x rounded to int8 per block of 32 (kernels/intdot.py), as decode rounds it and as ggml does.
 
 Why: the f32 path dequantizes tiles of W and calls BLAS, which runs at the f32 FMA's rate. With x in
@@ -49,11 +49,13 @@ def tile(w, d, r, t, xq, xp, xc, dx):
 
 
 if NUMBA:
-    _q4_tile, _i8_tile, _q5_tile = (rowdot.tile_intrinsic(f, TILE_ROWS, TILE_TOKENS) for f in ("q4", "i8", "q5"))
+    _q4_tile, _i8_tile, _q5_tile, _q6_tile = (rowdot.tile_intrinsic(f, TILE_ROWS, TILE_TOKENS)
+                                              for f in ("q4", "i8", "q5", "q6"))
 
     @overload(tile, inline="always", jit_options={"fastmath": True})
     def _tile_ov(w, d, r, t, xq, xp, xc, dx):
-        form = {types.uint8: _q4_tile, types.int8: _i8_tile, types.uint32: _q5_tile}.get(w.dtype)
+        form = {types.uint8: _q4_tile, types.int8: _i8_tile, types.uint32: _q5_tile,
+                types.uint64: _q6_tile}.get(w.dtype)
         if form is None:
             return None
         return lambda w, d, r, t, xq, xp, xc, dx: form(w, d, r, t, xq, xp, xc, dx)
@@ -97,6 +99,12 @@ def gemm_q5_numpy(qs, d, m, x, out):
     return _tiled_numpy(dequant.dequant_q5_numpy, (qs, d, m), x, out)
 
 
+def gemm_q6_numpy(qs, d, m, x, out):
+    """qs (rows, 3*cols/32) uint64, d (rows, cols/32) uint32 (two f16 scales per block), m (rows, 0) (the Q6
+    layout, kernels/layouts.md), x (n, cols) f32 -> out (n, rows) f32."""
+    return _tiled_numpy(dequant.dequant_q6_numpy, (qs, d, m), x, out)
+
+
 def gemm_i8_numpy(q, d, m, x, out):
     """q (rows, cols) int8 in blocks of 32, d (rows, cols/32) and m (rows, cols/32 or 0) f32 or uint16 f16
     bits, x (n, cols) f32 -> out (n, rows) f32."""
@@ -105,7 +113,7 @@ def gemm_i8_numpy(q, d, m, x, out):
 
 @jit(parallel=True)
 def _gemm_numba(w, d, m, x, out):
-    """Every layout: numba compiles one form per weight dtype (uint8 nibbles: Q4; uint32: Q5; int8: I8), and the
+    """Every layout: numba compiles one form per weight dtype (uint8 nibbles: Q4; uint32: Q5; uint64: Q6; int8: I8), and the
     rowdot forms are picked by that dtype. w, d, m with contiguous rows (kernels/neuron_records.py)."""
     check_weight_rows(w, d, m)
     n, cols = x.shape
@@ -192,6 +200,11 @@ def gemm_q5(qs, d, m, x, out):
     if _lanes(qs):
         return _gemm_lanes_numba(qs, d, m, x, out, False, lanetile.packed_bytes(qs, d.shape[1]))
     return _gemm_numba(qs, d, m, x, out) if NUMBA else gemm_q5_numpy(qs, d, m, x, out)
+
+
+def gemm_q6(qs, d, m, x, out):
+    """gemm_q6_numpy's numba twin: rows in turn only (the rows-in-lanes tile holds one scale per block)."""
+    return _gemm_numba(qs, d, m, x, out) if NUMBA else gemm_q6_numpy(qs, d, m, x, out)
 
 
 def gemm_i8(q, d, m, x, out):

@@ -175,10 +175,19 @@ def matvec_q5_numpy(qs, d, m, x, out):
     return out
 
 
+def matvec_q6_numpy(qs, d, m, x, out):
+    """qs (rows, 3*cols/32) uint64 (the Q6 layout), d (rows, cols/32) uint32 (two f16 scales per block), m
+    (rows, 0), x (cols,) f32 -> out (rows,) f32: value = the element's scale * (q - 32). Like the numba
+    kernel, it multiplies x rounded to int8 per block."""
+    cols = 32 * d.shape[1]
+    _chunked(dequant.dequant_q6_numpy, (qs, d, m), cols, _int8_rounded(x), out)
+    return out
+
+
 @jit(parallel=True)
 def _matvec_q4_numba(qs, d, m, x, out):
     """x rounded once per call as kernels/rowdot.py's row dots read it, then one row dot per row: the Q4
-    layout (qs uint8) or the Q5 layout (qs uint32), by qs's dtype. qs, d, m with contiguous rows (the
+    layout (qs uint8), the Q5 layout (qs uint32) or the Q6 layout (qs uint64), by qs's dtype. qs, d, m with contiguous rows (the
     weights' own arrays, or neuron-record fields: kernels/neuron_records.py; the row dots walk raw rows)."""
     check_weight_rows(qs, d, m)
     rows = qs.shape[0]
@@ -311,4 +320,5 @@ matvec_f16 = pick(_matvec_f16_numba, matvec_f16_numpy)
 matvec_bf16 = pick(_matvec_bf16_numba, matvec_bf16_numpy)
 matvec_q4 = pick(_matvec_q4_numba, matvec_q4_numpy)
 matvec_q5 = pick(_matvec_q4_numba, matvec_q5_numpy)
+matvec_q6 = pick(_matvec_q4_numba, matvec_q6_numpy)
 matvec_i8 = pick(_matvec_i8_numba, matvec_i8_numpy)

@@ -25,6 +25,10 @@ The activations are prepared once per matvec and shared by every row (`prepare_q
     (one shuffle, test and masked move per 16k values) before the same products as Q4; values 0..31.
     A step's nibbles and high words are adjacent in the row: kept at the row's end instead, the high
     words form a second short stream per row that the hardware prefetchers miss (2.6x the time).
+  - Q6: the Q4 layout's nibbles, then each value's top two bits from the group's crumb bytes (shifts
+    and masks, kernels/layouts.md); values 0..63, less 32 inside the integer products (a second
+    vpdpbusd of 32 against x, or a pmaddubsw difference), and one f16 scale per 16 values: the low and
+    high vectors' lanes are scaled apart.
   - I8 on VNNI: vpdpbusd multiplies unsigned by signed bytes, so the weights go in as w + 128 (a
     sign-bit flip) and each lane's accumulator starts at -128 * (its four x values' sum): `xc`
     (cols/4,) int32, the exact integer correction. AVX2 takes ggml's sign trick instead (no xc).
@@ -85,6 +89,17 @@ def q5_dot_numpy(qs, d, r, xq, dx):
     isum = (q * xq.reshape(-1, 32).astype(np.int32)).sum(axis=1)                         # (nb,) int32
     dr = d[r].view(np.float16).astype(np.float32) if d.dtype == np.uint16 else d[r]
     return np.float32((isum.astype(np.float32) * (dr * dx)).sum(dtype=np.float32))
+
+
+def q6_dot_numpy(qs, d, r, xq, dx):
+    """Row r of a Q6 weight (qs (rows, 3*cols/32) uint64, d (rows, cols/32) uint32 two f16 scales per block,
+    kernels/layouts.md): sum over halves h of 16 of scale(h) * dx[block] * sum_j (q_j - 32) * xq_j, x in
+    natural order. float32."""
+    nb = d.shape[1]
+    q = dequant.q6_values_numpy(qs[r : r + 1], nb)[0].astype(np.int32) - 32                # (nb, 32)
+    isum = (q * xq.reshape(-1, 32).astype(np.int32)).reshape(nb, 2, 16).sum(axis=2)       # (nb, 2) int32
+    s = dequant.q6_scales_numpy(d[r : r + 1])[0] * dx[:, None]                             # (nb, 2) f32
+    return np.float32((isum.astype(np.float32) * s).sum(dtype=np.float32))
 
 
 def prepare_q4_x_numpy(xq, xp):
@@ -228,6 +243,29 @@ if NUMBA:
                         builder.mul(builder.zext(hi, t), builder.sext(xh, t)))
         return _quads_i32(builder, p)
 
+    def _isum_q6(builder, v, x):
+        """v <n x i8> unsigned values 0..63, x <n x i8> signed, n in 16, 32, 64 -> <n/4 x i32>: lane l = the
+        sum over its four bytes of (v - 32) * x. VNNI takes v*x less 32*x, two vpdpbusd (the second
+        depends on x only, so the rows of a tile share it); AVX2 subtracts the i16 pair sums, which
+        stay within |.| <= 2*63*128."""
+        n = v.type.count
+        if target.VNNI512 and n == 64:
+            v16 = _vec(_I32, 16)
+            zero = ir.Constant(v16, [0] * 16)
+            xv = builder.bitcast(x, v16)
+            prod = _x86(builder, "llvm.x86.avx512.vpdpbusd.512", v16, zero, builder.bitcast(v, v16), xv)
+            off = _x86(builder, "llvm.x86.avx512.vpdpbusd.512", v16, zero,
+                       builder.bitcast(_splat(_I8, 64, 32), v16), xv)
+            return builder.sub(prod, off)
+        if target.AVX2:
+            if n == 64:
+                return _concat(builder, *(_isum_q6(builder, _half(builder, v, h, 32), _half(builder, x, h, 32))
+                                          for h in (0, 32)))
+            return _madd_ones(builder, builder.sub(_maddubs(builder, v, x), _maddubs(builder, _splat(_I8, n, 32), x)))
+        t = _vec(_I16, n)
+        p = builder.mul(builder.sub(builder.zext(v, t), _splat(_I16, n, 32)), builder.sext(x, t))
+        return _quads_i32(builder, p)
+
     def _isum_i8(builder, w, x, xc):
         """w, x <n x i8> signed, n in 32, 64 -> <n/4 x i32>: lane l = the sum of its four products.
         xc: the lane corrections (<16 x i32>, VNNI with n = 64 only, else None)."""
@@ -304,6 +342,38 @@ if NUMBA:
         lo = builder.or_(builder.and_(w, _splat(_I8, 16 * k, 15)), _high_bits(builder, h, k, 0))
         hi = builder.or_(builder.lshr(w, _splat(_I8, 16 * k, 4)), _high_bits(builder, h, k, 1))
         return _halves_step(builder, lo, hi, xp, drow, dx, b, k, f16)
+
+    def _q6_step(builder, qrow, xp, drow, dx, b, k):
+        """Blocks b..b+k-1 of a Q6 row (k in 4, 2, 1; qrow its i8 pointer, drow its scales as i16) -> <4k x
+        float> scaled partial sums. The group's 16k nibble bytes and 8k crumb bytes sit together at byte
+        24b (kernels/layouts.md); the crumbs' bit pairs 0, 1, 2, 3 are bits 4-5 of the low vector's first
+        and second 8k values and of the high vector's, so four shifts and masks place them. Each half
+        block has its own scale: the low and high vectors' lanes are scaled apart."""
+        n = 16 * k
+        at = builder.mul(b, _c(24))
+        w = _load(builder, qrow, at, _I8, n)
+        c = _load(builder, qrow, builder.add(at, _c(n)), _I8, 8 * k)
+        top = _splat(_I8, 8 * k, 0x30)
+
+        def bits(shift):
+            v = builder.shl(c, _splat(_I8, 8 * k, shift)) if shift > 0 else (
+                builder.lshr(c, _splat(_I8, 8 * k, -shift)) if shift < 0 else c)
+            return builder.and_(v, top)
+
+        lo = builder.or_(builder.and_(w, _splat(_I8, n, 15)), _concat(builder, bits(4), bits(2)))
+        hi = builder.or_(builder.lshr(w, _splat(_I8, n, 4)), _concat(builder, bits(0), bits(-2)))
+        xoff = builder.mul(b, _c(32))
+        xl = _load(builder, xp, xoff, _I8, n)
+        xh = _load(builder, xp, builder.add(xoff, _c(n)), _I8, n)
+        dv = _half_to_f32(builder, _load(builder, drow, builder.mul(b, _c(2)), _I16, 2 * k, align=2))
+        dxv = _load(builder, dx, b, _F32, k, align=4)
+        s = builder.fmul(dv, builder.shuffle_vector(dxv, dxv, _lanes(*[i // 2 for i in range(2 * k)])), flags=("fast",))
+        slo = builder.shuffle_vector(s, s, _lanes(*[2 * i for i in range(k) for _ in range(4)]))
+        shi = builder.shuffle_vector(s, s, _lanes(*[2 * i + 1 for i in range(k) for _ in range(4)]))
+        flo = builder.sitofp(_isum_q6(builder, lo, xl), _vec(_F32, 4 * k))
+        fhi = builder.sitofp(_isum_q6(builder, hi, xh), _vec(_F32, 4 * k))
+        return builder.fadd(builder.fmul(flo, slo, flags=("fast",)), builder.fmul(fhi, shi, flags=("fast",)),
+                            flags=("fast",))
 
     def _i8_step(builder, qrow, xq, xc, drow, dx, b, k, f16):
         """Blocks b..b+k-1 of an I8 row with blocks of 32 (k in 4, 2, 1) -> a list of <16 x float> (or
@@ -402,7 +472,10 @@ if NUMBA:
         def __call__(self, b, k):
             return [self.one_row(i, b, k) for i in range(self.rows)]
 
-    _WDTYPES = {"q4": types.uint8, "i8": types.int8, "q5": types.uint32}
+    _WDTYPES = {"q4": types.uint8, "i8": types.int8, "q5": types.uint32, "q6": types.uint64}
+    # scale dtypes per form: float32 or f16 bits, Q6's two f16 per block as one uint32
+    _DDTYPES = {"q6": (types.uint32,)}
+    _DDEFAULT = (types.float32, types.uint16)
 
     def _layout_step(form, builder, qrow, xq, xp, xc, drow, dx, f16):
         """step(b, k) of one row of the form's layout: a list of its partial-sum vectors."""
@@ -411,12 +484,16 @@ if NUMBA:
         if form == "q5":
             qbytes = builder.bitcast(qrow, _I8.as_pointer())
             return lambda b, k: [_q5_step(builder, qbytes, xp, drow, dx, b, k, f16)]
+        if form == "q6":
+            qbytes = builder.bitcast(qrow, _I8.as_pointer())
+            dhalves = builder.bitcast(drow, _I16.as_pointer())
+            return lambda b, k: [_q6_step(builder, qbytes, xp, dhalves, dx, b, k)]
         return lambda b, k: _i8_step(builder, qrow, xq, xc, drow, dx, b, k, f16)
 
     def _dots_intrinsic(form, nmats, prefetch):
         """Row dots of row j of nmats weights of one layout, sharing the x loads; with prefetch, also
         row jp of each weight and its scales (jp < 0: none). Arguments: (w, d) per weight, j, [jp,]
-        xq, xp, xc, dx: xp (Q4 step order) is read for the Q4 and Q5 layouts, xq and xc for I8 (see the
+        xq, xp, xc, dx: xp (Q4 step order) is read for the Q4, Q5 and Q6 layouts, xq and xc for I8 (see the
         forms below)."""
         wdtype = _WDTYPES[form]
 
@@ -426,7 +503,7 @@ if NUMBA:
             j, jp = rest[0], (rest[1] if prefetch else None)
             xq, xp, xc, dx = rest[-4:]
             if not (all(_rows_array(w, wdtype) for w in ws)
-                    and all(_rows_array(d, types.float32, types.uint16) for d in ds)
+                    and all(_rows_array(d, *_DDTYPES.get(form, _DDEFAULT)) for d in ds)
                     and isinstance(j, types.Integer) and (jp is None or isinstance(jp, types.Integer))
                     and _c_array(xq, 1, types.int8) and _c_array(xp, 1, types.int8)
                     and _c_array(xc, 1, types.int32) and _c_array(dx, 1, types.float32)):
@@ -477,7 +554,7 @@ if NUMBA:
         wdtype = _WDTYPES[form]
 
         def tile(typingctx, w, d, r, t, xq, xp, xc, dx):
-            if not (_rows_array(w, wdtype) and _rows_array(d, types.float32, types.uint16)
+            if not (_rows_array(w, wdtype) and _rows_array(d, *_DDTYPES.get(form, _DDEFAULT))
                     and isinstance(r, types.Integer) and isinstance(t, types.Integer)
                     and _c_array(xq, 2, types.int8) and _c_array(xp, 2, types.int8)
                     and _c_array(xc, 2, types.int32) and _c_array(dx, 2, types.float32)):
@@ -505,21 +582,22 @@ if NUMBA:
 
     # The forms. Each product is sum over blocks b of scale(d[r, b]) * dx[b] * sum_j q[r, 32b + j] *
     # xq[32b + j] (q4_dot_numpy, i8_dot_numpy), min terms excluded, for w
-    # (rows, cols/2) uint8 nibbles (Q4), (rows, 5*cols/32) uint32 nibbles and high bits (Q5) or
+    # (rows, cols/2) uint8 nibbles (Q4), (rows, 5*cols/32) uint32 nibbles and high bits (Q5), (rows,
+    # 3*cols/32) uint64 nibbles and top bits (Q6, d (rows, cols/32) uint32: two f16 per block) or
     # (rows, cols) int8 in blocks of 32 (I8), d (rows, cols/32) f32
     # or uint16 f16 bits, and x as round_x makes it: xq (cols,) int8 natural order, xp (cols,) int8 Q4
-    # step order (read for Q4 and Q5), xc (cols/4,) int32 lane corrections (read for I8 on VNNI), dx (cols/32,) f32.
+    # step order (read for Q4, Q5 and Q6), xc (cols/4,) int32 lane corrections (read for I8 on VNNI), dx (cols/32,) f32.
     # One row: q4_dot(w, d, r, xq, xp, xc, dx), i8_dot(...): the dense matvecs' (see row below).
     # For the sparse FFN (kernels/sparse_ffn.py), prefetching row jp: (gate row j . x, up row j . x) of
     # two weights of one layout, q4_gu(gw, gd, uw, ud, j, jp, xq, xp, xc, dx), i8_gu(...), q5_gu(...);
     # one row, q4_row1p(w, d, j, jp, xq, xp, xc, dx), i8_row1p(...), q5_row1p(...).
-    q4_dot, i8_dot, q5_dot = (_dots_intrinsic(f, 1, False) for f in ("q4", "i8", "q5"))
-    q4_gu, i8_gu, q5_gu = (_dots_intrinsic(f, 2, True) for f in ("q4", "i8", "q5"))
-    q4_row1p, i8_row1p, q5_row1p = (_dots_intrinsic(f, 1, True) for f in ("q4", "i8", "q5"))
+    q4_dot, i8_dot, q5_dot, q6_dot = (_dots_intrinsic(f, 1, False) for f in ("q4", "i8", "q5", "q6"))
+    q4_gu, i8_gu, q5_gu, q6_gu = (_dots_intrinsic(f, 2, True) for f in ("q4", "i8", "q5", "q6"))
+    q4_row1p, i8_row1p, q5_row1p, q6_row1p = (_dots_intrinsic(f, 1, True) for f in ("q4", "i8", "q5", "q6"))
 
 
 def row(qs, d, m, r, xq, xp, xc, dx, xsum):
-    """Row r of a Q4 (qs uint8), Q5 (qs uint32) or 32-block I8 (qs int8) weight times x rounded by
+    """Row r of a Q4 (qs uint8), Q5 (qs uint32), Q6 (qs uint64) or 32-block I8 (qs int8) weight times x rounded by
     round_x, min term included (xsum (cols/32,) f32 the rounded block sums); numba picks the formula by qs's dtype. The one
     row product of the dense matvecs (kernels/matvec.py), the one-region decode (kernels/decode_token.py),
     the sparse FFN's rows (kernels/sparse_ffn.py) and the prefill GEMM (kernels/gemm.py), so that all of
@@ -528,7 +606,8 @@ def row(qs, d, m, r, xq, xp, xc, dx, xsum):
 
 def min_part(qs, d, m, r, xsum):
     """The min term of row r that `row` adds: for Q4 (qs uint8) m, or Q4_0's -8d, times the rounded block
-    sums (intdot.min_term); for Q5 (qs uint32) m or Q5_0's -16d (intdot.min_term16); for I8 (qs int8) m times them, or 0 when the format has no m."""
+    sums (intdot.min_term); for Q5 (qs uint32) m or Q5_0's -16d (intdot.min_term16); for I8 (qs int8) m times them, or 0 when the format has no m;
+    0 for Q6 (qs uint64), whose offset is inside its products."""
 
 
 if NUMBA:
@@ -540,6 +619,8 @@ if NUMBA:
             return lambda qs, d, m, r, xsum: intdot.min_term(d, m, r, xsum)
         if qs.dtype == types.uint32:
             return lambda qs, d, m, r, xsum: intdot.min_term16(d, m, r, xsum)
+        if qs.dtype == types.uint64:
+            return lambda qs, d, m, r, xsum: np.float32(0.0)
         if qs.dtype == types.int8:
             def i8(qs, d, m, r, xsum):
                 return intdot.scale_dot(m, r, xsum) if m.shape[1] else np.float32(0.0)
@@ -557,4 +638,6 @@ if NUMBA:
         if qs.dtype == types.uint32:
             return lambda qs, d, m, r, xq, xp, xc, dx, xsum: (q5_dot(qs, d, r, xq, xp, xc, dx)
                                                               + min_part(qs, d, m, r, xsum))
+        if qs.dtype == types.uint64:
+            return lambda qs, d, m, r, xq, xp, xc, dx, xsum: q6_dot(qs, d, r, xq, xp, xc, dx)
         return None

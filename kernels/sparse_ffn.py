@@ -14,6 +14,7 @@ pass empty (rows, 0) float32 arrays where a layout has none):
   uint16 bits             F16 (bits16=0) or BF16 (bits16=1): numba has no float16 arrays
   uint8 qs (rows, cols/2) Q4, GGUF Q4_0 nibble order, block-32 scales, m empty for Q4_0
   uint32 qs (rows, 5*cols/32) Q5 (gate and up only), block-32 scales, m empty for Q5_0
+  uint64 qs (rows, 3*cols/32) Q6 (gate and up only), uint32 scales (two f16 per block), m empty
   int8 q                  I8, block-B scales (B = cols / d.shape[1]), optional mins
 Scales are float32 or f16 bits (uint16) everywhere: read through dequant.scale_f32.
 Any 2-D array may also be a field of neuron records (kernels/neuron_records.py): a view whose rows are
@@ -84,7 +85,7 @@ def _rows_f32(w, d, m, bits16, rows):
     n = len(rows)
     if w.dtype == np.float32:
         return np.ascontiguousarray(w[rows])
-    cols = w.shape[1] * 2 if w.dtype == np.uint8 else (32 * d.shape[1] if w.dtype == np.uint32 else w.shape[1])
+    cols = w.shape[1] * 2 if w.dtype == np.uint8 else (32 * d.shape[1] if w.dtype in (np.uint32, np.uint64) else w.shape[1])
     out = np.empty((n, cols), dtype=np.float32)
     if w.dtype == np.uint16:
         fn = dequant.dequant_bf16_numpy if bits16 else dequant.dequant_f16_numpy
@@ -95,20 +96,25 @@ def _rows_f32(w, d, m, bits16, rows):
         return dequant.dequant_i8_numpy(w[rows], d[rows], m[rows], out)
     if w.dtype == np.uint32:
         return dequant.dequant_q5_numpy(w[rows], d[rows], m[rows], out)
+    if w.dtype == np.uint64:
+        return dequant.dequant_q6_numpy(w[rows], d[rows], m[rows], out)
     raise TypeError(f"no sparse FFN layout for weight dtype {w.dtype}")
 
 
 def _dots_numpy(w, d, m, bits16, rows, x):
     """(len(rows),) f32: the listed rows of one weight dot x, rounded like the numba kernel: Q4, Q5 and
     32-block I8 multiply x rounded to int8 per block (kernels/intdot.py) and add the min term (Q4_0's
-    -8*d, Q5_0's -16*d) from block sums of the rounded x; the other layouts use x as is."""
-    if w.dtype in (np.uint8, np.uint32) or (w.dtype == np.int8 and w.shape[1] == 32 * d.shape[1]):
+    -8*d, Q5_0's -16*d) from block sums of the rounded x; Q6 multiplies the rounded x too (its offset is
+    in the products); the other layouts use x as is."""
+    if w.dtype in (np.uint8, np.uint32, np.uint64) or (w.dtype == np.int8 and w.shape[1] == 32 * d.shape[1]):
         n, nb = len(rows), d.shape[1]
         xq = np.empty(x.shape[0], np.int8)
         dx = np.empty(nb, np.float32)
         intdot.quantize_q8_numpy(x, xq, dx)
         xr = (xq.reshape(-1, 32) * dx[:, None]).reshape(-1)                 # (cols,) f32
         xsum = xr.reshape(-1, 32).sum(axis=1, dtype=np.float32)             # (cols/32,) f32, as matvec
+        if w.dtype == np.uint64:
+            return _rowdot(_rows_f32(w, d, m, bits16, rows), xr)
         zero = np.zeros((n, nb), np.float32)
         if w.dtype in (np.uint8, np.uint32):
             fn, offset = (dequant.dequant_q4_numpy, -8.0) if w.dtype == np.uint8 else (dequant.dequant_q5_numpy, -16.0)
@@ -257,7 +263,7 @@ if NUMBA:
             return _dot_f32.py_func
         if dt == types.uint16:
             return _dot_bits16.py_func
-        if dt in (types.uint8, types.uint32):
+        if dt in (types.uint8, types.uint32, types.uint64):
             return _dot_q4.py_func
         if dt == types.int8:
             return _dot_i8.py_func
@@ -410,7 +416,8 @@ def _axpy4p(w, d, m, j, a, pf, acc, bits16):
 
 if NUMBA:
     def _gu_nibbles(row1p, gu, min_term):
-        """_gu for the Q4 layout (rowdot.q4_row1p, q4_gu, intdot.min_term) or the Q5 one (q5_*, min_term16)."""
+        """_gu for the Q4 layout (rowdot.q4_row1p, q4_gu, intdot.min_term), the Q5 one (q5_*, min_term16) or
+        the Q6 one (q6_*, no min term)."""
         @jit()
         def gu_rows(gw, gd, gm, uw, ud, um, j, jp, x, xq, xp, xc, dx, xsum, gate, bits16):
             if gate.shape[0]:
@@ -421,6 +428,12 @@ if NUMBA:
 
     _gu_q4 = _gu_nibbles(rowdot.q4_row1p, rowdot.q4_gu, intdot.min_term)
     _gu_q5 = _gu_nibbles(rowdot.q5_row1p, rowdot.q5_gu, intdot.min_term16)
+
+    @jit(inline=True)
+    def _no_min_term(d, m, j, xsum):
+        return np.float32(0.0)
+
+    _gu_q6 = _gu_nibbles(rowdot.q6_row1p, rowdot.q6_gu, _no_min_term)     # Q6's offset is in its products
 
     @jit()
     def _gu_i8(gw, gd, gm, uw, ud, um, j, jp, x, xq, xp, xc, dx, xsum, gate, bits16):
@@ -449,6 +462,8 @@ if NUMBA:
                 return _gu_q4.py_func
             if gw.dtype == types.uint32:
                 return _gu_q5.py_func
+            if gw.dtype == types.uint64:
+                return _gu_q6.py_func
             if gw.dtype == types.int8:
                 return _gu_i8.py_func
         return _gu_rows.py_func

@@ -92,13 +92,15 @@ class ModelShape:
 
 
 def weight_format(wt) -> str:
-    """A weight's storage as loaded (engine/model/weights.py): "q4_0", "q4_1", "q5_0", "q5_1", "int8/32" (int8
-    in blocks of 32), "int8/16+min", "f16", "bf16" or "f32"."""
-    from engine.model.weights import BF16Weight, F16Weight, I8Weight, Q4Weight, Q5Weight
+    """A weight's storage as loaded (engine/model/weights.py): "q4_0", "q4_1", "q5_0", "q5_1", "q6", "int8/32"
+    (int8 in blocks of 32), "int8/16+min", "f16", "bf16" or "f32"."""
+    from engine.model.weights import BF16Weight, F16Weight, I8Weight, Q4Weight, Q5Weight, Q6Weight
     if isinstance(wt, Q4Weight):
         return "q4_1" if wt.m.shape[1] else "q4_0"
     if isinstance(wt, Q5Weight):
         return "q5_1" if wt.m.shape[1] else "q5_0"
+    if isinstance(wt, Q6Weight):
+        return "q6"
     if isinstance(wt, I8Weight):
         return f"int8/{wt.q.shape[1] // wt.d.shape[1]}" + ("+min" if wt.m.shape[1] else "")
     if isinstance(wt, BF16Weight):
@@ -109,14 +111,15 @@ def weight_format(wt) -> str:
 
 
 def shape_of(llm) -> ModelShape:
-    from engine.model.weights import F32Weight, I8Weight, Q4Weight, Q5Weight
+    from engine.model.weights import F32Weight, I8Weight, Q4Weight, Q5Weight, Q6Weight
     from planner.bundles import layer_arrays
 
     c = llm.config
     w = llm.model.weights
     lw = w.layers[0]
-    # Q5 rows take the Q4 row dots (kernels/rowdot.py), with a fifth of the bytes more.
-    fmt = {Q4Weight: "q4_1", Q5Weight: "q4_1", I8Weight: "q8_0", F32Weight: "f32"}.get(type(lw.w_gate), "f32")
+    # Q5 and Q6 rows take the Q4 row dots (kernels/rowdot.py), with a fifth or half of the bytes more.
+    fmt = {Q4Weight: "q4_1", Q5Weight: "q4_1", Q6Weight: "q4_1", I8Weight: "q8_0",
+           F32Weight: "f32"}.get(type(lw.w_gate), "f32")
     attn = [lw.wq, lw.wk, lw.wv, lw.wo]
     norms = sum(x.attn_norm.nbytes + x.ffn_norm.nbytes for x in w.layers) + w.norm.nbytes
     return ModelShape(n_layers=c.num_hidden_layers, hidden=c.hidden_size, ffn=c.intermediate_size,

@@ -29,7 +29,19 @@ def _q5(a):
     return weight_from_gguf(int(GGMLQuantizationType.Q5_0), raw.reshape(-1), a.shape, "t", "test")
 
 
-def make_layers(seed=0, q4=False, q5=False):
+def _q6(a):
+    """a (rows, cols) f32 as a Q6Weight: a scale per 16 elements, max |value| / 31, values rounded."""
+    from engine.model.weights import Q6Weight
+    from kernels.dequant import q6_join_numpy
+    rows, cols = a.shape
+    halves = a.reshape(rows, cols // 16, 16)
+    s = (np.abs(halves).max(axis=2) / 31).astype(np.float16)                 # (rows, cols/16)
+    q = np.clip(np.rint(halves / s.astype(np.float32)[:, :, None]), -32, 31) + 32
+    qs = q6_join_numpy(q.astype(np.uint8).reshape(rows, cols // 32, 32), np.empty((rows, 3 * cols // 32), np.uint64))
+    return Q6Weight(qs, s.view(np.uint32), np.empty((rows, 0), np.float32))
+
+
+def make_layers(seed=0, q4=False, q5=False, q6=False):
     rng = np.random.default_rng(seed)
     layers = []
     for _ in range(LAYERS):
@@ -37,6 +49,8 @@ def make_layers(seed=0, q4=False, q5=False):
         d = rng.standard_normal((HIDDEN, FFN)).astype(np.float32)
         if q5:
             lw = types.SimpleNamespace(w_gate=_q5(g), w_up=_q5(u), w_down=_q5(d))
+        elif q6:
+            lw = types.SimpleNamespace(w_gate=_q6(g), w_up=_q6(u), w_down=_q6(d))
         elif q4:
             lw = types.SimpleNamespace(w_gate=Q4Weight(*quantize_q4(g)), w_up=Q4Weight(*quantize_q4(u)),
                                        w_down=Q4Weight(*quantize_q4(d)))

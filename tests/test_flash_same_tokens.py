@@ -38,9 +38,9 @@ def kernels(request, monkeypatch):
     return request.param
 
 
-@pytest.fixture(params=["f32", "q4", "q5"])
+@pytest.fixture(params=["f32", "q4", "q5", "q6"])
 def bundles(request, tmp_path):
-    layers, orders = make_layers(seed=4, q4=request.param == "q4", q5=request.param == "q5")
+    layers, orders = make_layers(seed=4, q4=request.param == "q4", q5=request.param == "q5", q6=request.param == "q6")
     path = tmp_path / "ffn.bundles"
     write_bundles(path, layers, orders, fingerprint="x")
     return open_bundles(path)

@@ -10,19 +10,23 @@ import numpy as np
 import pytest
 
 from kernels import backend, gemm, matvec
-from tests.test_kernels import _i8, _q4, _q5, ref_q4, ref_q5
+from tests.test_kernels import _i8, _q4, _q5, _q6, ref_q4, ref_q5
 
 # (rows, cols, tokens): tiles with nothing left over, rows and tokens left over, one block of 32, rows
 # in several panels with a short last one, fewer rows than one tile, a single token; rows a multiple of
 # 32 take the rows-in-lanes form where the CPU has AVX-512 VNNI (64 and 96 rows, the latter with a
 # token left over).
 SHAPES = [(64, 128, 8), (70, 96, 9), (131, 32, 3), (200, 224, 13), (3, 64, 5), (5, 64, 1), (96, 160, 7)]
-FORMATS = ["q4_0", "q4_1", "q8_0", "i8_min", "q5_0", "q5_1"]
+FORMATS = ["q4_0", "q4_1", "q8_0", "i8_min", "q5_0", "q5_1", "q6"]
+LANE_FORMATS = [f for f in FORMATS if f != "q6"]      # the rows-in-lanes tile holds one scale per block
 
 
 def _weight(rng, kind, rows, cols, scales):
     """(fn, twin, matvec twin, arrays) of one format: Q4_0/Q4_1 nibbles, Q8_0 (I8, no min), I8 with a min,
-    or the Q5 layout without (Q5_0) and with (Q5_1) a min, all in blocks of 32."""
+    the Q5 layout without (Q5_0) and with (Q5_1) a min, all in blocks of 32, or the Q6 layout (its scales
+    are always two f16 per block: `scales` does not apply)."""
+    if kind == "q6":
+        return gemm.gemm_q6, gemm.gemm_q6_numpy, matvec.matvec_q6_numpy, _q6(rng, rows, cols)
     if kind.startswith("q4"):
         return gemm.gemm_q4, gemm.gemm_q4_numpy, matvec.matvec_q4_numpy, _q4(rng, rows, cols, scales, sym=kind == "q4_0")
     if kind.startswith("q5"):
@@ -77,7 +81,7 @@ def test_numba_equals_twin(kind, scales, shape):
 @pytest.mark.slow
 def test_numba_equals_twin_on_every_code(simd_code):
     """The register tile on the AVX-512 VNNI, AVX2 and generic code (tests/conftest.py forces each when
-    the kernel compiles), extreme values included: q = 15, 31 or -128 against x = +-127."""
+    the kernel compiles), extreme values included: q = 15, 31, 63 or -128 against x = +-127."""
     if not backend.NUMBA:
         pytest.skip("numba only")
     from numba import njit
@@ -88,7 +92,7 @@ def test_numba_equals_twin_on_every_code(simd_code):
     for kind in FORMATS:
         for scales in ("f32", "f16"):
             _, twin, _, arrays = _weight(rng, kind, rows, cols, scales)
-            arrays[0][0] = {"q4": 0xFF, "q5": 0xFFFFFFFF}.get(kind[:2], -128)
+            arrays[0][0] = {"q4": 0xFF, "q5": 0xFFFFFFFF, "q6": np.uint64(2**64 - 1)}.get(kind[:2], -128)
             x = rng.standard_normal((n, cols), dtype=np.float32)
             x[1] = np.sign(x[1])                       # rounds to +-127 everywhere
             got = kernel(*arrays, x, np.empty((n, rows), np.float32))
@@ -146,7 +150,7 @@ def test_plan_sets_the_engine_and_bad_values_are_named(q4_gguf, tmp_path):
         load(str(q4_gguf), prefill="fast")
 
 
-@pytest.mark.parametrize("kind", FORMATS)
+@pytest.mark.parametrize("kind", LANE_FORMATS)
 @pytest.mark.parametrize("scales", ["f32", "f16"])
 def test_lane_packing_twins(kind, scales):
     """kernels/lanetile.pack against pack_numpy: 4-byte chunks of 16 rows interleaved (sign bits flipped

@@ -15,7 +15,7 @@ from hypothesis import given, settings, strategies as st
 from engine.errors import ModelFormatError
 from engine.formats import gguf_quants as gq
 from engine.formats.gguf_quants import tensor_nbytes, type_name, vector_from_gguf, weight_from_gguf
-from engine.model.weights import BF16Weight, F16Weight, F32Weight, I8Weight, Q4Weight, Q5Weight
+from engine.model.weights import BF16Weight, F16Weight, F32Weight, I8Weight, Q4Weight, Q5Weight, Q6Weight
 
 # type -> (expected layout, block B of its scales or None, byte offsets of its float16 scale fields)
 TYPES = {
@@ -29,17 +29,17 @@ TYPES = {
     T.Q8_0: (I8Weight, 32, (0,)),
     T.Q4_K: (Q4Weight, 32, (0, 2)),
     T.Q5_K: (Q5Weight, 32, (0, 2)),
-    T.Q6_K: (I8Weight, 32, (208,)),
+    T.Q6_K: (Q6Weight, 32, (208,)),
 }
 WITH_MIN = {T.Q4_1, T.Q4_K, T.Q5_1, T.Q5_K}  # Q4_0's -8d offset is implied by an empty m (layouts.md)
 F16_SCALES = {T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0, T.Q4_K, T.Q5_K}  # f16 scales kept as uint16 bits
 
 # Resident bytes / file bytes (kernels/layouts.md): f16 scales stay f16, Q4_K's and Q5_K's become f16,
-# Q6_K's are float32, 5-bit values keep 5 bits (the Q5 layout) and 6-bit ones widen to int8 (Q6_K in
-# blocks of 32).
+# Q6_K's per 16 elements too (two per block of 32), 5-bit values keep 5 bits (the Q5 layout) and 6-bit ones
+# 6 bits (the Q6 layout).
 MEMORY_RATIO = {
     T.F32: 1.0, T.F16: 1.0, T.BF16: 1.0, T.Q4_0: 1.0, T.Q4_1: 1.0, T.Q5_0: 1.0,
-    T.Q5_1: 1.0, T.Q8_0: 1.0, T.Q4_K: 160 / 144, T.Q5_K: 192 / 176, T.Q6_K: 288 / 210,
+    T.Q5_1: 1.0, T.Q8_0: 1.0, T.Q4_K: 160 / 144, T.Q5_K: 192 / 176, T.Q6_K: 224 / 210,
 }
 
 
@@ -73,9 +73,8 @@ def assert_values(qtype, w, got, want):
     if qtype in (T.Q4_K, T.Q5_K):   # scales d*sc and dmin*mn rounded to f16: 2^-11 of each term at most
         tol = 2.0**-11 * (np.abs(want).max() + np.abs(w.m.view(np.float16).astype(np.float32)).max())
         assert np.abs(got - want).max() <= tol + 1e-30
-    elif qtype == T.Q6_K:    # sub-blocks merged: half a step of the block's scale d at most
-        step = np.repeat(w.d, 32, axis=1)
-        assert (np.abs(got - want) <= 0.5 * step * (1 + 1e-5) + 1e-30).all()
+    elif qtype == T.Q6_K:    # scales d*sc rounded to f16: 2^-11 of each value, or 2^-25 per unit of q where subnormal
+        assert (np.abs(got - want) <= 2.0**-11 * np.abs(want) + 2.0**-25 * 32 + 1e-30).all()
     else:
         assert np.abs(got - want).max() <= 1e-6 * np.abs(want).max() + 1e-30
 
@@ -106,7 +105,10 @@ def test_values_match_gguf(qtype, rows, n_blocks):
     if block is not None:
         assert w.d.shape == (rows, cols // block)
         assert w.m.shape == ((rows, cols // block) if qtype in WITH_MIN else (rows, 0))
-        assert w.d.dtype == w.m.dtype == (np.uint16 if qtype in F16_SCALES else np.float32)
+        if layout is Q6Weight:   # two f16 scales per block as one uint32; no m
+            assert w.d.dtype == np.uint32 and w.m.dtype == np.float32
+        else:
+            assert w.d.dtype == w.m.dtype == (np.uint16 if qtype in F16_SCALES else np.float32)
 
     got = w.to_float32()
     assert_values(qtype, w, got, want)
@@ -117,7 +119,7 @@ def test_values_match_gguf(qtype, rows, n_blocks):
     # The Q4 layout's matvec, and the I8 layout's with blocks of 32, multiply x rounded to int8 per
     # block, as ggml does (kernels/intdot.py; tests/test_kernels.py checks them exactly against that
     # rounding): within ~1/254 of each block's max |x|.
-    tol = 1e-2 if layout in (Q4Weight, Q5Weight) or block == 32 else 1e-5
+    tol = 1e-2 if layout in (Q4Weight, Q5Weight, Q6Weight) or block == 32 else 1e-5
     assert (np.abs(w.matvec(x) - want @ x) / scale).max() < tol
 
     X = _x(rng, cols, n=5)

@@ -71,6 +71,15 @@ def _q5(rng, rows, cols, kind="f32", sym=False):
     return qs, d, m
 
 
+def _q6(rng, rows, cols, kind="f16", sym=True):
+    """The Q6 layout: (rows, 3*cols/32) uint64 random bits, two f16 scales of either sign per block as
+    uint32, no m (kind and sym: for the shared parametrizations; Q6 has one form)."""
+    qs = rng.integers(0, 1 << 63, (rows, 3 * cols // 32), dtype=np.uint64) * np.uint64(2) + np.uint64(1)
+    halves = rng.uniform(0.001, 0.1, (rows, cols // 16)) * rng.choice([-1.0, 1.0], (rows, cols // 16))
+    d = halves.astype(np.float16).view(np.uint32)
+    return qs, d, np.empty((rows, 0), np.float32)
+
+
 def _i8(rng, rows, cols, block, with_min, kind="f32"):
     q = rng.integers(-128, 128, (rows, cols), dtype=np.int8)
     d = _scales(rng, 0.001, 0.1, (rows, cols // block), kind)
@@ -140,6 +149,29 @@ def ref_q5(qs, d, m):
     if not m.shape[1]:
         return (q - 16) * _f64(d)[:, block]
     return q * _f64(d)[:, block] + _f64(m)[:, block]
+
+
+def ref_q6(qs, d, m):
+    """Each row in the Q5 layout's groups; a group of k blocks is 16k bytes of the Q4 layout's nibbles,
+    then 8k crumb bytes: the step's low vector (the k blocks' elements 0..15) and high vector (16..31)
+    take bits 4-5 of their values e < 8k from bit pairs 0 and 2 of crumb e, those of e >= 8k from pairs 1
+    and 3 of crumb e - 8k (layouts.md); value scale * (q - 32), a scale per 16 elements."""
+    rows, nb = d.shape
+    by = qs.view(np.uint8).astype(np.int64)
+    q = np.empty((rows, 32 * nb), dtype=np.float64)
+    b, at = 0, 0
+    while b < nb:
+        k = 4 if nb - b >= 4 else (2 if nb - b >= 2 else 1)
+        for e in range(16 * k):
+            nib, crumb = by[:, at + e], by[:, at + 16 * k + e % (8 * k)]
+            pair = e // (8 * k)
+            el = 32 * (b + e // 16) + e % 16
+            q[:, el] = (nib & 15) + 16 * ((crumb >> (2 * pair)) & 3)
+            q[:, el + 16] = (nib >> 4) + 16 * ((crumb >> (4 + 2 * pair)) & 3)
+        at += 24 * k
+        b += k
+    scales = d.view(np.float16).astype(np.float64)                     # (rows, 2*nb), one per 16
+    return (q - 32) * scales[:, np.arange(32 * nb) // 16]
 
 
 def ref_i8(q, d, m):
@@ -221,9 +253,26 @@ def test_matvec_q4_q5(rows, cols, kind, sym, layout):
     x = _x(rng, cols)
     w64 = ref(*args)
     want = ref_q4_int8x(*args, x) if layout == "q4" else w64 @ _int8_x(x)
+    _check_int8x_matvec((kernel, twin), args, x, w64, want)
+
+
+@pytest.mark.parametrize("rows,cols", SHAPES_32 + SHAPES_WIDE)
+def test_matvec_q6(rows, cols):
+    """As test_matvec_q4_q5, for the Q6 layout (one form: f16 scales per 16 elements, no m)."""
+    rng = np.random.default_rng(rows * 1000 + cols + 6)
+    args = _q6(rng, rows, cols)
+    x = _x(rng, cols)
+    w64 = ref_q6(*args)
+    _check_int8x_matvec((matvec.matvec_q6, matvec.matvec_q6_numpy), args, x, w64, w64 @ _int8_x(x))
+
+
+def _check_int8x_matvec(fns, args, x, w64, want):
+    """Each of fns (kernel, twin) within float rounding of want (the product with x rounded to int8), within
+    that rounding of the float product, and the two within float rounding of each other."""
+    rows = w64.shape[0]
     scale = np.abs(w64) @ np.abs(x.astype(np.float64)) + 1e-30
     outs = []
-    for fn in (kernel, twin):
+    for fn in fns:
         out = np.full(rows, np.nan, dtype=np.float32)
         assert fn(*args, x, out) is out
         assert (np.abs(out - want) / scale).max() < RTOL, getattr(fn, "__name__", fn)
@@ -344,6 +393,22 @@ def test_dequant_q5(rows, cols, kind, sym):
     rng = np.random.default_rng(rows + cols + 5)
     args = _q5(rng, rows, cols, kind, sym)
     _check_dequant(dequant.dequant_q5, dequant.dequant_q5_numpy, args, ref_q5(*args))
+
+
+@pytest.mark.parametrize("rows,cols", SHAPES_32)
+def test_dequant_q6(rows, cols):
+    rng = np.random.default_rng(rows + cols + 6)
+    args = _q6(rng, rows, cols)
+    _check_dequant(dequant.dequant_q6, dequant.dequant_q6_numpy, args, ref_q6(*args))
+
+
+def test_q6_values_round_trip():
+    """q6_join_numpy writes what q6_values_numpy reads, for every tail of the groups."""
+    rng = np.random.default_rng(61)
+    for nb in range(1, 12):
+        v = rng.integers(0, 64, (3, nb, 32), dtype=np.uint8)
+        qs = dequant.q6_join_numpy(v, np.zeros((3, 3 * nb), np.uint64))
+        np.testing.assert_array_equal(dequant.q6_values_numpy(qs, nb), v)
 
 
 @pytest.mark.parametrize("kind", ["f32", "f16"])

@@ -159,3 +159,29 @@ def test_plan_reads_fallback_and_providers(stories_dir, tmp_path):
     p.write_text(json.dumps({"decode": {"layers": layers}, "prefill": {"engine": "onnx", "providers": "CPU"}}))
     with pytest.raises(ModelFormatError, match="prefill.providers is 'CPU'"):
         read_plan(p, config)
+
+
+def test_q6_k_matrices_match_f32(tmp_path):
+    """Q6_K matrices (the Q6 layout: MatMulNBits' 8-bit values in blocks of 16, one scale per 16 as the
+    layout holds them) give the f32 prefill's logits, on a random-weight Llama wide enough for Q6_K's
+    256-element blocks."""
+    pytest.importorskip("torch", reason="the test model is made with the [test] extra (torch, transformers)")
+    from tests.model_factory import hf_to_gguf, make_hf_model
+
+    tokens = ["<unk>", "<s>", "</s>"] + [f"w{i}" for i in range(3, 128)]
+    vocab = {"model": "llama", "tokens": tokens, "scores": [0.0] * 128, "types": [2, 3, 3] + [1] * 125}
+    make_hf_model("llama", tmp_path, hidden_size=256, intermediate_size=512, num_hidden_layers=2)
+    path = hf_to_gguf(tmp_path, tmp_path / "m.gguf", "Q8_0", vocab, qtypes={"blk.*": "Q6_K", "*": "Q8_0"})
+    ids = np.arange(3, 40)
+    out = {}
+    for name in ("onnx", "f32"):
+        llm = engine.load(str(path), threads=2, prefill=name)
+        assert type(llm.model.weights.layers[0].w_down).__name__ == "Q6Weight"
+        if name == "onnx":
+            assert "all layers in one ONNX Runtime session (CPU;" in llm.describe()
+        out[name] = llm.model.forward(ids, llm.model.new_cache(64))
+    a, b = out["onnx"], out["f32"]
+    # Float rounding only: one Q6 matmul matches its float64 product to ~1e-6, and this wider random
+    # model's two layers take the logits' differences to ~2e-4 of their range (Q4_K: ~1e-4); a wrong
+    # mapping moves them by their whole range.
+    assert np.abs(a - b).max() <= 1e-3 * (b.max() - b.min())

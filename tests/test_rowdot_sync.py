@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from kernels import backend, rowdot, sync
-from tests.test_kernels import _i8, _q4, _q5
+from tests.test_kernels import _i8, _q4, _q5, _q6, ref_q6
 
 NB = (1, 2, 3, 4, 5, 6, 7, 8, 18, 48, 49)     # every tail: fours, then a two and/or a one
 
@@ -32,9 +32,9 @@ def test_prepare_and_corrections_twins(nb):
 
 
 def test_row_dots_against_numpy(simd_code):
-    """q4_dot, q5_dot and i8_dot on the AVX-512 VNNI, AVX2 and generic-vector code, the last with
+    """q4_dot, q5_dot, q6_dot and i8_dot on the AVX-512 VNNI, AVX2 and generic-vector code, the last with
     hardware or integer half conversion (each forced by compiling with the other flags off:
-    tests/conftest.py), both scale dtypes, every tail length, extreme values (q = 15, 31 and -128 with
+    tests/conftest.py), both scale dtypes, every tail length, extreme values (q = 15, 31, 63, Q6's 0 and -128 with
     x = +-127: the i16 and VNNI bias bounds)."""
     if not backend.NUMBA:
         pytest.skip("the four-block row dots are LLVM intrinsics: numba only")
@@ -53,12 +53,18 @@ def test_row_dots_against_numpy(simd_code):
         return out
 
     @njit(cache=False)
+    def q6_rows(qs, d, xq, xp, xc, dx, out):
+        for r in range(qs.shape[0]):
+            out[r] = rowdot.q6_dot(qs, d, r, xq, xp, xc, dx)
+        return out
+
+    @njit(cache=False)
     def i8_rows(q, d, xq, xp, xc, dx, out):
         for r in range(q.shape[0]):
             out[r] = rowdot.i8_dot(q, d, r, xq, xp, xc, dx)
         return out
 
-    rng = np.random.default_rng(5)
+    rng, rng6 = np.random.default_rng(5), np.random.default_rng(6)
     for nb in NB:
         for kind in ("f32", "f16"):
             qs, d, _ = _q4(rng, 5, 32 * nb, kind, sym=True)
@@ -75,6 +81,14 @@ def test_row_dots_against_numpy(simd_code):
             got = q5_rows(q5, d5, xq, xp, np.zeros(8 * nb, np.int32), dx, np.empty(5, np.float32))
             want = np.array([rowdot.q5_dot_numpy(q5, d5, r, xq, dx) for r in range(5)])
             np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5, err_msg=f"q5 nb={nb} {kind}")
+            q6, d6, _ = _q6(rng6, 5, 32 * nb)             # its own stream: the others' draws stay as they were
+            q6[0] = np.uint64(2**64 - 1)                  # every value 63
+            q6[1] = 0                                     # every value 0: -32 after the offset
+            got = q6_rows(q6, d6, xq, xp, np.zeros(8 * nb, np.int32), dx, np.empty(5, np.float32))
+            want = np.array([rowdot.q6_dot_numpy(q6, d6, r, xq, dx) for r in range(5)])
+            # scales of both signs: the float sums cancel, so the bound is relative to the sum of |terms|
+            mag = np.abs(ref_q6(q6, d6, None)) @ np.abs(xq.reshape(-1, 32) * dx[:, None]).reshape(-1)
+            assert (np.abs(got - want) <= 1e-6 * mag + 1e-6).all(), f"q6 nb={nb}"
             q, d8, _ = _i8(rng, 5, 32 * nb, 32, False, kind)
             q[0] = -128
             q[1, :32] = 127
@@ -144,7 +158,7 @@ def test_take_in_a_parallel_region():
 
 
 # Gemma 3 as a Q4_K_M file has it: 5-bit q/k/gate/up, Q8_0 or Q5_0 v, Q4_K o, and down projections that
-# alternate between Q4_K (the Q4 layout) and Q6_K (the I8 layout) across layers; local and global layers.
+# alternate between Q4_K (the Q4 layout) and Q6_K (the Q6 layout) across layers; local and global layers.
 GEMMA_MIX = {"blk.[024].ffn_down.weight": "Q4_K", "*ffn_down.weight": "Q6_K", "*attn_output.weight": "Q4_K",
              "blk.[135].attn_v.weight": "Q8_0", "blk.*": "Q5_0", "*": "Q8_0"}
 GEMMA_SHAPE = dict(hidden_size=256, intermediate_size=256, head_dim=64, num_hidden_layers=6, query_pre_attn_scalar=64,
@@ -189,7 +203,7 @@ def test_one_region_decode_matches_layer_by_layer(tmp_path, threads, qtype):
     assert isinstance(m.executors.decode, OneRegionDecode)
     if qtype == "gemma3-mix":
         downs = {type(lw.w_down).__name__ for lw in m.weights.layers}
-        assert downs == {"Q4Weight", "I8Weight"} and len(set(m.config.layer_rope)) == 2
+        assert downs == {"Q4Weight", "Q6Weight"} and len(set(m.config.layer_rope)) == 2
     if qtype == "llama-mix":
         qkv = [type(lw.wqkv).__name__ for lw in m.weights.layers]
         gate_up = [type(lw.w_gate_up).__name__ for lw in m.weights.layers]

@@ -17,7 +17,7 @@ from engine.executors.predictor import LayerPredictor
 from kernels import dequant, sparse_ffn as S
 from kernels.backend import NUMBA
 from kernels.neuron_records import layout, pack, rows_contiguous
-from tests.test_kernels import ref_q5
+from tests.test_kernels import _q6, ref_q5, ref_q6
 
 REPO = Path(__file__).resolve().parent.parent
 RTOL = 1e-5          # fastmath reassociates f32 sums; errors are measured against sum |terms|
@@ -69,6 +69,10 @@ def make(rng, layout, rows, cols):
         q = ref_q5(qs, np.ones((rows, cols // 32), np.float32), np.zeros((rows, cols // 32), np.float32))
         off = -16 * _f64(d) if sym else _f64(m)
         return (qs, d, m), 0, (q * _f64(d)[:, np.arange(cols) // 32], off, True)
+    if layout == "q6":                                # the Q6 layout, as tests/test_kernels.py, smaller scales
+        qs, d, m = _q6(rng, rows, cols)
+        d = (d.view(np.float16) * np.float16(0.2)).view(np.uint32)
+        return (qs, d, m), 0, (ref_q6(qs, d, m), no_off, True)
     _, kind, block, mn = layout.split("-")            # i8-<scale kind>-<block>-<min|nomin>
     block = int(block)
     q = rng.integers(-127, 128, (rows, cols), dtype=np.int8)
@@ -121,7 +125,7 @@ def act64(g, u, kind):
 
 
 RECORDED = {("q4-f16-sym", "i8-f16-32-nomin"), ("i8-f16-32-nomin", "i8-f16-32-nomin"),   # Q4_0, Q8_0
-            ("q5-f16-sym", "i8-f16-32-nomin")}                                           # Q5_0
+            ("q5-f16-sym", "i8-f16-32-nomin"), ("q6", "i8-f16-32-nomin")}                # Q5_0, Q6_K
 
 
 def kernels():
@@ -196,7 +200,7 @@ def check(rng, layout, down_layout, hidden, ffn, idx, kind, given_gate=False):
 LAYOUTS = [("f32", "f32"), ("f16", "f16"), ("bf16", "bf16"), ("q4-f16-sym", "i8-f16-32-nomin"),
            ("q4-f32", "q4-f16"), ("q4-f16", "i8-f16-32-nomin"), ("i8-f16-32-nomin", "i8-f16-32-nomin"),
            ("i8-f32-16-min", "i8-f32-32-min"), ("f32", "q4-f32-sym"), ("q5-f16-sym", "i8-f16-32-nomin"),
-           ("q5-f32", "q4-f16")]
+           ("q5-f32", "q4-f16"), ("q6", "i8-f16-32-nomin")]
 
 
 @pytest.mark.parametrize("layout,down", LAYOUTS)

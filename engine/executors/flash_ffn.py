@@ -44,7 +44,7 @@ from engine.executors.base import Executor
 from engine.flash.bundles import ALIGN, FIELD_NAMES, BundleFile, open_bundles
 from engine.flash.cache import SegmentCache
 from engine.flash.reader import FlashReader, aligned_buffer, merge_runs
-from engine.model.weights import BF16Weight, F16Weight, F32Weight, I8Weight, Q4Weight, Q5Weight
+from engine.model.weights import BF16Weight, F16Weight, F32Weight, I8Weight, Q4Weight, Q5Weight, Q6Weight
 from kernels.activation import glu
 from kernels.backend import NUMBA
 from kernels.records import byte_views, scatter
@@ -131,7 +131,8 @@ def _weight(w, d, m, bits16):
         return F32Weight(w)
     if w.dtype == np.uint16:
         return (BF16Weight if bits16 else F16Weight)(w)
-    return {np.dtype(np.uint8): Q4Weight, np.dtype(np.uint32): Q5Weight}.get(w.dtype, I8Weight)(w, d, m)
+    kinds = {np.dtype(np.uint8): Q4Weight, np.dtype(np.uint32): Q5Weight, np.dtype(np.uint64): Q6Weight}
+    return kinds.get(w.dtype, I8Weight)(w, d, m)
 
 
 class _Layer:

@@ -10,9 +10,10 @@ The matmuls are ONNX Runtime's MatMulNBits (com.microsoft) on the model's own qu
   array) for d*q, and the offsets' part, sum over blocks of m times the block sums of x, is a separate
   f32 MatMul of 1/32 the work on m's transpose (a new (cols/32, rows) f32 array). Exact: the
   alternative, a float zero point -m/d, rounds and measured slower.
-- The I8 layouts (Q8_0, Q5_0/Q5_1, Q5_K, Q6_K): MatMulNBits' 8-bit values are unsigned with zero point
-  128, so ORT gets a copy of our int8 bytes with the sign bit flipped (q + 128, exact): the one format
-  here where ORT holds a second copy of the quantized bytes. Offsets (Q5_1, Q5_K) as for Q4_1.
+- The I8 layout (Q8_0): MatMulNBits' 8-bit values are unsigned with zero point 128, so ORT gets a copy
+  of our int8 bytes with the sign bit flipped (q + 128, exact). The Q5 layout (Q5_0/Q5_1, Q5_K) and the
+  Q6 layout (Q6_K, in blocks of 16: a scale per 16 values) go as 8-bit values too, unpacked. These are
+  the formats where ORT holds a second copy of the quantized bytes. Offsets (Q5_1, Q5_K) as for Q4_1.
 - F32: Gemm with transB on our array.
 Block scales stored as f16 bits become f32 arrays (MatMulNBits' scales have the activation's type): 4
 bytes per block beside the 18 (Q4_0) or 34 (Q8_0) of the block. `Graph.extra_bytes` counts every array
@@ -43,7 +44,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from engine.model.weights import F32Weight, I8Weight, Q4Weight, Q5Weight
+from engine.model.weights import F32Weight, I8Weight, Q4Weight, Q5Weight, Q6Weight
 from kernels import dequant
 from kernels.activation import DRELU, GELU, GELU_TANH, RELU, SILU
 
@@ -146,6 +147,13 @@ class _Builder:
             inputs = [x, self.init(name + ".q", values, False), self.init(name + ".d", d, d is w.d)]
             y = self.one("MatMulNBits", inputs, MS, K=cols, N=rows, bits=8, block_size=32, accuracy_level=0)
             y = self.offsets(name, w, x, y, 32)
+        elif isinstance(w, Q6Weight):
+            # 6-bit values as MatMulNBits' 8-bit ones in blocks of 16 (zero point 128): u + 96 reads d*(u - 32)
+            values = dequant.q6_values_numpy(w.qs, cols // 32) + np.uint8(96)      # (rows, cols/32, 32) uint8
+            d = dequant.q6_scales_numpy(w.d).reshape(rows, cols // 16)              # (rows, cols/16) f32
+            inputs = [x, self.init(name + ".q", values.reshape(rows, cols // 16, 16), False),
+                      self.init(name + ".d", d, False)]
+            y = self.one("MatMulNBits", inputs, MS, K=cols, N=rows, bits=8, block_size=16, accuracy_level=0)
         elif isinstance(w, I8Weight) and w.d.shape[1] and cols % w.d.shape[1] == 0:
             block = cols // w.d.shape[1]
             if block not in (16, 32, 64, 128, 256):

@@ -51,7 +51,7 @@ VERSION = 1
 ALIGN = 4096
 PREFIX = struct.Struct("<8sQQII")
 FIELD_NAMES = ("gw", "gd", "gm", "uw", "ud", "um", "dw", "dd", "dm")
-_DTYPES = {"float32", "uint16", "uint8", "int8", "uint32"}
+_DTYPES = {"float32", "uint16", "uint8", "int8", "uint32", "uint64"}
 
 
 def align_up(n: int, a: int = ALIGN) -> int:

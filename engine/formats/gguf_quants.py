@@ -23,8 +23,7 @@ kernels convert in registers). K-quant scales are products d*sc of an f16 and a 
 which f16 holds to 11 bits: Q4_K's are rounded to f16 all the same (a relative error below 2^-11 on a
 4-bit weight's scale, and 1.11x the file's bytes where float32 scales took 1.33x), and so are Q5_K's.
 5-bit values keep 5 bits (the Q5 layout: Q5_0 and Q5_1 blocks as they are, Q5_K's rewritten into
-them); 6-bit values are widened to int8, Q6_K's 16-element blocks merged into blocks of 32
-(`_merge_sub_blocks`).
+them), and Q6_K's keep 6 bits (the Q6 layout), with its 16-element scales d*sc rounded to f16 as well.
 """
 
 from __future__ import annotations
@@ -35,7 +34,7 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T
 
 from engine.errors import ModelFormatError
-from engine.model.weights import BF16Weight, F16Weight, F32Weight, I8Weight, Q4Weight, Q5Weight, Weight
+from engine.model.weights import BF16Weight, F16Weight, F32Weight, I8Weight, Q4Weight, Q5Weight, Q6Weight, Weight
 from kernels import dequant
 
 # ggml's type ids (gguf-py's GGMLQuantizationType, an IntEnum: the same ints as ggml.h's enum ggml_type).
@@ -321,19 +320,23 @@ def _q5_k(flat, rows, cols):
 
 def _q6_k(flat, rows, cols):
     blocks = flat.view(_Q6_K)
-    q_out = np.empty((rows, cols), dtype=np.int8)
-    d = np.empty((rows, cols // 32), dtype=np.float32)
-    qv, dv = q_out.view(np.uint8).reshape(-1, 256), d.reshape(-1, 8)
-    h_buf = np.empty((min(rows * cols, max(_CHUNK_ELEMS, cols)) // 256, 256), dtype=np.uint8)  # scratch
-    ds = np.empty((max(n for _, n in _superblock_chunks(rows, cols)), 16), np.float32)   # scratch
+    nb = cols // 32
+    qs = np.empty((rows, 3 * nb), dtype=np.uint64)
+    d = np.empty((rows, nb), dtype=np.uint32)             # two f16 bits of d*sc per block, rounded as Q4_K's
+    dv = d.view(np.uint16).reshape(-1, 16)
+    n_max = max(n for _, n in _superblock_chunks(rows, cols))
+    o = np.empty((n_max, 256), dtype=np.uint8)            # scratch: one chunk's values 0..63
+    h_buf = np.empty((n_max, 256), dtype=np.uint8)        # scratch
+    ds = np.empty((n_max, 16), np.float32)                # scratch
     for b0, n in _superblock_chunks(rows, cols):
         blk = blocks[b0 : b0 + n]
         np.multiply(blk["scales"], blk["d"].astype(np.float32)[:, None], out=ds[:n])
+        dv[b0 : b0 + n] = ds[:n].astype(np.float16).view(np.uint16)
         # Quarter t (32 elements) of each half takes its low 4 bits from ql bytes 32*(t%2) + l of
         # that half, nibble t//2, and its top 2 bits from bit pair t of qh byte l of that half.
-        o = qv[b0 : b0 + n]                               # (n, half, t//2, t%2, 32)
-        o.view("V32").reshape(n, 2, 2, 2)[:] = blk["ql"].reshape(n, 2, 1, 2)
-        f = _u64(o)
+        q = o[:n]                                         # (n, half, t//2, t%2, 32)
+        q.view("V32").reshape(n, 2, 2, 2)[:] = blk["ql"].reshape(n, 2, 1, 2)
+        f = _u64(q)
         f >>= _lanes(_runs(0, 4, lanes=8), f.size)
         f &= _NIBBLES
         high = h_buf[:n]                                  # (n, half, t, 32)
@@ -343,24 +346,9 @@ def _q6_k(flat, rows, cols):
         h &= _U64(0x0303030303030303)
         h <<= 4
         f |= h
-        o -= 32                                           # wraps in uint8: the int8 view reads q-32
-        _merge_sub_blocks(o.view(np.int8), ds[:n], dv[b0 : b0 + n])
-    return I8Weight(q_out, d, np.empty((rows, 0), dtype=np.float32))
-
-
-def _merge_sub_blocks(q: np.ndarray, ds: np.ndarray, d_out: np.ndarray) -> None:
-    """Q6_K's blocks of 16 (q (n, 256) int8 in [-32, 31], scales ds (n, 16) f32) as blocks of 32 in
-    place, scales into d_out (n, 8) f32: the block scale is S/3, S the larger |scale| of the pair, and
-    q becomes round(q * scale / (S/3)), within +-96. The sub-block with the larger scale (both, when
-    equal) stays exact; the other is rounded to a step of S/3, a third of its pair's 6-bit step. One
-    block size lets Q6_K run in the 32-block kernels with every other int8 layout."""
-    pair = np.abs(ds).reshape(-1, 8, 2).max(axis=2)                    # (n, 8) S
-    np.divide(pair, np.float32(3), out=d_out)
-    safe = np.where(d_out > 0, d_out, np.float32(1))
-    factor = ds.reshape(-1, 8, 2) / safe[:, :, None]                   # (n, 8, 2), within +-3
-    v = q.reshape(-1, 8, 2, 16).astype(np.float32) * factor[..., None]
-    np.rint(v, out=v)
-    q[:] = v.reshape(q.shape).astype(np.int8)
+        r0, r1 = b0 * 8 // nb, (b0 + n) * 8 // nb       # the chunk's rows (chunks are whole rows)
+        dequant.q6_join_numpy(q.reshape(r1 - r0, nb, 32), qs[r0:r1])
+    return Q6Weight(qs, d, np.empty((rows, 0), dtype=np.float32))
 
 
 _CONVERTERS = {

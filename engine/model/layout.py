@@ -14,7 +14,7 @@ import numpy as np
 
 from engine.errors import ConfigError
 from engine.memory import trim_heap
-from engine.model.weights import BF16Weight, F16Weight, F32Weight, I8Weight, Q4Weight, Q5Weight, Weight
+from engine.model.weights import BF16Weight, F16Weight, F32Weight, I8Weight, Q4Weight, Q5Weight, Q6Weight, Weight
 from kernels import dequant
 from kernels.neuron_records import pack
 
@@ -67,8 +67,12 @@ def _same_arrays(weights: list[Weight]) -> bool:
 
 def _as_i8(w, d_dtype, with_m: bool, m_dtype) -> I8Weight:
     """A Q4, Q5 or 32-block I8 weight as a 32-block I8 one with the same values: scales as d_dtype (f16
-    bits widen to float32 exactly), mins as m_dtype, zeros where it has none and with_m asks for them."""
+    bits widen to float32 exactly), mins as m_dtype, zeros where it has none and with_m asks for them.
+    A Q6 weight's two scales per block merge into one (_merged_q6)."""
     rows, nb = w.d.shape
+    if isinstance(w, Q6Weight):
+        q, d = _merged_q6(w)
+        return I8Weight(q, d, np.zeros((rows, nb if with_m else 0), m_dtype))
     if isinstance(w, I8Weight):
         q, offset = w.q, 0
     else:
@@ -91,6 +95,19 @@ def _as_i8(w, d_dtype, with_m: bool, m_dtype) -> I8Weight:
     else:
         m = np.zeros((rows, nb if with_m else 0), m_dtype)        # zero bits are +0.0 in f16 too
     return I8Weight(np.ascontiguousarray(q), d, m)
+
+
+def _merged_q6(w: Q6Weight) -> tuple[np.ndarray, np.ndarray]:
+    """A Q6 weight as q (rows, cols) int8 and d (rows, cols/32) f32 in blocks of 32: the block's scale is
+    S/3, S the larger |scale| of its two halves, and q becomes round((q - 32) * scale / (S/3)), within +-96.
+    The half with the larger scale stays exact; the other is rounded to a step of S/3, a third of its
+    6-bit step."""
+    rows, nb = w.d.shape
+    ds = dequant.q6_scales_numpy(w.d)                                  # (rows, nb, 2) f32
+    d = np.abs(ds).max(axis=2) / np.float32(3)                         # (rows, nb) f32
+    factor = ds / np.where(d > 0, d, np.float32(1))[:, :, None]        # (rows, nb, 2), within +-3
+    v = (dequant.q6_values_numpy(w.qs, nb).astype(np.float32) - 32).reshape(rows, nb, 2, 16) * factor[..., None]
+    return np.rint(v).astype(np.int8).reshape(rows, 32 * nb), d.astype(np.float32)
 
 
 def concat_rows(weights: list[Weight]) -> Weight | None:
@@ -119,12 +136,12 @@ def _split_views(lw, fused_name: str, names: tuple[str, ...]) -> None:
 
 
 def _one_region_weight(w) -> bool:
-    return isinstance(w, (Q4Weight, Q5Weight)) or (isinstance(w, I8Weight) and w.q.shape[1] == 32 * w.d.shape[1])
+    return isinstance(w, (Q4Weight, Q5Weight, Q6Weight)) or (isinstance(w, I8Weight) and w.q.shape[1] == 32 * w.d.shape[1])
 
 
 def _stack_signature(lw) -> list | None:
     """Per fused one-region matrix, the (rows, ...) shape and dtype of each of its arrays; None when
-    kernels/decode_token.py cannot run the layer (a layout other than Q4, Q5 or 32-block I8, parts of a fused
+    kernels/decode_token.py cannot run the layer (a layout other than Q4, Q5, Q6 or 32-block I8, parts of a fused
     matrix in different layouts, or biases). Shapes only: it keeps no reference to the weights."""
     if any(b is not None for b in (lw.bq, lw.bk, lw.bv, lw.bo)):
         return None
@@ -165,7 +182,7 @@ def _variants(sigs: list) -> list[list] | None:
 
 
 def stackable(layers) -> bool:
-    """Whether the one-region decode (kernels/decode_token.py) can run every layer: Q4, Q5 or 32-block I8
+    """Whether the one-region decode (kernels/decode_token.py) can run every layer: Q4, Q5, Q6 or 32-block I8
     matrices, no biases, the same shapes in every layer, at most VARIANTS layouts per matrix group."""
     return _variants([_stack_signature(lw) for lw in layers]) is not None
 
@@ -245,7 +262,7 @@ def _stack_vectors(layers, field: str) -> np.ndarray:
 def kernel_arrays(w: Weight) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
     """A weight's arrays as kernels/sparse_ffn.py takes them, (w, d, m), and the bits16 flag (1 = BF16,
     0 = F16, -1 = not 16-bit)."""
-    if isinstance(w, (Q4Weight, Q5Weight, I8Weight)):
+    if isinstance(w, (Q4Weight, Q5Weight, Q6Weight, I8Weight)):
         return (*w._arrays(), -1)
     if not isinstance(w, (F32Weight, F16Weight, BF16Weight)):
         raise ConfigError(f"sparse decode has no kernel for weight layout {type(w).__name__}")
@@ -347,7 +364,7 @@ def sparse_arrays(lw, with_gate: bool, down_format: str = "auto", records: str =
     dw, dd, dm, dscale, df = transpose_down(lw.w_down, down_format)
     bits16 = bits16_flag(gf, uf, df)
     extra = dw.nbytes + dd.nbytes + dm.nbytes + dscale.nbytes
-    recordable = type(lw.w_gate) is type(lw.w_up) and isinstance(lw.w_gate, (Q4Weight, Q5Weight, I8Weight))
+    recordable = type(lw.w_gate) is type(lw.w_up) and isinstance(lw.w_gate, (Q4Weight, Q5Weight, Q6Weight, I8Weight))
     if records == "off" or not recordable:
         return SparseArrays((gw, gd, gm, uw, ud, um, dw, dd, dm, dscale, bits16), None, extra)
     fields = [gw, uw, dw, gd, ud, dd, gm, um, dm] if with_gate else [uw, dw, ud, dd, um, dm]

@@ -190,6 +190,16 @@ class Q5Weight(_BlockWeight):
     gemm_kernel = staticmethod(gemm.gemm_q5)
 
 
+class Q6Weight(_BlockWeight):
+    """qs (rows, 3*cols/32) uint64: per group of blocks their low nibbles in the Q4 order, then their top
+    two bits (kernels/layouts.md); d (rows, cols/32) uint32, two f16 scales per block (elements 0..15 in
+    the low half); m (rows, 0): value = scale * (q - 32), Q6_K's."""
+
+    matvec_kernel = staticmethod(matvec.matvec_q6)
+    dequant_kernel = staticmethod(dequant.dequant_q6)
+    gemm_kernel = staticmethod(gemm.gemm_q6)
+
+
 @dataclass(frozen=True, eq=False)
 class I8Weight(Weight):
     q: np.ndarray  # (rows, cols) int8
