@@ -58,7 +58,7 @@ def test_flags_follow_numbas_target(env):
 # On a target without hardware halves or AVX2: the integer row dots (dense, sparse prefetching) and the
 # gathered axpys in generic vector IR with integer half conversion; the dense matvecs on f32 and f16
 # scales, with every tail of the four-block step and wide rows; the one-region decode; the sparse FFN's
-# paths (Q4_0, Q5_0 and Q8_0 in records, Q4 down, F16); the min terms, f16 conversions and the half KV cache.
+# paths (Q4_0, Q5_0, Q6_K and Q8_0 in records, Q4 down, F16); the min terms, f16 conversions and the half KV cache.
 NO_HALF_TESTS = [
     "tests/test_rowdot_sync.py::test_row_dots_against_numpy",
     "tests/test_sparse_ffn.py::test_gather_twins",
@@ -68,6 +68,9 @@ NO_HALF_TESTS = [
     "tests/test_kernels.py::test_matvec_q4_q5[5-8256-f16-False-q4]",
     "tests/test_kernels.py::test_matvec_q4_q5[5-576-f16-True-q5]",
     "tests/test_kernels.py::test_matvec_q4_q5[3-1056-f32-False-q5]",
+    "tests/test_kernels.py::test_matvec_q6[5-576]",
+    "tests/test_kernels.py::test_matvec_q6[3-1056]",
+    "tests/test_kernels.py::test_dequant_q6[5-576]",
     "tests/test_kernels.py::test_matvec_i8[32-5-576-True-f16]",
     "tests/test_kernels.py::test_matvec_i8[32-3-1056-False-f32]",
     "tests/test_kernels.py::test_matvec_i8[32-5-8256-False-f16]",
@@ -78,6 +81,7 @@ NO_HALF_TESTS = [
     "tests/test_sparse_ffn.py::test_layouts_random_subset[64-96-q4-f32-q4-f16]",
     "tests/test_sparse_ffn.py::test_layouts_random_subset[64-96-f16-f16]",
     "tests/test_sparse_ffn.py::test_layouts_random_subset[64-96-q5-f16-sym-i8-f16-32-nomin]",
+    "tests/test_sparse_ffn.py::test_layouts_random_subset[64-96-q6-i8-f16-32-nomin]",
     "tests/test_sparse_ffn.py::test_gathered_rows_given_gate_and_odd_blocks[96-q4-f16-sym-i8-f16-32-nomin]",
     "tests/test_kernels.py::test_min_term_twins",
     "tests/test_kernels.py::test_dequant_f16_every_pattern",
