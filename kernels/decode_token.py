@@ -55,13 +55,15 @@ if NUMBA:
 
     @jit(inline=True)
     def _rows(counters, step, t, threads, qs, d, m, xq, xp, xc, dx, xsum, out):
-        """Step `step`: out[r] = row r of the weight . x for every r, in items of ROWS rows."""
+        """Step `step`: out[r] = row r of the weight . x for every r, in items of ROWS rows, each row
+        prefetching one a page or more ahead (rowdot.row_ahead)."""
         rows = qs.shape[0]
         items = (rows + ROWS - 1) // ROWS
+        ahead = rowdot.rows_ahead(qs.shape[1] * qs.itemsize)
         c = sync.take(counters, step, t, threads, items)
         while c >= 0:
             for r in range(c * ROWS, min(rows, c * ROWS + ROWS)):
-                out[r] = rowdot.row(qs, d, m, r, xq, xp, xc, dx, xsum)
+                out[r] = rowdot.row_ahead(qs, d, m, r, ahead, xq, xp, xc, dx, xsum)
             sync.finish(counters, step, threads)
             c = sync.take(counters, step, t, threads, items)
         sync.wait_step(counters, step, threads, items)
@@ -79,11 +81,12 @@ if NUMBA:
         """Step `step`: ao[n] = act(gate row n . x) * (up row ffn + n . x), ROWS neurons per item (the
         chunk's gate and up rows together)."""
         items = (ffn + ROWS - 1) // ROWS
+        ahead = rowdot.rows_ahead(gq.shape[1] * gq.itemsize)
         c = sync.take(counters, step, t, threads, items)
         while c >= 0:
             for n in range(c * ROWS, min(ffn, c * ROWS + ROWS)):
-                gate = rowdot.row(gq, gd, gm, n, xq, xp, xc, dx, xsum)
-                up = rowdot.row(gq, gd, gm, ffn + n, xq, xp, xc, dx, xsum)
+                gate = rowdot.row_ahead(gq, gd, gm, n, ahead, xq, xp, xc, dx, xsum)
+                up = rowdot.row_ahead(gq, gd, gm, ffn + n, ahead, xq, xp, xc, dx, xsum)
                 ao[n] = act_scalar(gate, up, act)
             sync.finish(counters, step, threads)
             c = sync.take(counters, step, t, threads, items)

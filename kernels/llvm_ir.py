@@ -117,10 +117,12 @@ def prefetch_target(context, builder, ty, val, r):
     return base, builder.select(ok, nbytes, const64(0))
 
 
-def prefetch_line(builder, targets, i):
-    """Prefetch line i (bytes 64i..) of each (pointer, bytes) target that has one: a loop consuming one
-    line per iteration keeps a steady number of misses in flight this way (kernels/gather.py)."""
-    off = builder.mul(i, const64(64))
-    for base, nbytes in targets:
-        with builder.if_then(builder.icmp_signed("<", off, nbytes)):
-            prefetch(builder, builder.gep(base, [off]))
+def prefetch_line(builder, targets, i, lines=1):
+    """Prefetch lines i*lines .. i*lines + lines - 1 (64 bytes each) of each (pointer, bytes) target that
+    has them: a loop consuming `lines` lines per iteration keeps a steady number of misses in flight
+    this way (kernels/gather.py)."""
+    for k in range(lines):
+        off = builder.mul(builder.add(builder.mul(i, const64(lines)), const64(k)), const64(64))
+        for base, nbytes in targets:
+            with builder.if_then(builder.icmp_signed("<", off, nbytes)):
+                prefetch(builder, builder.gep(base, [off]))

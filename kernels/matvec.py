@@ -198,8 +198,9 @@ def _matvec_q4_numba(qs, d, m, x, out):
     xc = np.empty(8 * nb, dtype=np.int32)        # (cols/4,) its lane corrections (round_x makes them; Q4/Q5 rows skip them)
     xsum = np.empty(nb, dtype=np.float32)        # (cols/32,) its block sums, for the min term
     rowdot.round_x(x, xq, xp, xc, dx, xsum)
+    ahead = rowdot.rows_ahead(qs.shape[1] * qs.itemsize)
     for r in prange(rows):
-        out[r] = rowdot.row(qs, d, m, r, xq, xp, xc, dx, xsum)
+        out[r] = rowdot.row_ahead(qs, d, m, r, ahead, xq, xp, xc, dx, xsum)
     return out
 
 
@@ -259,14 +260,17 @@ def _matvec_i8x32_numba(q, d, m, x, out):
     xc = rowdot.lane_corrections(xq, np.empty(cols // 4, dtype=np.int32))     # (cols/4,) for VNNI's bias
     # rowdot.row's I8 formula with its min-term test hoisted out of the row loop, and only what I8
     # rows read (not all of round_x): on narrow rows both are measurable costs. xq stands in for the
-    # Q4 step order, which I8 rows never read.
+    # Q4 step order, which I8 rows never read. Each row prefetches one `ahead` rows on (rowdot.row_ahead).
+    ahead = rowdot.rows_ahead(cols)
     if m.shape[1]:
         xsum = intdot.rounded_block_sums(xq, dx, np.empty(nb, dtype=np.float32))
         for r in prange(rows):
-            out[r] = rowdot.i8_dot(q, d, r, xq, xq, xc, dx) + intdot.scale_dot(m, r, xsum)
+            rp = r + ahead if r + ahead < rows else -1
+            out[r] = rowdot.i8_row1p(q, d, r, rp, xq, xq, xc, dx) + intdot.scale_dot(m, r, xsum)
     else:
         for r in prange(rows):
-            out[r] = rowdot.i8_dot(q, d, r, xq, xq, xc, dx)
+            rp = r + ahead if r + ahead < rows else -1
+            out[r] = rowdot.i8_row1p(q, d, r, rp, xq, xq, xc, dx)
     return out
 
 

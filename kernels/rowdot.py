@@ -431,20 +431,21 @@ if NUMBA:
             out.append(p)
         return out
 
-    def _emit_rows(builder, nb, parts, step, targets=()):
+    def _emit_rows(builder, nb, parts, step, targets=(), lines=1):
         """The float sums over rows of nb blocks: step(b, k) gives, per row, the scaled partial sums of
         blocks b..b+k-1 as vectors (`parts` of them per row for k = 4, each <16 x float>); fours in a
         loop, each part into its own accumulator, then a step of two and/or one for the last nb % 4
         blocks. Rows stepped together share their x loads (LLVM merges the identical loads). targets:
-        (i8 pointer, bytes) of rows to prefetch, one 64-byte line of each per loop iteration: the
-        rows a sparse kernel reads next sit at scattered addresses, where the hardware prefetchers
-        find no stream (kernels/gather.py explains)."""
+        (i8 pointer, bytes) of rows to prefetch, `lines` 64-byte lines of each per loop iteration (what
+        the step reads of its own row): the rows a sparse kernel reads next sit at scattered addresses,
+        where the hardware prefetchers find no stream (kernels/gather.py explains), and a dense matvec's
+        next rows begin on pages that the prefetchers have not yet entered."""
         fours = builder.ashr(nb, _c(2))
         zero = ir.Constant(_vec(_F32, 16), [0.0] * 16)
 
         def body(g, *accs):
             vals = [v for row in step(builder.mul(g, _c(4)), 4) for v in row]
-            _prefetch_line(builder, targets, g)
+            _prefetch_line(builder, targets, g, lines)
             return [builder.fadd(a, v, flags=("fast",)) for a, v in zip(accs, vals)]
 
         rows = step.rows
@@ -473,6 +474,8 @@ if NUMBA:
             return [self.one_row(i, b, k) for i in range(self.rows)]
 
     _WDTYPES = {"q4": types.uint8, "i8": types.int8, "q5": types.uint32, "q6": types.uint64}
+    # 64-byte lines a four-block step reads of its row: 64 bytes of Q4, 80 of Q5, 96 of Q6, 128 of I8
+    _STEP_LINES = {"q4": 1, "q5": 2, "q6": 2, "i8": 2}
     # scale dtypes per form: float32 or f16 bits, Q6's two f16 per block as one uint32
     _DDTYPES = {"q6": (types.uint32,)}
     _DDEFAULT = (types.float32, types.uint16)
@@ -525,7 +528,7 @@ if NUMBA:
                             targets.append(_target(context, builder, sig.args[i], vals[i], vals[k + 1]))
                 steps = [_layout_step(form, builder, q, xq_v, xp_v, xc_v, dr, dx_v, f16) for q, dr, f16 in rows]
                 step = _Step(nmats, lambda i, b, kk: steps[i](b, kk))
-                out = _emit_rows(builder, nb, 2 if form == "i8" else 1, step, targets)
+                out = _emit_rows(builder, nb, 2 if form == "i8" else 1, step, targets, _STEP_LINES[form])
                 return out[0] if nmats == 1 else context.make_tuple(builder, sig.return_type, out)
 
             ret = types.float32 if nmats == 1 else types.UniTuple(types.float32, nmats)
@@ -604,6 +607,18 @@ def row(qs, d, m, r, xq, xp, xc, dx, xsum):
     them round alike."""
 
 
+def row_ahead(qs, d, m, r, ahead, xq, xp, xc, dx, xsum):
+    """`row`, prefetching row r + ahead of qs and d (none when that is past the last row) as it goes: the
+    dense matvecs' row loops, whose next rows start on new pages where the hardware prefetchers ramp up
+    again (one stream per array and thread)."""
+
+
+@jit(inline=True)
+def rows_ahead(row_bytes):
+    """How far ahead row_ahead prefetches: at least 4 KiB (a page) of rows, at least two rows."""
+    return max(2, 4096 // max(1, row_bytes))
+
+
 def min_part(qs, d, m, r, xsum):
     """The min term of row r that `row` adds: for Q4 (qs uint8) m, or Q4_0's -8d, times the rounded block
     sums (intdot.min_term); for Q5 (qs uint32) m or Q5_0's -16d (intdot.min_term16); for I8 (qs int8) m times them, or 0 when the format has no m;
@@ -626,6 +641,20 @@ if NUMBA:
                 return intdot.scale_dot(m, r, xsum) if m.shape[1] else np.float32(0.0)
             return i8
         return None
+
+    @overload(row_ahead, inline="always", jit_options={"fastmath": True})
+    def _row_ahead_ov(qs, d, m, r, ahead, xq, xp, xc, dx, xsum):
+        form = {types.uint8: q4_row1p, types.int8: i8_row1p, types.uint32: q5_row1p,
+                types.uint64: q6_row1p}.get(qs.dtype)
+        if form is None:
+            return None
+
+        def impl(qs, d, m, r, ahead, xq, xp, xc, dx, xsum):
+            rp = r + ahead
+            if rp >= qs.shape[0]:
+                rp = -1
+            return form(qs, d, r, rp, xq, xp, xc, dx) + min_part(qs, d, m, r, xsum)
+        return impl
 
     @overload(row, inline="always", jit_options={"fastmath": True})
     def _row_ov(qs, d, m, r, xq, xp, xc, dx, xsum):
