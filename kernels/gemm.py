@@ -151,25 +151,25 @@ def _gemm_numba(w, d, m, x, out):
 
 
 @jit(parallel=True)
-def _gemm_lanes_numba(w, d, m, x, out, flip, row_bytes):
+def _gemm_lanes_numba(w, d, m, x, out, flip, row_bytes, split):
     """The rows-in-lanes form (kernels/lanetile.py) for AVX-512 VNNI and rows a multiple of 32: each
     prange iteration packs 32 rows (row_bytes each: lanetile.packed_bytes), then every token passes
-    over them."""
+    over them. split: scale blocks per block of 32 (2 for the Q6 layout, else 1)."""
     check_weight_rows(w, d, m)
     n, cols = x.shape
     rows = w.shape[0]
     nb = cols // 32
     xq = np.empty((n, cols), dtype=np.int8)            # (n, cols) x rounded per block of 32
     dx = np.empty((n, nb), dtype=np.float32)           # (n, cols/32) block scales
-    xsum = np.empty((n, nb), dtype=np.float32)         # (n, cols/32) rounded block sums
+    xsum = np.empty((n, split * nb), dtype=np.float32) # (n, cols/32 or cols/16) rounded sums per scale block
     for t in prange(n):
         intdot.quantize_q8(x[t], xq[t], dx[t])
         intdot.rounded_block_sums(xq[t], dx[t], xsum[t])
     G, L, T = lanetile.GROUPS, lanetile.LANES, lanetile.TOKENS
     for p in prange(rows // (G * L)):
         ws = np.empty((G, L * row_bytes), dtype=np.uint8)      # (groups, 16 rows' bytes) packed rows
-        sw = np.empty((G, nb * L), dtype=np.float32)           # (groups, nb*16) scales
-        mw = np.empty((G, nb * L), dtype=np.float32)           # (groups, nb*16) min coefficients
+        sw = np.empty((G, split * nb * L), dtype=np.float32)   # (groups, scale blocks*16) scales
+        mw = np.empty((G, split * nb * L), dtype=np.float32)   # (groups, scale blocks*16) min coefficients
         r0 = p * G * L
         for g in range(G):
             lanetile.pack(w, d, m, r0 + g * L, ws[g], sw[g], mw[g], flip)
@@ -191,24 +191,26 @@ def _lanes(w) -> bool:
 def gemm_q4(qs, d, m, x, out):
     """gemm_q4_numpy's numba twin (the rows-in-lanes form where it applies)."""
     if _lanes(qs):
-        return _gemm_lanes_numba(qs, d, m, x, out, False, lanetile.packed_bytes(qs, d.shape[1]))
+        return _gemm_lanes_numba(qs, d, m, x, out, False, lanetile.packed_bytes(qs, d.shape[1]), 1)
     return _gemm_numba(qs, d, m, x, out) if NUMBA else gemm_q4_numpy(qs, d, m, x, out)
 
 
 def gemm_q5(qs, d, m, x, out):
     """gemm_q5_numpy's numba twin (the rows-in-lanes form where it applies)."""
     if _lanes(qs):
-        return _gemm_lanes_numba(qs, d, m, x, out, False, lanetile.packed_bytes(qs, d.shape[1]))
+        return _gemm_lanes_numba(qs, d, m, x, out, False, lanetile.packed_bytes(qs, d.shape[1]), 1)
     return _gemm_numba(qs, d, m, x, out) if NUMBA else gemm_q5_numpy(qs, d, m, x, out)
 
 
 def gemm_q6(qs, d, m, x, out):
-    """gemm_q6_numpy's numba twin: rows in turn only (the rows-in-lanes tile holds one scale per block)."""
+    """gemm_q6_numpy's numba twin (the rows-in-lanes form where it applies, in blocks of 16)."""
+    if _lanes(qs):
+        return _gemm_lanes_numba(qs, d, m, x, out, False, lanetile.packed_bytes(qs, d.shape[1]), 2)
     return _gemm_numba(qs, d, m, x, out) if NUMBA else gemm_q6_numpy(qs, d, m, x, out)
 
 
 def gemm_i8(q, d, m, x, out):
     """gemm_i8_numpy's numba twin (the rows-in-lanes form where it applies)."""
     if _lanes(q):
-        return _gemm_lanes_numba(q, d, m, x, out, True, lanetile.packed_bytes(q, d.shape[1]))
+        return _gemm_lanes_numba(q, d, m, x, out, True, lanetile.packed_bytes(q, d.shape[1]), 1)
     return _gemm_numba(q, d, m, x, out) if NUMBA else gemm_i8_numpy(q, d, m, x, out)

@@ -63,15 +63,17 @@ quantize_q8 = _quantize_q8_numba if NUMBA else quantize_q8_numpy
 
 @jit()
 def rounded_block_sums(xq, dx, out):
-    """xq (32*nb,) int8, dx (nb,) f32 -> out (nb,) f32: the block sums of the rounded x. The min term (m,
-    or Q4_0's -8d) multiplies these, not the float sums of x: then the whole weight meets the same
-    rounded x and the rounding errors meet the centred weights, not d*q >= 0 alone. Float sums cost
-    SmolLM2 ~2% decode perplexity."""
+    """xq (32*nb,) int8, dx (nb,) f32 -> out (nb,) f32: the block sums of the rounded x; or, for out of
+    (2*nb,), the sums of its halves of 16 (the Q6 layout's scale blocks). The min term (m, or Q4_0's -8d)
+    multiplies these, not the float sums of x: then the whole weight meets the same rounded x and the
+    rounding errors meet the centred weights, not d*q >= 0 alone. Float sums cost SmolLM2 ~2% decode
+    perplexity."""
+    sub = xq.shape[0] // out.shape[0]                # 32, or 16
     for b in range(out.shape[0]):
         t = np.int32(0)
-        for j in range(32):
-            t += np.int32(xq[b * 32 + j])
-        out[b] = np.float32(t) * dx[b]
+        for j in range(sub):
+            t += np.int32(xq[b * sub + j])
+        out[b] = np.float32(t) * dx[(b * sub) >> 5]
     return out
 
 

@@ -12,10 +12,12 @@ Layout of a packed group of 16 rows (`pack`, `pack_numpy`; one group per row of 
       chunk c + 1... A Q4 chunk holds, in its low nibbles, elements 4c'..4c'+3 of its block and in its
       high nibbles elements 16+4c'..16+4c'+3 (c' = c mod 4, kernels/layouts.md); an I8 chunk holds four
       elements, sign bit flipped (q + 128 as unsigned), since vpdpbusd multiplies unsigned by signed
-      bytes; a Q5 chunk four values 0..31 (unsigned already), read by the I8 tile.
-  sw (nb * 16) f32: block b's scales of the 16 rows.
+      bytes; a Q5 chunk four values 0..31 (unsigned already), read by the I8 tile; a Q6 chunk four
+      values 0..63, read by the I8 tile in blocks of 16 (its scale blocks).
+  sw (nb * 16) f32: block b's scales of the 16 rows (Q6: (2 * nb * 16), half block h's).
   mw (nb * 16) f32: block b's min coefficients, which multiply the block sums of the rounded x: m, or
-      Q4_0's -8d or Q5_0's -16d; for I8 m - 128d (or -128d), the -128 undoing the sign flip.
+      Q4_0's -8d or Q5_0's -16d; for I8 m - 128d (or -128d), the -128 undoing the sign flip; for Q6 -32
+      times its half block's scale, against the sums of the rounded x's halves.
 Packing moves 4-byte chunks, a transpose of 32-bit words per group; it runs once per panel and every
 token reuses it.
 """
@@ -32,8 +34,16 @@ TOKENS = 4          # tokens per tile
 
 
 def pack_numpy(w, d, m, r0, ws, sw, mw, flip):
-    """Rows r0..r0+15 of a Q4 (w uint8 nibbles), 32-block I8 (w int8, flip=True) or Q5 (w uint32) weight
-    into one group: ws (16 * packed_bytes,) uint8, sw, mw (nb * 16,) f32 (module doc)."""
+    """Rows r0..r0+15 of a Q4 (w uint8 nibbles), 32-block I8 (w int8, flip=True), Q5 (w uint32) or Q6
+    (w uint64) weight into one group: ws (16 * packed_bytes,) uint8, sw, mw (nb * 16,) f32, Q6's (2 * nb *
+    16,) (module doc)."""
+    if w.dtype == np.uint64:
+        values = dequant.q6_values_numpy(w[r0:r0 + LANES], d.shape[1])      # (16, nb, 32) uint8
+        ws.view(np.uint32)[:] = values.reshape(LANES, -1).view(np.uint32).T.reshape(-1)
+        halves = dequant.q6_scales_numpy(d[r0:r0 + LANES]).reshape(LANES, -1)   # (16, 2*nb)
+        sw[:] = halves.T.reshape(-1)
+        mw[:] = np.float32(-32.0) * sw
+        return
     dd = scales_f32_numpy(d[r0:r0 + LANES])                                 # (16, nb)
     sw[:] = dd.T.reshape(-1)
     if w.dtype == np.uint32:
@@ -52,7 +62,7 @@ def pack_numpy(w, d, m, r0, ws, sw, mw, flip):
 
 
 def packed_bytes(w, nb: int) -> int:
-    """Bytes of one packed row: cols/2 for Q4 nibbles, cols for I8 and for Q5 (unpacked to bytes)."""
+    """Bytes of one packed row: cols/2 for Q4 nibbles, cols for I8, and for Q5 and Q6 (unpacked to bytes)."""
     return 16 * nb if w.dtype == np.uint8 else 32 * nb
 
 
@@ -101,6 +111,41 @@ def _pack_q5(w, d, m, r0, ws, sw, mw, flip):
 
 
 @jit(inline=True)
+def _pack_q6(w, d, m, r0, ws, sw, mw, flip):
+    """The Q6 layout into the I8 form: each value (0..63) a byte, chunk c of row i at 64c + 4i; a scale and
+    a min coefficient (-32 times it) per half block. Eight values at a time in uint64 words: a word of
+    nibbles and one of crumbs, whose bit pair at `shift` (kernels/layouts.md) becomes bits 4-5."""
+    nb = d.shape[1]
+    flat = ws.view(np.uint32)
+    low = np.uint64(0x0F0F0F0F0F0F0F0F)
+    pairs = np.uint64(0x0303030303030303)
+    for i in range(LANES):
+        by = w[r0 + i].view(np.uint8)                # (24*nb,) the row's bytes
+        b = 0
+        while b < nb:                                # groups of k blocks: 16k nibble bytes, then 8k crumbs
+            k = 4 if nb - b >= 4 else (2 if nb - b >= 2 else 1)
+            for t in range(k):
+                for u in range(2):                   # the block's elements 8u..8u+7 and 16+8u..16+8u+7
+                    e = 16 * t + 8 * u               # their place in the step's low and high vectors
+                    n = dequant.le_bytes(by, 24 * b + e, 8)
+                    c = dequant.le_bytes(by, 24 * b + 16 * k + e % (8 * k), 8)
+                    shift = np.uint64(2 * (e // (8 * k)))
+                    lo = (n & low) | (((c >> shift) & pairs) << np.uint64(4))
+                    hi = ((n >> np.uint64(4)) & low) | (((c >> (shift + np.uint64(4))) & pairs) << np.uint64(4))
+                    for h, v in ((0, lo), (4, hi)):
+                        ch = 8 * (b + t) + 2 * u + h     # the chunks of those eight elements
+                        flat[ch * LANES + i] = np.uint32(v & np.uint64(0xFFFFFFFF))
+                        flat[(ch + 1) * LANES + i] = np.uint32(v >> np.uint64(32))
+            b += k
+    for i in range(LANES):
+        halves = d[r0 + i].view(np.uint16)
+        for h in range(2 * nb):
+            s = dequant.f16_to_f32(halves[h])
+            sw[h * LANES + i] = s
+            mw[h * LANES + i] = np.float32(-32.0) * s
+
+
+@jit(inline=True)
 def _pack_words(w, d, m, r0, ws, sw, mw, flip):
     """The Q4 and I8 layouts: 4-byte chunks moved as words; flip: XOR each byte with 0x80 (I8)."""
     chunks = w.shape[1] // 4
@@ -134,10 +179,11 @@ if NUMBA:
         u = builder.insert_element(ir.Constant(vec(t, n), ir.Undefined), v, ir.Constant(I32, 0))
         return builder.shuffle_vector(u, u, ir.Constant(vec(I32, n), [0] * n))
 
-    def _tile_intrinsic(nibbles, T):
+    def _tile_intrinsic(nibbles, T, block=32):
         """lane_tile(ws, sw, mw, xq, dx, xsum, t, out, col): GROUPS packed groups (rows of ws, sw, mw) times
-        tokens t..t+T-1 of x rounded per block (xq (n, K) int8, dx, xsum (n, K/32) f32), min terms included,
-        stored to out[t + j, col + 16g + i] (out (n, rows) f32)."""
+        tokens t..t+T-1 of x rounded per block (xq (n, K) int8, dx (n, K/32) f32, xsum (n, K/block) f32 its
+        sums per scale block), min terms included, stored to out[t + j, col + 16g + i] (out (n, rows)
+        f32). block: the weights' scale block, 32, or 16 for the Q6 layout (I8 form only)."""
 
         def lane_tile(typingctx, ws, sw, mw, xq, dx, xsum, t, out, col):
             if not (c_array(ws, 2, types.uint8) and c_array(sw, 2, types.float32) and c_array(mw, 2, types.float32)
@@ -162,9 +208,9 @@ if NUMBA:
                 xrows = [p for p, _ in rows(3, vals[6], T)]
                 drows, nbs = zip(*rows(4, vals[6], T))
                 srows_x = [p for p, _ in rows(5, vals[6], T)]
-                nb = nbs[0]
+                nb = builder.mul(nbs[0], const64(32 // block))   # scale blocks per row
                 chunk_bytes = 8 if nibbles else 4            # weights (K elements) per 4-byte chunk
-                per_block = 32 // chunk_bytes                # chunks per block
+                per_block = block // chunk_bytes             # chunks per block
 
                 def body(b, accs):
                     iacc = [ir.Constant(v16i, [0] * 16)] * (GROUPS * T)
@@ -181,7 +227,7 @@ if NUMBA:
                             xoffs = [4 * c]
                         for j in range(T):
                             for h, xo in enumerate(xoffs):
-                                xa = builder.add(builder.mul(b, const64(32)), const64(xo))
+                                xa = builder.add(builder.mul(b, const64(block)), const64(xo))
                                 x4 = builder.load(builder.bitcast(builder.gep(xrows[j], [xa]), I32.as_pointer()), align=1)
                                 xb = _bcast(builder, x4, I32, 16)
                                 for g in range(GROUPS):
@@ -196,7 +242,8 @@ if NUMBA:
                         mv = builder.load(builder.bitcast(builder.gep(mrows[g], [so]), v16f.as_pointer()), align=4)
                         for j in range(T):
                             p = g * T + j
-                            dxs = _bcast(builder, builder.load(builder.gep(drows[j], [b])), F32, 16)
+                            bx = b if block == 32 else builder.ashr(b, const64(1))      # x's block of 32
+                            dxs = _bcast(builder, builder.load(builder.gep(drows[j], [bx])), F32, 16)
                             xss = _bcast(builder, builder.load(builder.gep(srows_x[j], [b])), F32, 16)
                             v = builder.fmul(builder.sitofp(iacc[p], v16f), builder.fmul(s, dxs, flags=("fast",)),
                                              flags=("fast",))
@@ -238,15 +285,16 @@ if NUMBA:
 
             return sig, codegen
 
-        lane_tile.__name__ = lane_tile.__qualname__ = f"{'q4' if nibbles else 'i8'}_lanes{T}"
+        lane_tile.__name__ = lane_tile.__qualname__ = f"{'q4' if nibbles else 'i8'}_{block}_lanes{T}"
         return intrinsic(lane_tile)
 
     q4_tile, q4_tile1 = _tile_intrinsic(True, TOKENS), _tile_intrinsic(True, 1)
     i8_tile, i8_tile1 = _tile_intrinsic(False, TOKENS), _tile_intrinsic(False, 1)
+    q6_tile, q6_tile1 = _tile_intrinsic(False, TOKENS, 16), _tile_intrinsic(False, 1, 16)
 
 
 def tile(w, ws, sw, mw, xq, dx, xsum, t, out, col):
-    """TOKENS tokens through the tile of w's layout (Q4 nibbles or I8, by w's dtype)."""
+    """TOKENS tokens through the tile of w's layout (Q4 nibbles, I8 or Q6, by w's dtype)."""
 
 
 def tile1(w, ws, sw, mw, xq, dx, xsum, t, out, col):
@@ -260,18 +308,20 @@ if NUMBA:
     def _pack_ov(w, d, m, r0, ws, sw, mw, flip):
         if w.dtype == types.uint32:
             return _pack_q5.py_func
+        if w.dtype == types.uint64:
+            return _pack_q6.py_func
         if w.dtype in (types.uint8, types.int8):
             return _pack_words.py_func
         return None
 
-    def _dispatch(q4, i8):
+    def _dispatch(q4, i8, q6):
         def ov(w, ws, sw, mw, xq, dx, xsum, t, out, col):
-            # Q5 packs into bytes (_pack_q5): the I8 form reads them.
-            form = {types.uint8: q4, types.int8: i8, types.uint32: i8}.get(w.dtype)
+            # Q5 and Q6 pack into bytes (_pack_q5, _pack_q6): the I8 form reads them, Q6's in blocks of 16.
+            form = {types.uint8: q4, types.int8: i8, types.uint32: i8, types.uint64: q6}.get(w.dtype)
             if form is None:
                 return None
             return lambda w, ws, sw, mw, xq, dx, xsum, t, out, col: form(ws, sw, mw, xq, dx, xsum, t, out, col)
         return ov
 
-    overload(tile, inline="always")(_dispatch(q4_tile, i8_tile))
-    overload(tile1, inline="always")(_dispatch(q4_tile1, i8_tile1))
+    overload(tile, inline="always")(_dispatch(q4_tile, i8_tile, q6_tile))
+    overload(tile1, inline="always")(_dispatch(q4_tile1, i8_tile1, q6_tile1))

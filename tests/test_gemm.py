@@ -9,7 +9,7 @@ import json
 import numpy as np
 import pytest
 
-from kernels import backend, gemm, matvec
+from kernels import backend, dequant, gemm, matvec
 from tests.test_kernels import _i8, _q4, _q5, _q6, ref_q4, ref_q5
 
 # (rows, cols, tokens): tiles with nothing left over, rows and tokens left over, one block of 32, rows
@@ -18,7 +18,6 @@ from tests.test_kernels import _i8, _q4, _q5, _q6, ref_q4, ref_q5
 # token left over).
 SHAPES = [(64, 128, 8), (70, 96, 9), (131, 32, 3), (200, 224, 13), (3, 64, 5), (5, 64, 1), (96, 160, 7)]
 FORMATS = ["q4_0", "q4_1", "q8_0", "i8_min", "q5_0", "q5_1", "q6"]
-LANE_FORMATS = [f for f in FORMATS if f != "q6"]      # the rows-in-lanes tile holds one scale per block
 
 
 def _weight(rng, kind, rows, cols, scales):
@@ -150,11 +149,11 @@ def test_plan_sets_the_engine_and_bad_values_are_named(q4_gguf, tmp_path):
         load(str(q4_gguf), prefill="fast")
 
 
-@pytest.mark.parametrize("kind", LANE_FORMATS)
+@pytest.mark.parametrize("kind", FORMATS)
 @pytest.mark.parametrize("scales", ["f32", "f16"])
 def test_lane_packing_twins(kind, scales):
     """kernels/lanetile.pack against pack_numpy: 4-byte chunks of 16 rows interleaved (sign bits flipped
-    for I8), scales and min coefficients per block and row."""
+    for I8), scales and min coefficients per block and row (per half block for Q6)."""
     if not backend.NUMBA:
         pytest.skip("numba only")
     from numba import njit
@@ -170,12 +169,19 @@ def test_lane_packing_twins(kind, scales):
     flip = not kind.startswith("q4")
     nb = d.shape[1]
     nbytes = 16 * lanetile.packed_bytes(w, nb)
-    want = [np.empty(nbytes, np.uint8), np.empty(16 * nb, np.float32), np.empty(16 * nb, np.float32)]
+    scale_blocks = 2 * nb if kind == "q6" else nb
+    want = [np.empty(nbytes, np.uint8), np.empty(16 * scale_blocks, np.float32), np.empty(16 * scale_blocks, np.float32)]
     got = [np.empty_like(a) for a in want]
     lanetile.pack_numpy(w, d, m, 16, *want, flip)
     pack(w, d, m, 16, *got, flip)
     for a, b in zip(got, want):
         np.testing.assert_array_equal(a, b)
+    if kind == "q6":
+        values = dequant.q6_values_numpy(w, nb).reshape(w.shape[0], -1)
+        assert want[0][:4].tobytes() == values[16, :4].tobytes()
+        assert want[0][4:8].tobytes() == values[17, :4].tobytes()
+        np.testing.assert_array_equal(want[1][16:32], dequant.q6_scales_numpy(d)[16:32, 0, 1])
+        return
     if kind.startswith("q5"):
         values = np.rint(ref_q5(w, np.ones_like(d, np.float32), np.zeros_like(d, np.float32))).astype(np.uint8)
         assert want[0][:4].tobytes() == values[16, :4].tobytes()
