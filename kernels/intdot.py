@@ -42,7 +42,9 @@ def quantize_q8_numpy(x, xq, dx):
 
 
 @jit()
-def _quantize_q8_numba(x, xq, dx):
+def _quantize_q8_loops(x, xq, dx):
+    """Numba loops for arrays that are not C-contiguous (the intrinsic below takes C arrays only). Its
+    32-step loops are unrolled and left scalar by LLVM: ~1 ns per value."""
     nb = dx.shape[0]
     for b in range(nb):
         blk = x[b * 32 : b * 32 + 32]
@@ -53,6 +55,16 @@ def _quantize_q8_numba(x, xq, dx):
         inv = np.float32(127.0) / amax if amax > 0 else np.float32(0.0)
         for j in range(32):
             xq[b * 32 + j] = np.int8(np.int32(np.rint(blk[j] * inv)))
+    return xq
+
+
+def _q8_blocks(x, xq, dx):
+    """x -> xq, dx as quantize_q8_numpy, inside numba: the IR intrinsic for C arrays, else the loops."""
+
+
+@jit()
+def _quantize_q8_numba(x, xq, dx):
+    _q8_blocks(x, xq, dx)
     return xq
 
 
@@ -212,6 +224,76 @@ if NUMBA:
             return res
 
         return types.float32(d, m, r, xsum), codegen
+
+
+    @intrinsic
+    def _quantize_q8_ir(typingctx, x, xq, dx):
+        """quantize_q8_numpy in vector IR, a block of 32 per step: |x| as a bit mask, the block's max by
+        halving, then y = x * (127 / max) rounded to the nearest integer, ties to even (np.rint), with
+        integer operations: truncate, then step away from zero where the dropped fraction is above one
+        half, or exactly one half and the truncated value odd. That is exact on every target, with no
+        libm call and no x86-only instruction, and fast-math cannot fold it away (numba compiles with
+        fast math, which cancels the usual y + 1.5*2**23 - 1.5*2**23). The loops it replaces were
+        unrolled by LLVM and left scalar."""
+        from kernels.llvm_ir import I8 as _I8, c_array as _c_array, lanes as _lanes, splat as _splat
+        if not (_c_array(x, 1, types.float32) and _c_array(xq, 1, types.int8) and _c_array(dx, 1, types.float32)):
+            return None
+
+        def codegen(context, builder, sig, args):
+            xp, qp, dp = (context.make_array(t)(context, builder, a) for t, a in zip(sig.args, args))
+            nb = builder.extract_value(dp.shape, 0)
+            v32 = _vec(_F32, 32)
+            entry = builder.block
+            fn = builder.function
+            loop, done = fn.append_basic_block("q8.loop"), fn.append_basic_block("q8.done")
+            builder.cbranch(builder.icmp_signed(">", nb, ir.Constant(_I64, 0)), loop, done)
+            builder.position_at_end(loop)
+            b = builder.phi(_I64)
+            off = builder.mul(b, ir.Constant(_I64, 32))
+            v = builder.load(builder.bitcast(builder.gep(xp.data, [off]), v32.as_pointer()), align=4)
+            a = builder.bitcast(builder.and_(builder.bitcast(v, _vec(_I32, 32)), _splat(_I32, 32, 0x7FFFFFFF)), v32)
+            n = 32
+            while n > 1:
+                n //= 2
+                lo = builder.shuffle_vector(a, a, _lanes(*range(n)))
+                hi = builder.shuffle_vector(a, a, _lanes(*range(n, 2 * n)))
+                a = builder.select(builder.fcmp_ordered(">", hi, lo), hi, lo)
+            amax = builder.extract_element(a, ir.Constant(_I32, 0))
+            builder.store(builder.fdiv(amax, ir.Constant(_F32, 127.0)), builder.gep(dp.data, [b]))
+            pos = builder.fcmp_ordered(">", amax, ir.Constant(_F32, 0.0))
+            inv = builder.select(pos, builder.fdiv(ir.Constant(_F32, 127.0), amax), ir.Constant(_F32, 0.0))
+            invv = builder.shuffle_vector(builder.insert_element(ir.Constant(v32, ir.Undefined), inv,
+                                                                 ir.Constant(_I32, 0)),
+                                          ir.Constant(v32, ir.Undefined), _lanes(*([0] * 32)))
+            y = builder.fmul(v, invv)
+            v32i = _vec(_I32, 32)
+            t = builder.fptosi(y, v32i)                                  # toward zero, |t| <= 127
+            f = builder.fsub(y, builder.sitofp(t, v32))                  # the dropped fraction, exact
+            af = builder.bitcast(builder.and_(builder.bitcast(f, v32i), _splat(_I32, 32, 0x7FFFFFFF)), v32)
+            half = _splat(_F32, 32, 0.5)
+            odd = builder.icmp_signed("!=", builder.and_(t, _splat(_I32, 32, 1)), _splat(_I32, 32, 0))
+            up = builder.or_(builder.fcmp_ordered(">", af, half),
+                             builder.and_(builder.fcmp_ordered("==", af, half), odd))
+            step = builder.select(builder.fcmp_ordered("<", y, _splat(_F32, 32, 0.0)),
+                                  _splat(_I32, 32, -1), _splat(_I32, 32, 1))
+            q = builder.trunc(builder.add(t, builder.select(up, step, _splat(_I32, 32, 0))), _vec(_I8, 32))
+            builder.store(q, builder.bitcast(builder.gep(qp.data, [off]), _vec(_I8, 32).as_pointer()), align=1)
+            b2 = builder.add(b, ir.Constant(_I64, 1))
+            b.add_incoming(ir.Constant(_I64, 0), entry)
+            b.add_incoming(b2, loop)
+            builder.cbranch(builder.icmp_signed("<", b2, nb), loop, done)
+            builder.position_at_end(done)
+            return context.get_dummy_value()
+
+        return types.void(x, xq, dx), codegen
+
+    from numba.core.extending import overload as _overload
+
+    @_overload(_q8_blocks, inline="always")
+    def _q8_blocks_ov(x, xq, dx):
+        if all(isinstance(a, types.Array) and a.layout == "C" for a in (x, xq, dx)):
+            return lambda x, xq, dx: _quantize_q8_ir(x, xq, dx)
+        return lambda x, xq, dx: _quantize_q8_loops(x, xq, dx)
 
 
 # scale_dot(s, r, v), min_term(d, m, r, xsum) and min_term16 (Q5's offset): see the numpy twins above.
