@@ -144,9 +144,18 @@ def _scaled_blocks(flat, d, m, offset, out):
     return out
 
 
+def _step_blocks(left):
+    """Blocks in the row-dot step that starts with `left` blocks of the row to go: fours, then a two and/or
+    a one (kernels/rowdot.py). The Q5 and Q6 layouts group their bytes by the same steps."""
+    return 4 if left >= 4 else (2 if left >= 2 else 1)
+
+
+step_blocks = pick(jit(inline=True)(_step_blocks), _step_blocks)
+
+
 def row_groups(nb: int):
-    """(first block, blocks per group, groups) of a Q5 row of nb blocks: groups of four, then a group of
-    two and/or one (kernels/rowdot.py's steps)."""
+    """(first block, blocks per group, groups) of a Q5 or Q6 row of nb blocks: groups of four, then a group
+    of two and/or one (step_blocks, kernels/rowdot.py's steps)."""
     b = 0
     for k, n in ((4, nb // 4), (2, (nb % 4) // 2), (1, nb % 2)):
         if n:
@@ -158,13 +167,17 @@ def q5_block_views(qs, nb):
     """Views of a Q5 weight's groups (kernels/layouts.md): per segment of row_groups, (first block, k,
     nibbles (rows, groups, k, 16) uint8, high words (rows, groups, k) uint32). qs (rows, 5*nb) uint32
     with contiguous rows; each group of k blocks is 16k nibble bytes, then k 32-bit words of high bits."""
+    return [(b, k, seg[:, :, : 16 * k].reshape(seg.shape[0], -1, k, 16), seg[:, :, 16 * k:].view(np.uint32))
+            for b, k, seg in _group_segments(qs, nb, 20)]
+
+
+def _group_segments(qs, nb, block_bytes):
+    """Per segment of row_groups, (first block, k, bytes (rows, groups, block_bytes*k) uint8) of a weight
+    whose rows (contiguous) keep block_bytes per block in groups of k blocks (the Q5 and Q6 layouts)."""
     rows = qs.shape[0]
-    by = qs.view(np.uint8)                                          # (rows, 20*nb)
-    out = []
-    for b, k, n in row_groups(nb):
-        seg = by[:, 20 * b: 20 * (b + k * n)].reshape(rows, n, 20 * k)
-        out.append((b, k, seg[:, :, : 16 * k].reshape(rows, n, k, 16), seg[:, :, 16 * k:].view(np.uint32)))
-    return out
+    by = qs.view(np.uint8)                                          # (rows, block_bytes*nb)
+    return [(b, k, by[:, block_bytes * b: block_bytes * (b + k * n)].reshape(rows, n, block_bytes * k))
+            for b, k, n in row_groups(nb)]
 
 
 def q5_split_numpy(qs, nb):
@@ -222,13 +235,8 @@ def q6_block_views(qs, nb):
     (first block, k, nibbles (rows, groups, k, 16) uint8, crumbs (rows, groups, 8k) uint8). qs (rows,
     3*nb) uint64 with contiguous rows; each group of k blocks is 16k nibble bytes, then 8k bytes of the
     values' top two bits."""
-    rows = qs.shape[0]
-    by = qs.view(np.uint8)                                          # (rows, 24*nb)
-    out = []
-    for b, k, n in row_groups(nb):
-        seg = by[:, 24 * b: 24 * (b + k * n)].reshape(rows, n, 24 * k)
-        out.append((b, k, seg[:, :, : 16 * k].reshape(rows, n, k, 16), seg[:, :, 16 * k:]))
-    return out
+    return [(b, k, seg[:, :, : 16 * k].reshape(seg.shape[0], -1, k, 16), seg[:, :, 16 * k:])
+            for b, k, seg in _group_segments(qs, nb, 24)]
 
 
 def q6_values_numpy(qs, nb):
@@ -366,7 +374,7 @@ def _dequant_q5_numba(qs, d, m, out):
         mr = m[r]
         b = 0
         while b < nb:                                # groups of k blocks: 16k nibble bytes, then k words
-            k = 4 if nb - b >= 4 else (2 if nb - b >= 2 else 1)
+            k = step_blocks(nb - b)
             for t in range(k):
                 s = scale_f32(dr[b + t])
                 a = np.float32(-16.0) * s if sym else scale_f32(mr[b + t])
@@ -393,18 +401,19 @@ def _dequant_q6_numba(qs, d, m, out):
         o = out[r]
         b = 0
         while b < nb:                                # groups of k blocks: 16k nibble bytes, then 8k crumbs
-            k = 4 if nb - b >= 4 else (2 if nb - b >= 2 else 1)
+            k = step_blocks(nb - b)
             crumbs = 24 * b + 16 * k
-            for e in range(16 * k):                  # element e of the step's low and high vectors
-                t, j = e // 16, e % 16
-                q = np.int32(by[24 * b + e])
-                c = np.int32(by[crumbs + e % (8 * k)])
-                sh = 2 * (e // (8 * k))
-                lo = (q & 15) | (((c >> sh) & 3) << 4)
-                hi = (q >> 4) | (((c >> (sh + 4)) & 3) << 4)
+            for t in range(k):
+                s_lo = f16_to_f32(dh[2 * (b + t)])        # elements 0..15 of the block
+                s_hi = f16_to_f32(dh[2 * (b + t) + 1])    # elements 16..31
                 o0 = 32 * (b + t)
-                o[o0 + j] = f16_to_f32(dh[2 * (b + t)]) * np.float32(lo - 32)
-                o[o0 + 16 + j] = f16_to_f32(dh[2 * (b + t) + 1]) * np.float32(hi - 32)
+                for j in range(16):
+                    e = 16 * t + j                   # element j's place in the step's low and high vectors
+                    q = np.int32(by[24 * b + e])
+                    c = np.int32(by[crumbs + e % (8 * k)])
+                    sh = 2 * (e // (8 * k))
+                    o[o0 + j] = s_lo * np.float32(((q & 15) | (((c >> sh) & 3) << 4)) - 32)
+                    o[o0 + 16 + j] = s_hi * np.float32(((q >> 4) | (((c >> (sh + 4)) & 3) << 4)) - 32)
             b += k
     return out
 

@@ -89,7 +89,7 @@ def _pack_q5(w, d, m, r0, ws, sw, mw, flip):
         by = w[r0 + i].view(np.uint8)                # (20*nb,) the row's bytes (kernels/layouts.md)
         b = 0
         while b < nb:                                # groups of k blocks: 16k nibble bytes, then k words
-            k = 4 if nb - b >= 4 else (2 if nb - b >= 2 else 1)
+            k = dequant.step_blocks(nb - b)
             for t in range(k):
                 at = 20 * b + 16 * t
                 n0, n1 = dequant.le_bytes(by, at, 8), dequant.le_bytes(by, at + 8, 8)    # nibble bytes 0-7 and 8-15
@@ -123,7 +123,7 @@ def _pack_q6(w, d, m, r0, ws, sw, mw, flip):
         by = w[r0 + i].view(np.uint8)                # (24*nb,) the row's bytes
         b = 0
         while b < nb:                                # groups of k blocks: 16k nibble bytes, then 8k crumbs
-            k = 4 if nb - b >= 4 else (2 if nb - b >= 2 else 1)
+            k = dequant.step_blocks(nb - b)
             for t in range(k):
                 for u in range(2):                   # the block's elements 8u..8u+7 and 16+8u..16+8u+7
                     e = 16 * t + 8 * u               # their place in the step's low and high vectors

@@ -265,12 +265,11 @@ def _matvec_i8x32_numba(q, d, m, x, out):
     if m.shape[1]:
         xsum = intdot.rounded_block_sums(xq, dx, np.empty(nb, dtype=np.float32))
         for r in prange(rows):
-            rp = r + ahead if r + ahead < rows else -1
-            out[r] = rowdot.i8_row1p(q, d, r, rp, xq, xq, xc, dx) + intdot.scale_dot(m, r, xsum)
+            out[r] = (rowdot.i8_row1p(q, d, r, rowdot.ahead_row(r, ahead, rows), xq, xq, xc, dx)
+                      + intdot.scale_dot(m, r, xsum))
     else:
         for r in prange(rows):
-            rp = r + ahead if r + ahead < rows else -1
-            out[r] = rowdot.i8_row1p(q, d, r, rp, xq, xq, xc, dx)
+            out[r] = rowdot.i8_row1p(q, d, r, rowdot.ahead_row(r, ahead, rows), xq, xq, xc, dx)
     return out
 
 

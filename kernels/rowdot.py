@@ -55,7 +55,7 @@ def _groups(nb: int):
     """(first block, blocks) of each step over nb blocks: fours, then a two and/or a one."""
     b = 0
     while b < nb:
-        k = 4 if nb - b >= 4 else (2 if nb - b >= 2 else 1)
+        k = dequant.step_blocks(nb - b)
         yield b, k
         b += k
 
@@ -122,7 +122,7 @@ def _prepare_q4_x_numba(xq, xp):
     nb = xq.shape[0] // 32
     b = 0
     while b < nb:
-        k = 4 if nb - b >= 4 else (2 if nb - b >= 2 else 1)
+        k = dequant.step_blocks(nb - b)
         for i in range(k):
             src = 32 * (b + i)
             lo = 32 * b + 16 * i
@@ -614,6 +614,12 @@ def row_ahead(qs, d, m, r, ahead, xq, xp, xc, dx, xsum):
 
 
 @jit(inline=True)
+def ahead_row(r, ahead, rows):
+    """The row row_ahead prefetches while it reads row r: r + ahead, or -1 (none) past the last row."""
+    return r + ahead if r + ahead < rows else -1
+
+
+@jit(inline=True)
 def rows_ahead(row_bytes):
     """How far ahead row_ahead prefetches: at least 4 KiB (a page) of rows, at least two rows."""
     return max(2, 4096 // max(1, row_bytes))
@@ -650,10 +656,7 @@ if NUMBA:
             return None
 
         def impl(qs, d, m, r, ahead, xq, xp, xc, dx, xsum):
-            rp = r + ahead
-            if rp >= qs.shape[0]:
-                rp = -1
-            return form(qs, d, r, rp, xq, xp, xc, dx) + min_part(qs, d, m, r, xsum)
+            return form(qs, d, r, ahead_row(r, ahead, qs.shape[0]), xq, xp, xc, dx) + min_part(qs, d, m, r, xsum)
         return impl
 
     @overload(row, inline="always", jit_options={"fastmath": True})
