@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from kernels import dequant, gemm, matvec
+from kernels import dequant, gemm, input_sparse, matvec
 from kernels.convert import bf16_bits_to_f32, f16_bits_to_f32
 
 # Rows per prefill tile are chosen so a tile is about this many float32 elements (512 KiB): large enough
@@ -224,6 +224,68 @@ class I8Weight(Weight):
             return self.matmul(x)
         out = np.empty((x.shape[0], self.shape[0]), dtype=np.float32)
         return gemm.gemm_i8(self.q, self.d, self.m, np.ascontiguousarray(x), out)
+
+
+@dataclass(frozen=True, eq=False)
+class Q4CWeight(Weight):
+    """A Q4 weight stored column by column, the Q4C layout (kernels/layouts.md): what input-sparse decode
+    reads (kernels/input_sparse.py), the same bytes as the Q4 weight it came from. Its rows are not
+    contiguous, so it has no row views: a fused q|k|v or gate|up is converted whole."""
+
+    qc: np.ndarray  # (cols, rows/2) uint8 each column's nibbles
+    dc: np.ndarray  # (cols/32, rows) block scales: float32, or uint16 f16 bits
+    mc: np.ndarray  # (cols/32, rows) block offsets like dc, or (cols/32, 0): Q4_0's d*(q-8)
+
+    @staticmethod
+    def from_q4(w: "Q4Weight") -> "Q4CWeight":
+        return Q4CWeight(*input_sparse.pack_q4c(w.qs, w.d, w.m))
+
+    @property
+    def shape(self):
+        return (self.dc.shape[1], self.qc.shape[0])
+
+    def _arrays(self):
+        return (self.qc, self.dc, self.mc)
+
+    def _matvec(self, x, out):
+        return input_sparse.matvec_q4c(self.qc, self.dc, self.mc, x, np.float32(0.0), out)
+
+    def matvec_sparse(self, x: np.ndarray, threshold: float, out: np.ndarray) -> np.ndarray:
+        """x (cols,) f32 -> out (rows,) f32 = W @ x with the entries |x| < threshold dropped."""
+        return input_sparse.matvec_q4c(self.qc, self.dc, self.mc, x, np.float32(threshold), out)
+
+    def matmul(self, x):
+        """x (n, cols) f32 -> (n, rows) f32: one token through the kernel; several through BLAS, a few
+        blocks of columns dequantized at a time."""
+        n = x.shape[0]
+        rows, cols = self.shape
+        if n == 1:
+            return self._matvec(np.ascontiguousarray(x[0]), np.empty(rows, dtype=np.float32))[None, :]
+        out = np.zeros((n, rows), dtype=np.float32)
+        for c0, c1, w in self._column_tiles():
+            out += x[:, c0:c1] @ w
+        return out
+
+    def dequantize(self, r0, r1, out):
+        for c0, c1, w in self._column_tiles():
+            out[:, c0:c1] = w[:, r0:r1].T
+        return out
+
+    def _column_tiles(self):
+        """(c0, c1, w): columns c0..c1 as w (c1-c0, rows) f32, a few blocks of 32 at a time (one scratch)."""
+        rows, cols = self.shape
+        step = max(1, _TILE_ELEMS // (32 * rows))                      # blocks of 32 columns per tile
+        scratch = np.empty((32 * step, rows), dtype=np.float32)
+        for b0 in range(0, cols // 32, step):
+            b1 = min(cols // 32, b0 + step)
+            yield 32 * b0, 32 * b1, input_sparse.dequant_q4c_numpy(self.qc, self.dc, self.mc, b0, b1,
+                                                                   scratch[: 32 * (b1 - b0)])
+
+    def take_rows(self, order):
+        raise NotImplementedError("the Q4C layout has no row order of its own to permute")
+
+    def row_slice(self, r0, r1):
+        raise NotImplementedError("the Q4C layout has no contiguous rows to view")
 
 
 def dense_from_numpy(a: np.ndarray, dtype: str) -> Weight:
