@@ -16,7 +16,8 @@ from engine.errors import PlanError  # noqa: E402
 from engine.executors.choose import layer_by_layer  # noqa: E402
 from engine.executors.dense import DenseFFN  # noqa: E402
 from engine.executors.input_sparse import GROUPS, InputMask  # noqa: E402
-from engine.measure.input_sparsity import masked, residuals, suffix_nll, window_nll  # noqa: E402
+from engine.measure.input_sparsity import (log_softmax, masked, residuals, suffix_nll, token_kl,  # noqa: E402
+                                           window_logits, window_nll)
 from planner import input_sparsity as plan  # noqa: E402
 
 IDS = np.array([1, 17, 93, 5, 64, 33, 120, 7, 45, 88, 3, 99, 14, 51, 76, 20, 8, 111, 42, 60])
@@ -100,7 +101,17 @@ def test_suffix_from_residuals_equals_full_pass(pair):
         full = window_nll(m, [IDS], InputMask(m.weights.layers, thr))
         assert np.abs(suffix_nll(m, IDS, res[layer], layer, InputMask(m.weights.layers, thr)) - full).max() < 1e-9
     head = window_nll(m, [IDS], InputMask(m.weights.layers, np.zeros((2, 4)), HEAD))
-    assert np.abs(suffix_nll(m, IDS, res[2], 2, InputMask(m.weights.layers, np.zeros((2, 4)), HEAD)) - head).max() < 1e-9
+    suffix = suffix_nll(m, IDS, res[2], 2, InputMask(m.weights.layers, np.zeros((2, 4)), HEAD))
+    assert np.abs(suffix - head).max() < 1e-9
+
+
+def test_kl_is_zero_for_dense_and_positive_when_masked(pair):
+    _, llm = pair
+    m = llm.model
+    dense = log_softmax(dense_logits(m))
+    assert np.abs(token_kl(dense, dense_logits(m))).max() < 1e-6
+    kl = token_kl(dense, masked_logits(m, InputMask(m.weights.layers, THRESHOLDS, HEAD)))
+    assert kl.shape == (len(IDS) - 1,) and (kl > 0).all()
 
 
 def calibration_text(n_words=300, seed=0):
@@ -144,7 +155,10 @@ def test_allocation_keeps_its_budget(pair, calibrated):
     assert a.sparsity.shape == a.thresholds.shape == (2, len(GROUPS))
     assert a.sparsity.any() and a.bytes_per_token < a.dense_bytes_per_token
     assert a.measured_ppl_change <= 0.10
-    # the measured change is what the mask does on the calibration's held-out split
+    # the budgeted change is the mask's KL from dense on the calibration's held-out split, beside its NLL change
+    lg = window_logits(m, calibrated.windows, a.mask(m.weights.layers))
+    kl = np.concatenate([token_kl(lp, g) for lp, g in zip(calibrated.dense_logp, lg)]).mean()
+    assert abs(np.expm1(kl) - a.measured_ppl_change) < 1e-9
     nll = window_nll(m, calibrated.windows, a.mask(m.weights.layers)).mean()
-    assert abs(np.expm1(nll - calibrated.dense_nll) - a.measured_ppl_change) < 1e-9
+    assert abs(np.expm1(nll - calibrated.dense_nll) - a.split_ppl_change) < 1e-9
     assert ((a.thresholds > 0) == (a.sparsity > 0)).all()
