@@ -13,7 +13,8 @@ Each row: ppl, its change, the sparsity achieved on the held-out text (share of 
 and the weight bytes read per token relative to dense (the LM head counted; only value bytes are skipped,
 block scales are always read).
 
-    nice -n 19 python tools/input_sparsity_curve.py --out /tmp/input_sparsity     # ~15 minutes on 2 cores
+    nice -n 19 python tools/input_sparsity_curve.py --out /tmp/input_sparsity     # ~20 minutes on 2 cores
+    nice -n 19 python tools/input_sparsity_curve.py --sparsities "" --out /tmp/is  # the planner only, ~11
 """
 
 from __future__ import annotations
