@@ -21,16 +21,18 @@ from kernels.rope import rope
 class LayerStack(Executor):
     kind = "layer by layer"
 
-    def __init__(self, config, layers, ffns: list, batched: bool, engine: str = "f32"):
+    def __init__(self, config, layers, ffns: list, batched: bool, engine: str = "f32", first: int = 0):
         """layers: the model's LayerWeights (arranged by engine/model/layout.py); ffns: one FFN
         executor per layer; batched: prefill (numpy attention) rather than single-token decode;
-        engine: the prefill engine of the attention's matmuls (engine/executors/prefill.py)."""
+        engine: the prefill engine of the attention's matmuls (engine/executors/prefill.py); first: the
+        model's index of layers[0] (measurement runs a suffix of the layers on a saved residual)."""
         assert len(layers) == len(ffns), "one FFN executor per layer"
         self.config = config
         self.layers = layers
         self.ffns = ffns
         self.batched = batched
         self.engine = engine
+        self.first = first
         self.matmul = prefill.matmul_of(engine)
         self.attend = attention_numpy if batched else attention
         # The pool a prefill keeps (engine/threads.one_pool): the int8 GEMM's numba threads, f32's BLAS ones.
@@ -38,7 +40,7 @@ class LayerStack(Executor):
 
     def layer_descriptions(self):
         how = f", {prefill.LABELS[self.engine]}" if self.batched else ""
-        return [(i, f"attention dense, FFN {f.describe()}{how}") for i, f in enumerate(self.ffns)]
+        return [(i, f"attention dense, FFN {f.describe()}{how}") for i, f in enumerate(self.ffns, self.first)]
 
     def reports(self):
         return [c for f in self.ffns for c in f.reports()]
@@ -60,7 +62,7 @@ class LayerStack(Executor):
         # the kernels scale scores by 1/sqrt(head_dim); a model with another scale (Gemma 3's
         # query_pre_attn_scalar) gets the ratio on q
         q_scale = np.float32(c.attn_scale * c.head_dim ** 0.5)
-        for i, (lw, ffn) in enumerate(zip(self.layers, self.ffns)):
+        for i, (lw, ffn) in enumerate(zip(self.layers, self.ffns), self.first):
             rmsnorm(x, lw.attn_norm, c.rms_norm_eps, h)
             if lw.wqkv is not None:
                 qkv = self.matmul(lw.wqkv, h)                                 # (n, hq + 2*hkv) f32
