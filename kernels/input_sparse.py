@@ -48,9 +48,14 @@ def _q4_values(qs: np.ndarray) -> np.ndarray:
     return q.reshape(rows, -1)
 
 
+def fits(rows: int, cols: int) -> bool:
+    """Whether a (rows, cols) weight can take the Q4C layout."""
+    return rows % 64 == 0 and cols % 32 == 0
+
+
 def check_shape(rows: int, cols: int) -> None:
     """ValueError unless a (rows, cols) weight can take the Q4C layout."""
-    if rows % 64 or cols % 32:
+    if not fits(rows, cols):
         raise ValueError(f"the Q4C layout needs rows a multiple of 64 and columns of 32, got {rows}x{cols}")
 
 

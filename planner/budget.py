@@ -34,6 +34,14 @@ def parse_budget(text: str, weight_bytes: int) -> int:
     return n
 
 
+def parse_quality_budget(text: str) -> float:
+    """`--quality-budget` ("2%") -> the allowed perplexity rise as a fraction (0.02)."""
+    m = re.fullmatch(r"\s*([-+]?[0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*%\s*", str(text))
+    if not m:
+        raise PlanError(f"quality budget {text!r} is not a percentage; write the perplexity rise you accept, like 2%")
+    return float(m.group(1)) / 100.0
+
+
 def format_bytes(n: float) -> str:
     """Binary units with one decimal, for summaries: 98.4 MiB."""
     for unit in ("B", "KiB", "MiB", "GiB"):

@@ -55,12 +55,13 @@ def load_device(spec, progress: Progress | None = None):
 
 def make_deploy(source: str | os.PathLike, budget_text: str, out: str | os.PathLike, *, device_profile=None,
                 calibration=None, recall_floor: float | None = None, threads: int | None = None,
-                overwrite: bool = False, progress: Progress | None = None) -> Result:
+                overwrite: bool = False, progress: Progress | None = None, quality_budget: str | None = None) -> Result:
     from engine.errors import PlanError
     from engine.formats import registry
     from engine.formats.deploy import fingerprint, weight_files
     from engine.loader import load
-    from planner.budget import parse_budget
+    from planner.budget import parse_budget, parse_quality_budget
+    from planner.input_sparsity import check_budget as check_quality_budget
     from planner.cost_model import CostModel, shape_of
     from planner.decode_probe import measure_decode_step, measure_flash_layer
     from planner.model_profile import profile_model, read_calibration
@@ -70,6 +71,9 @@ def make_deploy(source: str | os.PathLike, budget_text: str, out: str | os.PathL
     recall_floor = DEFAULT_RECALL if recall_floor is None else float(recall_floor)
     if not 0.5 <= recall_floor <= 1.0:
         raise PlanError(f"recall floor {recall_floor} must be between 0.5 and 1")
+    quality = None if quality_budget is None else parse_quality_budget(quality_budget)
+    if quality is not None:
+        check_quality_budget(quality)
     out = Path(out).expanduser()
     deploy.check_target(out, overwrite)
     read_calibration(calibration)                      # fail now on an empty or unreadable file
@@ -81,6 +85,9 @@ def make_deploy(source: str | os.PathLike, budget_text: str, out: str | os.PathL
     cost = CostModel(dev, shape_of(llm))
     budget = parse_budget(budget_text, cost.shape.weight_bytes)
     check_budget(cost, budget)
+    if quality is not None and budget < cost.shape.weight_bytes:
+        raise PlanError(f"--quality-budget plans input-sparse decode of a resident model; give --memory-budget 100% "
+                        f"(got {budget_text})")
     fp = fingerprint(weight_files(src))
     if device_profile is None:
         # Planning for this machine: calibrate on this model's real dense step here. A given profile
@@ -103,6 +110,10 @@ def make_deploy(source: str | os.PathLike, budget_text: str, out: str | os.PathL
     predictors, reports = train_all(profile, recall_floor, progress=progress)
     evidence = build_evidence(profile, predictors, reports, recall_floor, progress)
     sol = solve(cost, evidence, budget, recall_floor)
+    inputs = None
+    if quality is not None:
+        from planner.input_sparsity import plan as input_plan
+        inputs = input_plan(llm, read_calibration(calibration), quality, head=False, progress=progress)
 
     bundle_header: list[dict] = []
 
@@ -119,6 +130,8 @@ def make_deploy(source: str | os.PathLike, budget_text: str, out: str | os.PathL
                                budget_text=str(budget_text), weights_file=weights_name, copied=copied,
                                recall_floor=recall_floor, predictor_reports=reports,
                                bundles=bundle_header[0] if bundle_header else None)
+        if inputs is not None:
+            plan["decode"]["input_sparsity"] = inputs.as_dict()
         holder.append(plan)
         return plan_json.dumps(plan)
 

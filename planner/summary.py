@@ -40,6 +40,14 @@ def format_plan(plan: dict) -> str:
     if ex["weights"] == "flash":
         lines.append(f"runs with FFNs from {plan['flash']['file']} (neuron bundles on flash, segmented cache)"
                      + ("; embeddings / LM head streamed from the weights file" if head_flash else ""))
+    inputs = plan["decode"].get("input_sparsity")
+    if inputs is not None:
+        sp = inputs["sparsity"]
+        mean = [sum(row[g] for row in sp) / max(1, len(sp)) for g in range(len(inputs["groups"]))]
+        lines += ["", f"input-sparse decode (quality budget {inputs['budget']:.1%}): mean sparsity "
+                  + ", ".join(f"{g} {m:.0%}" for g, m in zip(inputs["groups"], mean))
+                  + f"; reads {inputs['bytes_per_token'] / max(inputs['dense_bytes_per_token'], 1):.1%} of the dense "
+                  "weight bytes per token"] + [f"  {r}" for r in inputs["rationale"][:3]]
     lines += ["", "reasons:"] + [f"  - {r}" for r in plan["rationale"]]
     return "\n".join(lines)
 

@@ -1,5 +1,6 @@
-"""`pocketinfer plan SOURCE --memory-budget B -o DEPLOY`: profile the model, solve for an execution plan
-under a memory budget and write a self-contained deploy directory.
+"""`pocketinfer plan SOURCE --memory-budget B [--quality-budget P%] -o DEPLOY`: profile the model, solve for
+an execution plan under a memory budget (and, with a quality budget, thresholds for input-sparse decode)
+and write a self-contained deploy directory.
 
 Progress bars go to stderr; stdout gets the readable plan summary, or with --json one JSON object.
 The work is done by planner/ (imported here, never by the runtime).
@@ -16,6 +17,9 @@ def register(subparsers) -> None:
     p.add_argument("source", metavar="SOURCE", help="HF directory, .gguf file or registry alias")
     p.add_argument("--memory-budget", required=True, metavar="B",
                    help="memory for the model: bytes (1.5GB, 800MB, 512MiB) or a percentage of its weight bytes (60%%)")
+    p.add_argument("--quality-budget", default=None, metavar="P%",
+                   help="also sparsify each linear layer's decode input, within this perplexity rise (2%%): "
+                        "needs a memory budget of 100%%; calibration takes minutes")
     p.add_argument("-o", "--output", required=True, metavar="DEPLOY", help="deploy directory to create")
     p.add_argument("--device-profile", default=None, metavar="FILE",
                    help="device profile JSON or a shipped example name (default: this machine's, measured if absent)")
@@ -35,6 +39,7 @@ def run(args) -> int:
     bars = _Bars()
     result = pipeline.make_deploy(args.source, args.memory_budget, args.output, device_profile=args.device_profile,
                                   calibration=args.calibration, recall_floor=args.recall,
+                                  quality_budget=args.quality_budget,
                                   threads=args.threads, overwrite=args.force, progress=bars)
     bars.close()
     if args.json:

@@ -7,6 +7,8 @@ From the plan (engine/executors/plan.py), the model's weight layouts and the ker
   plan's prefill engine (engine/executors/prefill.py: int8 GEMM or f32 BLAS);
 - decode:
   - flash, when the plan streams every FFN from the bundle file (engine/executors/flash_ffn.py);
+  - input-sparse (engine/executors/input_sparse_decode.py), when the plan has input thresholds: the
+    thresholded groups' Q4 weights stored column by column (layout.to_columns);
   - the one-region decode (engine/executors/one_region.py), when every layer is dense and it can run
     them all (numba; Q4, Q5 or 32-block I8 layouts, at most two per matrix group, no biases, the same shapes);
   - else the layer-by-layer stack with each layer's FFN executor: dense, or sparse in the plan's mode.
@@ -22,6 +24,7 @@ from __future__ import annotations
 from engine.executors import prefill as prefill_engines
 from engine.executors.base import Executors
 from engine.executors.dense import DenseFFN, ObservedFFN
+from engine.executors.input_sparse_decode import InputSparseDecode
 from engine.executors.onnx_prefill import OnnxPrefill
 from engine.executors.one_region import AVAILABLE as ONE_REGION, OneRegionDecode
 from engine.executors.plan import Plan
@@ -35,10 +38,13 @@ def choose(config, weights, plan: Plan) -> Executors:
     layers = weights.layers
     extra = (weights.lm_head,) if plan.head_on_flash else ()
     dense = all(m == "dense" for m in plan.decode)
-    if plan.flash is None and dense and ONE_REGION:
+    input_sparse = plan.input_thresholds is not None and plan.flash is None and dense
+    if input_sparse:
+        layout.to_columns(layers, plan.input_thresholds)
+    if plan.flash is None and dense and ONE_REGION and not input_sparse:
         for lw in layers:
             layout.match_fused_layouts(lw)
-    one_region = plan.flash is None and dense and ONE_REGION and layout.stackable(layers)
+    one_region = plan.flash is None and dense and ONE_REGION and not input_sparse and layout.stackable(layers)
     if one_region:
         stacks = layout.stack_layers(layers)      # fuses q|k|v and gate|up as it stacks
     else:
@@ -52,7 +58,9 @@ def choose(config, weights, plan: Plan) -> Executors:
                                     engine=plan.stack_engine),
                          LayerStack(config, layers, store.layer_ffns(batched=False), batched=False), extra,
                          plan.source)
-    if one_region:
+    if input_sparse:
+        decode = InputSparseDecode(config, layers, plan.input_thresholds)
+    elif one_region:
         decode = OneRegionDecode(config, stacks)
     else:
         decode = LayerStack(config, layers, decode_ffns(config, layers, plan.decode, predictors=plan.predictors,
@@ -60,7 +68,7 @@ def choose(config, weights, plan: Plan) -> Executors:
     matmul = prefill_engines.matmul_of(plan.stack_engine)
     prefill = LayerStack(config, layers, [DenseFFN(lw, config.act_kind, matmul) for lw in layers], batched=True,
                          engine=plan.stack_engine)
-    if plan.prefill == "onnx":
+    if plan.prefill == "onnx" and not input_sparse:          # the ONNX graph reads separate q, k, v rows
         prefill = OnnxPrefill(config, layers, prefill, plan.providers)
     return Executors(prefill, decode, extra, plan.source)
 

@@ -103,8 +103,7 @@ class MaskedStack(LayerStack):
     def __init__(self, config, layers, mask: InputMask, first: int = 0):
         """layers: the model's layers first.. (a suffix when measuring from a saved residual)."""
         ffns = [DenseFFN(lw, config.act_kind, mask) for lw in layers]
-        super().__init__(config, layers, ffns, batched=True, engine="f32", first=first)
-        self.matmul = mask
+        super().__init__(config, layers, ffns, batched=True, engine="f32", first=first, matmul=mask)
 
 
 class MaskedHead:

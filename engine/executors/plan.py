@@ -5,6 +5,9 @@ plan.json's parts read here:
 - decode.layers[i].mode: "dense", or "sparse" (the planner's word for predicted: the layer's predictor
   picks the neurons; predictors from files.predictors). decode.layers[i].threshold overrides a
   predictor's threshold; decode.cluster_size groups neurons. relu-exact and oracle are accepted too;
+- decode.input_sparsity.thresholds: per layer, the thresholds on |input| of its qkv, o, gate_up and down
+  inputs (`pocketinfer plan --quality-budget`, planner/input_sparsity.py): decode then runs input-sparse
+  (engine/executors/input_sparse_decode.py);
 - execution.weights == "flash": every FFN runs from the bundle file files.bundles, per layer with
   hot_neurons resident and cold_cache_neurons cached; io.direct_io, io.reader_threads and
   io.request_bytes set its reader, flash.cache_policy the cache;
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -54,6 +58,7 @@ class Plan:
     prefill_fallback: str = field(default_factory=prefill_engines.default_engine)  # a MATMUL_ENGINES one
     providers: tuple[str, ...] = ("CPUExecutionProvider",)    # ONNX Runtime's, in order of preference
     source: str = "defaults (engine/executors/plan.py)"       # where the plan came from, for describe()
+    input_thresholds: tuple[tuple[float, ...], ...] | None = None   # (n_layers, 4) decode input thresholds
 
     @property
     def stack_engine(self) -> str:
@@ -134,6 +139,27 @@ def read_plan(path: str | Path, config) -> Plan:
             reader_threads=max(1, int(io.get("reader_threads") or 1)),
             request_bytes=int(io.get("request_bytes") or 256 << 10),
             cache_policy=(plan.get("flash") or {}).get("cache_policy", "lru"))
+    thresholds = _input_thresholds(path, decode.get("input_sparsity"), c.num_hidden_layers)
+    if thresholds is not None and (flash is not None or any(m != "dense" for m in modes)):
+        raise ModelFormatError(f"{path}: decode.input_sparsity needs every layer dense and resident; "
+                               "re-run `pocketinfer plan --quality-budget` with a memory budget of 100%")
     return Plan(decode=modes, predictors=preds, cluster=int(decode.get("cluster_size", 1)), flash=flash,
                 head_on_flash=execution.get("lm_head") == "flash", direct_io=bool(io.get("direct_io", True)),
-                prefill=engine, prefill_fallback=fallback, providers=tuple(providers), source=str(path))
+                prefill=engine, prefill_fallback=fallback, providers=tuple(providers), source=str(path),
+                input_thresholds=thresholds)
+
+
+def _input_thresholds(path: Path, section, layers: int) -> tuple[tuple[float, ...], ...] | None:
+    """decode.input_sparsity.thresholds checked: (layers, 4) finite numbers >= 0; None without the section."""
+    if section is None:
+        return None
+    rows = section.get("thresholds") if isinstance(section, dict) else None
+    try:
+        out = tuple(tuple(float(v) for v in row) for row in rows)
+    except (TypeError, ValueError):
+        out = None
+    if out is None or len(out) != layers or any(len(r) != 4 or not all(math.isfinite(v) and v >= 0 for v in r)
+                                                 for r in out):
+        raise ModelFormatError(f"{path}: decode.input_sparsity.thresholds must be {layers} rows of 4 numbers >= 0 "
+                               "(qkv, o, gate_up, down); re-run `pocketinfer plan --quality-budget`")
+    return out if any(v > 0 for r in out for v in r) else None          # all 0: the budget allowed none

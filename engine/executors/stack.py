@@ -21,11 +21,13 @@ from kernels.rope import rope
 class LayerStack(Executor):
     kind = "layer by layer"
 
-    def __init__(self, config, layers, ffns: list, batched: bool, engine: str = "f32", first: int = 0):
+    def __init__(self, config, layers, ffns: list, batched: bool, engine: str = "f32", first: int = 0,
+                 matmul=None):
         """layers: the model's LayerWeights (arranged by engine/model/layout.py); ffns: one FFN
         executor per layer; batched: prefill (numpy attention) rather than single-token decode;
         engine: the prefill engine of the attention's matmuls (engine/executors/prefill.py); first: the
-        model's index of layers[0] (measurement runs a suffix of the layers on a saved residual)."""
+        model's index of layers[0] (measurement runs a suffix of the layers on a saved residual); matmul:
+        matmul(weight, x) for the attention's matrices instead of the engine's (input-sparse decode)."""
         assert len(layers) == len(ffns), "one FFN executor per layer"
         self.config = config
         self.layers = layers
@@ -33,7 +35,7 @@ class LayerStack(Executor):
         self.batched = batched
         self.engine = engine
         self.first = first
-        self.matmul = prefill.matmul_of(engine)
+        self.matmul = prefill.matmul_of(engine) if matmul is None else matmul
         self.attend = attention_numpy if batched else attention
         # The pool a prefill keeps (engine/threads.one_pool): the int8 GEMM's numba threads, f32's BLAS ones.
         self.pool = ("numba" if engine == "int8" else "blas") if batched else None

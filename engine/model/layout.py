@@ -1,7 +1,8 @@
 """The one module that arranges a model's weights for the executors chosen at load: everything that
 rewrites LayerWeights or builds a second layout of them. `fuse` stacks q|k|v and gate|up, `stack_layers`
 fuses and stacks the layers for the one-region decode, `transpose_down` and `sparse_arrays` build the neuron-major
-down and the neuron records of sparse layers. engine/executors/choose.py calls them for the executors it
+down and the neuron records of sparse layers, `to_columns` stores the matrices of input-sparse groups column by
+column. engine/executors/choose.py calls them for the executors it
 chose, for a loaded model and for its miniature (engine/model/miniature.py) alike, so that the warm-up
 compiles exactly the layouts the model will run.
 """
@@ -14,8 +15,9 @@ import numpy as np
 
 from engine.errors import ConfigError
 from engine.memory import trim_heap
-from engine.model.weights import BF16Weight, F16Weight, F32Weight, I8Weight, Q4Weight, Q5Weight, Q6Weight, Weight
-from kernels import dequant
+from engine.model.weights import (BF16Weight, F16Weight, F32Weight, I8Weight, Q4CWeight, Q4Weight, Q5Weight,
+                                  Q6Weight, Weight)
+from kernels import dequant, input_sparse
 from kernels.neuron_records import pack
 
 FUSED = (("wqkv", ("wq", "wk", "wv")), ("w_gate_up", ("w_gate", "w_up")))
@@ -124,6 +126,27 @@ def concat_rows(weights: list[Weight]) -> Weight | None:
     if any(tuple((a.shape[1:], a.dtype) for a in p) != tuple((a.shape[1:], a.dtype) for a in parts[0]) for p in parts):
         return None
     return type(first)(*[np.concatenate(arrs) for arrs in zip(*parts)])
+
+
+# input-sparse groups (engine/executors/input_sparse.GROUPS order): the weight a group multiplies by once
+# fused, and the separate weights that are then its row views
+COLUMN_GROUPS = (("wqkv", ("wq", "wk", "wv")), ("wo", ()), ("w_gate_up", ("w_gate", "w_up")), ("w_down", ()))
+
+
+def to_columns(layers, thresholds) -> None:
+    """For every layer's group with a threshold above 0 (thresholds (n_layers, 4)), store its weight in the
+    Q4C layout (kernels/layouts.md) when it is a Q4 weight of a shape the layout takes, in place: q|k|v and
+    gate|up fused first, then converted whole, their separate weights set to None (the Q4C layout has no
+    row views). Other layouts stay as they are (engine/executors/input_sparse_decode.py masks their input)."""
+    for lw, row in zip(layers, thresholds):
+        fuse(lw)
+        for (name, parts), thr in zip(COLUMN_GROUPS, row):
+            w = getattr(lw, name)
+            if thr <= 0 or not isinstance(w, Q4Weight) or not input_sparse.fits(*w.shape):
+                continue
+            setattr(lw, name, Q4CWeight.from_q4(w))
+            for p in parts:
+                setattr(lw, p, None)
 
 
 def _split_views(lw, fused_name: str, names: tuple[str, ...]) -> None:

@@ -103,8 +103,12 @@ def warm_up_kernels(g: GGUFFile, config: ModelConfig, plan, kv_dtype=np.uint16) 
     from engine.memory import release_compiler_pages
     from engine.model.transformer import build
 
-    mini, weights, layer_of = gguf_miniature(g, config, plan.decode)
-    mini_plan = dataclasses.replace(plan, decode=tuple(plan.decode[i] for i in layer_of))
+    kinds = plan.decode
+    if plan.input_thresholds is not None:          # which groups run input-sparse is a kind of its own
+        kinds = tuple(f"{m}, inputs {tuple(t > 0 for t in row)}" for m, row in zip(plan.decode, plan.input_thresholds))
+    mini, weights, layer_of = gguf_miniature(g, config, kinds)
+    thresholds = None if plan.input_thresholds is None else tuple(plan.input_thresholds[i] for i in layer_of)
+    mini_plan = dataclasses.replace(plan, decode=tuple(plan.decode[i] for i in layer_of), input_thresholds=thresholds)
     model = build(mini, weights, mini_plan, kv_dtype)
     model.warm_up()
     del model

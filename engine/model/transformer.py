@@ -61,8 +61,12 @@ class ModelWeights:
     @property
     def nbytes(self) -> int:
         seen, total = set(), 0
-        mats = [self.embed, self.lm_head] + [getattr(lw, f) for lw in self.layers
-                                              for f in ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")]
+        mats = [self.embed, self.lm_head]
+        for lw in self.layers:
+            # a fused weight's parts are row views of it, or None once it is stored column by column
+            mats += [lw.wqkv] if lw.wqkv is not None else [lw.wq, lw.wk, lw.wv]
+            mats += [lw.wo, lw.w_down]
+            mats += [lw.w_gate_up] if lw.w_gate_up is not None else [lw.w_gate, lw.w_up]
         for w in mats:
             if w is not None and id(w) not in seen:      # FFN weights are None when they live on flash
                 seen.add(id(w))
