@@ -213,6 +213,12 @@ def nibble_values_numpy(nib):
     return v
 
 
+def nibble_bytes_numpy(v):
+    """nibble_values_numpy's inverse: v (rows, nb, 32) uint8 values 0..15 -> (rows, nb, 16) uint8 in the
+    Q4 layout's order."""
+    return v[:, :, :16] | (v[:, :, 16:] << 4)
+
+
 def q5_values_numpy(qs, nb):
     """qs (rows, 5*nb) uint32 in the Q5 layout -> (rows, nb, 32) uint8 values 0..31 in natural order."""
     nib, high = q5_split_numpy(qs, nb)

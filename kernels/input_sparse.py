@@ -31,22 +31,12 @@ import numpy as np
 
 from kernels import intdot
 from kernels.backend import NUMBA, jit, pick
-from kernels.dequant import scales_f32_numpy
+from kernels.dequant import nibble_bytes_numpy, nibble_values_numpy, scales_f32_numpy
 
 SUB = 128     # rows per sub-block of a column (64 bytes of nibbles)
 
 
 # ---------------------------------------------------------------- layout
-
-def _q4_values(qs: np.ndarray) -> np.ndarray:
-    """qs (rows, cols/2) uint8 in the Q4 layout -> (rows, cols) uint8 nibble values."""
-    rows = qs.shape[0]
-    b = qs.reshape(rows, -1, 16)
-    q = np.empty((rows, b.shape[1], 32), np.uint8)
-    q[:, :, :16] = b & 15
-    q[:, :, 16:] = b >> 4
-    return q.reshape(rows, -1)
-
 
 def fits(rows: int, cols: int) -> bool:
     """Whether a (rows, cols) weight can take the Q4C layout."""
@@ -63,7 +53,7 @@ def pack_q4c(qs: np.ndarray, d: np.ndarray, m: np.ndarray) -> tuple[np.ndarray, 
     """A Q4 weight's (qs (rows, cols/2) uint8, d and m (rows, cols/32 or 0)) -> (qc, dc, mc), see above."""
     rows = qs.shape[0]
     check_shape(rows, 2 * qs.shape[1])
-    qt = _q4_values(qs).T                                        # (cols, rows) uint8 nibble values
+    qt = nibble_values_numpy(qs.reshape(rows, -1, 16)).reshape(rows, -1).T   # (cols, rows) uint8 nibble values
     qc = np.empty((qt.shape[0], rows // 2), np.uint8)            # (cols, rows/2) uint8
     for s in range(0, rows, SUB):
         h = min(SUB, rows - s) // 2
@@ -87,8 +77,7 @@ def column_values(qc: np.ndarray) -> np.ndarray:
 def unpack_q4c(qc, dc, mc):
     """The inverse of pack_q4c: (qs, d, m) in the Q4 layout."""
     qt = column_values(qc).T                                     # (rows, cols) uint8
-    blocks = qt.reshape(qt.shape[0], -1, 32)
-    qs = (blocks[:, :, :16] | (blocks[:, :, 16:] << 4)).reshape(qt.shape[0], -1)
+    qs = nibble_bytes_numpy(qt.reshape(qt.shape[0], -1, 32)).reshape(qt.shape[0], -1)
     m = np.ascontiguousarray(mc.T) if mc.shape[1] else np.empty((dc.shape[1], 0), dc.dtype)
     return np.ascontiguousarray(qs), np.ascontiguousarray(dc.T), m
 

@@ -323,7 +323,7 @@ def quantize_q4(a: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     m = lo.astype(np.float16)
     inv = np.divide(1.0, d.astype(np.float32), out=np.zeros(d.shape, np.float32), where=d != 0)
     q = np.clip(np.rint((blocks - m.astype(np.float32)[:, :, None]) * inv[:, :, None]), 0, 15).astype(np.uint8)
-    qs = (q[:, :, :16] | (q[:, :, 16:] << 4)).reshape(rows, cols // 2)
+    qs = dequant.nibble_bytes_numpy(q).reshape(rows, cols // 2)
     return qs, d.view(np.uint16), m.view(np.uint16)
 
 
