@@ -168,7 +168,8 @@ if NUMBA:
     from numba import prange, types
     from numba.core.extending import intrinsic
 
-    from kernels.llvm_ir import F32, I8, I16, I32, I64, c_array, const64, half_to_f32, prefetch, splat, vec
+    from kernels.llvm_ir import (F32, I8, I16, I32, broadcast as _broadcast, c_array, const64, counted_loop,
+                                 half_to_f32, prefetch, splat, to_i64 as _i64, vec)
 
     G = 4         # kept columns summed per pass over a block's rows: one load and store of the sums per G
 
@@ -177,29 +178,6 @@ if NUMBA:
 
     def _store(builder, v, p, align):
         builder.store(v, builder.bitcast(p, v.type.as_pointer()), align=align)
-
-    def _broadcast(builder, v, n):
-        t = vec(v.type, n)
-        one = builder.insert_element(ir.Constant(t, ir.Undefined), v, ir.Constant(I32, 0))
-        return builder.shuffle_vector(one, ir.Constant(t, ir.Undefined), ir.Constant(vec(I32, n), [0] * n))
-
-    def _i64(builder, v):
-        return builder.sext(v, I64) if v.type.width < 64 else v
-
-    def _counted_loop(builder, n, body, name):
-        """for i in range(n), n an i64: body(i)."""
-        fn = builder.function
-        pre = builder.block
-        loop, done = fn.append_basic_block(name), fn.append_basic_block(name + ".done")
-        builder.cbranch(builder.icmp_signed(">", n, const64(0)), loop, done)
-        builder.position_at_end(loop)
-        i = builder.phi(I64)
-        body(i)
-        i2 = builder.add(i, const64(1))
-        i.add_incoming(const64(0), pre)
-        i.add_incoming(i2, builder.block)
-        builder.cbranch(builder.icmp_signed("<", i2, n), loop, done)
-        builder.position_at_end(done)
 
     def _is_scales(dc, mc):
         return c_array(dc, 2, types.float32, types.uint16) and c_array(mc, 2, dc.dtype)
@@ -234,7 +212,7 @@ if NUMBA:
             drow = builder.bitcast(builder.gep(da.data, [builder.mul(bn, rows)]), i8p)
             mrow = builder.bitcast(builder.gep(ma.data, [builder.mul(builder.select(has_m, bn, const64(0)),
                                                                      builder.select(has_m, rows, const64(0)))]), i8p)
-            _counted_loop(builder, builder.ashr(rows, const64(5)), lambda i: _store(
+            counted_loop(builder, builder.ashr(rows, const64(5)), [], lambda i: _store(
                 builder, ir.Constant(vec(I16, 32), [0] * 32), builder.gep(acc, [builder.mul(i, const64(32))]), 2),
                 "q4c.zero")
 
@@ -276,12 +254,12 @@ if NUMBA:
                     _store(builder, hi, hp, 2)
 
                 full = builder.ashr(half, const64(6))
-                _counted_loop(builder, full, lambda i: step(builder.mul(i, const64(64)), 64), "q4c.step")
+                counted_loop(builder, full, [], lambda i: step(builder.mul(i, const64(64)), 64), "q4c.step")
                 with builder.if_then(builder.icmp_signed("!=", builder.and_(half, const64(63)), const64(0))):
                     step(builder.mul(full, const64(64)), 32)
 
             npass = builder.sdiv(builder.add(builder.sub(s1_, s0_), const64(G - 1)), const64(G))
-            _counted_loop(builder, npass, one_pass, "q4c.pass")
+            counted_loop(builder, npass, [], one_pass, "q4c.pass")
             return context.get_dummy_value()
 
         return sig, codegen
@@ -327,7 +305,7 @@ if NUMBA:
                 with builder.if_then(has_m):
                     _store(builder, builder.fadd(v, builder.fmul(scales(ma, r0), xsv, flags=fast), flags=fast), pp, 4)
 
-            _counted_loop(builder, builder.ashr(rows, const64(5)), step, "q4c.add")
+            counted_loop(builder, builder.ashr(rows, const64(5)), [], step, "q4c.add")
             return context.get_dummy_value()
 
         return sig, codegen

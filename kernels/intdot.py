@@ -235,7 +235,7 @@ if NUMBA:
         libm call and no x86-only instruction, and fast-math cannot fold it away (numba compiles with
         fast math, which cancels the usual y + 1.5*2**23 - 1.5*2**23). The loops it replaces were
         unrolled by LLVM and left scalar."""
-        from kernels.llvm_ir import I8 as _I8, c_array as _c_array, lanes as _lanes, splat as _splat
+        from kernels.llvm_ir import I8 as _I8, broadcast as _broadcast, c_array as _c_array, lanes as _lanes, splat as _splat
         if not (_c_array(x, 1, types.float32) and _c_array(xq, 1, types.int8) and _c_array(dx, 1, types.float32)):
             return None
 
@@ -262,9 +262,7 @@ if NUMBA:
             builder.store(builder.fdiv(amax, ir.Constant(_F32, 127.0)), builder.gep(dp.data, [b]))
             pos = builder.fcmp_ordered(">", amax, ir.Constant(_F32, 0.0))
             inv = builder.select(pos, builder.fdiv(ir.Constant(_F32, 127.0), amax), ir.Constant(_F32, 0.0))
-            invv = builder.shuffle_vector(builder.insert_element(ir.Constant(v32, ir.Undefined), inv,
-                                                                 ir.Constant(_I32, 0)),
-                                          ir.Constant(v32, ir.Undefined), _lanes(*([0] * 32)))
+            invv = _broadcast(builder, inv, 32)
             y = builder.fmul(v, invv)
             v32i = _vec(_I32, 32)
             t = builder.fptosi(y, v32i)                                  # toward zero, |t| <= 127

@@ -172,12 +172,7 @@ if NUMBA:
     from numba import types
     from numba.core.extending import intrinsic
 
-    from kernels.llvm_ir import F32, I8, I32, I64, c_array, const64, row_ptr, vec
-
-    def _bcast(builder, v, t, n):
-        """<n x t> with scalar v in every lane."""
-        u = builder.insert_element(ir.Constant(vec(t, n), ir.Undefined), v, ir.Constant(I32, 0))
-        return builder.shuffle_vector(u, u, ir.Constant(vec(I32, n), [0] * n))
+    from kernels.llvm_ir import F32, I8, I32, I64, broadcast, c_array, const64, row_ptr, vec
 
     def _tile_intrinsic(nibbles, T, block=32):
         """lane_tile(ws, sw, mw, xq, dx, xsum, t, out, col): GROUPS packed groups (rows of ws, sw, mw) times
@@ -229,7 +224,7 @@ if NUMBA:
                             for h, xo in enumerate(xoffs):
                                 xa = builder.add(builder.mul(b, const64(block)), const64(xo))
                                 x4 = builder.load(builder.bitcast(builder.gep(xrows[j], [xa]), I32.as_pointer()), align=1)
-                                xb = _bcast(builder, x4, I32, 16)
+                                xb = broadcast(builder, x4, 16)
                                 for g in range(GROUPS):
                                     p = g * T + j
                                     fn = builder.module.declare_intrinsic(
@@ -243,8 +238,8 @@ if NUMBA:
                         for j in range(T):
                             p = g * T + j
                             bx = b if block == 32 else builder.ashr(b, const64(1))      # x's block of 32
-                            dxs = _bcast(builder, builder.load(builder.gep(drows[j], [bx])), F32, 16)
-                            xss = _bcast(builder, builder.load(builder.gep(srows_x[j], [b])), F32, 16)
+                            dxs = broadcast(builder, builder.load(builder.gep(drows[j], [bx])), 16)
+                            xss = broadcast(builder, builder.load(builder.gep(srows_x[j], [b])), 16)
                             v = builder.fmul(builder.sitofp(iacc[p], v16f), builder.fmul(s, dxs, flags=("fast",)),
                                              flags=("fast",))
                             v = builder.fadd(v, builder.fmul(mv, xss, flags=("fast",)), flags=("fast",))

@@ -1,5 +1,6 @@
 """Small LLVM IR building blocks shared by the hand-written intrinsics (kernels/intdot.py, rowdot.py,
-gather.py, records.py, sync.py): types, constants, array checks and pointers, half conversion, prefetches.
+gather.py, records.py, sync.py, lanetile.py, input_sparse.py): types, constants, broadcasts, counted loops,
+array checks and pointers, half conversion, prefetches.
 
 Needs numba (llvmlite): import it only where kernels.backend.NUMBA holds.
 """
@@ -23,6 +24,42 @@ def const64(v):
 def splat(t, n, v):
     """The constant vector <n x t> of v in every lane."""
     return ir.Constant(vec(t, n), [v] * n)
+
+
+def broadcast(builder, v, n):
+    """<n x type(v)> with the scalar value v in every lane."""
+    t = vec(v.type, n)
+    one = builder.insert_element(ir.Constant(t, ir.Undefined), v, ir.Constant(I32, 0))
+    return builder.shuffle_vector(one, ir.Constant(t, ir.Undefined), ir.Constant(vec(I32, n), [0] * n))
+
+
+def counted_loop(builder, n, inits, body, name="loop"):
+    """for i in range(n) (n an i64), carrying the values `inits` (body(i, *values) -> the new values; a body
+    carrying nothing may return None); returns the values after the loop (the inits when n <= 0)."""
+    entry = builder.block
+    fn = builder.function
+    loop, after = fn.append_basic_block(name), fn.append_basic_block(name + ".after")
+    builder.cbranch(builder.icmp_signed(">", n, const64(0)), loop, after)
+    builder.position_at_end(loop)
+    i = builder.phi(I64)
+    carried = [builder.phi(v.type) for v in inits]
+    new = body(i, *carried) or ()
+    i2 = builder.add(i, const64(1))
+    end = builder.block
+    i.add_incoming(const64(0), entry)
+    i.add_incoming(i2, end)
+    for phi, init, nv in zip(carried, inits, new):
+        phi.add_incoming(init, entry)
+        phi.add_incoming(nv, end)
+    builder.cbranch(builder.icmp_signed("<", i2, n), loop, after)
+    builder.position_at_end(after)
+    outs = []
+    for init, nv in zip(inits, new):
+        p = builder.phi(init.type)
+        p.add_incoming(init, entry)
+        p.add_incoming(nv, end)
+        outs.append(p)
+    return outs
 
 
 def lanes(*idx):

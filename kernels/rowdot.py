@@ -169,7 +169,7 @@ if NUMBA:
     from kernels.llvm_ir import lanes as _lanes, to_i64 as _to_i64
     from kernels.llvm_ir import rows_array as _rows_array
     from kernels.llvm_ir import prefetch_line as _prefetch_line, prefetch_target as _target, row_ptr as _row_ptr
-    from kernels.llvm_ir import splat as _splat, vec as _vec
+    from kernels.llvm_ir import counted_loop as _counted_loop, splat as _splat, vec as _vec
 
     def _load(builder, base, offset, t, n, align=1):
         """<n x t> loaded from base + offset elements of base's type (unaligned)."""
@@ -389,34 +389,6 @@ if NUMBA:
                                     _spread(builder, s, 8, h, n // 32), flags=("fast",)))
         return out
 
-    def _counted_loop(builder, n, inits, body):
-        """for i in range(n), carrying the values `inits` (body(i, *values) -> new values); returns the
-        values after the loop (the inits when n <= 0)."""
-        entry = builder.block
-        fn = builder.function
-        loop, after = fn.append_basic_block("rowdot.loop"), fn.append_basic_block("rowdot.after")
-        builder.cbranch(builder.icmp_signed(">", n, _c(0)), loop, after)
-        builder.position_at_end(loop)
-        i = builder.phi(_I64)
-        carried = [builder.phi(v.type) for v in inits]
-        new = body(i, *carried)
-        i2 = builder.add(i, _c(1))
-        end = builder.block
-        i.add_incoming(_c(0), entry)
-        i.add_incoming(i2, end)
-        for phi, init, nv in zip(carried, inits, new):
-            phi.add_incoming(init, entry)
-            phi.add_incoming(nv, end)
-        builder.cbranch(builder.icmp_signed("<", i2, n), loop, after)
-        builder.position_at_end(after)
-        outs = []
-        for init, nv in zip(inits, new):
-            p = builder.phi(init.type)
-            p.add_incoming(init, entry)
-            p.add_incoming(nv, end)
-            outs.append(p)
-        return outs
-
     def _when(builder, cond, make, n):
         """make() -> n floats, evaluated only when cond holds; 0.0 each otherwise."""
         before = builder.block
@@ -449,7 +421,7 @@ if NUMBA:
             return [builder.fadd(a, v, flags=("fast",)) for a, v in zip(accs, vals)]
 
         rows = step.rows
-        accs = _counted_loop(builder, fours, [zero] * (parts * rows), body)
+        accs = _counted_loop(builder, fours, [zero] * (parts * rows), body, "rowdot.loop")
         b2 = builder.mul(fours, _c(4))
         rem = builder.sub(nb, b2)
         has2 = builder.icmp_signed(">=", rem, _c(2))
