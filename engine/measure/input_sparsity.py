@@ -22,7 +22,17 @@ import numpy as np
 from engine.executors.base import Executors
 from engine.executors.input_sparse import InputMask, MaskedHead, MaskedStack
 from engine.measure.perplexity import window_nll as nll_of
-from kernels.norm import rmsnorm
+
+
+@contextmanager
+def masked_head(model, mask: InputMask):
+    """Inside the block, the model's LM head multiplies its input masked by `mask`."""
+    head = model.weights.lm_head
+    model.weights.lm_head = MaskedHead(head, mask)
+    try:
+        yield model
+    finally:
+        model.weights.lm_head = head
 
 
 @contextmanager
@@ -30,13 +40,8 @@ def masked(model, mask: InputMask):
     """Inside the block, model.forward runs every matmul of its layers (both phases) and its LM head
     through `mask`."""
     stack = MaskedStack(model.config, model.weights.layers, mask)
-    head = model.weights.lm_head
-    model.weights.lm_head = MaskedHead(head, mask)
-    try:
-        with model.running(Executors(stack, stack, model.executors.extra)):
-            yield model
-    finally:
-        model.weights.lm_head = head
+    with masked_head(model, mask), model.running(Executors(stack, stack, model.executors.extra)):
+        yield model
 
 
 def window_logits(model, windows: list[np.ndarray], mask: InputMask) -> list[np.ndarray]:
@@ -69,9 +74,7 @@ def residuals(model, ids: np.ndarray) -> list[np.ndarray]:
     layer and, last, the output of the last layer (before the final norm)."""
     c, layers = model.config, model.weights.layers
     dense = InputMask(layers, np.zeros((len(layers), 4)))
-    x = model.weights.embed.rows_f32(np.asarray(ids))                       # (n, hidden) f32
-    if c.embed_scale != 1.0:
-        x *= np.float32(c.embed_scale)
+    x = model.embed(np.asarray(ids))                                          # (n, hidden) f32
     cache = model.new_cache(len(ids))
     cos, sin = model.rope.table(0, len(ids))
     out = [x.copy()]
@@ -89,15 +92,10 @@ def suffix_nll(model, ids: np.ndarray, x: np.ndarray, first: int, mask: InputMas
 def suffix_logits(model, ids: np.ndarray, x: np.ndarray, first: int, mask: InputMask) -> np.ndarray:
     """(len(ids), vocab) f32 logits of one window whose layers before `first` are dense and whose
     residual at layer `first`'s input is x (n, hidden) f32, from residuals(); layers first.. and the head
-    masked. The tail is Transformer._forward's: final norm, LM head, soft-capping."""
-    c, layers = model.config, model.weights.layers
+    masked, the head through the model's own (Transformer.head)."""
     x = x.copy()
     cos, sin = model.rope.table(0, len(ids))
-    MaskedStack(c, layers[first:], mask, first=first).run(x, model.new_cache(len(ids)), 0, cos, sin)
-    rmsnorm(x, model.weights.norm, c.rms_norm_eps, x)
-    logits = MaskedHead(model.weights.lm_head, mask).matmul(x)               # (n, vocab) f32
-    if c.final_logit_softcapping:
-        cap = np.float32(c.final_logit_softcapping)
-        np.tanh(logits / cap, out=logits)
-        logits *= cap
-    return logits
+    MaskedStack(model.config, model.weights.layers[first:], mask, first=first).run(x, model.new_cache(len(ids)), 0,
+                                                                                   cos, sin)
+    with masked_head(model, mask):
+        return model.head(x)                                                  # (n, vocab) f32

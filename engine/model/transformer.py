@@ -128,24 +128,32 @@ class Transformer:
                 raise KeyboardInterrupt from None
             raise
 
-    def _forward(self, ids: np.ndarray, cache: KVCache, all_logits: bool) -> np.ndarray:
-        n, start = len(ids), cache.length
-        phase = self.executors.decode if n == 1 else self.executors.prefill
-        c = self.config
+    def embed(self, ids: np.ndarray) -> np.ndarray:
+        """ids (n,) int -> (n, hidden) f32: the residual stream entering the first layer."""
         x = self.weights.embed.rows_f32(ids)                                 # (n, hidden) f32
-        if c.embed_scale != 1.0:
-            x *= np.float32(c.embed_scale)
-        cos, sin = self.rope.table(start, n)                                 # (kinds, n, head_dim/2) f32 each
-        phase.run(x, cache, start, cos, sin)
-        cache.length = start + n
-        if not all_logits:
-            x = x[-1:]
+        if self.config.embed_scale != 1.0:
+            x *= np.float32(self.config.embed_scale)
+        return x
+
+    def head(self, x: np.ndarray) -> np.ndarray:
+        """x (n, hidden) f32, the last layer's output (normed in place) -> (n, vocab) f32 logits."""
+        c = self.config
         rmsnorm(x, self.weights.norm, c.rms_norm_eps, x)
-        logits = self.weights.lm_head.matmul(np.ascontiguousarray(x))        # (n or 1, vocab) f32
+        logits = self.weights.lm_head.matmul(np.ascontiguousarray(x))        # (n, vocab) f32
         if c.final_logit_softcapping:
             cap = np.float32(c.final_logit_softcapping)
             np.tanh(logits / cap, out=logits)
             logits *= cap
+        return logits
+
+    def _forward(self, ids: np.ndarray, cache: KVCache, all_logits: bool) -> np.ndarray:
+        n, start = len(ids), cache.length
+        phase = self.executors.decode if n == 1 else self.executors.prefill
+        x = self.embed(ids)                                                  # (n, hidden) f32
+        cos, sin = self.rope.table(start, n)                                 # (kinds, n, head_dim/2) f32 each
+        phase.run(x, cache, start, cos, sin)
+        cache.length = start + n
+        logits = self.head(x if all_logits else x[-1:])                      # (n or 1, vocab) f32
         if n > 1:
             # The layers' temporaries (under engine/memory.py's mmap threshold) stay on glibc's heap
             # otherwise: +12 MiB after a 128-token prompt on SmolLM2. A trim costs well under 1 ms.
