@@ -1,5 +1,6 @@
 """Per-layer input-sparsity thresholds under a quality budget (TEAL, arXiv 2408.14690, training-free
-input sparsity for SwiGLU models; the executor is engine/executors/input_sparse.py).
+input sparsity for SwiGLU models; the numpy reference of the masks is engine/executors/input_sparse.py, the
+decode that runs them engine/executors/input_sparse_decode.py).
 
 A *unit* is one layer's group (qkv, o, gate_up, down) or the LM head. On the calibration text:
 1. split the tokens: the first 2/3 (threshold split) give each unit's input magnitudes, a bounded random

@@ -37,14 +37,15 @@ def choose(config, weights, plan: Plan) -> Executors:
     """The executors that run `weights` (a model's ModelWeights, arranged here in place) under `plan`."""
     layers = weights.layers
     extra = (weights.lm_head,) if plan.head_on_flash else ()
-    dense = all(m == "dense" for m in plan.decode)
-    input_sparse = plan.input_thresholds is not None and plan.flash is None and dense
+    resident_dense = plan.flash is None and all(m == "dense" for m in plan.decode)
+    input_sparse = resident_dense and plan.input_thresholds is not None
+    stacking = resident_dense and ONE_REGION and not input_sparse     # the one-region decode may run
     if input_sparse:
         layout.to_columns(layers, plan.input_thresholds)
-    if plan.flash is None and dense and ONE_REGION and not input_sparse:
+    if stacking:
         for lw in layers:
             layout.match_fused_layouts(lw)
-    one_region = plan.flash is None and dense and ONE_REGION and not input_sparse and layout.stackable(layers)
+    one_region = stacking and layout.stackable(layers)
     if one_region:
         stacks = layout.stack_layers(layers)      # fuses q|k|v and gate|up as it stacks
     else:

@@ -42,6 +42,17 @@ def group_weights(lw, group: str) -> list:
     return [getattr(lw, f) for f in names[fused:] if getattr(lw, f) is not None]
 
 
+def unit_weights(layers):
+    """(layer index, group index in GROUPS, weight) for every weight of every layer's groups, fused and
+    separate alike (the stacks multiply by whichever the layout kept)."""
+    for i, lw in enumerate(layers):
+        for g, name in enumerate(GROUPS):
+            for field in GROUP_WEIGHTS[name]:
+                w = getattr(lw, field)
+                if w is not None:
+                    yield i, g, w
+
+
 def mask_rows(x: np.ndarray, threshold: float) -> np.ndarray:
     """x (n, cols) f32 -> a copy with |x| < threshold set to 0 (x itself when threshold <= 0)."""
     if threshold <= 0.0:
@@ -65,13 +76,7 @@ class InputMask:
         self.thresholds = np.append(thresholds.ravel(), float(head_threshold))   # (n*4 + 1,) f64
         self.head_unit = n * len(GROUPS)
         self.observer = observer
-        self.unit = {}                                                      # id(weight) -> unit
-        for i, lw in enumerate(layers):
-            for g, name in enumerate(GROUPS):
-                for field in GROUP_WEIGHTS[name]:
-                    w = getattr(lw, field)
-                    if w is not None:
-                        self.unit[id(w)] = i * len(GROUPS) + g
+        self.unit = {id(w): i * len(GROUPS) + g for i, g, w in unit_weights(layers)}   # id(weight) -> unit
         self.zeroed = np.zeros(self.head_unit + 1, np.int64)   # inputs set to 0 by the mask, per unit
         self.seen = np.zeros(self.head_unit + 1, np.int64)     # inputs that went through, per unit
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from engine.executors.dense import DenseFFN
-from engine.executors.input_sparse import GROUP_WEIGHTS, GROUPS, mask_rows
+from engine.executors.input_sparse import GROUPS, group_weights, mask_rows, unit_weights
 from engine.executors.stack import LayerStack
 from engine.model.weights import Q4CWeight
 
@@ -22,13 +22,7 @@ class SparseInputs:
 
     def __init__(self, layers, thresholds):
         """thresholds (n_layers, 4) on |input| in GROUPS order, 0 for dense."""
-        self.threshold = {}                                      # id(weight) -> float32 threshold
-        for lw, row in zip(layers, thresholds):
-            for group, thr in zip(GROUPS, row):
-                for field in GROUP_WEIGHTS[group]:
-                    w = getattr(lw, field)
-                    if w is not None:
-                        self.threshold[id(w)] = np.float32(thr)
+        self.threshold = {id(w): np.float32(thresholds[i][g]) for i, g, w in unit_weights(layers)}
 
     def __call__(self, w, x: np.ndarray) -> np.ndarray:
         assert x.shape[0] == 1, "decode: one token"
@@ -58,8 +52,7 @@ class InputSparseDecode(LayerStack):
             for group, thr in zip(GROUPS, row):
                 if thr <= 0:
                     continue
-                kernel = all(isinstance(getattr(lw, f), Q4CWeight) for f in GROUP_WEIGHTS[group]
-                             if getattr(lw, f) is not None)
+                kernel = all(isinstance(w, Q4CWeight) for w in group_weights(lw, group))
                 parts.append(f"{group} |x|>={thr:.3g}" + ("" if kernel else " (masked, dense kernel)"))
             out.append((i, f"input-sparse ({', '.join(parts)}), attention and FFN dense" if parts
                         else "attention dense, FFN dense (no input threshold)"))

@@ -21,8 +21,10 @@ from kernels import dequant, input_sparse
 from kernels.neuron_records import pack
 
 FUSED = (("wqkv", ("wq", "wk", "wv")), ("w_gate_up", ("w_gate", "w_up")))
-# kernels/decode_token.py's matrices, in its order, each with the matrices it stacks
-ONE_REGION_GROUPS = (("wqkv", ("wq", "wk", "wv")), ("wo", ("wo",)), ("w_gate_up", ("w_gate", "w_up")),
+# a layer's matrix groups, each as the weight it runs as once fused and the weights that one stacks, in
+# the order of kernels/decode_token.py's steps and of engine/executors/input_sparse.GROUPS (qkv, o,
+# gate_up, down)
+MATRIX_GROUPS = (("wqkv", ("wq", "wk", "wv")), ("wo", ("wo",)), ("w_gate_up", ("w_gate", "w_up")),
                      ("w_down", ("w_down",)))
 DOWN_FORMATS = ("auto", "i8", "q4", "f32")
 _TILE_ROWS = 256                            # rows of down dequantized at a time while transposing
@@ -128,11 +130,6 @@ def concat_rows(weights: list[Weight]) -> Weight | None:
     return type(first)(*[np.concatenate(arrs) for arrs in zip(*parts)])
 
 
-# input-sparse groups (engine/executors/input_sparse.GROUPS order): the weight a group multiplies by once
-# fused, and the separate weights that are then its row views
-COLUMN_GROUPS = (("wqkv", ("wq", "wk", "wv")), ("wo", ()), ("w_gate_up", ("w_gate", "w_up")), ("w_down", ()))
-
-
 def to_columns(layers, thresholds) -> None:
     """For every layer's group with a threshold above 0 (thresholds (n_layers, 4)), store its weight in the
     Q4C layout (kernels/layouts.md) when it is a Q4 weight of a shape the layout takes, in place: q|k|v and
@@ -140,13 +137,14 @@ def to_columns(layers, thresholds) -> None:
     row views). Other layouts stay as they are (engine/executors/input_sparse_decode.py masks their input)."""
     for lw, row in zip(layers, thresholds):
         fuse(lw)
-        for (name, parts), thr in zip(COLUMN_GROUPS, row):
+        for (name, parts), thr in zip(MATRIX_GROUPS, row):
             w = getattr(lw, name)
             if thr <= 0 or not isinstance(w, Q4Weight) or not input_sparse.fits(*w.shape):
                 continue
             setattr(lw, name, Q4CWeight.from_q4(w))
             for p in parts:
-                setattr(lw, p, None)
+                if p != name:                            # the row views of a fused weight
+                    setattr(lw, p, None)
 
 
 def _split_views(lw, fused_name: str, names: tuple[str, ...]) -> None:
@@ -169,7 +167,7 @@ def _stack_signature(lw) -> list | None:
     if any(b is not None for b in (lw.bq, lw.bk, lw.bv, lw.bo)):
         return None
     sig = []
-    for _, names in ONE_REGION_GROUPS:
+    for _, names in MATRIX_GROUPS:
         parts = [getattr(lw, n) for n in names]
         if not all(_one_region_weight(w) and type(w) is type(parts[0]) for w in parts):
             return None
@@ -193,7 +191,7 @@ def _variants(sigs: list) -> list[list] | None:
     if any(s is None for s in sigs):
         return None
     out = []
-    for g in range(len(ONE_REGION_GROUPS)):
+    for g in range(len(MATRIX_GROUPS)):
         distinct = []
         for s in sigs:
             if s[g] not in distinct:
@@ -215,7 +213,7 @@ class OneRegionStacks:
     """The layers' weights as kernels/decode_token.py reads them, each field stacked over layers:
     - norms: attn_norm, ffn_norm (L, hidden) f32; q_norm, k_norm (L, head_dim) f32, or (L, 0) when the
       model has no q/k norms; post_attn_norm, post_ffn_norm (L, hidden) f32, or (L, 0);
-    - groups: per group of ONE_REGION_GROUPS, the arrays (qs or q, d, m) of its first layout stacked over
+    - groups: per group of MATRIX_GROUPS, the arrays (qs or q, d, m) of its first layout stacked over
       the layers that have it, then those of its second layout (empty (0, ...) copies of the first's when
       every layer has one layout), six arrays per group;
     - where (L, groups) int64: layer i's slot in its group's first-layout stacks, or -1 - its slot in the
@@ -239,7 +237,7 @@ def stack_layers(layers) -> OneRegionStacks:
     norms = tuple(_stack_vectors(layers, f) for f in ONE_REGION_NORMS)
     sigs = [_stack_signature(lw) for lw in layers]
     variants = _variants(sigs)
-    where = np.empty((L, len(ONE_REGION_GROUPS)), np.int64)
+    where = np.empty((L, len(MATRIX_GROUPS)), np.int64)
     groups = []
     for g, distinct in enumerate(variants):
         counts = [0] * len(distinct)
@@ -255,7 +253,7 @@ def stack_layers(layers) -> OneRegionStacks:
         for f, stack in zip(ONE_REGION_NORMS, norms):
             if getattr(lw, f) is not None:
                 setattr(lw, f, stack[i])
-        for (fused_name, names), stacks, w in zip(ONE_REGION_GROUPS, groups, where[i]):
+        for (fused_name, names), stacks, w in zip(MATRIX_GROUPS, groups, where[i]):
             arrays, slot = (stacks[0], w) if w >= 0 else (stacks[1], -1 - w)
             kind, r0, bounds = type(getattr(lw, names[0])), 0, []
             for n in names:
