@@ -76,7 +76,7 @@ def make_deploy(source: str | os.PathLike, budget_text: str, out: str | os.PathL
         check_quality_budget(quality)
     out = Path(out).expanduser()
     deploy.check_target(out, overwrite)
-    read_calibration(calibration)                      # fail now on an empty or unreadable file
+    calibration_text = read_calibration(calibration)   # fail now on an empty or unreadable file
     dev = load_device(device_profile, progress)
     src = registry.resolve(source)
     if src.is_dir() and (src / "plan.json").exists():
@@ -113,7 +113,7 @@ def make_deploy(source: str | os.PathLike, budget_text: str, out: str | os.PathL
     inputs = None
     if quality is not None:
         from planner.input_sparsity import plan as input_plan
-        inputs = input_plan(llm, read_calibration(calibration), quality, head=False, progress=progress)
+        inputs = input_plan(llm, calibration_text, quality, head=False, progress=progress)
 
     bundle_header: list[dict] = []
 
