@@ -243,6 +243,19 @@ class CostModel:
         are clamped to it, engine/flash_ffn.io_layout)."""
         return self.dev.storage.best_threads(1 << 20, "random")
 
+    def merge_gap(self) -> int:
+        """Bundles of a gap between two misses worth reading through instead of splitting the request
+        (engine/flash/reader.merge_runs): the largest gap, at most 8, for which one request over both
+        bundles and the gap is predicted to take no longer than two one-bundle requests, from the device
+        profile's random-read speed at those request sizes."""
+        R = max(1, round(self.shape.bundle_bytes))
+
+        def cost(n: int) -> float:
+            span = -(-n * R // 4096) * 4096
+            return self.read_s(span, span)[0]
+
+        return max((g for g in range(9) if cost(2 + g) <= 2 * cost(1)), default=0)
+
     def stream_request(self) -> int:
         """Request size for streaming a layer's cold neurons: large requests read fastest (1 MiB), but
         the runtime keeps a few request buffers and a request-sized staging ring, so a request is at

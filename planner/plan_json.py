@@ -54,7 +54,7 @@ def build(sol: Solution, *, cost, device, fingerprint: str, model_name: str, bud
         "decode": {"layers": layers, "recall_floor": recall_floor},
         "io": {"direct_io": sol.direct_io, "reader_threads": sol.io_threads, "prefetch_layers": sol.prefetch_layers,
                "request_bytes": max((c.request_bytes for c in sol.layers), default=0),
-               "staging_bytes": sol.staging_bytes},
+               "staging_bytes": sol.staging_bytes, "max_gap_records": sol.max_gap},
         "threads": {"compute": sol.compute_threads, "io": sol.io_threads},
         "memory": {"resident_bytes": sol.fixed_bytes, "hot_bytes": sum(s.hot_ffn_bytes(c.hot, c.mode) for c in sol.layers),
                    "cold_cache_bytes": sum(round(c.cache * s.bundle_bytes) for c in sol.layers),

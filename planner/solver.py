@@ -80,6 +80,7 @@ class Solution:
     rationale: tuple[str, ...]
     head_on_flash: bool = False      # embeddings / LM head streamed from the weights file every token
     head_flash_bytes: float = 0.0    # their bytes read per token
+    max_gap: int = 0                 # bundles of a gap read through rather than splitting a request
     prefill_fallback: str = "f32"    # what runs when ONNX Runtime cannot: int8 or f32
     prefill_providers: tuple[str, ...] = ("CPUExecutionProvider",)   # ONNX Runtime's, in order
 
@@ -298,7 +299,8 @@ def _assemble(cost, evidence, chosen, budget, staging, recall_floor, head_flash:
                    prefill_chunk=chunk,
                    compute_threads=threads, io_threads=io_threads, direct_io=dev.storage.direct_io and uses_flash,
                    prefetch_layers=1 if uses_flash else 0, kv_bytes=kv, runtime_bytes=RUNTIME_BASE_BYTES, rationale=(),
-                   head_on_flash=head_flash, head_flash_bytes=head_bytes)
+                   head_on_flash=head_flash, head_flash_bytes=head_bytes,
+                   max_gap=cost.merge_gap() if uses_flash else 0)
     return Solution(**{**sol.__dict__, "rationale": tuple(_rationale(cost, sol, recall_floor))})
 
 
@@ -337,7 +339,8 @@ def _rationale(cost: CostModel, sol: Solution, recall_floor: float) -> list[str]
         req = max(c.request_bytes for c in sol.layers)
         lines.append(f"io: {sol.io_threads} reader thread(s) at up to {req >> 10} KiB requests, "
                      f"{'O_DIRECT' if sol.direct_io else 'buffered (O_DIRECT refused by the filesystem)'}, prefetch "
-                     f"{sol.prefetch_layers} layer ahead so reads overlap compute")
+                     f"{sol.prefetch_layers} layer ahead so reads overlap compute; gaps of up to {sol.max_gap} "
+                     "bundle(s) between misses are read through (one request costs more than those bytes)")
     g = dev.kernels.matmul_gflops
     width = "@2048" if s.hidden >= 1536 and "numpy@2048" in g else ""
     measured = ", ".join(f"{name} {g[key + width]:.0f}" for name, key in

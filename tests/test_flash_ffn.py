@@ -4,19 +4,24 @@ kernels and their numpy twins; injected read faults fail one call and leave the 
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 
 import engine.executors.flash_ffn as flash_ffn
 from engine.errors import FlashReadError
 from engine.executors.flash_ffn import FlashFFN, LayerPlan
-from engine.flash.bundles import open_bundles
+from engine.flash import aio_reader, native_reader
+from engine.flash.bundles import ALIGN, open_bundles
 from engine.flash.cache import SegmentCache
 from kernels.activation import RELU, SILU, glu
 from kernels.sparse_ffn import sparse_acts, sparse_acts_numpy, sparse_down, sparse_down_numpy, sparse_ffn_numpy
 from planner.bundles import layer_arrays, write_bundles
 from tests.test_flash_bundles import FFN, HIDDEN, LAYERS, make_layers
 
+KINDS_READERS = ["python"] + (["aio"] if aio_reader.available() else []) + \
+    (["native"] if native_reader.available() else [])
 KERNELS = [(sparse_acts, sparse_down), (sparse_acts_numpy, sparse_down_numpy)]    # numba (if any), numpy
 
 
@@ -103,29 +108,85 @@ def test_prefill_batch_matches_float_math(model):
         ff.close()
 
 
+class _Faulty:
+    """Wraps a reader's submit and submit_many (or read): its third request fails, by an unreadable descriptor ("error",
+    kept until that request's result is asked for, since native readers read it later) or by asking past
+    the end of the file ("short")."""
+
+    def __init__(self, reader, fault: str, size: int):
+        self.reader, self.fault, self.size, self.n = reader, fault, size, 0
+        self.real_read = reader.read
+        self.real_submit = type(reader).submit.__get__(reader)
+        reader.submit, reader.read = self.submit, self.read
+        reader.submit_many = lambda bufs, offsets: [self.submit(b, o) for b, o in zip(bufs, offsets)]
+
+    def _bad(self, call, buf, offset):
+        if self.fault == "short":
+            return call(buf, self.size - ALIGN)
+        good, bad = self.reader.fd, os.open(os.devnull, os.O_WRONLY)
+        self.reader._use_fd(bad)
+        return good, bad, call(buf, offset)
+
+    def submit(self, buf, offset):
+        self.n += 1
+        if self.n != 3:
+            return self.real_submit(buf, offset)
+        got = self._bad(self.real_submit, buf, offset)
+        if self.fault == "short":
+            return got
+        good, bad, ticket = got
+        reader = self.reader
+
+        class Restoring:
+            def result(self):
+                try:
+                    return ticket.result()
+                finally:
+                    if reader.fd == bad:
+                        reader._use_fd(good)
+                        os.close(bad)
+
+            def exception(self):
+                try:
+                    self.result()
+                except FlashReadError as e:
+                    return e
+
+            def cancel(self):
+                return False
+
+            def cancelled(self):
+                return False
+
+        return Restoring()
+
+    def read(self, buf, offset):
+        self.n += 1
+        if self.n != 3:
+            return self.real_read(buf, offset)
+        if self.fault == "short":
+            return self._bad(self.real_read, buf, offset)
+        good, bad = self.reader.fd, os.open(os.devnull, os.O_WRONLY)
+        self.reader._use_fd(bad)
+        try:
+            return self.real_read(buf, offset)
+        finally:
+            self.reader._use_fd(good)
+            os.close(bad)
+
+
+@pytest.mark.parametrize("kind", KINDS_READERS)
 @pytest.mark.parametrize("pipeline", [True, False])
 @pytest.mark.parametrize("fault", ["error", "short"])
-def test_read_fault_fails_one_call_and_the_next_works(model, pipeline, fault):
+def test_read_fault_fails_one_call_and_the_next_works(model, pipeline, fault, kind):
     layers, bf = model
     rng = np.random.default_rng(5)
     ff = FlashFFN(bf, [LayerPlan("dense", hot=10, cache=20)] * LAYERS, SILU, pipeline=pipeline,
-                  request_bytes=4096, io_threads=2)
-    real = ff.reader.read
-    calls = {"n": 0}
-
-    def faulty(buf, offset):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            if fault == "error":
-                raise FlashReadError("injected: read failed")
-            real(buf, offset)
-            raise FlashReadError(f"injected: short read at offset {offset}")
-        return real(buf, offset)
-
-    ff.reader.read = faulty
+                  request_bytes=4096, io_threads=2, reader_kind=kind)
+    _Faulty(ff.reader, fault, os.path.getsize(bf.path) + ALIGN)
     try:
         x = rng.standard_normal(HIDDEN).astype(np.float32)
-        with pytest.raises(FlashReadError, match="injected"):
+        with pytest.raises(FlashReadError, match="short read" if fault == "short" else "aborted"):
             ff.ffn(0, x)
         for _ in range(3):                     # usable afterwards, and the cache holds correct bundles
             for i, lw in enumerate(layers):
@@ -133,6 +194,23 @@ def test_read_fault_fails_one_call_and_the_next_works(model, pipeline, fault):
                 np.testing.assert_allclose(ff.ffn(i, x), reference(lw, x), rtol=1e-4, atol=2e-3)
     finally:
         ff.close()
+
+
+@pytest.mark.parametrize("kind", KINDS_READERS)
+def test_every_reader_gives_the_same_output(model, kind):
+    layers, bf = model
+    outs = {}
+    for k in ("python", kind):
+        ff = FlashFFN(bf, [LayerPlan("given", hot=10, cache=25)] * LAYERS, SILU, io_threads=3, reader_kind=k,
+                      request_bytes=2 * 4096)
+        try:
+            r = np.random.default_rng(6)
+            outs[k] = [ff.ffn(i, r.standard_normal(HIDDEN).astype(np.float32), r.choice(FFN, 40, replace=False))
+                       for _ in range(4) for i in range(LAYERS)]
+        finally:
+            ff.close()
+    for a, b in zip(outs["python"], outs[kind]):
+        np.testing.assert_array_equal(a, b)
 
 
 # ---------------------------------------------------------------- the cache on its own

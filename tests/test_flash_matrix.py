@@ -2,6 +2,8 @@
 results (one-token matmul and row lookups; several tokens within float rounding), through chunk boundaries, an unaligned tail at the end of the file,
 O_DIRECT or its buffered fallback; a truncated file is refused at open, a failing read raises."""
 
+import os
+
 import numpy as np
 import pytest
 
@@ -69,21 +71,18 @@ def test_flash_matrix_refuses_truncated_file(tmp_path):
         FlashMatrix(path, t.offset, t.ggml_type, t.shape, "head.weight")
 
 
-def test_flash_matrix_read_error_raises_and_recovers(tmp_path, monkeypatch):
+def test_flash_matrix_read_error_raises_and_recovers(tmp_path):
     path = _gguf(tmp_path / "m.gguf", "Q8_0")
     t = GGUFFile(path).tensors["first.weight"]
     fm = FlashMatrix(path, t.offset, t.ggml_type, t.shape, "first.weight", direct=False, chunk_bytes=4096)
     x = np.ones((1, t.shape[1]), np.float32)
     want = fm.matmul(x)
-    real = fm.reader.read
-
-    def failing(buf, offset):
-        raise FlashReadError(f"{path}: injected read failure at offset {offset}")
-
-    monkeypatch.setattr(fm.reader, "read", failing)
-    with pytest.raises(FlashReadError, match="injected"):
+    good, bad = fm.reader.fd, os.open(os.devnull, os.O_WRONLY)     # reads from it fail with EBADF
+    fm.reader._use_fd(bad)
+    with pytest.raises(FlashReadError, match="aborted"):
         fm.matmul(x)
-    monkeypatch.setattr(fm.reader, "read", real)
+    fm.reader._use_fd(good)
+    os.close(bad)
     np.testing.assert_array_equal(fm.matmul(x), want)     # usable for the next request
     fm.close()
 

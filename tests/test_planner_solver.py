@@ -181,3 +181,24 @@ def test_prefill_engine_is_the_fastest_measured_and_recorded():
     assert doc["prefill"]["engine"] == "f32"
     assert doc["prefill"]["fallback"] == "f32" and doc["prefill"]["providers"] == ["CPUExecutionProvider"]
     assert any(line.startswith("prefill: the f32 engine") for line in doc["rationale"])
+
+
+def test_merge_gap_follows_the_device_profile():
+    """A gap is read through while one longer request is predicted to cost no more than two short ones:
+    on a device whose reads cost the same at any size up to 64 KiB, several bundles; on one where speed
+    is proportional to request size (a fixed cost per request dominates), the largest gap allowed."""
+    from dataclasses import replace
+
+    c = cost()
+    st = c.dev.storage
+
+    def with_speed(mbps_of):
+        reads = tuple(device.ReadPoint("random", b, 1, mbps_of(b)) for b in (4096, 16384, 65536, 262144, 1 << 20))
+        return CostModel(replace(c.dev, storage=replace(st, reads=reads)), shape())
+
+    flat = with_speed(lambda b: 400.0)                     # bandwidth-bound: extra bytes cost full price
+    per_request = with_speed(lambda b: b / 4096 * 40.0)    # IOPS-bound: a request costs the same at any size
+    assert flat.merge_gap() == 0
+    assert per_request.merge_gap() == 8
+    sol = solve(c, evidence(True), int(c.shape.weight_bytes * 0.65), 0.99)
+    assert json.loads(plan_text(c, sol))["io"]["max_gap_records"] == sol.max_gap == c.merge_gap()

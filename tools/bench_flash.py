@@ -31,7 +31,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from engine.executors.flash_ffn import FlashFFN, LayerPlan  # noqa: E402
+from engine.executors.flash_ffn import FlashFFN, LayerPlan, io_bytes  # noqa: E402
 from engine.flash.bundles import open_bundles  # noqa: E402
 from engine.model.layout import quantize_q4  # noqa: E402
 from engine.model.weights import Q4Weight  # noqa: E402
@@ -75,8 +75,8 @@ def build(path: Path, layers: int, rng) -> tuple[list, list[np.ndarray]]:
     return probs, orders
 
 
-def run(bf, plans, sets, xs, warm: int, **kw) -> tuple[float, dict, int]:
-    ff = FlashFFN(bf, plans, RELU, **kw)
+def run(bf, plans, sets, xs, warm: int, reader_kind: str = "python", **kw) -> tuple[float, dict, int]:
+    ff = FlashFFN(bf, plans, RELU, reader_kind=reader_kind, **kw)
     try:
         ff.reader.drop_cache()
         n_layers = len(plans)
@@ -102,7 +102,11 @@ def main() -> None:
     ap.add_argument("--naive-tokens", type=int, default=4)
     ap.add_argument("--io-threads", type=int, default=4)
     ap.add_argument("--dir", default=tempfile.gettempdir())
+    ap.add_argument("--readers", default="aio,native",
+                    help="native readers for the last rows (engine/flash/open_reader.py kinds); the rows above use python")
     ap.add_argument("--keep", action="store_true", help="keep the bundle file")
+    ap.add_argument("--ab", type=int, default=0, metavar="ROUNDS",
+                    help="then alternate the resident run and the planner's split with each reader ROUNDS times")
     a = ap.parse_args()
     rng = np.random.default_rng(0)
     path = Path(a.dir) / f"bench_flash_{os.getpid()}.bundles"
@@ -125,13 +129,14 @@ def main() -> None:
               "independent; oracle active sets (predictor cost excluded from every variant)")
         ffn_bytes = FFN * R
         budget_neurons = ffn_bytes // 2 // R
-        max_len = (256 << 10) // R
-        n_buf = 2 * a.io_threads
-        buf_records = (n_buf * (max_len * R + 8192)) // R // a.layers + 1
-        staging = n_buf * max_len
-        cache = budget_neurons - hot_n - staging - buf_records
+        def io_records(threads: int) -> int:
+            """Bundles' worth of one layer's share of the read arena and staging ring (shared by the layers)."""
+            return -(-io_bytes(R, FFN, threads, 256 << 10) // R // a.layers)
+
+        io_n = io_records(a.io_threads)
+        cache = budget_neurons - hot_n - io_n
         print(f"budget 50% of FFN bytes = {budget_neurons} bundles per layer: {hot_n} hot (resident segment) + "
-              f"{cache} cold cache + {staging} staging + read buffers")
+              f"{cache} cold cache + {io_n} for read buffers and staging ({a.io_threads} readers)")
         resident = [LayerPlan("given", FFN, 0)] * a.layers
         no_cache = [LayerPlan("given", hot_n, 0)] * a.layers
         cached = [LayerPlan("given", hot_n, cache)] * a.layers
@@ -153,10 +158,17 @@ def main() -> None:
         rows.append((f"+ pipeline ({best[0]}, {a.io_threads} reader threads)", tps, s, mem))
         # The planner's split for independent tokens: the whole budget as the static hot segment (its
         # neurons in calibration-frequency order), no dynamic cache; deeper I/O queues.
-        static = [LayerPlan("given", hot_n + cache, 0)] * a.layers
+        def static(threads: int) -> list:
+            return [LayerPlan("given", budget_neurons - io_records(threads), 0)] * a.layers
+
         for th in sorted({a.io_threads, 2 * a.io_threads}):
-            tps, s, mem = run(bf, static, sets, xs, a.warm, pipeline=True, io_threads=th)
+            tps, s, mem = run(bf, static(th), sets, xs, a.warm, pipeline=True, io_threads=th)
             rows.append((f"static hot = budget, pipeline, {th} reader threads", tps, s, mem))
+        # The same split with the readers that issue requests without Python per request.
+        for kind in a.readers.split(","):
+            for th in sorted({a.io_threads, 2 * a.io_threads}):
+                tps, s, mem = run(bf, static(th), sets, xs, a.warm, pipeline=True, io_threads=th, reader_kind=kind)
+                rows.append((f"static hot = budget, pipeline, {kind} reader, depth {th}", tps, s, mem))
         base, naive = rows[0][1], rows[1][1]
         print(f"\n{'variant':58s} {'tok/s':>7s} {'x naive':>8s} {'x resid':>8s} {'hit':>5s} {'MiB/tok':>8s} "
               f"{'req/tok':>8s} {'wait ms':>8s} {'overlap':>7s} {'RAM MiB':>8s}")
@@ -164,6 +176,20 @@ def main() -> None:
             print(f"{name:58s} {tps:7.2f} {tps / naive:8.1f} {tps / base:8.2f} {s['cache_hit_rate']:5.0%} "
                   f"{s['flash_bytes_per_token'] / 2**20:8.2f} {s['requests_per_token']:8.0f} "
                   f"{s['io_wait_ms_per_token']:8.1f} {s['overlap_ratio']:7.0%} {mem / 2**20:8.0f}")
+        if a.ab:
+            # Side by side: the resident run and the planner's split with each reader, alternating.
+            variants = [("resident", resident, dict(pipeline=False))] + [
+                (f"{kind} reader, depth {th}", static(th), dict(pipeline=True, io_threads=th, reader_kind=kind))
+                for kind in ["python"] + a.readers.split(",") for th in sorted({a.io_threads, 2 * a.io_threads})]
+            got = {name: [] for name, _, _ in variants}
+            for _ in range(a.ab):
+                for name, plans, kw in variants:
+                    got[name].append(run(bf, plans, sets, xs, a.warm, **kw)[0])
+            print(f"\nalternating rounds ({a.ab}): tok/s per round, median, and median of the per-round ratio to resident")
+            for name, _, _ in variants:
+                ratio = np.median(np.array(got[name]) / np.array(got["resident"]))
+                print(f"  {name:28s} {' '.join(f'{v:7.1f}' for v in got[name])}   median {np.median(got[name]):7.1f}"
+                      f"   x resident {ratio:.3f}")
         print(f"\nI/O: {rows[1][2]['io']}; FFN bytes {a.layers * ffn_bytes / 2**20:.0f} MiB, budget "
               f"{a.layers * ffn_bytes / 2 / 2**20:.0f} MiB; cache warmed {a.warm} tokens, timed {a.tokens} "
               f"(naive {naive_n}, bundling {naive_n * 2})")

@@ -12,11 +12,14 @@ One token through a layer:
      caller gives (benchmarks), in position order: the active list, cut into fixed chunks
      (chunk_bounds: by its length alone);
   2. split into hot, cached (hits) and missing; the missing positions are merged into runs
-     (engine/flash_reader.merge_runs) and submitted to the reader threads;
+     (engine/flash/reader.merge_runs, gaps of up to max_gap bundles read through) and queued with the
+     reader (engine/flash/open_reader.py: kernel AIO, or reader threads) into the read arena
+     (engine/flash/arena.py), as many as the queue depth and the arena allow;
   3. while the reads are in flight, the activations act(gate.x, up.x) of the hot and cached neurons
      (kernels/sparse_ffn.sparse_acts: numba, nogil), and the down sums of the chunks that miss nothing;
-  4. as each group of requests lands: its bundles are copied into their cache or staging slots, their
-     activations computed, and every chunk now complete has its down sum (sparse_down);
+  4. as requests land (the oldest, with the ones after it that have landed too, as one group): their
+     bundles are copied into their cache or staging slots in one call, their activations computed,
+     and every chunk now complete has its down sum (sparse_down);
   5. the output is the chunk sums added in chunk order, times the layer's dscale.
 Same tokens at any budget: an activation depends on its neuron alone, and a chunk's down sum
 on its neurons in list order alone, so what is cached changes where weights come from and when they are
@@ -43,7 +46,9 @@ from engine.errors import ConfigError
 from engine.executors.base import Executor
 from engine.flash.bundles import ALIGN, FIELD_NAMES, BundleFile, open_bundles
 from engine.flash.cache import SegmentCache
-from engine.flash.reader import FlashReader, aligned_buffer, merge_runs
+from engine.flash.arena import ReadArena
+from engine.flash.open_reader import open_reader
+from engine.flash.reader import FlashReader, merge_runs
 from engine.model.weights import BF16Weight, F16Weight, F32Weight, I8Weight, Q4Weight, Q5Weight, Q6Weight
 from kernels.activation import glu
 from kernels.backend import NUMBA
@@ -53,6 +58,7 @@ from kernels.sparse_ffn import predict, sparse_acts, sparse_down
 MODES = ("dense", "predicted", "given")
 _PREFILL_TILE = 256            # positions per BLAS tile in prefill
 CHUNK = 64                     # fewest active neurons per down chunk
+SMALL_REQUEST = 64 << 10       # arena room per read in flight: decode requests are a few bundles
 MAX_CHUNKS = 32                # most down chunks per layer and token (their sums are added at the end)
 
 
@@ -72,24 +78,28 @@ class LayerPlan:
 
 
 def io_layout(record_bytes: int, ffn: int, io_threads: int, request_bytes: int, pipeline: bool = True,
-              read_ahead: bool = True) -> tuple[int, int, int]:
-    """(read buffers, records per request, staging-ring rows) of a FlashFFN: the memory it holds for
-    I/O beside the hot and cached neurons (io_bytes; the planner budgets it). A staged bundle lives
-    from its landing until its chunk is summed, and requests are taken one at a time: at most one
-    request's bundles plus the landed part of the one chunk still waiting for more, so a ring of that
-    many rows is never overwritten in use."""
+              read_ahead: bool = True) -> tuple[int, int, int, int]:
+    """(reads in flight at most, records per request, staging-ring rows, read-arena bytes) of a
+    FlashFFN: the memory it holds for I/O beside the hot and cached neurons (io_bytes; the planner
+    budgets it). The arena (engine/flash/arena.py) holds every read in flight: room for that many
+    requests of up to SMALL_REQUEST bytes, and for at least four of the longest. A staged bundle lives
+    from its landing until its chunk is summed, and landed requests are taken in groups of at most
+    one request's length: at most that many bundles plus the landed part of the one chunk still waiting
+    for more, so a ring of that many rows is never overwritten in use."""
     max_len = max(1, min(request_bytes // record_bytes, ffn))     # no request is longer than a layer
     per_layer = -(-ffn // max_len)                                   # requests that cover a layer
     extra = 1 if read_ahead else 0
     n_buf = min(2 * max(1, io_threads), per_layer) + extra if pipeline else 1
-    return n_buf, max_len, max_len + int(np.diff(chunk_bounds(ffn)).max(initial=1))
+    span = -(-(max_len * record_bytes + 2 * ALIGN) // ALIGN) * ALIGN      # the longest request, aligned
+    arena = max(n_buf * min(span, SMALL_REQUEST), min(n_buf, 4) * span)
+    return n_buf, max_len, max_len + int(np.diff(chunk_bounds(ffn)).max(initial=1)), arena
 
 
 def io_bytes(record_bytes: int, ffn: int, io_threads: int, request_bytes: int, **kw) -> int:
     """Bytes of a FlashFFN's read buffers and staging ring (see io_layout; prefill assembles a tile of
     _PREFILL_TILE rows in the ring)."""
-    n_buf, max_len, ring = io_layout(record_bytes, ffn, io_threads, request_bytes, **kw)
-    return n_buf * (max_len * record_bytes + 2 * ALIGN) + max(ring, min(_PREFILL_TILE, ffn)) * record_bytes
+    _, _, ring, arena = io_layout(record_bytes, ffn, io_threads, request_bytes, **kw)
+    return arena + max(ring, min(_PREFILL_TILE, ffn)) * record_bytes
 
 
 @dataclass
@@ -161,7 +171,7 @@ class FlashFFN:
     def __init__(self, bundles: BundleFile, plans: list[LayerPlan], act_kind: int, *, predictors=None,
                  direct: bool = True, io_threads: int = 2, policy: str = "lru", pipeline: bool = True,
                  bundled: bool = True, request_bytes: int = 256 << 10, max_gap: int | None = None,
-                 reader: FlashReader | None = None, read_ahead: bool = True):
+                 reader: FlashReader | None = None, read_ahead: bool = True, reader_kind: str | None = None):
         if len(plans) != bundles.n_layers:
             raise ConfigError(f"{len(plans)} layer plans for a bundle file of {bundles.n_layers} layers")
         self.bundles = bundles
@@ -173,17 +183,17 @@ class FlashFFN:
         # Records per request, and the gap (in records) worth reading through rather than splitting a
         # request: about one 4 KiB page, whose cost is small next to a request's fixed cost (flash/reader.py).
         self.max_gap = max(0, ALIGN // self.R) if max_gap is None else max_gap
-        self.reader = reader or FlashReader(bundles.path, direct=direct, threads=io_threads)
+        self.reader = reader or open_reader(bundles.path, direct=direct, threads=io_threads, kind=reader_kind)
         # Read-ahead: a layer whose reads are known before it runs (every neuron each token, no cache:
         # a dense layer streamed from flash) gets them submitted while the layer before it computes, into
         # a second set of buffers, so that its reads overlap compute instead of starting with the layer.
         self.read_ahead = pipeline and bundled and read_ahead
-        n_buf, self.max_len, ring = io_layout(self.R, bundles.ffn, self.reader.threads, request_bytes, pipeline,
-                                              self.read_ahead)
-        buf_bytes = self.max_len * self.R + 2 * ALIGN
-        self._bufs = [aligned_buffer(buf_bytes) for _ in range(n_buf)]       # (buf_bytes,) uint8 each
-        self._free = deque(range(n_buf))      # buffers with no read in flight
-        self._ahead = deque()                 # reads in flight for layer _ahead_layer: (future, p0, p1, a0, a1, b)
+        self.depth, self.max_len, ring, arena = io_layout(self.R, bundles.ffn, self.reader.threads, request_bytes,
+                                                          pipeline, self.read_ahead)
+        # Every read lands in the arena, so a group of landed requests is one source array for one
+        # scatter call (_arrive).
+        self.arena = ReadArena(arena)
+        self._ahead = deque()                 # reads in flight for layer _ahead_layer: (future, p0, p1, a0, a1, span)
         self._ahead_layer = -1
         self._ahead_runs: list = []           # that layer's runs not yet submitted
         predictors = predictors or {}
@@ -221,7 +231,7 @@ class FlashFFN:
     @property
     def resident_bytes(self) -> int:
         """Slot arrays (hot + cache + staging) and read buffers."""
-        return sum(a.nbytes for a in self.arrays) + sum(len(b[1]) for b in self._bufs)
+        return sum(a.nbytes for a in self.arrays) + self.arena.size
 
     def close(self) -> None:
         self._drop_ahead()
@@ -257,11 +267,16 @@ class FlashFFN:
         if self._ahead_layer < 0:
             return
         L = self.layers[self._ahead_layer]
-        while self._ahead_runs and self._free:
-            p0, p1 = self._ahead_runs.pop(0)
-            b = self._free.popleft()
+        batch = []
+        while self._ahead_runs and len(self._ahead) + len(batch) < self.depth:
+            p0, p1 = self._ahead_runs[0]
             a0, a1 = _aligned(L.meta.offset + p0 * self.R, L.meta.offset + p1 * self.R)
-            self._ahead.append((self.reader.submit(self._bufs[b][1][: a1 - a0], a0), p0, p1, a0, a1, b))
+            span = self.arena.alloc(a1 - a0)
+            if span is None:
+                break
+            self._ahead_runs.pop(0)
+            batch.append((p0, p1, a0, a1, span))
+        self._ahead.extend(self._submit(batch))
 
     def _plan_ahead(self, after: int) -> None:
         """Choose the layer to read ahead for once layer `after` has submitted all of its reads."""
@@ -279,10 +294,10 @@ class FlashFFN:
         may be written once its reads are abandoned."""
         for fut, *_, b in self._ahead:
             fut.cancel()
-        for fut, *_, b in self._ahead:
+        for fut, *_, span in self._ahead:
             if not fut.cancelled():
                 fut.exception()
-            self._free.append(b)
+            self.arena.release(span)
         self._ahead.clear()
         self._ahead_layer, self._ahead_runs = -1, []
 
@@ -395,27 +410,30 @@ class FlashFFN:
         run.done = c1
 
     def _arrive(self, run: "_Run", group, h) -> None:
-        """Requests landed: copy their needed bundles into their cache slots (or the staging ring),
-        compute their activations, then the chunks they complete."""
+        """Requests landed (consecutive runs, one source array): copy their needed bundles into their
+        cache slots (or the staging ring) in one scatter, compute their activations, then the chunks
+        they complete."""
         L = run.L
-        first = run.landed
-        for p0, p1, recs in group:
-            lo, hi = np.searchsorted(run.miss, p0), np.searchsorted(run.miss, p1)
-            if lo == hi:
-                continue
-            assert lo == run.landed, "reads land in position order"
+        lo = run.landed
+        hi = int(np.searchsorted(run.miss, group[-1][1]))       # misses before the last run's end
+        if hi > lo:
+            assert run.miss[lo] >= group[0][0], "reads land in position order"
+            p0 = np.array([g[0] for g in group], np.int64)        # (g,) first position of each run
+            p1 = np.array([g[1] for g in group], np.int64)        # (g,) its end
+            start = np.array([g[4] for g in group], np.int64)     # (g,) byte offset of its first record
+            m = run.miss[lo:hi]                                   # (k,) positions landed now
+            item = np.searchsorted(p1, m, side="right")           # (k,) the run holding each
             d = run.dyn[lo:hi]
-            rows = L.base + L.H + d                                # (k,) int32 slot row of each bundle
+            rows = (L.base + L.H + d).astype(np.int64)            # (k,) slot row of each bundle
             staged = d < 0
             k = int(staged.sum())
             rows[staged] = self.stage0 + (run.staged + np.arange(k)) % self.ring
             run.staged += k
-            local = run.miss[lo:hi] - p0
-            scatter(recs.view(np.uint8).reshape(-1), local.astype(np.int64) * self.R, rows.astype(np.int64),
+            scatter(group[0][3].reshape(-1).view(np.uint8), start[item] + (m - p0[item]) * self.R, rows,
                     self._field_off, self._field_len, self._field_dst)
             run.slot[run.miss_t[lo:hi]] = rows
             run.landed = hi
-        self._acts_of(run.slot, run.miss_t[first:run.landed], h)
+        self._acts_of(run.slot, run.miss_t[lo:run.landed], h)
         self._down(run)
 
     # ------------------------------------------------------------------ reads
@@ -432,7 +450,8 @@ class FlashFFN:
             yield from self._stream_unbundled(L, runs)
             return
         if not self.pipeline:
-            m, buf = self._bufs[0]
+            assert self.arena.in_use == 0, "synchronous reads have the arena to themselves"
+            buf = self.arena.bytes
             for p0, p1 in runs:
                 a0, a1 = _aligned(base + p0 * self.R, base + p1 * self.R)
                 t = time.perf_counter()
@@ -440,10 +459,10 @@ class FlashFFN:
                 st.io_wait_s += time.perf_counter() - t
                 st.io_busy_s += busy
                 self._count(decode, a1 - a0)
-                yield [(p0, p1, self._records(buf, base + p0 * self.R - a0, p1 - p0))]
+                yield [self._item(base + p0 * self.R - a0, p0, p1)]
             return
         todo = deque(runs)
-        free = self._free
+        arena = self.arena
         inflight = deque()
         if self._ahead_layer >= 0 and (self._ahead_layer != L.index or not decode):
             self._drop_ahead()                # read ahead for another layer (or a prefill came instead)
@@ -455,14 +474,20 @@ class FlashFFN:
                 todo.popleft()
             assert not self._ahead, "read-ahead matches the layer's runs"
             self._ahead_layer, self._ahead_runs = -1, []
-        used = []                             # buffers of the group being consumed
+        used = []                             # arena spans of the group being consumed
         try:
             while todo or inflight:
-                while todo and free:
-                    p0, p1 = todo.popleft()
-                    b = free.popleft()
+                batch = []
+                while todo and len(inflight) + len(batch) < self.depth:
+                    p0, p1 = todo[0]
                     a0, a1 = _aligned(base + p0 * self.R, base + p1 * self.R)
-                    inflight.append((self.reader.submit(self._bufs[b][1][: a1 - a0], a0), p0, p1, a0, a1, b))
+                    span = arena.alloc(a1 - a0)
+                    if span is None:
+                        break
+                    todo.popleft()
+                    batch.append((p0, p1, a0, a1, span))
+                assert batch or inflight or not todo, "an empty arena holds any one request"
+                inflight.extend(self._submit(batch))
                 if decode and not todo:
                     self._plan_ahead(L.index)
                 if prime:
@@ -470,21 +495,31 @@ class FlashFFN:
                     yield None
                 if not inflight:
                     break
-                # The oldest request: one group. (One at a time, so the staging ring holds one request's
-                # bundles plus a chunk, io_layout.)
+                # The oldest request, and the ones after it that have landed too, as one group of at
+                # most max_len bundles (so the staging ring holds a group's bundles plus a chunk,
+                # io_layout): one pass of copies and kernels for several requests.
                 fut, p0, p1, a0, a1, b = inflight.popleft()
-                used[:] = [b]
+                used.append(b)
                 t = time.perf_counter()
                 busy = fut.result()
                 st.io_wait_s += time.perf_counter() - t
                 st.io_busy_s += busy
                 self._count(decode, a1 - a0)
-                group = [(p0, p1, self._records(self._bufs[b][1], base + p0 * self.R - a0, p1 - p0))]
+                group = [self._item(b.start + base + p0 * self.R - a0, p0, p1)]
+                count = p1 - p0
+                while inflight and count + inflight[0][2] - inflight[0][1] <= self.max_len and inflight[0][0].done():
+                    fut, p0, p1, a0, a1, b = inflight.popleft()
+                    used.append(b)
+                    st.io_busy_s += fut.result()
+                    self._count(decode, a1 - a0)
+                    group.append(self._item(b.start + base + p0 * self.R - a0, p0, p1))
+                    count += p1 - p0
                 yield group
-                free.extend(used)
+                for b in used:
+                    arena.release(b)
                 used.clear()
                 if decode and not todo:
-                    self._submit_ahead()      # the freed buffers take the next layer's reads
+                    self._submit_ahead()      # the freed space takes the next layer's reads
         except BaseException:
             self._drop_ahead()
             raise
@@ -494,15 +529,17 @@ class FlashFFN:
             for fut, *_, b in inflight:
                 if not fut.cancelled():
                     fut.exception()      # wait: its buffer may still be written; its error is superseded
-                free.append(b)
-            free.extend(used)            # a group the caller stopped consuming
+                arena.release(b)
+            for b in used:               # a group the caller stopped consuming
+                arena.release(b)
 
     def _stream_unbundled(self, L: _Layer, runs: list):
         """The no-bundling baseline: gate, up and down parts of each neuron read by separate requests,
         as if they lived in three separate matrices, then assembled into one record."""
         st = self.stats
         base = L.meta.offset
-        m, buf = self._bufs[0]
+        assert self.arena.in_use == 0, "synchronous reads have the arena to themselves"
+        buf = self.arena.bytes
         rec = np.zeros(self.R, dtype=np.uint8)                    # (R,) uint8 one assembled record
         parts = [self.bundles.field_range(names) for names in (FIELD_NAMES[0:3], FIELD_NAMES[3:6], FIELD_NAMES[6:9])]
         for p0, p1 in runs:
@@ -515,7 +552,19 @@ class FlashFFN:
                 self._count(True, a1 - a0)
                 off = base + p0 * self.R + s - a0
                 rec[s:e] = buf[off: off + e - s]
-            yield [(p0, p1, self._records(rec, 0, 1))]
+            yield [(p0, p1, self._records(rec, 0, 1), rec, 0)]
+
+    def _submit(self, batch: list) -> list:
+        """[(p0, p1, a0, a1, arena span)] -> [(ticket, p0, p1, a0, a1, span)]: the reads of file bytes
+        [a0, a1) into those spans, queued in one call."""
+        tickets = self.reader.submit_many([self.arena.view(b) for *_, b in batch], [a0 for _, _, a0, _, _ in batch])
+        return [(t, *item) for t, item in zip(tickets, batch)]
+
+    def _item(self, start: int, p0: int, p1: int) -> tuple:
+        """A landed run as a group item: (p0, p1, its records (p1-p0,) structured view, the source bytes,
+        the byte offset of record p0 in them), for a run whose record p0 starts at arena byte `start`."""
+        a = self.arena.bytes
+        return p0, p1, self._records(a, start, p1 - p0), a, start
 
     def _records(self, buf: np.ndarray, offset: int, count: int) -> np.ndarray:
         return np.frombuffer(buf, dtype=self.bundles.dtype, count=count, offset=offset)
@@ -530,7 +579,7 @@ class FlashFFN:
     def _load_hot(self, L: _Layer) -> None:
         """Read the resident segment (positions 0..H-1) into its slot rows."""
         for group in self._stream(L, merge_runs(np.arange(L.H), 0, self.max_len), decode=False):
-            for p0, p1, recs in group:
+            for p0, p1, recs, *_ in group:
                 for name, arr in zip(FIELD_NAMES, self.arrays):
                     if arr.shape[1]:
                         arr[L.base + p0: L.base + p1] = recs[name]
@@ -556,7 +605,7 @@ class FlashFFN:
                     arr[self.stage0: self.stage0 + H - k0] = arr[L.base + k0: L.base + H]
             runs += merge_runs(np.arange(max(H, k0), k1), 0, self.max_len)
         for group in self._stream(L, runs, decode=False):
-            for p0, p1, recs in group:
+            for p0, p1, recs, *_ in group:
                 k0 = p0 // T * T
                 s0 = self.stage0 + p0 - k0
                 for name, arr in zip(FIELD_NAMES, self.arrays):
@@ -611,7 +660,8 @@ def open_flash(config, plan) -> FlashFFN:
     bundles = open_bundles(fp.bundles, fingerprint=fp.fingerprint, n_layers=config.num_hidden_layers,
                            hidden=config.hidden_size, ffn=config.intermediate_size)
     return FlashFFN(bundles, list(fp.layers), config.act_kind, predictors=plan.predictors, direct=plan.direct_io,
-                    io_threads=fp.reader_threads, request_bytes=fp.request_bytes, policy=fp.cache_policy)
+                    io_threads=fp.reader_threads, request_bytes=fp.request_bytes, policy=fp.cache_policy,
+                    max_gap=fp.max_gap)
 
 
 @dataclass

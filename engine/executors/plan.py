@@ -44,6 +44,7 @@ class FlashPlan:
     reader_threads: int = 1
     request_bytes: int = 256 << 10
     cache_policy: str = "lru"
+    max_gap: int | None = None # bundles between misses read through (None: the executor's default)
 
 
 @dataclass(frozen=True)
@@ -138,6 +139,7 @@ def read_plan(path: str | Path, config) -> Plan:
                                     int(lay.get("cold_cache_neurons", 0))) for m, lay in zip(modes, layers)),
             reader_threads=max(1, int(io.get("reader_threads") or 1)),
             request_bytes=int(io.get("request_bytes") or 256 << 10),
+            max_gap=_max_gap(path, io.get("max_gap_records")),
             cache_policy=(plan.get("flash") or {}).get("cache_policy", "lru"))
     thresholds = _input_thresholds(path, decode.get("input_sparsity"), c.num_hidden_layers)
     if thresholds is not None and (flash is not None or any(m != "dense" for m in modes)):
@@ -147,6 +149,16 @@ def read_plan(path: str | Path, config) -> Plan:
                 head_on_flash=execution.get("lm_head") == "flash", direct_io=bool(io.get("direct_io", True)),
                 prefill=engine, prefill_fallback=fallback, providers=tuple(providers), source=str(path),
                 input_thresholds=thresholds)
+
+
+def _max_gap(path: Path, value) -> int | None:
+    """io.max_gap_records: absent in older plans (None), else a count of bundles from 0 to 64."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 64:
+        raise ModelFormatError(f"{path}: io.max_gap_records is {value!r}, expected a whole number of bundles "
+                               "from 0 to 64; re-run `pocketinfer plan`")
+    return value
 
 
 def _input_thresholds(path: Path, section, layers: int) -> tuple[tuple[float, ...], ...] | None:

@@ -25,7 +25,8 @@ import numpy as np
 
 from engine.errors import FlashReadError
 from engine.flash.bundles import ALIGN
-from engine.flash.reader import FlashReader, aligned_buffer
+from engine.flash.open_reader import open_reader
+from engine.flash.reader import aligned_buffer
 from engine.formats.gguf_quants import tensor_nbytes, weight_from_gguf
 
 CHUNK_BYTES = 1 << 20   # per request: 1 MiB sequential reads run at the disk's sequential speed here
@@ -52,7 +53,7 @@ class FlashMatrix:
         span = self.rows_per_chunk * self.row_bytes + 2 * ALIGN      # a chunk widened to 4096-byte bounds
         self._bufs = [aligned_buffer(span) for _ in range(2)]        # (mmap, (span,) uint8 view) x 2
         self._row_buf = aligned_buffer(self.row_bytes + 2 * ALIGN)   # one looked-up row
-        self.reader = FlashReader(self.path, direct=direct, threads=1)
+        self.reader = open_reader(self.path, direct=direct, threads=1)
         self.bytes_read = 0          # counters since creation (aligned request bytes)
         self.io_wait_s = 0.0
 

@@ -56,6 +56,58 @@ def merge_runs(pos: np.ndarray, max_gap: int, max_len: int) -> list[tuple[int, i
     return runs
 
 
+class Ticket:
+    """One read handed to a native reader, with the part of concurrent.futures.Future that the flash FFN
+    uses: result() is the read's time in seconds or raises FlashReadError; exception() waits and returns
+    the error or None. Subclasses say how to cancel, whether it has landed, and finish it (reader._finish
+    sets _state to done, failed or cancelled, and _value to the seconds or the error)."""
+
+    __slots__ = ("reader", "buf", "offset", "_state", "_value")
+
+    def __init__(self, reader, buf: np.ndarray, offset: int):
+        self.reader, self.buf, self.offset = reader, buf, offset
+        self._state = "pending"        # pending | done | failed | cancelled
+        self._value = None
+
+    def cancel(self) -> bool:
+        return False
+
+    def cancelled(self) -> bool:
+        return self._state == "cancelled"
+
+    def result(self) -> float:
+        if self._state == "pending":
+            self.reader._finish(self)
+        if self._state == "failed":
+            raise self._value
+        if self._state == "cancelled":
+            raise FlashReadError(f"{self.reader.path}: read at offset {self.offset} was cancelled")
+        return self._value
+
+    def exception(self):
+        try:
+            self.result()
+        except FlashReadError as e:
+            return e
+        return None
+
+    def settle(self, n: int, seconds: float) -> None:
+        """Record how the native read went: n bytes read in `seconds`, or n < 0 when it failed. A failed
+        read is repeated by FlashReader.read, which names the error (or succeeds, or falls back from
+        O_DIRECT); a short one fails."""
+        if n == len(self.buf):
+            self._state, self._value = "done", seconds
+            return
+        try:
+            if n < 0:
+                self._state, self._value = "done", self.reader.read(self.buf, self.offset)
+                return
+            raise FlashReadError(f"{self.reader.path}: short read at offset {self.offset}: {n} of {len(self.buf)} "
+                                 "bytes (the file changed or was truncated while running); the request was aborted")
+        except FlashReadError as e:
+            self._state, self._value = "failed", e
+
+
 class FlashReader:
     """One open bundle file; read(buf, offset) fills a buffer from an aligned offset, or raises
     FlashReadError. submit() runs the same read on the reader pool and returns a Future whose result is
@@ -82,7 +134,7 @@ class FlashReader:
             except OSError as e:
                 raise FlashReadError(f"{self.path}: cannot open the bundle file ({e.strerror})") from None
         self.threads = max(1, int(threads))
-        self._pool = ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="flash-read")
+        self._pool: ThreadPoolExecutor | None = None        # started by the first submit
 
     # ------------------------------------------------------------------ reads
 
@@ -108,14 +160,21 @@ class FlashReader:
         return time.perf_counter() - t0
 
     def submit(self, buf: np.ndarray, offset: int) -> Future:
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="flash-read")
         return self._pool.submit(self.read, buf, offset)
+
+    def submit_many(self, bufs: list, offsets: list) -> list:
+        """submit() for each (buf, offset) in order; readers that can queue them in one call override it."""
+        return [self.submit(b, o) for b, o in zip(bufs, offsets)]
 
     def drop_cache(self) -> None:
         """Evict the whole file from the page cache (benchmarks call it before each run)."""
         self._drop(0, 0)
 
     def close(self) -> None:
-        self._pool.shutdown(wait=True)
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
@@ -126,9 +185,14 @@ class FlashReader:
         if hasattr(os, "posix_fadvise"):
             os.posix_fadvise(self.fd, offset, length, os.POSIX_FADV_DONTNEED)
 
+    def _use_fd(self, fd: int, direct: bool | None = None) -> None:
+        """Read from fd from now on (subclasses whose readers keep their own copy update it)."""
+        self.fd = fd
+        if direct is not None:
+            self.direct = direct
+
     def _fall_back(self) -> None:
         old = self.fd
-        self.fd = os.open(self.path, os.O_RDONLY)
+        self._use_fd(os.open(self.path, os.O_RDONLY), direct=False)
         os.close(old)
-        self.direct = False
         self.mode_note = "buffered reads + posix_fadvise(DONTNEED): the filesystem refused O_DIRECT reads (EINVAL)"
