@@ -119,9 +119,14 @@ def make_deploy(source: str | os.PathLike, budget_text: str, out: str | os.PathL
 
     def write_bundle_file(directory: Path) -> None:
         # Below 100% the FFNs run from the bundle file, neurons hot to cold in the order whose first H
-        # the solver made hot (build_evidence's order).
+        # the solver made hot (build_evidence's order); in sparse layers the cold ones after them are
+        # placed by co-activation, so that a token's misses merge into fewer requests.
         from planner.bundles import hot_to_cold, write_bundles
+        from planner.coactivation import MAX_COLD, coactivation_order
         orders = [hot_to_cold(st.freq) for st in profile.layers]
+        for i, c in enumerate(sol.layers):
+            if c.mode == "sparse" and 2 < profile.ffn - c.hot <= MAX_COLD:
+                orders[i] = coactivation_order(profile.active[i], orders[i], c.hot)
         bundle_header.append(write_bundles(directory / plan_json.BUNDLE_FILE, llm.model.weights.layers, orders,
                                            fingerprint=fp, act=llm.config.hidden_act, progress=progress))
 

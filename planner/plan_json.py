@@ -40,7 +40,8 @@ def build(sol: Solution, *, cost, device, fingerprint: str, model_name: str, bud
         rationale.append("files: the weights are a copy of the source model, all resident")
     else:
         rationale.append(f"files: the weights are a copy of the source model (attention, embeddings and norms are "
-                         f"used from it); every FFN runs from {BUNDLE_FILE}: neuron bundles hot to cold, down "
+                         f"used from it); every FFN runs from {BUNDLE_FILE}: neuron bundles hot to cold (the cold "
+                         f"ones of sparse layers placed by co-activation), down "
                          f"stored transposed as {bundles['down_format']}, {bundles['record_bytes']} bytes per bundle")
     plan = {
         "schema": PLAN_SCHEMA, "schema_version": PLAN_SCHEMA_VERSION,

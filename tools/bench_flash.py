@@ -64,14 +64,23 @@ def skewed_probs(rng, ffn: int, active: float = 0.10, hot_share: float = 0.80) -
     return p[rng.permutation(ffn).argsort()]       # neuron j gets the probability of its random rank
 
 
-def build(path: Path, layers: int, rng) -> tuple[list, list[np.ndarray]]:
+def random_layer(rng):
+    """One random Q4_1 FFN layer at the 7B shape (the same weights serve every layer)."""
     g = quantize_q4((rng.standard_normal((FFN, HIDDEN)) * 0.02).astype(np.float32))
     u = quantize_q4((rng.standard_normal((FFN, HIDDEN)) * 0.02).astype(np.float32))
     d = quantize_q4((rng.standard_normal((HIDDEN, FFN)) * 0.02).astype(np.float32))
-    lw = types.SimpleNamespace(w_gate=Q4Weight(*g), w_up=Q4Weight(*u), w_down=Q4Weight(*d))
+    return types.SimpleNamespace(w_gate=Q4Weight(*g), w_up=Q4Weight(*u), w_down=Q4Weight(*d))
+
+
+def write(path: Path, lw, orders: list[np.ndarray]) -> None:
+    write_bundles(path, [lw] * len(orders), orders, fingerprint="synthetic", act="relu", down_format="i8")
+
+
+def build(path: Path, layers: int, rng) -> tuple[list, list[np.ndarray]]:
+    lw = random_layer(rng)
     probs = [skewed_probs(rng, FFN) for _ in range(layers)]
     orders = [np.argsort(-p, kind="stable").astype(np.int32) for p in probs]   # hot to cold, as the planner
-    write_bundles(path, [lw] * layers, orders, fingerprint="synthetic", act="relu", down_format="i8")
+    write(path, lw, orders)
     return probs, orders
 
 

@@ -1,7 +1,7 @@
 """The planner's predictions against measurements: for each deploy directory, decode tok/s, TTFT and peak
 RSS measured by `pocketinfer bench` in a child process, next to what its plan.json predicted.
 
-    python tools/check_plan.py DEPLOY [DEPLOY ...] [--rounds 3] [--gen-tokens 256] [--threads 2]
+    python tools/check_plan.py DEPLOY [DEPLOY ...] [--rounds 3] [--gen-tokens 256] [--threads 2] [--cold]
 
 Rounds alternate the directories (A B A B ...) so that a slow spell on a shared machine hits them alike;
 each figure is the median over rounds. Checks printed per directory:
@@ -10,12 +10,15 @@ each figure is the median over rounds. Checks printed per directory:
   EOS ignored) at most the budget plus the runtime overhead plan.json states
   (memory.runtime_overhead_bytes: interpreter, libraries, scratch and the KV cache).
 Flash plans also get their reads per token (the deploy's FFN bundle reads) next to the prediction.
+With --cold every file of a deploy is dropped from the page cache (posix_fadvise DONTNEED) before each
+run, and the table adds each deploy's decode speed as a share of the first deploy's.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -24,7 +27,19 @@ from pathlib import Path
 TOLERANCE = 0.30
 
 
+def drop_cache(deploy: Path) -> None:
+    for f in deploy.iterdir():
+        if f.is_file():
+            fd = os.open(f, os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+
+
 def bench_once(deploy: Path, args) -> dict:
+    if args.cold:
+        drop_cache(deploy)
     cmd = [sys.executable, "-m", "engine", "bench", "-m", str(deploy), "--prompt-tokens", str(args.prompt_tokens),
            "--gen-tokens", str(args.gen_tokens), "--repeats", "1", "--json"]
     if args.threads:
@@ -42,6 +57,7 @@ def main() -> int:
     ap.add_argument("--prompt-tokens", type=int, default=128)
     ap.add_argument("--gen-tokens", type=int, default=256)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--cold", action="store_true", help="drop each deploy's files from the page cache before each run")
     args = ap.parse_args()
 
     plans = {}
@@ -76,6 +92,13 @@ def main() -> int:
         print(f"| {d.name} | {p.get('budget_request', p['budget_bytes'])} | {pred['decode_tps']:.1f} | {dec:.1f} "
               f"| {ratio:.2f} | {'yes' if speed_ok else 'NO'} | {pred['peak_rss_mb']:.0f} | {limit:.0f} | {rss:.0f} "
               f"| {'yes' if rss_ok else 'NO'} |")
+    if args.cold:
+        first = args.deploys[0]
+        print(f"\ndecode against {first.name}, median of the per-round ratios (cold page cache before every run):")
+        for d in args.deploys[1:]:
+            r = statistics.median(a["decode_tps"] / b["decode_tps"] for a, b in zip(runs[d], runs[first]))
+            flash = plans[d]["predicted"].get("flash_bytes_per_token", 0) / 2**20
+            print(f"  {d.name}: {r:.3f}x, {flash:.1f} MiB read from flash per token (plan.json)")
     return 0 if ok else 1
 
 
