@@ -12,16 +12,16 @@ import pytest
 import engine.executors.flash_ffn as flash_ffn
 from engine.errors import FlashReadError
 from engine.executors.flash_ffn import FlashFFN, LayerPlan
-from engine.flash import aio_reader, native_reader
+from engine.flash import native_reader
 from engine.flash.bundles import ALIGN, open_bundles
 from engine.flash.cache import SegmentCache
 from kernels.activation import RELU, SILU, glu
 from kernels.sparse_ffn import sparse_acts, sparse_acts_numpy, sparse_down, sparse_down_numpy, sparse_ffn_numpy
 from planner.bundles import layer_arrays, write_bundles
 from tests.test_flash_bundles import FFN, HIDDEN, LAYERS, make_layers
+from tests.test_flash_readers import aio_works
 
-KINDS_READERS = ["python"] + (["aio"] if aio_reader.available() else []) + \
-    (["native"] if native_reader.available() else [])
+KINDS_READERS = ["python"] + (["aio"] if aio_works() else []) + (["native"] if native_reader.available() else [])
 KERNELS = [(sparse_acts, sparse_down), (sparse_acts_numpy, sparse_down_numpy)]    # numba (if any), numpy
 
 

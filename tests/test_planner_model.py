@@ -176,3 +176,23 @@ def test_fingerprint_ignores_the_renamed_copy(tmp_path):
     other = tmp_path / "other.gguf"
     other.write_bytes(rng.integers(0, 256, 3 << 20, dtype=np.uint8).tobytes())
     assert fingerprint([other]) != fingerprint([src])
+
+
+def test_flash_io_fields_are_read_and_checked(tmp_path, relu_model, calibration):
+    """plan.json io.max_gap_records reaches the flash FFN; out-of-range io fields are refused by name."""
+    from engine.executors.flash_ffn import store_of
+    from engine.loader import load
+
+    d = _deploy(relu_model, tmp_path / "d", calibration, "90%")
+    path = d.path / "plan.json"
+    plan = json.loads(path.read_text())
+    assert isinstance(plan["io"]["max_gap_records"], int)
+    plan["io"]["max_gap_records"] = 5
+    path.write_text(json.dumps(plan))
+    assert store_of(load(d.path, threads=1).model.executors).max_gap == 5
+    for field, bad in (("max_gap_records", -1), ("reader_threads", 10_000), ("reader_threads", "many")):
+        broken = json.loads(json.dumps(plan))
+        broken["io"][field] = bad
+        path.write_text(json.dumps(broken))
+        with pytest.raises(ModelFormatError, match=f"io.{field}"):
+            load(d.path, threads=1)

@@ -186,7 +186,7 @@ class FlashFFN:
         self.reader = reader or open_reader(bundles.path, direct=direct, threads=io_threads, kind=reader_kind)
         # Read-ahead: a layer whose reads are known before it runs (every neuron each token, no cache:
         # a dense layer streamed from flash) gets them submitted while the layer before it computes, into
-        # a second set of buffers, so that its reads overlap compute instead of starting with the layer.
+        # the arena's free space, so that its reads overlap compute instead of starting with the layer.
         self.read_ahead = pipeline and bundled and read_ahead
         self.depth, self.max_len, ring, arena = io_layout(self.R, bundles.ffn, self.reader.threads, request_bytes,
                                                           pipeline, self.read_ahead)

@@ -137,7 +137,7 @@ def read_plan(path: str | Path, config) -> Plan:
             bundles=path.parent / files["bundles"], fingerprint=plan["model"]["fingerprint"],
             layers=tuple(LayerPlan("predicted" if m == "predicted" else "dense", int(lay.get("hot_neurons", 0)),
                                     int(lay.get("cold_cache_neurons", 0))) for m, lay in zip(modes, layers)),
-            reader_threads=max(1, int(io.get("reader_threads") or 1)),
+            reader_threads=_reader_threads(path, io.get("reader_threads")),
             request_bytes=int(io.get("request_bytes") or 256 << 10),
             max_gap=_max_gap(path, io.get("max_gap_records")),
             cache_policy=(plan.get("flash") or {}).get("cache_policy", "lru"))
@@ -149,6 +149,16 @@ def read_plan(path: str | Path, config) -> Plan:
                 head_on_flash=execution.get("lm_head") == "flash", direct_io=bool(io.get("direct_io", True)),
                 prefill=engine, prefill_fallback=fallback, providers=tuple(providers), source=str(path),
                 input_thresholds=thresholds)
+
+
+def _reader_threads(path: Path, value) -> int:
+    """io.reader_threads: the flash readers' queue depth is about twice it; up to 256 (0 or absent: 1)."""
+    if value is None:
+        return 1
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 256:
+        raise ModelFormatError(f"{path}: io.reader_threads is {value!r}, expected a whole number from 1 to 256; "
+                               "re-run `pocketinfer plan`")
+    return max(1, value)
 
 
 def _max_gap(path: Path, value) -> int | None:

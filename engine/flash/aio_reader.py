@@ -39,7 +39,7 @@ IOCB = np.dtype([("data", "<u8"), ("key", "<u4"), ("rw_flags", "<i4"), ("opcode"
                  ("flags", "<u4"), ("resfd", "<u4")])
 EVENT = np.dtype([("data", "<u8"), ("obj", "<u8"), ("res", "<i8"), ("res2", "<i8")])
 IOCB_CMD_PREAD = 0
-DEPTH = 256                    # requests in flight at most (a submitter keeps fewer)
+DEPTH = 1024                   # requests in flight at most: a flash FFN keeps at most twice its queue depth
 _WAIT_NS = 200_000_000         # io_getevents timeout; waits loop, so it only bounds one sleep
 
 
