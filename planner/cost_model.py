@@ -50,6 +50,9 @@ class ModelShape:
     # Whether the runtime can stream the embeddings / LM head from the weights file when the budget
     # cannot hold them (engine/flash/matrix.py reads GGUF tensors; not safetensors yet).
     head_streamable: bool = False
+    # An untied GGUF token table stays in the file mapping and only looked-up rows become resident
+    # (engine/formats/mapped_rows.py): the budget counts embed_resident_bytes of it, not all of it.
+    embed_mapped: bool = False
     # One neuron's bundle record as planner/bundles.py writes it (down re-stored transposed, so it is
     # not ffn_bytes / ffn: SmolLM2's Q4_1 neurons are 1080 bytes in the GGUF, 1332 as bundles); 0:
     # unknown, use the source's bytes per neuron.
@@ -71,10 +74,16 @@ class ModelShape:
                 + self.norm_bytes)
 
     @property
+    def embed_resident_bytes(self) -> int:
+        """Memory the token table takes: all of it, or for a table left in the file mapping the pages of
+        the rows KV_TOKENS tokens look up, at most two 4 KiB pages each."""
+        return min(self.embed_bytes, KV_TOKENS * 2 * 4096) if self.embed_mapped else self.embed_bytes
+
+    @property
     def fixed_bytes(self) -> int:
-        """Always resident: embeddings, lm_head, attention and norms (PowerInfer-2 keeps these in memory
-        and offloads only FFN neurons)."""
-        return self.weight_bytes - self.n_layers * self.ffn_bytes
+        """Always resident: embeddings (a mapped table's looked-up rows), lm_head, attention and norms
+        (PowerInfer-2 keeps these in memory and offloads only FFN neurons)."""
+        return self.weight_bytes - self.n_layers * self.ffn_bytes - self.embed_bytes + self.embed_resident_bytes
 
     @property
     def head_bytes(self) -> int:
@@ -88,7 +97,7 @@ class ModelShape:
         widened to 4096-byte bounds)."""
         mats = [self.embed_bytes] + ([self.lm_head_bytes] if self.lm_head_bytes else [])
         buffers = sum(2 * (min(FLASH_CHUNK_BYTES, b) + 2 * 4096) + b // self.vocab + 2 * 4096 for b in mats)
-        return self.fixed_bytes - self.head_bytes + buffers
+        return self.fixed_bytes - self.embed_resident_bytes - self.lm_head_bytes + buffers
 
 
 def weight_format(wt) -> str:
@@ -111,6 +120,7 @@ def weight_format(wt) -> str:
 
 
 def shape_of(llm) -> ModelShape:
+    from engine.formats.mapped_rows import MappedRows
     from engine.model.weights import F32Weight, I8Weight, Q4Weight, Q5Weight, Q6Weight
     from planner.bundles import layer_arrays
 
@@ -132,6 +142,7 @@ def shape_of(llm) -> ModelShape:
                                           * np.dtype(llm.model.kv_dtype).itemsize),
                       attn_matrix_bytes=max(m.nbytes for m in attn),
                       head_streamable=str(llm.source).lower().endswith(".gguf"),
+                      embed_mapped=isinstance(w.embed, MappedRows),
                       record_bytes=sum(a.itemsize * a.shape[1] for a in layer_arrays(lw)[0]))
 
 

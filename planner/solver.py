@@ -268,6 +268,13 @@ def onnx_providers(gflops: dict) -> tuple[str, ...]:
     return tuple(p for p in eps if p != "CPUExecutionProvider") + ("CPUExecutionProvider",)
 
 
+def _fixed_parts(s) -> str:
+    if s.embed_mapped and s.embed_resident_bytes < s.embed_bytes:
+        return (f"the looked-up rows of the mapped token table (counted as {format_bytes(s.embed_resident_bytes)} "
+                f"of its {format_bytes(s.embed_bytes)}), lm_head, attention, norms")
+    return "embeddings, lm_head, attention, norms"
+
+
 def _assemble(cost, evidence, chosen, budget, staging, recall_floor, head_flash: bool = False) -> Solution:
     s, dev = cost.shape, cost.dev
     F = s.ffn
@@ -331,7 +338,7 @@ def _rationale(cost: CostModel, sol: Solution, recall_floor: float) -> list[str]
                          f"({format_bytes(sol.head_flash_bytes)} read per token, {cost.head_read_s() * 1e3:.1f} ms at "
                          "the measured sequential speed, overlapped with the LM head's compute)")
         lines.append(f"memory: {format_bytes(sol.fixed_bytes)} always resident "
-                     f"({'attention, norms, read buffers' if sol.head_on_flash else 'embeddings, lm_head, attention, norms'}); "
+                     f"({'attention, norms, read buffers' if sol.head_on_flash else _fixed_parts(s)}); "
                      f"{hot} of {s.n_layers * s.ffn} FFN neurons hot in memory, the rest on flash: "
                      f"{format_bytes(sol.flash_bytes_per_token)} read per token"
                      + (" in large sequential requests (dense layers need every neuron)" if "sparse" not in modes else ""))

@@ -202,3 +202,24 @@ def test_merge_gap_follows_the_device_profile():
     assert per_request.merge_gap() == 8
     sol = solve(c, evidence(True), int(c.shape.weight_bytes * 0.65), 0.99)
     assert json.loads(plan_text(c, sol))["io"]["max_gap_records"] == sol.max_gap == c.merge_gap()
+
+
+def test_a_mapped_untied_table_counts_only_its_looked_up_rows():
+    """An untied GGUF token table stays in the file mapping (engine/formats/mapped_rows.py): the budget
+    counts the pages of KV_TOKENS looked-up rows, and the rest of its bytes go to hot neurons."""
+    from dataclasses import replace
+
+    from planner.cost_model import KV_TOKENS
+
+    base = replace(shape(), lm_head_bytes=5_000_000, head_streamable=True)
+    mapped = replace(base, embed_mapped=True)
+    allowance = min(base.embed_bytes, KV_TOKENS * 2 * 4096)
+    assert mapped.fixed_bytes == base.fixed_bytes - base.embed_bytes + allowance
+    assert mapped.fixed_bytes_head_on_flash == base.fixed_bytes_head_on_flash
+    budget = int(base.weight_bytes * 0.6)
+    a = solve(CostModel(cost().dev, base), evidence(False), budget, 0.99)
+    b = solve(CostModel(cost().dev, mapped), evidence(False), budget, 0.99)
+    assert sum(c.hot for c in b.layers) > sum(c.hot for c in a.layers)
+    assert b.resident_bytes <= budget and b.flash_bytes_per_token < a.flash_bytes_per_token
+    plan = json.loads(plan_text(CostModel(cost().dev, mapped), b))
+    assert any("looked-up rows of the mapped token table" in r for r in plan["rationale"])
