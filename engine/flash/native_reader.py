@@ -20,9 +20,9 @@ Results are stored as (bytes read + 2), so 0 means "not done", 1 a failed pread 
 bytes; a failed pread is repeated by the caller in Python (FlashReader.read), which names the errno,
 falls back from O_DIRECT where the filesystem refuses it, and raises FlashReadError.
 
-Everything the threads share is one int64 control array (_ctl, layout below), so the cfunc needs
-nothing but its address. Needs numba, a POSIX libc with pthreads and Linux's eventfd (Linux, Android);
-elsewhere `open_reader` returns the Python reader, which reads the same bytes.
+Everything the threads share is one int64 control array (_ctl, its words named below), so the cfunc
+needs nothing but its address. Needs numba, a POSIX libc with pthreads and Linux's eventfd (Linux,
+Android); `open_reader` starts it only when asked to.
 """
 
 from __future__ import annotations
@@ -42,8 +42,12 @@ from kernels.backend import NUMBA
 
 RING = 1024                    # request slots; a submitter keeps fewer than this many in flight
 SLOT = 8                       # int64 words per slot: addr, offset, length, result, state, t0 ns, t1 ns, spare
-# Control array words (int64).
-FD, POSTED, LANDED, NEXT, ALIVE, DIRECT, EXIT_AT, STARTED, ONE, AWAITED, LOST = range(11)
+# Control array words (int64): the file's descriptor; the posted and landed eventfds; the next sequence
+# number a reader takes; readers alive; whether reads are O_DIRECT; the request whose reader exits (fault
+# injection, -1 none); readers started (each takes its scratch index from it); the constant 1 that
+# eventfd writes send; the request the submitter sleeps on; the request a reader exited holding; the
+# array's own address.
+FD, POSTED, LANDED, NEXT, ALIVE, DIRECT, EXIT_AT, STARTED, ONE, AWAITED, LOST, BASE = range(12)
 SCRATCH = 16                   # per-thread scratch: 4 words each (an eventfd read, a timespec)
 MAX_THREADS = 64
 HEAD = SCRATCH + 4 * MAX_THREADS
@@ -103,7 +107,7 @@ def _compile():
     @numba.cfunc(types.voidptr(types.voidptr), nopython=True)
     def worker(arg):
         ctl = numba.carray(arg, HEAD + RING * SLOT, np.int64)
-        base = ctl[STARTED + 7]                    # the array's own address (written by the starter)
+        base = ctl[BASE]
         me = fetch_add(ctl, STARTED, 1)
         s = SCRATCH + 4 * me                       # this thread's scratch words
         while True:
@@ -174,7 +178,7 @@ class NativeReader(FlashReader):
         ctl = self._ctl
         ctl[FD], ctl[DIRECT], ctl[ONE] = self.fd, int(self.direct), 1
         ctl[EXIT_AT] = ctl[AWAITED] = ctl[LOST] = -1
-        ctl[STARTED + 7] = ctl.ctypes.data
+        ctl[BASE] = ctl.ctypes.data
         for q in range(HEAD, len(ctl), SLOT):
             ctl[q + _RES] = 1                                       # every slot starts free (done)
         self._posted = os.eventfd(0, os.EFD_SEMAPHORE | os.EFD_CLOEXEC)
