@@ -164,7 +164,7 @@ if NUMBA:
     from numba import types
     from numba.core.extending import intrinsic
 
-    from kernels.llvm_ir import F32 as _F32, I8 as _I8, I16 as _I16, I32 as _I32, I64 as _I64
+    from kernels.llvm_ir import F32 as _F32, I8 as _I8, I16 as _I16, I32 as _I32
     from kernels.llvm_ir import c_array as _c_array, const64 as _c, data as _data, half_to_f32 as _half_to_f32
     from kernels.llvm_ir import lanes as _lanes, to_i64 as _to_i64
     from kernels.llvm_ir import rows_array as _rows_array

@@ -265,7 +265,8 @@ class CostModel:
             span = -(-n * R // 4096) * 4096
             return self.read_s(span, span)[0]
 
-        return max((g for g in range(9) if cost(2 + g) <= 2 * cost(1)), default=0)
+        two = 2 * cost(1)
+        return max((g for g in range(9) if cost(2 + g) <= two), default=0)
 
     def stream_request(self) -> int:
         """Request size for streaming a layer's cold neurons: large requests read fastest (1 MiB), but

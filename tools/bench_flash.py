@@ -84,6 +84,12 @@ def build(path: Path, layers: int, rng) -> tuple[list, list[np.ndarray]]:
     return probs, orders
 
 
+def io_records(record_bytes: int, layers: int, threads: int) -> int:
+    """Bundles' worth of one layer's share of the read arena and staging ring (the layers share them)
+    at the executor's default request size."""
+    return -(-io_bytes(record_bytes, FFN, threads, 256 << 10) // record_bytes // layers)
+
+
 def run(bf, plans, sets, xs, warm: int, reader_kind: str = "python", **kw) -> tuple[float, dict, int]:
     ff = FlashFFN(bf, plans, RELU, reader_kind=reader_kind, **kw)
     try:
@@ -138,11 +144,7 @@ def main() -> None:
               "independent; oracle active sets (predictor cost excluded from every variant)")
         ffn_bytes = FFN * R
         budget_neurons = ffn_bytes // 2 // R
-        def io_records(threads: int) -> int:
-            """Bundles' worth of one layer's share of the read arena and staging ring (shared by the layers)."""
-            return -(-io_bytes(R, FFN, threads, 256 << 10) // R // a.layers)
-
-        io_n = io_records(a.io_threads)
+        io_n = io_records(R, a.layers, a.io_threads)
         cache = budget_neurons - hot_n - io_n
         print(f"budget 50% of FFN bytes = {budget_neurons} bundles per layer: {hot_n} hot (resident segment) + "
               f"{cache} cold cache + {io_n} for read buffers and staging ({a.io_threads} readers)")
@@ -168,7 +170,7 @@ def main() -> None:
         # The planner's split for independent tokens: the whole budget as the static hot segment (its
         # neurons in calibration-frequency order), no dynamic cache; deeper I/O queues.
         def static(threads: int) -> list:
-            return [LayerPlan("given", budget_neurons - io_records(threads), 0)] * a.layers
+            return [LayerPlan("given", budget_neurons - io_records(R, a.layers, threads), 0)] * a.layers
 
         for th in sorted({a.io_threads, 2 * a.io_threads}):
             tps, s, mem = run(bf, static(th), sets, xs, a.warm, pipeline=True, io_threads=th)

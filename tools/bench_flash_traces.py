@@ -35,8 +35,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_flash import FFN, HIDDEN, random_layer, run, write  # noqa: E402
-from engine.executors.flash_ffn import LayerPlan, io_bytes  # noqa: E402
+from bench_flash import FFN, HIDDEN, io_records, random_layer, run, write  # noqa: E402
+from engine.executors.flash_ffn import LayerPlan  # noqa: E402
 from engine.flash.bundles import open_bundles  # noqa: E402
 from planner.bundles import hot_to_cold  # noqa: E402
 from planner.coactivation import coactivation_order, requests_per_token  # noqa: E402
@@ -86,7 +86,7 @@ def main() -> None:
         bf = {"freq": open_bundles(paths["freq"])}
         R = bf["freq"].record_bytes
         budget = FFN * R // 2 // R
-        io_n = -(-io_bytes(R, FFN, a.io_threads, 256 << 10) // R // a.layers)
+        io_n = io_records(R, a.layers, a.io_threads)
         hot_static = budget - io_n
         hot_n = FFN // 5
         co_orders = [coactivation_order(m[:cut], o, hot_static) for m, o in zip(masks, freq_orders)]

@@ -18,28 +18,21 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
 from pathlib import Path
 
+from bench_memcap import drop_cache
+
 TOLERANCE = 0.30
-
-
-def drop_cache(deploy: Path) -> None:
-    for f in deploy.iterdir():
-        if f.is_file():
-            fd = os.open(f, os.O_RDONLY)
-            try:
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            finally:
-                os.close(fd)
 
 
 def bench_once(deploy: Path, args) -> dict:
     if args.cold:
-        drop_cache(deploy)
+        for f in deploy.iterdir():
+            if f.is_file():
+                drop_cache(f)
     cmd = [sys.executable, "-m", "engine", "bench", "-m", str(deploy), "--prompt-tokens", str(args.prompt_tokens),
            "--gen-tokens", str(args.gen_tokens), "--repeats", "1", "--json"]
     if args.threads:

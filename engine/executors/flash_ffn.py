@@ -429,7 +429,7 @@ class FlashFFN:
             k = int(staged.sum())
             rows[staged] = self.stage0 + (run.staged + np.arange(k)) % self.ring
             run.staged += k
-            scatter(group[0][3].reshape(-1).view(np.uint8), start[item] + (m - p0[item]) * self.R, rows,
+            scatter(group[0][3], start[item] + (m - p0[item]) * self.R, rows,
                     self._field_off, self._field_len, self._field_dst)
             run.slot[run.miss_t[lo:hi]] = rows
             run.landed = hi

@@ -137,9 +137,10 @@ def read_plan(path: str | Path, config) -> Plan:
             bundles=path.parent / files["bundles"], fingerprint=plan["model"]["fingerprint"],
             layers=tuple(LayerPlan("predicted" if m == "predicted" else "dense", int(lay.get("hot_neurons", 0)),
                                     int(lay.get("cold_cache_neurons", 0))) for m, lay in zip(modes, layers)),
-            reader_threads=_reader_threads(path, io.get("reader_threads")),
+            # The readers' queue depth is about twice reader_threads; 0 or none means one.
+            reader_threads=max(1, _io_count(path, io, "reader_threads", 256) or 1),
             request_bytes=int(io.get("request_bytes") or 256 << 10),
-            max_gap=_max_gap(path, io.get("max_gap_records")),
+            max_gap=_io_count(path, io, "max_gap_records", 64),
             cache_policy=(plan.get("flash") or {}).get("cache_policy", "lru"))
     thresholds = _input_thresholds(path, decode.get("input_sparsity"), c.num_hidden_layers)
     if thresholds is not None and (flash is not None or any(m != "dense" for m in modes)):
@@ -151,23 +152,14 @@ def read_plan(path: str | Path, config) -> Plan:
                 input_thresholds=thresholds)
 
 
-def _reader_threads(path: Path, value) -> int:
-    """io.reader_threads: the flash readers' queue depth is about twice it; up to 256 (0 or absent: 1)."""
-    if value is None:
-        return 1
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 256:
-        raise ModelFormatError(f"{path}: io.reader_threads is {value!r}, expected a whole number from 1 to 256; "
-                               "re-run `pocketinfer plan`")
-    return max(1, value)
-
-
-def _max_gap(path: Path, value) -> int | None:
-    """io.max_gap_records: absent in older plans (None), else a count of bundles from 0 to 64."""
+def _io_count(path: Path, io: dict, key: str, high: int) -> int | None:
+    """io.<key>: a whole number from 0 to high, or None where the plan has none (older plans)."""
+    value = io.get(key)
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 64:
-        raise ModelFormatError(f"{path}: io.max_gap_records is {value!r}, expected a whole number of bundles "
-                               "from 0 to 64; re-run `pocketinfer plan`")
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= high:
+        raise ModelFormatError(f"{path}: io.{key} is {value!r}, expected a whole number from 0 to {high}; "
+                               "re-run `pocketinfer plan`")
     return value
 
 

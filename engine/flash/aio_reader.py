@@ -81,7 +81,7 @@ class AioReader(FlashReader):
     def __init__(self, path, *, direct: bool = True, threads: int = 2):
         super().__init__(path, direct=direct, threads=threads)
         if not self.direct:
-            self.close()
+            super().close()
             raise OSError("kernel AIO reads are asynchronous only with O_DIRECT")
         nr = _NR[platform.machine()]
         libc = ctypes.CDLL(None, use_errno=True)
@@ -111,10 +111,13 @@ class AioReader(FlashReader):
 
     def submit(self, buf: np.ndarray, offset: int) -> Ticket:
         """Queue a read of len(buf) bytes at offset into buf (aligned as for read); returns its Ticket."""
-        return AioReader.submit_many(self, [buf], [offset])[0]
+        return self._queue([buf], [offset])[0]
 
     def submit_many(self, bufs: list, offsets: list) -> list:
         """Queue the reads in one io_submit; returns their Tickets in order."""
+        return self._queue(bufs, offsets)
+
+    def _queue(self, bufs: list, offsets: list) -> list:
         n = len(bufs)
         if n > len(self._free):
             raise RuntimeError(f"more than {DEPTH} reads in flight")
@@ -167,7 +170,7 @@ class AioReader(FlashReader):
         t.settle(int(self._res[t.slot]), float(self._landed[t.slot] - t.t0))
 
     def close(self) -> None:
-        if getattr(self, "_ctx", None) is not None and self._ctx.value:
+        if self._ctx.value:
             while self._inflight > 0:                    # buffers stay valid until the kernel is done
                 self._reap()
             self._sys(self._nr["destroy"], self._ctx)

@@ -28,7 +28,6 @@ Android); `open_reader` starts it only when asked to.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 import select
 import time
@@ -48,7 +47,9 @@ SLOT = 8                       # int64 words per slot: addr, offset, length, res
 # eventfd writes send; the request the submitter sleeps on; the request a reader exited holding; the
 # array's own address.
 FD, POSTED, LANDED, NEXT, ALIVE, DIRECT, EXIT_AT, STARTED, ONE, AWAITED, LOST, BASE = range(12)
-SCRATCH = 16                   # per-thread scratch: 4 words each (an eventfd read, a timespec)
+SCRATCH = 16                   # per-thread scratch: 4 words each (an eventfd read, a timespec); a reader
+                               # started after MAX_THREADS others (replacing ones that exited) reuses the
+                               # words of an earlier one: at worst both write the same timespec
 MAX_THREADS = 64
 HEAD = SCRATCH + 4 * MAX_THREADS
 _A, _OFF, _LEN, _RES, _STATE, _T0, _T1 = range(7)
@@ -65,7 +66,7 @@ def available() -> bool:
     if not (NUMBA and hasattr(os, "eventfd") and hasattr(os, "EFD_SEMAPHORE")):
         return False
     libc = _libc()
-    return all(hasattr(libc, f) for f in ("pread", "read", "write", "pthread_create", "pthread_join",
+    return all(hasattr(libc, f) for f in ("pread", "read", "write", "pthread_create", "pthread_detach",
                                            "clock_gettime", "posix_fadvise"))
 
 
@@ -108,8 +109,7 @@ def _compile():
     def worker(arg):
         ctl = numba.carray(arg, HEAD + RING * SLOT, np.int64)
         base = ctl[BASE]
-        me = fetch_add(ctl, STARTED, 1)
-        s = SCRATCH + 4 * me                       # this thread's scratch words
+        s = SCRATCH + 4 * (fetch_add(ctl, STARTED, 1) % MAX_THREADS)    # this thread's scratch words
         while True:
             if c_read(ctl[POSTED], base + 8 * s, 8) != 8:
                 continue                           # EINTR: a signal arrived while it slept
