@@ -99,6 +99,10 @@ def load(source: str | os.PathLike = "smollm2-135m-instruct", *, threads: int | 
     ctx = min(config.max_position_embeddings, 4096) if n_ctx is None else int(n_ctx)
     if ctx < 2:
         raise ValueError(f"n_ctx must be at least 2, got {ctx}")
+    if plan.pruned is not None:
+        from engine.formats.pruned import apply as apply_pruned
+
+        apply_pruned(weights, plan.pruned)
     model = build(config, weights, plan, kv_dtype)
     trim_heap()      # what the layouts replaced (engine/model/layout.py) leaves holes in the heap
     model.warm_up()

@@ -49,13 +49,13 @@ def tile(w, d, r, t, xq, xp, xc, dx):
 
 
 if NUMBA:
-    _q4_tile, _i8_tile, _q5_tile, _q6_tile = (rowdot.tile_intrinsic(f, TILE_ROWS, TILE_TOKENS)
-                                              for f in ("q4", "i8", "q5", "q6"))
+    _q4_tile, _i8_tile, _q5_tile, _q6_tile, _s8_tile, _s4_tile = (
+        rowdot.tile_intrinsic(f, TILE_ROWS, TILE_TOKENS) for f in ("q4", "i8", "q5", "q6", "s8", "s4"))
 
     @overload(tile, inline="always", jit_options={"fastmath": True})
     def _tile_ov(w, d, r, t, xq, xp, xc, dx):
         form = {types.uint8: _q4_tile, types.int8: _i8_tile, types.uint32: _q5_tile,
-                types.uint64: _q6_tile}.get(w.dtype)
+                types.uint64: _q6_tile, types.int16: _s8_tile, types.int32: _s4_tile}.get(w.dtype)
         if form is None:
             return None
         return lambda w, d, r, t, xq, xp, xc, dx: form(w, d, r, t, xq, xp, xc, dx)
@@ -109,6 +109,17 @@ def gemm_i8_numpy(q, d, m, x, out):
     """q (rows, cols) int8 in blocks of 32, d (rows, cols/32) and m (rows, cols/32 or 0) f32 or uint16 f16
     bits, x (n, cols) f32 -> out (n, rows) f32."""
     return _tiled_numpy(dequant.dequant_i8_numpy, (q, d, m), x, out)
+
+
+def gemm_s24_numpy(qs, d, m, x, out):
+    """qs, d a 2:4 weight (kernels/sparse24.py: qs int16 S8 or int32 S4, d (rows, cols/64) f16 bits, m
+    (rows, 0)), x (n, cols) f32 -> out (n, rows) f32."""
+    from kernels import sparse24
+
+    def dequant_fn(qs, d, m, w):
+        w[:] = sparse24.unpack(qs, d)
+        return w
+    return _tiled_numpy(dequant_fn, (qs, d, m), x, out)
 
 
 @jit(parallel=True)
@@ -214,3 +225,11 @@ def gemm_i8(q, d, m, x, out):
     if _lanes(q):
         return _gemm_lanes_numba(q, d, m, x, out, True, lanetile.packed_bytes(q, d.shape[1]), 1)
     return _gemm_numba(q, d, m, x, out) if NUMBA else gemm_i8_numpy(q, d, m, x, out)
+
+
+def gemm_s24(qs, d, m, x, out):
+    """gemm_s24_numpy's numba twin: the rows-in-lanes form where it applies, each group of rows expanded
+    to dense bytes as it is packed; else the rows-in-turn form with rowdot's 2:4 tiles."""
+    if _lanes(qs):
+        return _gemm_lanes_numba(qs, d, m, x, out, False, lanetile.packed_bytes(qs, d.shape[1]), 1)
+    return _gemm_numba(qs, d, m, x, out) if NUMBA else gemm_s24_numpy(qs, d, m, x, out)

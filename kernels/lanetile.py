@@ -28,15 +28,26 @@ from kernels import dequant
 from kernels.backend import NUMBA, jit
 from kernels.dequant import scale_f32, scales_f32_numpy
 
+if NUMBA:
+    from kernels import rowdot24
+
 LANES = 16          # rows per group: one per 32-bit lane of a 512-bit vector
 GROUPS = 2          # groups per tile
 TOKENS = 4          # tokens per tile
 
 
 def pack_numpy(w, d, m, r0, ws, sw, mw, flip):
-    """Rows r0..r0+15 of a Q4 (w uint8 nibbles), 32-block I8 (w int8, flip=True), Q5 (w uint32) or Q6
-    (w uint64) weight into one group: ws (16 * packed_bytes,) uint8, sw, mw (nb * 16,) f32, Q6's (2 * nb *
+    """Rows r0..r0+15 of a Q4 (w uint8 nibbles), 32-block I8 (w int8, flip=True), Q5 (w uint32), Q6
+    (w uint64) or 2:4 (w int16 or int32) weight into one group: ws (16 * packed_bytes,) uint8, sw, mw (nb * 16,) f32, Q6's (2 * nb *
     16,) (module doc)."""
+    if w.dtype in (np.int16, np.int32):                                     # 2:4 (kernels/sparse24.py)
+        from kernels import sparse24
+        values = sparse24.dense_bytes_numpy(w[r0:r0 + LANES], d[r0:r0 + LANES])     # (16, cols) uint8
+        ws.view(np.uint32)[:] = values.view(np.uint32).T.reshape(-1)
+        dd = np.repeat(scales_f32_numpy(d[r0:r0 + LANES]), 2, axis=1)       # (16, cols/32)
+        sw[:] = dd.T.reshape(-1)
+        mw[:] = (np.float32(-128.0) if w.dtype == np.int16 else np.float32(-8.0)) * sw
+        return
     if w.dtype == np.uint64:
         values = dequant.q6_values_numpy(w[r0:r0 + LANES], d.shape[1])      # (16, nb, 32) uint8
         ws.view(np.uint32)[:] = values.reshape(LANES, -1).view(np.uint32).T.reshape(-1)
@@ -62,7 +73,10 @@ def pack_numpy(w, d, m, r0, ws, sw, mw, flip):
 
 
 def packed_bytes(w, nb: int) -> int:
-    """Bytes of one packed row: cols/2 for Q4 nibbles, cols for I8, and for Q5 and Q6 (unpacked to bytes)."""
+    """Bytes of one packed row (nb: d.shape[1]): cols/2 for Q4 nibbles, cols for I8, and for Q5, Q6 and the
+    2:4 layouts (unpacked to bytes; a 2:4 scale block is 64 columns)."""
+    if w.dtype in (np.int16, np.int32):
+        return 64 * nb
     return 16 * nb if w.dtype == np.uint8 else 32 * nb
 
 
@@ -165,6 +179,22 @@ def _pack_words(w, d, m, r0, ws, sw, mw, flip):
                 mw[b * LANES + i] = scale_f32(m[r0 + i, b]) + (base * s if flip else np.float32(0.0))
             else:
                 mw[b * LANES + i] = base * s
+
+
+@jit(inline=True)
+def _pack_s24(w, d, m, r0, ws, sw, mw, flip):
+    """A 2:4 layout (kernels/sparse24.py: w int16 S8, int32 S4) into the I8 form, expanded to dense bytes
+    in registers and transposed there (rowdot24.pack_rows): S8 values flipped (q + 128; pruned 128), min coefficient -128d;
+    S4 nibbles (pruned 8), min coefficient -8d. One f16 scale per 64 columns serves two blocks of 32."""
+    nb = d.shape[1]
+    base = np.float32(-128.0) if w.itemsize == 2 else np.float32(-8.0)     # int16 rows: S8
+    rowdot24.pack_rows(w, r0, ws)
+    for i in range(LANES):
+        for b in range(nb):
+            s = scale_f32(d[r0 + i, b])
+            for h in range(2):
+                sw[(2 * b + h) * LANES + i] = s
+                mw[(2 * b + h) * LANES + i] = base * s
 
 
 if NUMBA:
@@ -307,12 +337,15 @@ if NUMBA:
             return _pack_q6.py_func
         if w.dtype in (types.uint8, types.int8):
             return _pack_words.py_func
+        if w.dtype in (types.int16, types.int32):
+            return _pack_s24.py_func
         return None
 
     def _dispatch(q4, i8, q6):
         def ov(w, ws, sw, mw, xq, dx, xsum, t, out, col):
             # Q5 and Q6 pack into bytes (_pack_q5, _pack_q6): the I8 form reads them, Q6's in blocks of 16.
-            form = {types.uint8: q4, types.int8: i8, types.uint32: i8, types.uint64: q6}.get(w.dtype)
+            form = {types.uint8: q4, types.int8: i8, types.uint32: i8, types.uint64: q6,
+                    types.int16: i8, types.int32: i8}.get(w.dtype)
             if form is None:
                 return None
             return lambda w, ws, sw, mw, xq, dx, xsum, t, out, col: form(ws, sw, mw, xq, dx, xsum, t, out, col)

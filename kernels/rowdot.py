@@ -445,9 +445,15 @@ if NUMBA:
         def __call__(self, b, k):
             return [self.one_row(i, b, k) for i in range(self.rows)]
 
-    _WDTYPES = {"q4": types.uint8, "i8": types.int8, "q5": types.uint32, "q6": types.uint64}
-    # 64-byte lines a four-block step reads of its row: 64 bytes of Q4, 80 of Q5, 96 of Q6, 128 of I8
-    _STEP_LINES = {"q4": 1, "q5": 2, "q6": 2, "i8": 2}
+    # The forms' row dtypes; s8 and s4 are the 2:4 layouts (kernels/sparse24.py, steps in rowdot24.py),
+    # whose blocks are 64 columns
+    _WDTYPES = {"q4": types.uint8, "i8": types.int8, "q5": types.uint32, "q6": types.uint64,
+                "s8": types.int16, "s4": types.int32}
+    # 64-byte lines a four-block step reads of its row: 64 bytes of Q4, 80 of Q5, 96 of Q6, 128 of I8,
+    # 160 of S8, 96 of S4
+    _STEP_LINES = {"q4": 1, "q5": 2, "q6": 2, "i8": 2, "s8": 3, "s4": 2}
+    # partial-sum vectors per row of a four-block step
+    _PARTS = {"i8": 2, "s8": 2, "s4": 2}
     # scale dtypes per form: float32 or f16 bits, Q6's two f16 per block as one uint32
     _DDTYPES = {"q6": (types.uint32,)}
     _DDEFAULT = (types.float32, types.uint16)
@@ -463,6 +469,9 @@ if NUMBA:
             qbytes = builder.bitcast(qrow, _I8.as_pointer())
             dhalves = builder.bitcast(drow, _I16.as_pointer())
             return lambda b, k: [_q6_step(builder, qbytes, xp, dhalves, dx, b, k)]
+        if form in ("s8", "s4"):
+            from kernels import rowdot24
+            return rowdot24.step(form, builder, builder.bitcast(qrow, _I8.as_pointer()), xq, xc, drow, dx, f16)
         return lambda b, k: _i8_step(builder, qrow, xq, xc, drow, dx, b, k, f16)
 
     def _dots_intrinsic(form, nmats, prefetch):
@@ -500,7 +509,7 @@ if NUMBA:
                             targets.append(_target(context, builder, sig.args[i], vals[i], vals[k + 1]))
                 steps = [_layout_step(form, builder, q, xq_v, xp_v, xc_v, dr, dx_v, f16) for q, dr, f16 in rows]
                 step = _Step(nmats, lambda i, b, kk: steps[i](b, kk))
-                out = _emit_rows(builder, nb, 2 if form == "i8" else 1, step, targets, _STEP_LINES[form])
+                out = _emit_rows(builder, nb, _PARTS.get(form, 1), step, targets, _STEP_LINES[form])
                 return out[0] if nmats == 1 else context.make_tuple(builder, sig.return_type, out)
 
             ret = types.float32 if nmats == 1 else types.UniTuple(types.float32, nmats)
@@ -547,7 +556,7 @@ if NUMBA:
                 steps = [_layout_step(form, builder, qrows[p // T], xqs[p % T], xps[p % T], xcs[p % T],
                                       drows[p // T], dxs[p % T], f16) for p in range(R * T)]
                 step = _Step(R * T, lambda p, b, kk: steps[p](b, kk))
-                out = _emit_rows(builder, nb, 2 if form == "i8" else 1, step)
+                out = _emit_rows(builder, nb, _PARTS.get(form, 1), step)
                 return context.make_tuple(builder, sig.return_type, out)
 
             return types.UniTuple(types.float32, R * T)(w, d, r, t, xq, xp, xc, dx), codegen
@@ -566,9 +575,11 @@ if NUMBA:
     # For the sparse FFN (kernels/sparse_ffn.py), prefetching row jp: (gate row j . x, up row j . x) of
     # two weights of one layout, q4_gu(gw, gd, uw, ud, j, jp, xq, xp, xc, dx), i8_gu(...), q5_gu(...);
     # one row, q4_row1p(w, d, j, jp, xq, xp, xc, dx), i8_row1p(...), q5_row1p(...).
-    q4_dot, i8_dot, q5_dot, q6_dot = (_dots_intrinsic(f, 1, False) for f in ("q4", "i8", "q5", "q6"))
-    q4_gu, i8_gu, q5_gu, q6_gu = (_dots_intrinsic(f, 2, True) for f in ("q4", "i8", "q5", "q6"))
-    q4_row1p, i8_row1p, q5_row1p, q6_row1p = (_dots_intrinsic(f, 1, True) for f in ("q4", "i8", "q5", "q6"))
+    q4_dot, i8_dot, q5_dot, q6_dot, s8_dot, s4_dot = (_dots_intrinsic(f, 1, False)
+                                                      for f in ("q4", "i8", "q5", "q6", "s8", "s4"))
+    q4_gu, i8_gu, q5_gu, q6_gu, s8_gu, s4_gu = (_dots_intrinsic(f, 2, True) for f in ("q4", "i8", "q5", "q6", "s8", "s4"))
+    q4_row1p, i8_row1p, q5_row1p, q6_row1p, s8_row1p, s4_row1p = (_dots_intrinsic(f, 1, True)
+                                                                  for f in ("q4", "i8", "q5", "q6", "s8", "s4"))
 
 
 def row(qs, d, m, r, xq, xp, xc, dx, xsum):
@@ -612,7 +623,7 @@ if NUMBA:
             return lambda qs, d, m, r, xsum: intdot.min_term(d, m, r, xsum)
         if qs.dtype == types.uint32:
             return lambda qs, d, m, r, xsum: intdot.min_term16(d, m, r, xsum)
-        if qs.dtype == types.uint64:
+        if qs.dtype in (types.uint64, types.int16, types.int32):
             return lambda qs, d, m, r, xsum: np.float32(0.0)
         if qs.dtype == types.int8:
             def i8(qs, d, m, r, xsum):
@@ -623,7 +634,7 @@ if NUMBA:
     @overload(row_ahead, inline="always", jit_options={"fastmath": True})
     def _row_ahead_ov(qs, d, m, r, ahead, xq, xp, xc, dx, xsum):
         form = {types.uint8: q4_row1p, types.int8: i8_row1p, types.uint32: q5_row1p,
-                types.uint64: q6_row1p}.get(qs.dtype)
+                types.uint64: q6_row1p, types.int16: s8_row1p, types.int32: s4_row1p}.get(qs.dtype)
         if form is None:
             return None
 
@@ -644,4 +655,8 @@ if NUMBA:
                                                               + min_part(qs, d, m, r, xsum))
         if qs.dtype == types.uint64:
             return lambda qs, d, m, r, xq, xp, xc, dx, xsum: q6_dot(qs, d, r, xq, xp, xc, dx)
+        if qs.dtype == types.int16:
+            return lambda qs, d, m, r, xq, xp, xc, dx, xsum: s8_dot(qs, d, r, xq, xp, xc, dx)
+        if qs.dtype == types.int32:
+            return lambda qs, d, m, r, xq, xp, xc, dx, xsum: s4_dot(qs, d, r, xq, xp, xc, dx)
         return None

@@ -31,10 +31,11 @@ def check_target(out: Path, overwrite: bool) -> None:
 
 def write(out: Path, source: Path, plan_text_fn: Callable[[str, list[str]], str], predictors: dict, hidden: int,
           ffn: int, overwrite: bool = False, progress: Callable[[str, int, int], None] | None = None,
-          bundles_fn: Callable[[Path], None] | None = None) -> Path:
+          bundles_fn: Callable[[Path], None] | None = None, extra_fn: Callable[[Path], None] | None = None) -> Path:
     """Write DEPLOY. plan_text_fn(weights_name, copied_files) returns plan.json's text, made once the
     files are in place (their names go into the plan). bundles_fn(directory), for plans below 100%,
-    writes the FFN bundle file into the directory being built (planner/bundles.py)."""
+    writes the FFN bundle file into the directory being built (planner/bundles.py); extra_fn(directory)
+    any other file the plan names (the 2:4-pruned matrices)."""
     out = Path(out)
     check_target(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -57,6 +58,8 @@ def write(out: Path, source: Path, plan_text_fn: Callable[[str, list[str]], str]
         save_predictors(tmp / "predictors.npz", predictors, hidden, ffn)
         if bundles_fn is not None:
             bundles_fn(tmp)
+        if extra_fn is not None:
+            extra_fn(tmp)
         _write_text(tmp / "plan.json", plan_text_fn(weights_name, copied))
         _fsync_dir(tmp)
         _publish(tmp, out)

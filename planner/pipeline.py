@@ -55,7 +55,11 @@ def load_device(spec, progress: Progress | None = None):
 
 def make_deploy(source: str | os.PathLike, budget_text: str, out: str | os.PathLike, *, device_profile=None,
                 calibration=None, recall_floor: float | None = None, threads: int | None = None,
-                overwrite: bool = False, progress: Progress | None = None, quality_budget: str | None = None) -> Result:
+                overwrite: bool = False, progress: Progress | None = None, quality_budget: str | None = None,
+                prune=None) -> Result:
+    """The deploy directory of `source` under a memory budget; quality_budget: also input-sparse decode
+    (planner/input_sparsity.py); prune (planner/prune.PruneSpec): also 2:4-prune its matrices
+    (planner/prune.py), every layer then decoding dense."""
     from engine.errors import PlanError
     from engine.formats import registry
     from engine.formats.deploy import fingerprint, weight_files
@@ -74,6 +78,10 @@ def make_deploy(source: str | os.PathLike, budget_text: str, out: str | os.PathL
     quality = None if quality_budget is None else parse_quality_budget(quality_budget)
     if quality is not None:
         check_quality_budget(quality)
+    if prune is not None:
+        prune.check()
+        if quality is not None:
+            raise PlanError("2:4 pruning and input-sparse decode do not combine; plan one or the other")
     out = Path(out).expanduser()
     deploy.check_target(out, overwrite)
     calibration_text = read_calibration(calibration)   # fail now on an empty or unreadable file
@@ -85,6 +93,8 @@ def make_deploy(source: str | os.PathLike, budget_text: str, out: str | os.PathL
     cost = CostModel(dev, shape_of(llm))
     budget = parse_budget(budget_text, cost.shape.weight_bytes)
     check_budget(cost, budget)
+    if prune is not None and budget < cost.shape.weight_bytes:
+        raise PlanError(f"2:4-pruned matrices run resident; give a memory budget of 100% (got {budget_text})")
     if quality is not None and budget < cost.shape.weight_bytes:
         raise PlanError(f"--quality-budget plans input-sparse decode of a resident model; give --memory-budget 100% "
                         f"(got {budget_text})")
@@ -114,6 +124,10 @@ def make_deploy(source: str | os.PathLike, budget_text: str, out: str | os.PathL
     if quality is not None:
         from planner.input_sparsity import plan as input_plan
         inputs = input_plan(llm, calibration_text, quality, head=False, progress=progress)
+    pruned = None
+    if prune is not None:
+        from planner.prune import prune as prune_model
+        pruned = prune_model(llm, prune, calibration_text, progress)
 
     bundle_header: list[dict] = []
 
@@ -137,13 +151,26 @@ def make_deploy(source: str | os.PathLike, budget_text: str, out: str | os.PathL
                                bundles=bundle_header[0] if bundle_header else None)
         if inputs is not None:
             plan["decode"]["input_sparsity"] = inputs.as_dict()
+        if pruned is not None:
+            plan["sparsity"] = plan_json._round(pruned.as_dict())
+            for layer in plan["decode"]["layers"]:
+                if layer["mode"] != "dense":
+                    layer["mode"] = "dense"
+                    layer["rationale"] = "dense: the layer's matrices are 2:4-pruned (no neuron predictor on top)"
+            plan["rationale"].append(f"2:4 sparsity: {pruned.lines[0]}; the pruned matrices are in "
+                                     f"{plan['sparsity']['file']}, the rest used from the weights")
         holder.append(plan)
         return plan_json.dumps(plan)
 
     holder: list[dict] = []
     full = budget >= cost.shape.weight_bytes
+    def write_pruned(directory: Path) -> None:
+        from engine.formats.pruned import FILE
+        pruned.save(directory / FILE)
+
     path = deploy.write(out, src, plan_text, predictors, profile.hidden, profile.ffn, overwrite, progress,
-                        bundles_fn=None if full else write_bundle_file)
+                        bundles_fn=None if full else write_bundle_file,
+                        extra_fn=None if pruned is None else write_pruned)
     return Result(path=path, plan=holder[0])
 
 

@@ -20,17 +20,22 @@ def register(subparsers) -> None:
     p.add_argument("--quality-budget", default=None, metavar="P%",
                    help="also sparsify each linear layer's decode input, within this perplexity rise (2%%): "
                         "needs a memory budget of 100%%; calibration takes minutes")
+    p.add_argument("--recall", type=float, default=None,
+                   help="predictor recall floor for sparse layers (default 0.99)")
+    deploy_arguments(p)
+    p.set_defaults(func=run)
+
+
+def deploy_arguments(p) -> None:
+    """The options of every command that writes a deploy directory (plan, prune)."""
     p.add_argument("-o", "--output", required=True, metavar="DEPLOY", help="deploy directory to create")
     p.add_argument("--device-profile", default=None, metavar="FILE",
                    help="device profile JSON or a shipped example name (default: this machine's, measured if absent)")
     p.add_argument("--calibration", default=None, metavar="FILE",
                    help="calibration text (default: the English, code and chat text shipped with the planner)")
-    p.add_argument("--recall", type=float, default=None,
-                   help="predictor recall floor for sparse layers (default 0.99)")
     p.add_argument("-t", "--threads", type=int, default=None, help="compute threads while planning")
     p.add_argument("--force", action="store_true", help="replace DEPLOY if it exists")
     p.add_argument("--json", action="store_true", help="print the plan as one JSON object")
-    p.set_defaults(func=run)
 
 
 def run(args) -> int:

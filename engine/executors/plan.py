@@ -12,6 +12,7 @@ plan.json's parts read here:
   hot_neurons resident and cold_cache_neurons cached; io.direct_io, io.reader_threads and
   io.request_bytes set its reader, flash.cache_policy the cache;
 - execution.lm_head == "flash": the embeddings and LM head stream from the weights file;
+- sparsity: 2:4-pruned matrices that replace the weights file's (`pocketinfer prune`, engine/formats/pruned.py);
 - prefill.engine: "int8", "onnx" or "f32", the prefill engine (engine/executors/prefill.py); without it,
   the default. prefill.fallback ("int8" or "f32") runs when ONNX Runtime cannot; prefill.providers lists
   ONNX Runtime's execution providers in order of preference.
@@ -33,6 +34,7 @@ from engine.executors import prefill as prefill_engines
 from engine.executors.flash_ffn import LayerPlan
 from engine.executors.predictor import LayerPredictor, load_predictors
 from engine.executors.sparse import MODES
+from engine.formats.pruned import PrunedPlan, read_section as read_pruned
 from kernels.activation import DRELU, RELU
 
 
@@ -60,6 +62,7 @@ class Plan:
     providers: tuple[str, ...] = ("CPUExecutionProvider",)    # ONNX Runtime's, in order of preference
     source: str = "defaults (engine/executors/plan.py)"       # where the plan came from, for describe()
     input_thresholds: tuple[tuple[float, ...], ...] | None = None   # (n_layers, 4) decode input thresholds
+    pruned: PrunedPlan | None = None                           # 2:4-pruned matrices (engine/formats/pruned.py)
 
     @property
     def stack_engine(self) -> str:
@@ -73,6 +76,8 @@ class Plan:
             out |= {f"layers.{i}.{f}" for i in range(len(self.decode)) for f in ("w_gate", "w_up", "w_down")}
         if self.head_on_flash:
             out |= {"embed", "lm_head"}
+        if self.pruned is not None:
+            out |= self.pruned.names()
         return out
 
 
@@ -146,10 +151,14 @@ def read_plan(path: str | Path, config) -> Plan:
     if thresholds is not None and (flash is not None or any(m != "dense" for m in modes)):
         raise ModelFormatError(f"{path}: decode.input_sparsity needs every layer dense and resident; "
                                "re-run `pocketinfer plan --quality-budget` with a memory budget of 100%")
+    pruned = read_pruned(path, plan.get("sparsity"), c.num_hidden_layers)
+    if pruned is not None and (flash is not None or thresholds is not None):
+        raise ModelFormatError(f"{path}: 2:4-pruned matrices need the weights resident and decode without input "
+                               "sparsity; re-run `pocketinfer prune`")
     return Plan(decode=modes, predictors=preds, cluster=int(decode.get("cluster_size", 1)), flash=flash,
                 head_on_flash=execution.get("lm_head") == "flash", direct_io=bool(io.get("direct_io", True)),
                 prefill=engine, prefill_fallback=fallback, providers=tuple(providers), source=str(path),
-                input_thresholds=thresholds)
+                input_thresholds=thresholds, pruned=pruned)
 
 
 def _io_count(path: Path, io: dict, key: str, high: int) -> int | None:

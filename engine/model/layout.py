@@ -16,7 +16,7 @@ import numpy as np
 from engine.errors import ConfigError
 from engine.memory import trim_heap
 from engine.model.weights import (BF16Weight, F16Weight, F32Weight, I8Weight, Q4CWeight, Q4Weight, Q5Weight,
-                                  Q6Weight, Weight)
+                                  Q6Weight, S24Weight, Weight)
 from kernels import dequant, input_sparse
 from kernels.neuron_records import pack
 
@@ -53,7 +53,8 @@ def match_fused_layouts(lw) -> None:
         parts = [getattr(lw, n) for n in names]
         if any(w is None for w in parts) or getattr(lw, fused_name) is not None:
             continue
-        if not all(_one_region_weight(w) for w in parts) or _same_arrays(parts):
+        if not all(_one_region_weight(w) for w in parts) or _same_arrays(parts) \
+                or any(isinstance(w, S24Weight) for w in parts):       # 2:4 groups are pruned whole, one form
             continue
         d_dtype = np.uint16 if all(w.d.dtype == np.uint16 for w in parts) else np.float32
         with_m = any(w.m.shape[1] for w in parts)
@@ -157,7 +158,7 @@ def _split_views(lw, fused_name: str, names: tuple[str, ...]) -> None:
 
 
 def _one_region_weight(w) -> bool:
-    return isinstance(w, (Q4Weight, Q5Weight, Q6Weight)) or (isinstance(w, I8Weight) and w.q.shape[1] == 32 * w.d.shape[1])
+    return isinstance(w, (Q4Weight, Q5Weight, Q6Weight, S24Weight)) or (isinstance(w, I8Weight) and w.q.shape[1] == 32 * w.d.shape[1])
 
 
 def _stack_signature(lw) -> list | None:

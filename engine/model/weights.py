@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from kernels import dequant, gemm, input_sparse, matvec
+from kernels import dequant, gemm, input_sparse, matvec, sparse24
 from kernels.convert import bf16_bits_to_f32, f16_bits_to_f32
 
 # Rows per prefill tile are chosen so a tile is about this many float32 elements (512 KiB): large enough
@@ -198,6 +198,28 @@ class Q6Weight(_BlockWeight):
     matvec_kernel = staticmethod(matvec.matvec_q6)
     dequant_kernel = staticmethod(dequant.dequant_q6)
     gemm_kernel = staticmethod(gemm.gemm_q6)
+
+
+def _dequant_s24(qs, d, m, out):
+    out[:] = sparse24.unpack(qs, d)
+    return out
+
+
+class S24Weight(_BlockWeight):
+    """A 2:4 sparse weight (kernels/sparse24.py): qs (rows, cols/64 blocks) int16 (S8: mask and 32 int8
+    values per block) or int32 (S4: mask and 32 nibbles), d (rows, cols/64) f16 bits, m (rows, 0)."""
+
+    matvec_kernel = staticmethod(sparse24.matvec)
+    dequant_kernel = staticmethod(_dequant_s24)
+    gemm_kernel = staticmethod(gemm.gemm_s24)
+
+    @property
+    def shape(self):
+        return (self.qs.shape[0], self.d.shape[1] * sparse24.BLOCK)
+
+    @property
+    def form(self) -> str:
+        return sparse24.form_of(self.qs)
 
 
 @dataclass(frozen=True, eq=False)

@@ -1,0 +1,226 @@
+"""The row-dot steps of the 2:4 layouts S8 and S4 (kernels/sparse24.py, kernels/layouts.md), in the form of
+kernels/rowdot.py's steps, which calls them: step(b, k) covers blocks b..b+k-1 of 64 columns.
+
+A block's 32 kept values are expanded into the 64 int8 lanes of the dense block, zeros where pruned, by a
+masked expanding load (llvm.masked.expandload: one vpexpandb on AVX-512 VBMI2) straight from the row
+bytes, with the block's 64-bit mask. From there a block is two I8 blocks of 32 (rowdot._isum_i8 with the
+prepared x: xq and, on VNNI, its lane corrections xc), scaled by the block's f16 scale times the two
+x block scales. S4's nibbles are expanded as bytes, split (low nibbles: kept values 0..15, high: 16..31)
+and centred (q - 8) first.
+
+Expanding the weights rather than compressing x keeps the x side exactly the dense I8 rows' (shared
+by every row and, in the prefill tile, by R rows at once), and one expansion per row serves T tokens.
+Where the target has no expanding load (AVX2, AArch64 NEON) LLVM lowers it lane by lane: correct, and
+slower than the dense rows (BENCHMARKS.md).
+"""
+
+from llvmlite import ir
+
+from kernels import rowdot as _rd
+from kernels import target
+from kernels.llvm_ir import F32, I8, I16, I32, I64, const64, half_to_f32, lanes, splat, vec
+
+I1 = ir.IntType(1)
+
+BLOCK_BYTES = {"s8": 40, "s4": 24}   # kernels/sparse24.py: 8 mask bytes, then 32 int8 or 16 nibble bytes
+
+
+def _expand(builder, src, mask, n):
+    """<64 x i8>: the next popcount(mask) bytes at src placed in the lanes whose mask bit is set, zeros
+    elsewhere; n = 64 lanes. Reads only the bytes it places."""
+    t = vec(I8, n)
+    fn = builder.module.declare_intrinsic(f"llvm.masked.expandload.v{n}i8",
+                                          fnty=ir.FunctionType(t, [I8.as_pointer(), vec(I1, n), t]))
+    return builder.call(fn, [src, mask, ir.Constant(t, [0] * n)])
+
+
+def _expand_reg(builder, kept, mask):
+    """<64 x i8>: lanes of kept placed, in order, in the lanes whose mask bit is set, zeros elsewhere.
+    AVX-512 VBMI2 has the register form (vpexpandb); elsewhere LLVM's generic expanding load reads them
+    back from a stack slot."""
+    t = vec(I8, 64)
+    if target.VBMI2:
+        fn = builder.module.declare_intrinsic("llvm.x86.avx512.mask.expand.v64i8",
+                                              fnty=ir.FunctionType(t, [t, t, vec(I1, 64)]))
+        return builder.call(fn, [kept, ir.Constant(t, [0] * 64), mask])
+    slot = builder.alloca(t)
+    builder.store(kept, slot)
+    return _expand(builder, builder.bitcast(slot, I8.as_pointer()), mask, 64)
+
+
+def _mask(builder, qrow, at):
+    """<64 x i1>: the 64-bit mask at byte offset at of the row."""
+    bits = builder.load(builder.bitcast(builder.gep(qrow, [at]), I64.as_pointer()), align=1)
+    return builder.bitcast(bits, vec(I1, 64))
+
+
+def _compress(builder, v, mask):
+    """<64 x i8>: the lanes of v whose mask bit is set, in order, then zeros (vpcompressb on VBMI2)."""
+    t = vec(I8, 64)
+    fn = builder.module.declare_intrinsic("llvm.experimental.vector.compress.v64i8",
+                                          fnty=ir.FunctionType(t, [t, vec(I1, 64), t]))
+    return builder.call(fn, [v, mask, ir.Constant(t, [0] * 64)])
+
+
+def _vnni(builder, acc, u, s):
+    """acc + vpdpbusd(u unsigned bytes, s signed bytes): <16 x i32>."""
+    v16 = vec(I32, 16)
+    return _rd._x86(builder, "llvm.x86.avx512.vpdpbusd.512", v16, acc, builder.bitcast(u, v16), builder.bitcast(s, v16))
+
+
+def _isum_nibbles(builder, q, x):
+    """q <n x i8> unsigned 0..15 (meaning q - 8), x <n x i8> signed -> <n/4 x i32>: lane l = the sum over
+    its four bytes of (q - 8) * x. VNNI: q*x less 8*x, two vpdpbusd; elsewhere the generic vector IR."""
+    n = q.type.count
+    if target.VNNI512 and n == 64:
+        zero = ir.Constant(vec(I32, 16), [0] * 16)
+        return builder.sub(_vnni(builder, zero, q, x), _vnni(builder, zero, splat(I8, 64, 8), x))
+    t = vec(I16, n)
+    p = builder.mul(builder.sub(builder.zext(q, t), splat(I16, n, 8)), builder.sext(x, t))   # |.| <= 1024
+    return _rd._quads_i32(builder, p)
+
+
+def step(form, builder, qrow, xq, xc, drow, dx, f16):
+    """step(b, k) of one 2:4 row: a list of <16 x float> scaled partial sums (two for k = 4, else one; an
+    <8 x float> for k = 1 of S4), lanes of four products. qrow: the row as an i8 pointer; drow its
+    scales (f16 bits as i16, or f32)."""
+    size = BLOCK_BYTES[form]
+
+    def scales(b, k):
+        """<2k x float>: lane 2i + h = scale(d[b + i]) * dx[2(b + i) + h]."""
+        if f16:
+            dv = half_to_f32(builder, _rd._load(builder, drow, b, I16, k, align=2))
+        else:
+            dv = _rd._load(builder, drow, b, F32, k, align=4)
+        dxv = _rd._load(builder, dx, builder.mul(b, const64(2)), F32, 2 * k, align=4)
+        return builder.fmul(dxv, builder.shuffle_vector(dv, dv, lanes(*[j // 2 for j in range(2 * k)])),
+                            flags=("fast",))
+
+    def scaled(isum, s, idx):
+        return builder.fmul(builder.sitofp(isum, vec(F32, isum.type.count)),
+                            builder.shuffle_vector(s, s, lanes(*[i for i in idx for _ in range(4)])), flags=("fast",))
+
+    def s8_block(blk, s, i):
+        """Block blk (the step's i-th): its values expanded to the dense 64 lanes, times xq as an I8 row."""
+        at = builder.mul(blk, const64(size))
+        w = _expand(builder, builder.gep(qrow, [builder.add(at, const64(8))]), _mask(builder, qrow, at), 64)
+        off = builder.mul(blk, const64(64))
+        xcv = _rd._load(builder, xc, builder.ashr(off, const64(2)), I32, 16, align=4) if target.VNNI512 else None
+        isum = _rd._isum_i8(builder, w, _rd._load(builder, xq, off, I8, 64), xcv)
+        return scaled(isum, s, [2 * i, 2 * i, 2 * i + 1, 2 * i + 1])
+
+    def s4_pair(blk, s, i):
+        """Blocks blk, blk + 1 (the step's i-th, i+1-th): x compressed by each mask to the 32 values the
+        block keeps, arranged as the nibbles split: [low 0, low 1, high 0, high 1], 16 each."""
+        g = []
+        nib = []
+        for j in range(2):
+            bj = builder.add(blk, const64(j))
+            at = builder.mul(bj, const64(size))
+            xv = _rd._load(builder, xq, builder.mul(bj, const64(64)), I8, 64)
+            g.append(_compress(builder, xv, _mask(builder, qrow, at)))
+            nib.append(_rd._load(builder, qrow, builder.add(at, const64(8)), I8, 16))
+        xg = builder.shuffle_vector(g[0], g[1], lanes(*range(16), *range(64, 80), *range(16, 32), *range(80, 96)))
+        both = _rd._concat(builder, nib[0], nib[1])
+        q = _rd._concat(builder, builder.and_(both, splat(I8, 32, 15)), builder.lshr(both, splat(I8, 32, 4)))
+        return scaled(_isum_nibbles(builder, q, xg), s, [2 * i, 2 * i + 2, 2 * i + 1, 2 * i + 3])
+
+    def s4_single(blk, s):
+        at = builder.mul(blk, const64(size))
+        xv = _rd._load(builder, xq, builder.mul(blk, const64(64)), I8, 64)
+        xg = _rd._half(builder, _compress(builder, xv, _mask(builder, qrow, at)), 0, 32)
+        nib = _rd._load(builder, qrow, builder.add(at, const64(8)), I8, 16)
+        q = _rd._concat(builder, builder.and_(nib, splat(I8, 16, 15)), builder.lshr(nib, splat(I8, 16, 4)))
+        return scaled(_isum_nibbles(builder, q, xg), s, [0, 1])
+
+    def add(vs):
+        acc = vs[0]
+        for v in vs[1:]:
+            acc = builder.fadd(acc, v, flags=("fast",))
+        return acc
+
+    def run(b, k):
+        s = scales(b, k)
+        if form == "s8":
+            vs = [s8_block(builder.add(b, const64(i)), s, i) for i in range(k)]
+        elif k == 1:
+            return [s4_single(b, s)]
+        else:
+            vs = [s4_pair(builder.add(b, const64(i)), s, i) for i in range(0, k, 2)]
+        if k == 4 and form == "s8":
+            return [add(vs[:2]), add(vs[2:])]
+        return vs if k == 4 else [add(vs)]
+
+    return run
+
+
+def _dense_block(builder, form, qrow, blk):
+    """<64 x i8>: block blk of a row (qrow its i8 pointer) as the unsigned bytes the lane tile reads: S8
+    values with the sign bit flipped (w + 128; pruned lanes 128), S4 nibbles 0..15 (pruned lanes 8,
+    meaning zero)."""
+    at = builder.mul(blk, const64(BLOCK_BYTES[form]))
+    mask = _mask(builder, qrow, at)
+    src = builder.gep(qrow, [builder.add(at, const64(8))])
+    if form == "s8":
+        return builder.xor(_expand(builder, src, mask, 64), splat(I8, 64, -128))
+    nib = builder.load(builder.bitcast(src, vec(I8, 16).as_pointer()), align=1)
+    q = _rd._concat(builder, builder.and_(nib, splat(I8, 16, 15)), builder.lshr(nib, splat(I8, 16, 4)))
+    placed = _expand_reg(builder, builder.shuffle_vector(q, q, lanes(*range(32), *range(32))), mask)
+    return builder.select(mask, placed, splat(I8, 64, 8))
+
+
+def _transpose16(builder, rows):
+    """16 vectors <16 x i32> (a 16x16 matrix by rows) -> its columns: four stages, each exchanging bit h of
+    the row and lane indices between pairs of rows h apart (two shuffles per pair)."""
+    rows = list(rows)
+    for h in (1, 2, 4, 8):
+        for i in range(16):
+            if i & h:
+                continue
+            a, b = rows[i], rows[i + h]
+            # lane c of the new row i: a[c] where bit h of c is clear, else b[c - h]; of row i + h:
+            # a[c + h] where it is clear, else b[c] (b's lanes are 16..31 of the pair)
+            rows[i] = builder.shuffle_vector(a, b, lanes(*[c if not c & h else 16 + c - h for c in range(16)]))
+            rows[i + h] = builder.shuffle_vector(a, b, lanes(*[c + h if not c & h else 16 + c for c in range(16)]))
+    return rows
+
+
+def _pack_intrinsic():
+    """pack_rows(qs, r0, ws): rows r0..r0+15 of a 2:4 weight (qs int16 S8 or int32 S4) into one group of
+    the prefill GEMM's lane layout (kernels/lanetile.py: ws (16 * cols,) uint8, chunk c of row i at
+    64c + 4i): each block of the 16 rows expanded to dense bytes (_dense_block), transposed as a 16x16
+    matrix of 4-byte chunks in registers, and stored as 16 vectors."""
+    from numba import types
+    from numba.core.extending import intrinsic
+
+    from kernels.llvm_ir import c_array, counted_loop, data, row_ptr, rows_array
+
+    def pack_rows(typingctx, qs, r0, ws):
+        if not (rows_array(qs, types.int16, types.int32) and isinstance(r0, types.Integer)
+                and c_array(ws, 1, types.uint8)):
+            return None
+        form = "s8" if qs.dtype == types.int16 else "s4"
+
+        def codegen(context, builder, sig, vals):
+            first = builder.sext(vals[1], I64) if vals[1].type.width < 64 else vals[1]
+            qrows = []
+            for i in range(16):
+                p, n = row_ptr(context, builder, sig.args[0], vals[0], builder.add(first, const64(i)))
+                qrows.append(builder.bitcast(p, I8.as_pointer()))
+            nb = builder.sdiv(builder.mul(n, const64(2 if form == "s8" else 4)), const64(BLOCK_BYTES[form]))
+            out = builder.bitcast(data(context, builder, sig.args[2], vals[2]), vec(I32, 16).as_pointer())
+
+            def body(blk):
+                dense = [builder.bitcast(_dense_block(builder, form, q, blk), vec(I32, 16)) for q in qrows]
+                for c, col in enumerate(_transpose16(builder, dense)):
+                    builder.store(col, builder.gep(out, [builder.add(builder.mul(blk, const64(16)), const64(c))]), align=1)
+
+            counted_loop(builder, nb, [], body, "pack24")
+            return context.get_dummy_value()
+
+        return types.none(qs, r0, ws), codegen
+
+    return intrinsic(pack_rows)
+
+
+pack_rows = _pack_intrinsic()
