@@ -241,6 +241,7 @@ def prune(llm, spec: PruneSpec, text: str, progress: Progress | None = None) -> 
         kl = unit_sensitivity(model, held, dense_logp, units, progress)
         chosen, predicted, tried = select(model, held, dense_logp, dense_nll, units, kl, spec.quality_budget)
         lines.extend(tried)
+        lines.extend(_cost_lines(units, kl))
     measured, split = _joint(model, held, dense_logp, dense_nll, chosen) if chosen else (0.0, 0.0)
     pruned_bytes = dense_bytes - sum(u.dense_bytes - u.pruned_bytes for u in chosen)
     lines.insert(0, f"{len(chosen)} of {len(units)} matrix groups pruned 2:4 ({spec.method}): the layers' matrices "
@@ -264,6 +265,17 @@ def unit_sensitivity(model, windows, dense_logp, units: list[Pruned], progress: 
             if progress:
                 progress("sensitivity", done, len(windows) * len(units))
     return kl / count
+
+
+def _cost_lines(units: list[Pruned], kl: np.ndarray, top: int = 8) -> list[str]:
+    """What pruning each group alone costs: the spread, and the cheapest per byte saved."""
+    ppl = np.expm1(np.maximum(kl, 0.0))
+    saved = np.array([u.dense_bytes - u.pruned_bytes for u in units], np.float64)
+    out = [f"each group pruned alone: perplexity +{ppl.min():.2%} to +{ppl.max():.2%} (KL-implied), median "
+           f"+{float(np.median(ppl)):.2%}"]
+    for k in sorted(range(len(units)), key=lambda k: (ppl[k] / max(saved[k], 1.0), k))[:top]:
+        out.append(f"layer {units[k].layer} {units[k].group}: +{ppl[k]:.3%} alone, saves {saved[k] / 1024:.0f} KiB")
+    return out
 
 
 def select(model, windows, dense_logp, dense_nll, units: list[Pruned], kl: np.ndarray, budget: float):

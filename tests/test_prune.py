@@ -178,3 +178,22 @@ def test_bad_sparsity_section(source, tmp_path):
     (res.path / FILE).unlink()
     with pytest.raises(ModelFormatError, match="pruned matrices are missing"):
         load(res.path, threads=1)
+
+
+def test_eval_prune_reports_against_dense(source, tmp_path, capsys):
+    """eval-prune on a pruned deploy: perplexity, bytes and speed beside the dense weights; a deploy with
+    nothing pruned is refused in one line."""
+    from engine.cli import main
+
+    src, _, cal = source
+    res = _deploy(source, tmp_path / "d", method="magnitude", values="int8")
+    cal_text = tmp_path / "text.txt"
+    cal_text.write_text(cal.read_text())
+    assert main(["eval-prune", "-m", str(res.path), "-f", str(cal_text), "-c", "64", "--windows", "2",
+                 "-n", "4", "--rounds", "2", "-t", "1", "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["pruned_groups"] == r["total_groups"] == 8 and r["rounds"] == 2
+    assert r["bytes_per_token"] < r["dense_bytes_per_token"] and r["decode_tps"] > 0 and r["dense_ppl"] > 0
+    plain = _deploy(source, tmp_path / "z", quality_budget=0.0)
+    assert main(["eval-prune", "-m", str(plain.path)]) == 1
+    assert "no 2:4-pruned matrices" in capsys.readouterr().err

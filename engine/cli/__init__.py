@@ -9,9 +9,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from engine.cli import bench, chat, eval_sparsity, generate, perplexity, plan, profile_device, prune, pull, serve
+from engine.cli import bench, chat, eval_prune, eval_sparsity, generate, perplexity, plan, profile_device, prune, pull, serve
 
-COMMANDS = (pull, generate, chat, serve, perplexity, bench, profile_device, plan, prune, eval_sparsity)
+COMMANDS = (pull, generate, chat, serve, perplexity, bench, profile_device, plan, prune, eval_sparsity, eval_prune)
 
 
 def build_parser() -> argparse.ArgumentParser:
