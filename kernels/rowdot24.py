@@ -1,17 +1,22 @@
 """The row-dot steps of the 2:4 layouts S8 and S4 (kernels/sparse24.py, kernels/layouts.md), in the form of
-kernels/rowdot.py's steps, which calls them: step(b, k) covers blocks b..b+k-1 of 64 columns.
+kernels/rowdot.py's steps, which calls them: step(b, k) covers blocks b..b+k-1 of 64 columns; and the
+expansion of 2:4 rows into the prefill GEMM's lane layout (pack_rows).
 
-A block's 32 kept values are expanded into the 64 int8 lanes of the dense block, zeros where pruned, by a
-masked expanding load (llvm.masked.expandload: one vpexpandb on AVX-512 VBMI2) straight from the row
-bytes, with the block's 64-bit mask. From there a block is two I8 blocks of 32 (rowdot._isum_i8 with the
-prepared x: xq and, on VNNI, its lane corrections xc), scaled by the block's f16 scale times the two
-x block scales. S4's nibbles are expanded as bytes, split (low nibbles: kept values 0..15, high: 16..31)
-and centred (q - 8) first.
+Each block is put back together in registers with its 64-bit mask, two ways:
+  - S8: the 32 int8 values are expanded into the dense block's 64 lanes, zeros where pruned, by a masked
+    expanding load straight from the row bytes (one vpexpandb on AVX-512 VBMI2); the block is then two I8
+    blocks of 32 (rowdot._isum_i8 with the prepared x: xq and, on VNNI, its lane corrections xc);
+  - S4: x is compressed by the mask to the 32 values the block keeps (one vpcompressb), and the nibbles
+    (low: kept values 0..15, high: 16..31) multiply them as they are: an S4 block is half the products
+    of a dense one, and its nibbles need no spreading. Two blocks make one 64-byte step; (q - 8) * x is
+    q * x less 8 * x (two vpdpbusd on VNNI).
+S8 expands rather than compresses because its x side then is the dense I8 rows' (its corrections xc
+shared by every row), which a compressed x would have to recompute per row; the S4 nibbles would need
+spreading to bytes before an expansion, and compressing x measured faster there.
 
-Expanding the weights rather than compressing x keeps the x side exactly the dense I8 rows' (shared
-by every row and, in the prefill tile, by R rows at once), and one expansion per row serves T tokens.
-Where the target has no expanding load (AVX2, AArch64 NEON) LLVM lowers it lane by lane: correct, and
-slower than the dense rows (BENCHMARKS.md).
+Targets: AVX-512 VBMI2 has both instructions; AArch64 has neither, and does both with NEON's tbl (a byte
+table lookup) on indices looked up per mask byte; elsewhere (x86 without VBMI2) LLVM lowers its generic
+compress and expanding load lane by lane: correct, and slower than the dense rows.
 """
 
 from llvmlite import ir
@@ -25,41 +30,112 @@ I1 = ir.IntType(1)
 BLOCK_BYTES = {"s8": 40, "s4": 24}   # kernels/sparse24.py: 8 mask bytes, then 32 int8 or 16 nibble bytes
 
 
-def _expand(builder, src, mask, n):
-    """<64 x i8>: the next popcount(mask) bytes at src placed in the lanes whose mask bit is set, zeros
-    elsewhere; n = 64 lanes. Reads only the bytes it places."""
-    t = vec(I8, n)
-    fn = builder.module.declare_intrinsic(f"llvm.masked.expandload.v{n}i8",
-                                          fnty=ir.FunctionType(t, [I8.as_pointer(), vec(I1, n), t]))
-    return builder.call(fn, [src, mask, ir.Constant(t, [0] * n)])
-
-
-def _expand_reg(builder, kept, mask):
-    """<64 x i8>: lanes of kept placed, in order, in the lanes whose mask bit is set, zeros elsewhere.
-    AVX-512 VBMI2 has the register form (vpexpandb); elsewhere LLVM's generic expanding load reads them
-    back from a stack slot."""
-    t = vec(I8, 64)
-    if target.VBMI2:
-        fn = builder.module.declare_intrinsic("llvm.x86.avx512.mask.expand.v64i8",
-                                              fnty=ir.FunctionType(t, [t, t, vec(I1, 64)]))
-        return builder.call(fn, [kept, ir.Constant(t, [0] * 64), mask])
-    slot = builder.alloca(t)
-    builder.store(kept, slot)
-    return _expand(builder, builder.bitcast(slot, I8.as_pointer()), mask, 64)
-
-
 def _mask(builder, qrow, at):
-    """<64 x i1>: the 64-bit mask at byte offset at of the row."""
-    bits = builder.load(builder.bitcast(builder.gep(qrow, [at]), I64.as_pointer()), align=1)
+    """i64: the 64-bit mask at byte offset at of the row (bit c: column c of the block is kept)."""
+    return builder.load(builder.bitcast(builder.gep(qrow, [at]), I64.as_pointer()), align=1)
+
+
+def _lanes_of(builder, bits):
     return builder.bitcast(bits, vec(I1, 64))
 
 
-def _compress(builder, v, mask):
-    """<64 x i8>: the lanes of v whose mask bit is set, in order, then zeros (vpcompressb on VBMI2)."""
+def _lut(builder, name: str, elem, values: list):
+    """A constant table in the module (made once per module)."""
+    g = builder.module.globals.get(name)
+    if g is None:
+        t = ir.ArrayType(elem, len(values))
+        g = ir.GlobalVariable(builder.module, t, name)
+        g.linkage, g.global_constant, g.initializer = "internal", True, ir.Constant(t, values)
+    return g
+
+
+# AArch64 has no compress or expand instruction; NEON's tbl (a byte table lookup, 0 for an index past the
+# table) does both with indices looked up per mask byte (8 columns, of which 2:4 keeps exactly 4):
+# the positions of its set bits (compress), and for each bit the rank of its value among the kept ones or
+# 0x80 when clear (expand).
+_COMPRESS_IDX = [int.from_bytes(bytes(([j for j in range(8) if b >> j & 1] + [0, 0, 0, 0])[:4]), "little")
+                 for b in range(256)]
+_EXPAND_IDX = [int.from_bytes(bytes(bin(b & ((1 << j) - 1)).count("1") if b >> j & 1 else 0x80 for j in range(8)),
+                              "little") for b in range(256)]
+
+
+def _per_byte(builder, bits, name, elem, table):
+    """<8 x elem>: table[byte k of bits] for k = 0..7."""
+    g = _lut(builder, name, elem, table)
+    out = ir.Constant(vec(elem, 8), ir.Undefined)
+    for k in range(8):
+        byte = builder.and_(builder.lshr(bits, const64(8 * k)), const64(255))
+        v = builder.load(builder.gep(g, [const64(0), byte]), align=elem.width // 8)
+        out = builder.insert_element(out, v, ir.Constant(I32, k))
+    return out
+
+
+def _tbl(builder, tables: list, idx, fill=None):
+    """<16 x i8>: NEON tbl (tbx with a fill byte, which keeps fill past the table) over 1-4 tables of 16 bytes."""
+    t = vec(I8, 16)
+    n = len(tables)
+    if fill is None:
+        fn = builder.module.declare_intrinsic(f"llvm.aarch64.neon.tbl{n}.v16i8", fnty=ir.FunctionType(t, [t] * (n + 1)))
+        return builder.call(fn, [*tables, idx])
+    fn = builder.module.declare_intrinsic(f"llvm.aarch64.neon.tbx{n}.v16i8", fnty=ir.FunctionType(t, [t] * (n + 2)))
+    return builder.call(fn, [splat(I8, 16, fill), *tables, idx])
+
+
+def _quarters(builder, v, n):
+    """v <16n x i8> as n vectors <16 x i8>."""
+    return [builder.shuffle_vector(v, v, lanes(*range(16 * i, 16 * i + 16))) for i in range(n)]
+
+
+def _join(builder, parts):
+    while len(parts) > 1:
+        parts = [_rd._concat(builder, parts[i], parts[i + 1]) for i in range(0, len(parts), 2)]
+    return parts[0]
+
+
+def _expand_reg(builder, kept, bits, fill=0):
+    """<64 x i8>: the 32 lanes of kept (<32 x i8>) placed, in order, in the lanes whose mask bit is set, fill
+    elsewhere: vpexpandb on AVX-512 VBMI2, tbl on AArch64, LLVM's generic expanding load (lane by lane,
+    through a stack slot) elsewhere."""
+    t = vec(I8, 64)
+    if target.ARCH == "aarch64":
+        idx = builder.bitcast(_per_byte(builder, bits, "s24.expand", I64, _EXPAND_IDX), t)
+        idx = builder.add(idx, ir.Constant(t, [4 * (j // 8) for j in range(64)]))    # 4 kept per earlier byte
+        tables = _quarters(builder, kept, 2)
+        return _join(builder, [_tbl(builder, tables, q, None if fill == 0 else fill) for q in _quarters(builder, idx, 4)])
+    wide = builder.shuffle_vector(kept, kept, lanes(*range(32), *range(32)))
+    if target.VBMI2:
+        fn = builder.module.declare_intrinsic("llvm.x86.avx512.mask.expand.v64i8",
+                                              fnty=ir.FunctionType(t, [t, t, vec(I1, 64)]))
+        return builder.call(fn, [wide, splat(I8, 64, fill), _lanes_of(builder, bits)])
+    slot = builder.alloca(t)
+    builder.store(wide, slot)
+    return _expand_mem(builder, builder.bitcast(slot, I8.as_pointer()), bits, fill)
+
+
+def _expand_mem(builder, src, bits, fill=0):
+    """<64 x i8>: the 32 bytes at src placed in the lanes whose mask bit is set, fill elsewhere (a masked
+    expanding load: vpexpandb from memory on VBMI2; tbl on AArch64)."""
+    t = vec(I8, 64)
+    if target.ARCH == "aarch64":
+        kept = builder.load(builder.bitcast(src, vec(I8, 32).as_pointer()), align=1)
+        return _expand_reg(builder, kept, bits, fill)
+    fn = builder.module.declare_intrinsic("llvm.masked.expandload.v64i8",
+                                          fnty=ir.FunctionType(t, [I8.as_pointer(), vec(I1, 64), t]))
+    return builder.call(fn, [src, _lanes_of(builder, bits), splat(I8, 64, fill)])
+
+
+def _compress(builder, v, bits):
+    """<32 x i8>: the 32 lanes of v (<64 x i8>) whose mask bit is set, in order: vpcompressb on VBMI2, tbl
+    on AArch64, LLVM's generic lowering elsewhere."""
+    if target.ARCH == "aarch64":
+        idx = builder.bitcast(_per_byte(builder, bits, "s24.compress", I32, _COMPRESS_IDX), vec(I8, 32))
+        idx = builder.add(idx, ir.Constant(vec(I8, 32), [8 * (j // 4) for j in range(32)]))  # byte k: columns 8k..
+        tables = _quarters(builder, v, 4)
+        return _join(builder, [_tbl(builder, tables, q) for q in _quarters(builder, idx, 2)])
     t = vec(I8, 64)
     fn = builder.module.declare_intrinsic("llvm.experimental.vector.compress.v64i8",
                                           fnty=ir.FunctionType(t, [t, vec(I1, 64), t]))
-    return builder.call(fn, [v, mask, ir.Constant(t, [0] * 64)])
+    return _rd._half(builder, builder.call(fn, [v, _lanes_of(builder, bits), ir.Constant(t, [0] * 64)]), 0, 32)
 
 
 def _vnni(builder, acc, u, s):
@@ -103,7 +179,7 @@ def step(form, builder, qrow, xq, xc, drow, dx, f16):
     def s8_block(blk, s, i):
         """Block blk (the step's i-th): its values expanded to the dense 64 lanes, times xq as an I8 row."""
         at = builder.mul(blk, const64(size))
-        w = _expand(builder, builder.gep(qrow, [builder.add(at, const64(8))]), _mask(builder, qrow, at), 64)
+        w = _expand_mem(builder, builder.gep(qrow, [builder.add(at, const64(8))]), _mask(builder, qrow, at))
         off = builder.mul(blk, const64(64))
         xcv = _rd._load(builder, xc, builder.ashr(off, const64(2)), I32, 16, align=4) if target.VNNI512 else None
         isum = _rd._isum_i8(builder, w, _rd._load(builder, xq, off, I8, 64), xcv)
@@ -120,7 +196,7 @@ def step(form, builder, qrow, xq, xc, drow, dx, f16):
             xv = _rd._load(builder, xq, builder.mul(bj, const64(64)), I8, 64)
             g.append(_compress(builder, xv, _mask(builder, qrow, at)))
             nib.append(_rd._load(builder, qrow, builder.add(at, const64(8)), I8, 16))
-        xg = builder.shuffle_vector(g[0], g[1], lanes(*range(16), *range(64, 80), *range(16, 32), *range(80, 96)))
+        xg = builder.shuffle_vector(g[0], g[1], lanes(*range(16), *range(32, 48), *range(16, 32), *range(48, 64)))
         both = _rd._concat(builder, nib[0], nib[1])
         q = _rd._concat(builder, builder.and_(both, splat(I8, 32, 15)), builder.lshr(both, splat(I8, 32, 4)))
         return scaled(_isum_nibbles(builder, q, xg), s, [2 * i, 2 * i + 2, 2 * i + 1, 2 * i + 3])
@@ -128,7 +204,7 @@ def step(form, builder, qrow, xq, xc, drow, dx, f16):
     def s4_single(blk, s):
         at = builder.mul(blk, const64(size))
         xv = _rd._load(builder, xq, builder.mul(blk, const64(64)), I8, 64)
-        xg = _rd._half(builder, _compress(builder, xv, _mask(builder, qrow, at)), 0, 32)
+        xg = _compress(builder, xv, _mask(builder, qrow, at))
         nib = _rd._load(builder, qrow, builder.add(at, const64(8)), I8, 16)
         q = _rd._concat(builder, builder.and_(nib, splat(I8, 16, 15)), builder.lshr(nib, splat(I8, 16, 4)))
         return scaled(_isum_nibbles(builder, q, xg), s, [0, 1])
@@ -159,14 +235,13 @@ def _dense_block(builder, form, qrow, blk):
     values with the sign bit flipped (w + 128; pruned lanes 128), S4 nibbles 0..15 (pruned lanes 8,
     meaning zero)."""
     at = builder.mul(blk, const64(BLOCK_BYTES[form]))
-    mask = _mask(builder, qrow, at)
+    bits = _mask(builder, qrow, at)
     src = builder.gep(qrow, [builder.add(at, const64(8))])
     if form == "s8":
-        return builder.xor(_expand(builder, src, mask, 64), splat(I8, 64, -128))
+        return builder.xor(_expand_mem(builder, src, bits), splat(I8, 64, -128))
     nib = builder.load(builder.bitcast(src, vec(I8, 16).as_pointer()), align=1)
     q = _rd._concat(builder, builder.and_(nib, splat(I8, 16, 15)), builder.lshr(nib, splat(I8, 16, 4)))
-    placed = _expand_reg(builder, builder.shuffle_vector(q, q, lanes(*range(32), *range(32))), mask)
-    return builder.select(mask, placed, splat(I8, 64, 8))
+    return _expand_reg(builder, q, bits, fill=8)
 
 
 def _transpose16(builder, rows):

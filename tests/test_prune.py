@@ -197,3 +197,20 @@ def test_eval_prune_reports_against_dense(source, tmp_path, capsys):
     plain = _deploy(source, tmp_path / "z", quality_budget=0.0)
     assert main(["eval-prune", "-m", str(plain.path)]) == 1
     assert "no 2:4-pruned matrices" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("values", ["int8", "4bit"])
+def test_onnx_prefill_runs_pruned_matrices(source, tmp_path, values):
+    """The ONNX Runtime prefill maps S8 and S4 weights (dense 8-bit values, zeros where pruned) and gives
+    the f32 prefill's logits."""
+    pytest.importorskip("onnxruntime")
+    res = _deploy(source, tmp_path / "d", method="magnitude", values=values)
+    ids = np.arange(3, 40)
+    out = {}
+    for name in ("onnx", "f32"):
+        llm = load(res.path, threads=1, prefill=name)
+        if name == "onnx":
+            assert "ONNX Runtime session" in llm.describe() and "not used" not in llm.describe()
+        out[name] = llm.model.forward(ids, llm.model.new_cache(64))
+    a, b = out["onnx"], out["f32"]
+    assert np.abs(a - b).max() <= 1e-3 * (b.max() - b.min())

@@ -44,8 +44,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from engine.model.weights import F32Weight, I8Weight, Q4Weight, Q5Weight, Q6Weight
-from kernels import dequant
+from engine.model.weights import F32Weight, I8Weight, Q4Weight, Q5Weight, Q6Weight, S24Weight
+from kernels import dequant, sparse24
 from kernels.activation import DRELU, GELU, GELU_TANH, RELU, SILU
 
 OPSET = 18            # Split with num_outputs; ORT 1.16 and later run it
@@ -164,6 +164,17 @@ class _Builder:
             inputs.append(self.init(name + ".d", d, d is w.d))
             y = self.one("MatMulNBits", inputs, MS, K=cols, N=rows, bits=8, block_size=block, accuracy_level=0)
             y = self.offsets(name, w, x, y, block)
+        elif isinstance(w, S24Weight):
+            # 2:4 weights as MatMulNBits' 8-bit values (zero point 128), zeros where pruned: the bytes the
+            # lane GEMM reads (S8: v + 128; S4: q reading q - 8, moved up by 120); one scale per 64 columns,
+            # given per block of 32. ONNX Runtime multiplies the zeros too: no speed from the sparsity here.
+            values = sparse24.dense_bytes_numpy(w.qs, w.d)                           # (rows, cols) uint8
+            if w.form == "s4":
+                values += np.uint8(120)
+            d = np.repeat(_f32_scales(w.d), 2, axis=1)                                # (rows, cols/32) f32
+            inputs = [x, self.init(name + ".q", values.reshape(rows, cols // 32, 32), False),
+                      self.init(name + ".d", d, False)]
+            y = self.one("MatMulNBits", inputs, MS, K=cols, N=rows, bits=8, block_size=32, accuracy_level=0)
         else:
             raise UnsupportedGraph(f"{name}: {type(w).__name__} {w.shape} has no MatMulNBits mapping")
         if bias is not None:
