@@ -3,9 +3,10 @@ kernels/rowdot.py's steps, which calls them: step(b, k) covers blocks b..b+k-1 o
 expansion of 2:4 rows into the prefill GEMM's lane layout (pack_rows).
 
 Each block is put back together in registers with its 64-bit mask, two ways:
-  - S8: the 32 int8 values are expanded into the dense block's 64 lanes, zeros where pruned, by a masked
-    expanding load straight from the row bytes (one vpexpandb on AVX-512 VBMI2); the block is then two I8
-    blocks of 32 (rowdot._isum_i8 with the prepared x: xq and, on VNNI, its lane corrections xc);
+  - S8: the 32 values (stored as w + 128) are expanded into the dense block's 64 lanes, 128 (zero) where
+    pruned, by a masked expanding load straight from the row bytes (one vpexpandb on AVX-512 VBMI2); the
+    block is then two I8 blocks of 32 against the prepared x: on VNNI one vpdpbusd from xc, the lane
+    corrections that undo the 128 (as rowdot's I8 rows), elsewhere rowdot._isum_i8 on w;
   - S4: x is compressed by the mask to the 32 values the block keeps (one vpcompressb), and the nibbles
     (low: kept values 0..15, high: 16..31) multiply them as they are: an S4 block is half the products
     of a dense one, and its nibbles need no spreading. Two blocks make one 64-byte step; (q - 8) * x is
@@ -179,10 +180,14 @@ def step(form, builder, qrow, xq, xc, drow, dx, f16):
     def s8_block(blk, s, i):
         """Block blk (the step's i-th): its values expanded to the dense 64 lanes, times xq as an I8 row."""
         at = builder.mul(blk, const64(size))
-        w = _expand_mem(builder, builder.gep(qrow, [builder.add(at, const64(8))]), _mask(builder, qrow, at))
+        u = _expand_mem(builder, builder.gep(qrow, [builder.add(at, const64(8))]), _mask(builder, qrow, at), fill=-128)
         off = builder.mul(blk, const64(64))
-        xcv = _rd._load(builder, xc, builder.ashr(off, const64(2)), I32, 16, align=4) if target.VNNI512 else None
-        isum = _rd._isum_i8(builder, w, _rd._load(builder, xq, off, I8, 64), xcv)
+        xv = _rd._load(builder, xq, off, I8, 64)
+        if target.VNNI512:       # the stored w + 128 is vpdpbusd's unsigned operand; xc undoes the 128
+            xcv = _rd._load(builder, xc, builder.ashr(off, const64(2)), I32, 16, align=4)
+            isum = _vnni(builder, xcv, u, xv)
+        else:
+            isum = _rd._isum_i8(builder, builder.xor(u, splat(I8, 64, -128)), xv, None)
         return scaled(isum, s, [2 * i, 2 * i, 2 * i + 1, 2 * i + 1])
 
     def s4_pair(blk, s, i):
@@ -238,7 +243,7 @@ def _dense_block(builder, form, qrow, blk):
     bits = _mask(builder, qrow, at)
     src = builder.gep(qrow, [builder.add(at, const64(8))])
     if form == "s8":
-        return builder.xor(_expand_mem(builder, src, bits), splat(I8, 64, -128))
+        return _expand_mem(builder, src, bits, fill=-128)
     nib = builder.load(builder.bitcast(src, vec(I8, 16).as_pointer()), align=1)
     q = _rd._concat(builder, builder.and_(nib, splat(I8, 16, 15)), builder.lshr(nib, splat(I8, 16, 4)))
     return _expand_reg(builder, q, bits, fill=8)

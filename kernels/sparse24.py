@@ -5,7 +5,9 @@ In 2:4 sparsity every group of 4 consecutive weights along a row keeps at most 2
 columns then holds 32 kept values, and its row bytes are an 8-byte mask (bit c: column c of the block is
 kept, exactly two bits per group of four) followed by the 32 values in column order, quantized
 symmetrically with one f16 scale per block, like Q8_0 and Q4_0 blocks of 32:
-  S8  8 + 32 bytes per 64 weights, against 68 for Q8_0 (0.62x); rows as int16, 20 per block
+  S8  8 + 32 bytes per 64 weights, against 68 for Q8_0 (0.62x); rows as int16, 20 per block. The values
+      are stored with the sign bit flipped (v + 128 as a byte): the unsigned operand vpdpbusd takes, with
+      pruned lanes filled with 128 (zero) as they are expanded
   S4  8 + 16 bytes per 64 weights, against 36 for Q4_0 (0.72x) and 40 for Q4_1; rows as int32, 6 per
       block. Nibble byte j holds kept value j in its low nibble and kept value j + 16 in its high one,
       the Q4 order.
@@ -82,7 +84,7 @@ def _kept(w, keep):
 def pack(w, keep, form):
     """w (rows, cols) float32 and keep (rows, cols) bool (two of each four, mask_24) -> (qs, d): qs (rows,
     blocks * block bytes) as ROW_DTYPES[form], d (rows, cols/64) uint16 f16 scale bits. The kept values are
-    quantized per block of 32 as Q8_0 (int8, d = max|v|/127) or Q4_0 (d = v_max/-8, q = v/d + 8 in 0..15)."""
+    quantized per block of 32 as Q8_0 (int8, d = max|v|/127, stored as v + 128) or Q4_0 (d = v_max/-8, q = v/d + 8 in 0..15)."""
     if form not in ROW_DTYPES:
         raise Sparse24Error(f"unknown 2:4 form {form!r}: one of {sorted(ROW_DTYPES)}")
     rows, cols = w.shape
@@ -97,7 +99,7 @@ def pack(w, keep, form):
         inv = np.zeros_like(amax)
         df = d.astype(np.float32)
         np.divide(np.float32(1.0), df, out=inv, where=df > 0)
-        q = np.clip(np.rint(v * inv[:, :, None]), -127, 127).astype(np.int8).view(np.uint8)
+        q = np.clip(np.rint(v * inv[:, :, None]), -127, 127).astype(np.int8).view(np.uint8) ^ np.uint8(0x80)
     else:
         idx = np.abs(v).argmax(axis=2)
         vmax = np.take_along_axis(v, idx[:, :, None], axis=2)[:, :, 0]
@@ -121,7 +123,7 @@ def unpack(qs, d):
     raw = qs.view(np.uint8).reshape(rows, nb, BLOCK_BYTES[form])
     keep = np.unpackbits(raw[:, :, :MASK_BYTES], axis=2, bitorder="little").astype(bool)  # (rows, nb, 64)
     if form == "s8":
-        q = raw[:, :, MASK_BYTES:].view(np.int8).astype(np.float32)
+        q = (raw[:, :, MASK_BYTES:] ^ np.uint8(0x80)).view(np.int8).astype(np.float32)
     else:
         nib = raw[:, :, MASK_BYTES:]
         q = np.concatenate([nib & 15, nib >> 4], axis=2).astype(np.float32) - 8.0
@@ -139,7 +141,7 @@ def dense_bytes_numpy(qs, d):
     raw = qs.view(np.uint8).reshape(rows, nb, BLOCK_BYTES[form])
     keep = np.unpackbits(raw[:, :, :MASK_BYTES], axis=2, bitorder="little").astype(bool)
     if form == "s8":
-        vals = raw[:, :, MASK_BYTES:] ^ np.uint8(0x80)
+        vals = raw[:, :, MASK_BYTES:]
         out = np.full((rows, nb, BLOCK), 0x80, dtype=np.uint8)
     else:
         nib = raw[:, :, MASK_BYTES:]

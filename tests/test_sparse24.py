@@ -106,7 +106,7 @@ def test_numba_equals_twin_on_every_code(simd_code):
             for rows, cols in SHAPES:
                 qs, d, m = _packed(rng, form, rows, cols, scales)
                 raw = qs.view(np.uint8).reshape(rows, -1)
-                raw[0, 8:8 + (32 if form == "s8" else 16)] = 0x81 if form == "s8" else 0x0F
+                raw[0, 8:8 + (32 if form == "s8" else 16)] = 0x01 if form == "s8" else 0x0F     # -127 (v + 128), 15
                 x = rng.standard_normal((3, cols)).astype(np.float32)
                 x[1] = np.sign(x[1])
                 for t in range(3):
