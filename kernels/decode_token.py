@@ -1,6 +1,7 @@
-"""One numba parallel region per decoded token: every layer of a model whose matrices all have the Q4
-or Q5 layout or the I8 layout with blocks of 32 (kernels/layouts.md; Q4_0, Q4_1, Q4_K, Q5_0, Q5_1,
-Q5_K, Q8_0, Q6_K), at most two of them per matrix group across layers, and no biases, in one call.
+"""One numba parallel region per decoded token: every layer of a model whose matrices all have the Q4,
+Q5 or Q6 layout, the I8 layout with blocks of 32 or a 2:4 layout (kernels/layouts.md; Q4_0, Q4_1, Q4_K,
+Q5_0, Q5_1, Q5_K, Q8_0, Q6_K, S8, S4), at most two of them per matrix group across layers, and no
+biases, in one call.
 
 Why: a kernel call per matrix and step (q|k|v, attention, o, gate|up, down) is ~150 fork/joins of the
 thread team per token on SmolLM2, each a few microseconds of wake-up and of waiting for the slower

@@ -571,20 +571,22 @@ if NUMBA:
     # (rows, cols) int8 in blocks of 32 (I8), d (rows, cols/32) f32
     # or uint16 f16 bits, and x as round_x makes it: xq (cols,) int8 natural order, xp (cols,) int8 Q4
     # step order (read for Q4, Q5 and Q6), xc (cols/4,) int32 lane corrections (read for I8 on VNNI), dx (cols/32,) f32.
+    # The 2:4 forms (kernels/rowdot24.py) take w (rows, 20*cols/64) int16 (S8) or (rows, 6*cols/64) int32
+    # (S4) with d (rows, cols/64), the same x, and read xq (and xc on VNNI).
     # One row: q4_dot(w, d, r, xq, xp, xc, dx), i8_dot(...): the dense matvecs' (see row below).
     # For the sparse FFN (kernels/sparse_ffn.py), prefetching row jp: (gate row j . x, up row j . x) of
     # two weights of one layout, q4_gu(gw, gd, uw, ud, j, jp, xq, xp, xc, dx), i8_gu(...), q5_gu(...);
     # one row, q4_row1p(w, d, j, jp, xq, xp, xc, dx), i8_row1p(...), q5_row1p(...).
     q4_dot, i8_dot, q5_dot, q6_dot, s8_dot, s4_dot = (_dots_intrinsic(f, 1, False)
                                                       for f in ("q4", "i8", "q5", "q6", "s8", "s4"))
-    q4_gu, i8_gu, q5_gu, q6_gu, s8_gu, s4_gu = (_dots_intrinsic(f, 2, True) for f in ("q4", "i8", "q5", "q6", "s8", "s4"))
+    q4_gu, i8_gu, q5_gu, q6_gu = (_dots_intrinsic(f, 2, True) for f in ("q4", "i8", "q5", "q6"))
     q4_row1p, i8_row1p, q5_row1p, q6_row1p, s8_row1p, s4_row1p = (_dots_intrinsic(f, 1, True)
                                                                   for f in ("q4", "i8", "q5", "q6", "s8", "s4"))
 
 
 def row(qs, d, m, r, xq, xp, xc, dx, xsum):
-    """Row r of a Q4 (qs uint8), Q5 (qs uint32), Q6 (qs uint64) or 32-block I8 (qs int8) weight times x rounded by
-    round_x, min term included (xsum (cols/32,) f32 the rounded block sums); numba picks the formula by qs's dtype. The one
+    """Row r of a Q4 (qs uint8), Q5 (qs uint32), Q6 (qs uint64), 32-block I8 (qs int8) or 2:4 (qs int16 S8, int32
+    S4) weight times x rounded by round_x, min term included (xsum (cols/32,) f32 the rounded block sums); numba picks the formula by qs's dtype. The one
     row product of the dense matvecs (kernels/matvec.py), the one-region decode (kernels/decode_token.py),
     the sparse FFN's rows (kernels/sparse_ffn.py) and the prefill GEMM (kernels/gemm.py), so that all of
     them round alike."""
@@ -611,7 +613,7 @@ def rows_ahead(row_bytes):
 def min_part(qs, d, m, r, xsum):
     """The min term of row r that `row` adds: for Q4 (qs uint8) m, or Q4_0's -8d, times the rounded block
     sums (intdot.min_term); for Q5 (qs uint32) m or Q5_0's -16d (intdot.min_term16); for I8 (qs int8) m times them, or 0 when the format has no m;
-    0 for Q6 (qs uint64), whose offset is inside its products."""
+    0 for Q6 (qs uint64) and the 2:4 layouts (int16, int32), whose offsets are inside their products."""
 
 
 if NUMBA:

@@ -1,7 +1,7 @@
 """The one-region decode: every layer of one token in one numba parallel region
 (kernels/decode_token.py explains why one region beats a kernel launch per matrix).
 
-It runs the decode of models whose layers are all dense, in the Q4, Q5 or 32-block I8 layouts (at most two
+It runs the decode of models whose layers are all dense, in the Q4, Q5, Q6, 32-block I8 or 2:4 layouts (at most two
 per matrix group across layers), without biases and with the same shapes (engine/model/layout.py stacks
 them), when numba is on; with q/k norms, output norms and per-layer windows and RoPE (Gemma 3) or not.
 """

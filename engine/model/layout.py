@@ -204,7 +204,7 @@ def _variants(sigs: list) -> list[list] | None:
 
 
 def stackable(layers) -> bool:
-    """Whether the one-region decode (kernels/decode_token.py) can run every layer: Q4, Q5, Q6 or 32-block I8
+    """Whether the one-region decode (kernels/decode_token.py) can run every layer: Q4, Q5, Q6, 32-block I8 or 2:4
     matrices, no biases, the same shapes in every layer, at most VARIANTS layouts per matrix group."""
     return _variants([_stack_signature(lw) for lw in layers]) is not None
 
