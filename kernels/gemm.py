@@ -27,7 +27,7 @@ x by W dequantized to f32 through BLAS, up to the order of the float sums.
 
 import numpy as np
 
-from kernels import dequant, intdot, lanetile, target
+from kernels import dequant, intdot, lanetile, sparse24, target
 from kernels.backend import NUMBA, jit
 from kernels.neuron_records import check_weight_rows
 
@@ -114,12 +114,7 @@ def gemm_i8_numpy(q, d, m, x, out):
 def gemm_s24_numpy(qs, d, m, x, out):
     """qs, d a 2:4 weight (kernels/sparse24.py: qs int16 S8 or int32 S4, d (rows, cols/64) f16 bits, m
     (rows, 0)), x (n, cols) f32 -> out (n, rows) f32."""
-    from kernels import sparse24
-
-    def dequant_fn(qs, d, m, w):
-        w[:] = sparse24.unpack(qs, d)
-        return w
-    return _tiled_numpy(dequant_fn, (qs, d, m), x, out)
+    return _tiled_numpy(sparse24.dequant_numpy, (qs, d, m), x, out)
 
 
 @jit(parallel=True)

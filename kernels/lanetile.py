@@ -24,7 +24,7 @@ token reuses it.
 
 import numpy as np
 
-from kernels import dequant
+from kernels import dequant, sparse24
 from kernels.backend import NUMBA, jit
 from kernels.dequant import scale_f32, scales_f32_numpy
 
@@ -41,7 +41,6 @@ def pack_numpy(w, d, m, r0, ws, sw, mw, flip):
     (w uint64) or 2:4 (w int16 or int32) weight into one group: ws (16 * packed_bytes,) uint8, sw, mw (nb * 16,) f32, Q6's (2 * nb *
     16,) (module doc)."""
     if w.dtype in (np.int16, np.int32):                                     # 2:4 (kernels/sparse24.py)
-        from kernels import sparse24
         values = sparse24.dense_bytes_numpy(w[r0:r0 + LANES], d[r0:r0 + LANES])     # (16, cols) uint8
         ws.view(np.uint32)[:] = values.view(np.uint32).T.reshape(-1)
         dd = np.repeat(scales_f32_numpy(d[r0:r0 + LANES]), 2, axis=1)       # (16, cols/32)

@@ -25,7 +25,7 @@ rows, and building nibble floats from bits (1 + q/16) instead of int->float conv
 
 import numpy as np
 
-from kernels import dequant, intdot, rowdot
+from kernels import dequant, intdot, rowdot, sparse24
 from kernels.dequant import scales_f32_numpy
 from kernels.backend import NUMBA, jit, pick
 from kernels.neuron_records import check_weight_rows
@@ -187,21 +187,30 @@ def matvec_q6_numpy(qs, d, m, x, out):
 @jit(parallel=True)
 def _matvec_q4_numba(qs, d, m, x, out):
     """x rounded once per call as kernels/rowdot.py's row dots read it, then one row dot per row: the Q4
-    layout (qs uint8), the Q5 layout (qs uint32) or the Q6 layout (qs uint64), by qs's dtype. qs, d, m with contiguous rows (the
-    weights' own arrays, or neuron-record fields: kernels/neuron_records.py; the row dots walk raw rows)."""
+    layout (qs uint8), the Q5 layout (qs uint32), the Q6 layout (qs uint64) or a 2:4 layout (qs int16 or
+    int32, kernels/sparse24.py), by qs's dtype. qs, d, m with contiguous rows (the weights' own arrays, or
+    neuron-record fields: kernels/neuron_records.py; the row dots walk raw rows). The buffers are sized by
+    x, not by d: a 2:4 scale covers 64 columns."""
     check_weight_rows(qs, d, m)
     rows = qs.shape[0]
-    nb = d.shape[1]
-    xq = np.empty(32 * nb, dtype=np.int8)        # (cols,) x rounded per block of 32
-    xp = np.empty(32 * nb, dtype=np.int8)        # (cols,) the same in rowdot's step order
-    dx = np.empty(nb, dtype=np.float32)          # (cols/32,) its block scales
-    xc = np.empty(8 * nb, dtype=np.int32)        # (cols/4,) its lane corrections (round_x makes them; Q4/Q5 rows skip them)
-    xsum = np.empty(nb, dtype=np.float32)        # (cols/32,) its block sums, for the min term
+    cols = x.shape[0]
+    xq = np.empty(cols, dtype=np.int8)           # (cols,) x rounded per block of 32
+    xp = np.empty(cols, dtype=np.int8)           # (cols,) the same in rowdot's step order
+    dx = np.empty(cols // 32, dtype=np.float32)  # (cols/32,) its block scales
+    xc = np.empty(cols // 4, dtype=np.int32)     # (cols/4,) its lane corrections (round_x makes them; Q4/Q5 rows skip them)
+    xsum = np.empty(cols // 32, dtype=np.float32)    # (cols/32,) its block sums, for the min term
     rowdot.round_x(x, xq, xp, xc, dx, xsum)
     ahead = rowdot.rows_ahead(qs.shape[1] * qs.itemsize)
     for r in prange(rows):
         out[r] = rowdot.row_ahead(qs, d, m, r, ahead, xq, xp, xc, dx, xsum)
     return out
+
+
+def matvec_s24_numpy(qs, d, m, x, out):
+    """qs (rows, 20*cols/64) int16 (S8) or (rows, 6*cols/64) int32 (S4), d (rows, cols/64) f16 bits, m (rows,
+    0) (kernels/sparse24.py), x (cols,) f32 -> out (rows,) f32, multiplying x rounded to int8 per block of 32
+    as the numba row dots do."""
+    return _chunked(sparse24.dequant_numpy, (qs, d, m), x.shape[0], _int8_rounded(x), out)
 
 
 # ---------------------------------------------------------------- I8: int8 values, block-B scale, optional min
@@ -324,4 +333,5 @@ matvec_bf16 = pick(_matvec_bf16_numba, matvec_bf16_numpy)
 matvec_q4 = pick(_matvec_q4_numba, matvec_q4_numpy)
 matvec_q5 = pick(_matvec_q4_numba, matvec_q5_numpy)
 matvec_q6 = pick(_matvec_q4_numba, matvec_q6_numpy)
+matvec_s24 = pick(_matvec_q4_numba, matvec_s24_numpy)
 matvec_i8 = pick(_matvec_i8_numba, matvec_i8_numpy)

@@ -13,7 +13,7 @@ Each block is put back together in registers with its 64-bit mask, two ways:
     q * x less 8 * x (two vpdpbusd on VNNI).
 S8 expands rather than compresses because its x side then is the dense I8 rows' (its corrections xc
 shared by every row), which a compressed x would have to recompute per row; the S4 nibbles would need
-spreading to bytes before an expansion, and compressing x measured faster there.
+spreading to bytes before an expansion, which costs more than compressing x.
 
 Targets: AVX-512 VBMI2 has both instructions; AArch64 has neither, and does both with NEON's tbl (a byte
 table lookup) on indices looked up per mask byte; elsewhere (x86 without VBMI2) LLVM lowers its generic
@@ -24,11 +24,11 @@ from llvmlite import ir
 
 from kernels import rowdot as _rd
 from kernels import target
-from kernels.llvm_ir import F32, I8, I16, I32, I64, const64, half_to_f32, lanes, splat, vec
+from kernels.llvm_ir import F32, I8, I16, I32, I64, const64, half_to_f32, lanes, splat, to_i64, vec
+from kernels.sparse24 import BLOCK_BYTES, MASK_BYTES
 
 I1 = ir.IntType(1)
 
-BLOCK_BYTES = {"s8": 40, "s4": 24}   # kernels/sparse24.py: 8 mask bytes, then 32 int8 or 16 nibble bytes
 
 
 def _mask(builder, qrow, at):
@@ -157,6 +157,12 @@ def _isum_nibbles(builder, q, x):
     return _rd._quads_i32(builder, p)
 
 
+def _nibbles(builder, nib):
+    """<2n x i8>: the n nibble bytes' low nibbles, then their high nibbles (S4's kept values in order)."""
+    n = nib.type.count
+    return _rd._concat(builder, builder.and_(nib, splat(I8, n, 15)), builder.lshr(nib, splat(I8, n, 4)))
+
+
 def step(form, builder, qrow, xq, xc, drow, dx, f16):
     """step(b, k) of one 2:4 row: a list of <16 x float> scaled partial sums (two for k = 4, else one; an
     <8 x float> for k = 1 of S4), lanes of four products. qrow: the row as an i8 pointer; drow its
@@ -180,7 +186,8 @@ def step(form, builder, qrow, xq, xc, drow, dx, f16):
     def s8_block(blk, s, i):
         """Block blk (the step's i-th): its values expanded to the dense 64 lanes, times xq as an I8 row."""
         at = builder.mul(blk, const64(size))
-        u = _expand_mem(builder, builder.gep(qrow, [builder.add(at, const64(8))]), _mask(builder, qrow, at), fill=-128)
+        u = _expand_mem(builder, builder.gep(qrow, [builder.add(at, const64(MASK_BYTES))]), _mask(builder, qrow, at),
+                        fill=-128)
         off = builder.mul(blk, const64(64))
         xv = _rd._load(builder, xq, off, I8, 64)
         if target.VNNI512:       # the stored w + 128 is vpdpbusd's unsigned operand; xc undoes the 128
@@ -190,29 +197,24 @@ def step(form, builder, qrow, xq, xc, drow, dx, f16):
             isum = _rd._isum_i8(builder, builder.xor(u, splat(I8, 64, -128)), xv, None)
         return scaled(isum, s, [2 * i, 2 * i, 2 * i + 1, 2 * i + 1])
 
+    def s4_block(blk):
+        """(<32 x i8> x compressed by block blk's mask to the values it keeps, <16 x i8> its nibble bytes)."""
+        at = builder.mul(blk, const64(size))
+        xv = _rd._load(builder, xq, builder.mul(blk, const64(64)), I8, 64)
+        return (_compress(builder, xv, _mask(builder, qrow, at)),
+                _rd._load(builder, qrow, builder.add(at, const64(MASK_BYTES)), I8, 16))
+
     def s4_pair(blk, s, i):
-        """Blocks blk, blk + 1 (the step's i-th, i+1-th): x compressed by each mask to the 32 values the
-        block keeps, arranged as the nibbles split: [low 0, low 1, high 0, high 1], 16 each."""
-        g = []
-        nib = []
-        for j in range(2):
-            bj = builder.add(blk, const64(j))
-            at = builder.mul(bj, const64(size))
-            xv = _rd._load(builder, xq, builder.mul(bj, const64(64)), I8, 64)
-            g.append(_compress(builder, xv, _mask(builder, qrow, at)))
-            nib.append(_rd._load(builder, qrow, builder.add(at, const64(8)), I8, 16))
-        xg = builder.shuffle_vector(g[0], g[1], lanes(*range(16), *range(32, 48), *range(16, 32), *range(48, 64)))
-        both = _rd._concat(builder, nib[0], nib[1])
-        q = _rd._concat(builder, builder.and_(both, splat(I8, 32, 15)), builder.lshr(both, splat(I8, 32, 4)))
+        """Blocks blk, blk + 1 (the step's i-th, i+1-th): the two compressed x arranged as the nibbles split,
+        [low 0, low 1, high 0, high 1], 16 each."""
+        (g0, n0), (g1, n1) = s4_block(blk), s4_block(builder.add(blk, const64(1)))
+        xg = builder.shuffle_vector(g0, g1, lanes(*range(16), *range(32, 48), *range(16, 32), *range(48, 64)))
+        q = _nibbles(builder, _rd._concat(builder, n0, n1))
         return scaled(_isum_nibbles(builder, q, xg), s, [2 * i, 2 * i + 2, 2 * i + 1, 2 * i + 3])
 
     def s4_single(blk, s):
-        at = builder.mul(blk, const64(size))
-        xv = _rd._load(builder, xq, builder.mul(blk, const64(64)), I8, 64)
-        xg = _compress(builder, xv, _mask(builder, qrow, at))
-        nib = _rd._load(builder, qrow, builder.add(at, const64(8)), I8, 16)
-        q = _rd._concat(builder, builder.and_(nib, splat(I8, 16, 15)), builder.lshr(nib, splat(I8, 16, 4)))
-        return scaled(_isum_nibbles(builder, q, xg), s, [0, 1])
+        xg, nib = s4_block(blk)
+        return scaled(_isum_nibbles(builder, _nibbles(builder, nib), xg), s, [0, 1])
 
     def add(vs):
         acc = vs[0]
@@ -241,12 +243,11 @@ def _dense_block(builder, form, qrow, blk):
     meaning zero)."""
     at = builder.mul(blk, const64(BLOCK_BYTES[form]))
     bits = _mask(builder, qrow, at)
-    src = builder.gep(qrow, [builder.add(at, const64(8))])
+    src = builder.gep(qrow, [builder.add(at, const64(MASK_BYTES))])
     if form == "s8":
         return _expand_mem(builder, src, bits, fill=-128)
     nib = builder.load(builder.bitcast(src, vec(I8, 16).as_pointer()), align=1)
-    q = _rd._concat(builder, builder.and_(nib, splat(I8, 16, 15)), builder.lshr(nib, splat(I8, 16, 4)))
-    return _expand_reg(builder, q, bits, fill=8)
+    return _expand_reg(builder, _nibbles(builder, nib), bits, fill=8)
 
 
 def _transpose16(builder, rows):
@@ -282,7 +283,7 @@ def _pack_intrinsic():
         form = "s8" if qs.dtype == types.int16 else "s4"
 
         def codegen(context, builder, sig, vals):
-            first = builder.sext(vals[1], I64) if vals[1].type.width < 64 else vals[1]
+            first = to_i64(builder, vals[1])
             qrows = []
             for i in range(16):
                 p, n = row_ptr(context, builder, sig.args[0], vals[0], builder.add(first, const64(i)))

@@ -1,5 +1,5 @@
 """2:4 structured-sparse weights: the compressed layouts S8 (int8 values) and S4 (4-bit values), how they are
-packed from a pruned float matrix, and their numpy matvec twins (kernels/layouts.md has the byte layout).
+packed from a pruned float matrix, and unpacked by the numpy twins (kernels/layouts.md has the byte layout).
 
 In 2:4 sparsity every group of 4 consecutive weights along a row keeps at most 2 nonzeros. A block of 64
 columns then holds 32 kept values, and its row bytes are an 8-byte mask (bit c: column c of the block is
@@ -14,23 +14,18 @@ symmetrically with one f16 scale per block, like Q8_0 and Q4_0 blocks of 32:
 The row dtypes name the layouts to numba (int16 S8, int32 S4), as uint8/int8/uint32/uint64 name Q4, I8,
 Q5 and Q6: the row dots (kernels/rowdot.py, forms in kernels/rowdot24.py) pick their formula by it.
 
-The numba row dots compress x with each block's mask in registers (one vpcompressb on AVX-512 VBMI2),
-so a block's 32 values meet the 32 x values they multiply: they read 0.62x/0.72x the bytes of the dense
-rows, with no decompressed weights in memory. The numpy twins here expand to float and use BLAS.
+The numba row dots (kernels/rowdot24.py) expand S8 values or compress x by each block's mask in registers
+(one vpexpandb or vpcompressb on AVX-512 VBMI2): they read 0.62x/0.72x the bytes of the dense rows, with
+no decompressed weights in memory. The kernels' numpy twins (kernels/matvec.py, gemm.py) expand to float
+through dequant_numpy and use BLAS.
 
 Why a mask of 64 bits rather than two 2-bit indices per group: both take 4 bits per group, and the mask
-is what the compress instruction takes, with no unpacking.
+is what the expand and compress instructions take, with no unpacking.
 """
 
 import numpy as np
 
-from kernels import intdot, rowdot
-from kernels.backend import NUMBA, jit, pick
 from kernels.dequant import scales_f32_numpy
-from kernels.neuron_records import check_weight_rows
-
-if NUMBA:
-    from numba import prange
 
 BLOCK = 64                      # columns per block; 32 kept values
 MASK_BYTES = 8
@@ -48,11 +43,6 @@ def form_of(qs) -> str | None:
         if qs.dtype == dt:
             return form
     return None
-
-
-def cols_of(d) -> int:
-    """The matrix's columns: 64 per block scale."""
-    return BLOCK * d.shape[1]
 
 
 def mask_24(w, score=None):
@@ -114,32 +104,15 @@ def pack(w, keep, form):
     return qs, d.view(np.uint16)
 
 
-def unpack(qs, d):
-    """A packed 2:4 weight -> (rows, cols) float32, zeros where pruned: what the kernels multiply."""
+def dense_bytes_numpy(qs, d):
+    """A packed 2:4 weight -> (rows, cols) uint8, the unsigned bytes the prefill GEMM's lane tile reads
+    (kernels/lanetile.py): S8 values + 128 as stored (pruned: 128), S4 nibbles (pruned: 8, meaning zero)."""
     form = form_of(qs)
     if form is None:
         raise Sparse24Error(f"not a 2:4 row array: dtype {qs.dtype}")
     rows, nb = d.shape
     raw = qs.view(np.uint8).reshape(rows, nb, BLOCK_BYTES[form])
     keep = np.unpackbits(raw[:, :, :MASK_BYTES], axis=2, bitorder="little").astype(bool)  # (rows, nb, 64)
-    if form == "s8":
-        q = (raw[:, :, MASK_BYTES:] ^ np.uint8(0x80)).view(np.int8).astype(np.float32)
-    else:
-        nib = raw[:, :, MASK_BYTES:]
-        q = np.concatenate([nib & 15, nib >> 4], axis=2).astype(np.float32) - 8.0
-    vals = q * scales_f32_numpy(d)[:, :, None]
-    w = np.zeros((rows, nb, BLOCK), dtype=np.float32)
-    w[keep] = vals.reshape(-1)
-    return w.reshape(rows, nb * BLOCK)
-
-
-def dense_bytes_numpy(qs, d):
-    """A packed 2:4 weight -> (rows, cols) uint8, the unsigned bytes the prefill GEMM's lane tile reads
-    (kernels/lanetile.py): S8 values + 128 (pruned: 128), S4 nibbles (pruned: 8, meaning zero)."""
-    form = form_of(qs)
-    rows, nb = d.shape
-    raw = qs.view(np.uint8).reshape(rows, nb, BLOCK_BYTES[form])
-    keep = np.unpackbits(raw[:, :, :MASK_BYTES], axis=2, bitorder="little").astype(bool)
     if form == "s8":
         vals = raw[:, :, MASK_BYTES:]
         out = np.full((rows, nb, BLOCK), 0x80, dtype=np.uint8)
@@ -151,44 +124,20 @@ def dense_bytes_numpy(qs, d):
     return out.reshape(rows, nb * BLOCK)
 
 
+def unpack(qs, d):
+    """A packed 2:4 weight -> (rows, cols) float32, zeros where pruned: what the kernels multiply."""
+    u = dense_bytes_numpy(qs, d)
+    rows, nb = d.shape
+    q = (u ^ np.uint8(0x80)).view(np.int8) if form_of(qs) == "s8" else u.astype(np.int8) - np.int8(8)
+    return (q.reshape(rows, nb, BLOCK) * scales_f32_numpy(d)[:, :, None]).reshape(rows, nb * BLOCK)
+
+
+def dequant_numpy(qs, d, m, out):
+    """Rows of a 2:4 weight (m (rows, 0)) into out (rows, cols) f32: the dequantize of every other layout."""
+    out[:] = unpack(qs, d)
+    return out
+
+
 def row_bytes(form: str, cols: int) -> int:
     """Bytes per row of a packed weight, scales included."""
     return (cols // BLOCK) * (BLOCK_BYTES[form] + 2)
-
-
-def matvec_numpy(qs, d, m, x, out):
-    """qs, d a packed 2:4 weight (m (rows, 0): no min term), x (cols,) f32 -> out (rows,) f32. Like the
-    numba row dots, it multiplies x rounded to int8 per block of 32 (kernels/intdot.py)."""
-    cols = cols_of(d)
-    xq = np.empty(cols, dtype=np.int8)
-    dx = np.empty(cols // 32, dtype=np.float32)
-    intdot.quantize_q8_numpy(x, xq, dx)
-    xr = (xq.reshape(-1, 32) * dx[:, None]).reshape(-1)
-    rows = d.shape[0]
-    step = max(1, min(rows, (1 << 18) // cols))
-    for r0 in range(0, rows, step):
-        r1 = min(rows, r0 + step)
-        np.dot(unpack(qs[r0:r1], d[r0:r1]), xr, out=out[r0:r1])
-    return out
-
-
-@jit(parallel=True)
-def _matvec_numba(qs, d, m, x, out):
-    """matvec_numpy's numba kernel: x rounded once (rowdot.round_x), then one 2:4 row dot per row
-    (rowdot.row_ahead picks the S8 or S4 formula by qs's dtype)."""
-    check_weight_rows(qs, d, m)
-    rows = qs.shape[0]
-    cols = BLOCK * d.shape[1]
-    xq = np.empty(cols, dtype=np.int8)              # (cols,) x rounded per block of 32
-    xp = np.empty(cols, dtype=np.int8)              # (cols,) the Q4 step order (2:4 rows do not read it)
-    dx = np.empty(cols // 32, dtype=np.float32)     # (cols/32,) its block scales
-    xc = np.empty(cols // 4, dtype=np.int32)        # (cols/4,) its lane corrections (VNNI)
-    xsum = np.empty(cols // 32, dtype=np.float32)   # (cols/32,) block sums (no min term here)
-    rowdot.round_x(x, xq, xp, xc, dx, xsum)
-    ahead = rowdot.rows_ahead(qs.shape[1] * qs.itemsize)
-    for r in prange(rows):
-        out[r] = rowdot.row_ahead(qs, d, m, r, ahead, xq, xp, xc, dx, xsum)
-    return out
-
-
-matvec = pick(_matvec_numba, matvec_numpy)

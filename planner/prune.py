@@ -2,7 +2,7 @@
 the 2 with the highest score and zero the others, matrix group by matrix group, under a quality budget.
 
 A *unit* is one layer's matrix group, as for input sparsity (engine/executors/input_sparse.GROUPS): qkv,
-o, gate_up or down. A group's matrices share their input, so they are pruned together and fuse as before.
+o, gate_up or down. A group's matrices share their input, so they are pruned together and still fuse.
 
 Scores (per weight, compared within its group of four):
   magnitude  |W_ij|
@@ -76,6 +76,11 @@ class Pruned:
     fields: dict = field(default_factory=dict)   # field name -> {suffix: array} (qs, d; or w for f32)
     dense_bytes: int = 0
     pruned_bytes: int = 0
+
+    @property
+    def saved(self) -> int:
+        """Bytes the pruning saves."""
+        return self.dense_bytes - self.pruned_bytes
 
     def matrix(self, name: str) -> np.ndarray:
         """(rows, cols) f32: the pruned weight as the runtime multiplies it (zeros, kept values as stored)."""
@@ -243,7 +248,7 @@ def prune(llm, spec: PruneSpec, text: str, progress: Progress | None = None) -> 
         lines.extend(tried)
         lines.extend(_cost_lines(units, kl))
     measured, split = _joint(model, held, dense_logp, dense_nll, chosen) if chosen else (0.0, 0.0)
-    pruned_bytes = dense_bytes - sum(u.dense_bytes - u.pruned_bytes for u in chosen)
+    pruned_bytes = dense_bytes - sum(u.saved for u in chosen)
     lines.insert(0, f"{len(chosen)} of {len(units)} matrix groups pruned 2:4 ({spec.method}): the layers' matrices "
                     f"take {pruned_bytes / dense_bytes:.1%} of their dense bytes; on {count} held-out calibration "
                     f"tokens perplexity {math.expm1(split):+.2%}, KL-implied {math.expm1(measured):+.2%}")
@@ -270,7 +275,7 @@ def unit_sensitivity(model, windows, dense_logp, units: list[Pruned], progress: 
 def _cost_lines(units: list[Pruned], kl: np.ndarray, top: int = 8) -> list[str]:
     """What pruning each group alone costs: the spread, and the cheapest per byte saved."""
     ppl = np.expm1(np.maximum(kl, 0.0))
-    saved = np.array([u.dense_bytes - u.pruned_bytes for u in units], np.float64)
+    saved = np.array([u.saved for u in units], np.float64)
     out = [f"each group pruned alone: perplexity +{ppl.min():.2%} to +{ppl.max():.2%} (KL-implied), median "
            f"+{float(np.median(ppl)):.2%}"]
     for k in sorted(range(len(units)), key=lambda k: (ppl[k] / max(saved[k], 1.0), k))[:top]:
@@ -282,7 +287,7 @@ def select(model, windows, dense_logp, dense_nll, units: list[Pruned], kl: np.nd
     """The units to prune under a perplexity rise of `budget` (module docstring, step 3): (chosen units in
     layer order, predicted change, the lines tried)."""
     target = math.log1p(budget)
-    saved = np.array([u.dense_bytes - u.pruned_bytes for u in units], np.float64)
+    saved = np.array([u.saved for u in units], np.float64)
     order = sorted(range(len(units)), key=lambda k: (max(kl[k], 0.0) / max(saved[k], 1.0), k))
     best, tried, b = None, [], target
     for _ in range(VERIFY_TRIES if target > 0 else 0):

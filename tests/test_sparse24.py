@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from engine.model.weights import S24Weight
-from kernels import backend, gemm, lanetile, sparse24
+from kernels import backend, gemm, lanetile, matvec, sparse24
 
 # (rows, cols): four-block steps with nothing left over, a step of two and one left over, a single
 # block, rows a multiple of 32 (the GEMM's rows-in-lanes form on AVX-512 VNNI) and not
@@ -86,7 +86,7 @@ def test_matvec_twin_equals_the_unpacked_matrix(form):
     rng = np.random.default_rng(2)
     qs, d, m = _packed(rng, form, 40, 320)
     x = rng.standard_normal(320).astype(np.float32)
-    got = sparse24.matvec_numpy(qs, d, m, x, np.empty(40, np.float32))
+    got = matvec.matvec_s24_numpy(qs, d, m, x, np.empty(40, np.float32))
     want = sparse24.unpack(qs, d) @ gemm.rounded_rows(x[None, :])[0]
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
 
@@ -98,7 +98,7 @@ def test_numba_equals_twin_on_every_code(simd_code):
         pytest.skip("the 2:4 row dots are LLVM intrinsics: numba only")
     from numba import njit
 
-    matvec = njit(parallel=True, cache=False, fastmath=True)(sparse24._matvec_numba.py_func)
+    rows_matvec = njit(parallel=True, cache=False, fastmath=True)(matvec._matvec_q4_numba.py_func)
     gemm_rows = njit(parallel=True, cache=False, fastmath=True)(gemm._gemm_numba.py_func)
     rng = np.random.default_rng(5)
     for form in FORMS:
@@ -110,8 +110,8 @@ def test_numba_equals_twin_on_every_code(simd_code):
                 x = rng.standard_normal((3, cols)).astype(np.float32)
                 x[1] = np.sign(x[1])
                 for t in range(3):
-                    got = matvec(qs, d, m, x[t], np.empty(rows, np.float32))
-                    want = sparse24.matvec_numpy(qs, d, m, x[t], np.empty(rows, np.float32))
+                    got = rows_matvec(qs, d, m, x[t], np.empty(rows, np.float32))
+                    want = matvec.matvec_s24_numpy(qs, d, m, x[t], np.empty(rows, np.float32))
                     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max(),
                                                err_msg=f"{simd_code} {form} {scales} {rows}x{cols}")
                 got = gemm_rows(qs, d, m, x, np.empty((3, rows), np.float32))

@@ -38,8 +38,8 @@ def run(args) -> int:
     text = _read_text(args.file)
     pruned = engine.load(directory, threads=args.threads)
     dense = engine.load(deploy_dir.model_path(directory, plan), threads=pruned.threads)
-    r = compare(pruned, dense, len(plan["sparsity"]["matrices"]), pruned.tokenizer.encode(text), args.ctx, args.windows, args.prompt_tokens,
-                args.gen_tokens, args.rounds)
+    r = compare(pruned, dense, len(plan["sparsity"]["matrices"]), pruned.tokenizer.encode(text), args.ctx,
+                args.windows, args.prompt_tokens, args.gen_tokens, args.rounds)
     if args.json:
         print(json.dumps(r.as_dict()))
         return 0

@@ -19,11 +19,14 @@ from pathlib import Path
 import numpy as np
 
 from engine.errors import ModelFormatError
+from engine.executors.input_sparse import GROUPS
+from engine.model.layout import MATRIX_GROUPS
 from engine.model.weights import F32Weight, S24Weight
 from kernels import sparse24
 
 FILE = "sparse24.npz"
-GROUP_FIELDS = {"qkv": ("wq", "wk", "wv"), "o": ("wo",), "gate_up": ("w_gate", "w_up"), "down": ("w_down",)}
+# per group name (engine/executors/input_sparse.GROUPS), our names of its matrices, in MATRIX_GROUPS' order
+GROUP_FIELDS = dict(zip(GROUPS, (names for _, names in MATRIX_GROUPS)))
 FORMS = ("s8", "s4", "f32")
 
 

@@ -200,17 +200,12 @@ class Q6Weight(_BlockWeight):
     gemm_kernel = staticmethod(gemm.gemm_q6)
 
 
-def _dequant_s24(qs, d, m, out):
-    out[:] = sparse24.unpack(qs, d)
-    return out
-
-
 class S24Weight(_BlockWeight):
     """A 2:4 sparse weight (kernels/sparse24.py): qs (rows, cols/64 blocks) int16 (S8: mask and 32 int8
     values per block) or int32 (S4: mask and 32 nibbles), d (rows, cols/64) f16 bits, m (rows, 0)."""
 
-    matvec_kernel = staticmethod(sparse24.matvec)
-    dequant_kernel = staticmethod(_dequant_s24)
+    matvec_kernel = staticmethod(matvec.matvec_s24)
+    dequant_kernel = staticmethod(sparse24.dequant_numpy)
     gemm_kernel = staticmethod(gemm.gemm_s24)
 
     @property
