@@ -417,8 +417,11 @@ if NUMBA:
 
         def body(g, *accs):
             vals = [v for row in step(builder.mul(g, _c(4)), 4) for v in row]
+            # added before the prefetch's branches, in the step's basic block, where LLVM fuses the
+            # step's last multiply with the add
+            accs = [builder.fadd(a, v, flags=("fast",)) for a, v in zip(accs, vals)]
             _prefetch_line(builder, targets, g, lines)
-            return [builder.fadd(a, v, flags=("fast",)) for a, v in zip(accs, vals)]
+            return accs
 
         rows = step.rows
         accs = _counted_loop(builder, fours, [zero] * (parts * rows), body, "rowdot.loop")

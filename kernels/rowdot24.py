@@ -2,22 +2,25 @@
 kernels/rowdot.py's steps, which calls them: step(b, k) covers blocks b..b+k-1 of 64 columns; and the
 expansion of 2:4 rows into the prefill GEMM's lane layout (pack_rows).
 
-Each block is put back together in registers with its 64-bit mask, two ways:
-  - S8: the 32 values (stored as w + 128) are expanded into the dense block's 64 lanes, 128 (zero) where
-    pruned, by a masked expanding load straight from the row bytes (one vpexpandb on AVX-512 VBMI2); the
-    block is then two I8 blocks of 32 against the prepared x: on VNNI one vpdpbusd from xc, the lane
-    corrections that undo the 128 (as rowdot's I8 rows), elsewhere rowdot._isum_i8 on w;
-  - S4: x is compressed by the mask to the 32 values the block keeps (one vpcompressb), and the nibbles
-    (low: kept values 0..15, high: 16..31) multiply them as they are: an S4 block is half the products
-    of a dense one, and its nibbles need no spreading. Two blocks make one 64-byte step; (q - 8) * x is
-    q * x less 8 * x (two vpdpbusd on VNNI).
-S8 expands rather than compresses because its x side then is the dense I8 rows' (its corrections xc
-shared by every row), which a compressed x would have to recompute per row; the S4 nibbles would need
-spreading to bytes before an expansion, which costs more than compressing x.
+Each block is put back together in registers, two ways:
+  - S8: the 32 values (stored as w + 128) are expanded into the dense block's 64 lanes by the mask, 128
+    (zero) where pruned, by a masked expanding load straight from the row bytes (one vpexpandb on AVX-512
+    VBMI2); the block is then two I8 blocks of 32 against the prepared x: on VNNI one vpdpbusd from xc,
+    the lane corrections that undo the 128 (as rowdot's I8 rows), elsewhere rowdot._isum_i8 on w;
+  - S4: the x values a block keeps are gathered by their columns, and the nibbles (low: kept values
+    0..15, high: 16..31) multiply them as they are: an S4 block is half the products of a dense one, and
+    its nibbles need no spreading. A pair of blocks is one 64-byte step: its codes and nibbles are two
+    loads (the pair layout), one vpmultishiftqb puts each value's 2-bit code in a byte, adding its
+    group's base makes the column, and one vpermt2b picks the 64 x values out of the pair's 128 (AVX-512
+    VBMI). (q - 8) * x is q * x less 8 * x (two vpdpbusd on VNNI).
+S8 expands rather than gathers because its x side then is the dense I8 rows' (its corrections xc shared
+by every row), which a gathered x would have to recompute per row; the S4 nibbles would need spreading
+to bytes before an expansion, which costs more than gathering x. A vpcompressb of x by a mask, the other
+way to gather, costs about three times the vpermt2b route on Zen 4.
 
-Targets: AVX-512 VBMI2 has both instructions; AArch64 has neither, and does both with NEON's tbl (a byte
-table lookup) on indices looked up per mask byte; elsewhere (x86 without VBMI2) LLVM lowers its generic
-compress and expanding load lane by lane: correct, and slower than the dense rows.
+Targets: AVX-512 VBMI has the gather, VBMI2 the expansion; AArch64 has neither, and does both with NEON's
+tbl (a byte table lookup) on indices looked up per mask or code byte; elsewhere (x86 without them) LLVM
+lowers its generic compress and expanding load lane by lane: correct, and slower than the dense rows.
 """
 
 from llvmlite import ir
@@ -31,8 +34,9 @@ I1 = ir.IntType(1)
 
 
 
-def _mask(builder, qrow, at):
-    """i64: the 64-bit mask at byte offset at of the row (bit c: column c of the block is kept)."""
+def _word(builder, qrow, at):
+    """i64: the 8 bytes at byte offset at of the row, little-endian: an S8 block's mask (bit c: column c
+    of the block is kept) or an S4 block's codes (bits 2r: kept value r's column within its group)."""
     return builder.load(builder.bitcast(builder.gep(qrow, [at]), I64.as_pointer()), align=1)
 
 
@@ -58,6 +62,10 @@ _COMPRESS_IDX = [int.from_bytes(bytes(([j for j in range(8) if b >> j & 1] + [0,
                  for b in range(256)]
 _EXPAND_IDX = [int.from_bytes(bytes(bin(b & ((1 << j) - 1)).count("1") if b >> j & 1 else 0x80 for j in range(8)),
                               "little") for b in range(256)]
+# An S4 code byte covers two groups (8 columns): its four 2-bit codes are the kept columns 0..3 of the
+# first group and 4..7 of the second; as positions (tbl's gather) and as the mask byte they make.
+_CODE_IDX = [int.from_bytes(bytes([b & 3, b >> 2 & 3, 4 + (b >> 4 & 3), 4 + (b >> 6)]), "little") for b in range(256)]
+_CODE_MASK = [1 << (b & 3) | 1 << (b >> 2 & 3) | 16 << (b >> 4 & 3) | 16 << (b >> 6) for b in range(256)]
 
 
 def _per_byte(builder, bits, name, elem, table):
@@ -125,18 +133,63 @@ def _expand_mem(builder, src, bits, fill=0):
     return builder.call(fn, [src, _lanes_of(builder, bits), splat(I8, 64, fill)])
 
 
+def _tbl_gather(builder, v, word, name, table):
+    """<32 x i8>: 32 lanes of v (<64 x i8>) picked by AArch64's tbl, four per byte k of word (i64) at
+    columns 8k + table[byte] (positions packed as the four bytes of an i32)."""
+    idx = builder.bitcast(_per_byte(builder, word, name, I32, table), vec(I8, 32))
+    idx = builder.add(idx, ir.Constant(vec(I8, 32), [8 * (j // 4) for j in range(32)]))
+    tables = _quarters(builder, v, 4)
+    return _join(builder, [_tbl(builder, tables, q) for q in _quarters(builder, idx, 2)])
+
+
 def _compress(builder, v, bits):
-    """<32 x i8>: the 32 lanes of v (<64 x i8>) whose mask bit is set, in order: vpcompressb on VBMI2, tbl
-    on AArch64, LLVM's generic lowering elsewhere."""
+    """<32 x i8>: the 32 lanes of v (<64 x i8>) whose mask bit is set, in order: tbl on AArch64, LLVM's
+    generic lowering elsewhere (vpcompressb where the target has VBMI2)."""
     if target.ARCH == "aarch64":
-        idx = builder.bitcast(_per_byte(builder, bits, "s24.compress", I32, _COMPRESS_IDX), vec(I8, 32))
-        idx = builder.add(idx, ir.Constant(vec(I8, 32), [8 * (j // 4) for j in range(32)]))  # byte k: columns 8k..
-        tables = _quarters(builder, v, 4)
-        return _join(builder, [_tbl(builder, tables, q) for q in _quarters(builder, idx, 2)])
+        return _tbl_gather(builder, v, bits, "s24.compress", _COMPRESS_IDX)
     t = vec(I8, 64)
     fn = builder.module.declare_intrinsic("llvm.experimental.vector.compress.v64i8",
                                           fnty=ir.FunctionType(t, [t, vec(I1, 64), t]))
     return _rd._half(builder, builder.call(fn, [v, _lanes_of(builder, bits), ir.Constant(t, [0] * 64)]), 0, 32)
+
+
+def _mask_of_codes(builder, codes):
+    """i64: the mask (bit c: column c kept) of an S4 block's codes."""
+    return builder.bitcast(_per_byte(builder, codes, "s24.codemask", I8, _CODE_MASK), I64)
+
+
+def _gather_block(builder, x, codes):
+    """<32 x i8>: the x values (x <64 x i8>) an S4 block keeps, in order, from its codes (i64): tbl on
+    the positions looked up per code byte on AArch64, else the compress by the mask they make."""
+    if target.ARCH == "aarch64":
+        return _tbl_gather(builder, x, codes, "s24.codeidx", _CODE_IDX)
+    return _compress(builder, x, _mask_of_codes(builder, codes))
+
+
+# The S4 pair's slots: slot j of its 64 kept x values is block (j // 8) % 2's kept value of rank
+# r = (j // 16) * 8 + j % 8, the order its nibbles split in (kernels/sparse24.py's pair layout: byte j's
+# low nibble is slot j, its high nibble slot j + 32), and the order in which one 16-byte broadcast of the
+# pair's two code words puts each slot's code in the slot's own 64-bit lane: bits 2r of block's word.
+_SLOT_BLOCK = [(j // 8) % 2 for j in range(64)]
+_SLOT_RANK = [(j // 16) * 8 + j % 8 for j in range(64)]
+_SLOT_BASE = [64 * b + 4 * (r // 2) for b, r in zip(_SLOT_BLOCK, _SLOT_RANK)]    # column of the group's first
+
+
+def _gather_pair(builder, x0, x1, codes):
+    """<64 x i8>: the x values two adjacent S4 blocks keep (x0, x1 <64 x i8>; codes <2 x i64>, the two
+    blocks' code words) in the pair's slot order. VBMI: one vpmultishiftqb moves each slot's code to the
+    low bits of its byte, the group base makes it a column of the two blocks, one vpermt2b picks the
+    values. Elsewhere each block gathered (_gather_block) and the slots arranged."""
+    t = vec(I8, 64)
+    if not target.VBMI:
+        c0, c1 = (builder.extract_element(codes, ir.Constant(I32, i)) for i in (0, 1))
+        g0, g1 = _gather_block(builder, x0, c0), _gather_block(builder, x1, c1)
+        return builder.shuffle_vector(g0, g1, lanes(*[32 * b + r for b, r in zip(_SLOT_BLOCK, _SLOT_RANK)]))
+    words = builder.bitcast(builder.shuffle_vector(codes, codes, lanes(*[0, 1] * 4)), t)
+    crumbs = _rd._x86(builder, "llvm.x86.avx512.pmultishift.qb.512", t,
+                      ir.Constant(t, [2 * r for r in _SLOT_RANK]), words)
+    idx = builder.or_(builder.and_(crumbs, splat(I8, 64, 3)), ir.Constant(t, _SLOT_BASE))
+    return _rd._x86(builder, "llvm.x86.avx512.vpermi2var.qi.512", t, x0, idx, x1)
 
 
 def _vnni(builder, acc, u, s):
@@ -158,9 +211,12 @@ def _isum_nibbles(builder, q, x):
 
 
 def _nibbles(builder, nib):
-    """<2n x i8>: the n nibble bytes' low nibbles, then their high nibbles (S4's kept values in order)."""
+    """<2n x i8>: the n nibble bytes' low nibbles, then their high nibbles (S4's kept values in order): the
+    bytes twice, the second copy's 16-bit words shifted right by 4, and every byte's low 4 bits."""
     n = nib.type.count
-    return _rd._concat(builder, builder.and_(nib, splat(I8, n, 15)), builder.lshr(nib, splat(I8, n, 4)))
+    twice = builder.bitcast(_rd._concat(builder, nib, nib), vec(I16, n))
+    shifted = builder.lshr(twice, ir.Constant(vec(I16, n), [0] * (n // 2) + [4] * (n // 2)))
+    return builder.and_(builder.bitcast(shifted, vec(I8, 2 * n)), splat(I8, 2 * n, 15))
 
 
 def step(form, builder, qrow, xq, xc, drow, dx, f16):
@@ -180,13 +236,14 @@ def step(form, builder, qrow, xq, xc, drow, dx, f16):
                             flags=("fast",))
 
     def scaled(isum, s, idx):
+        """isum's lanes times s's lanes idx (one per lane)."""
         return builder.fmul(builder.sitofp(isum, vec(F32, isum.type.count)),
-                            builder.shuffle_vector(s, s, lanes(*[i for i in idx for _ in range(4)])), flags=("fast",))
+                            builder.shuffle_vector(s, s, lanes(*idx)), flags=("fast",))
 
     def s8_block(blk, s, i):
         """Block blk (the step's i-th): its values expanded to the dense 64 lanes, times xq as an I8 row."""
         at = builder.mul(blk, const64(size))
-        u = _expand_mem(builder, builder.gep(qrow, [builder.add(at, const64(MASK_BYTES))]), _mask(builder, qrow, at),
+        u = _expand_mem(builder, builder.gep(qrow, [builder.add(at, const64(MASK_BYTES))]), _word(builder, qrow, at),
                         fill=-128)
         off = builder.mul(blk, const64(64))
         xv = _rd._load(builder, xq, off, I8, 64)
@@ -195,26 +252,27 @@ def step(form, builder, qrow, xq, xc, drow, dx, f16):
             isum = _vnni(builder, xcv, u, xv)
         else:
             isum = _rd._isum_i8(builder, builder.xor(u, splat(I8, 64, -128)), xv, None)
-        return scaled(isum, s, [2 * i, 2 * i, 2 * i + 1, 2 * i + 1])
-
-    def s4_block(blk):
-        """(<32 x i8> x compressed by block blk's mask to the values it keeps, <16 x i8> its nibble bytes)."""
-        at = builder.mul(blk, const64(size))
-        xv = _rd._load(builder, xq, builder.mul(blk, const64(64)), I8, 64)
-        return (_compress(builder, xv, _mask(builder, qrow, at)),
-                _rd._load(builder, qrow, builder.add(at, const64(MASK_BYTES)), I8, 16))
+        return scaled(isum, s, [2 * i + l // 8 for l in range(16)])
 
     def s4_pair(blk, s, i):
-        """Blocks blk, blk + 1 (the step's i-th, i+1-th): the two compressed x arranged as the nibbles split,
-        [low 0, low 1, high 0, high 1], 16 each."""
-        (g0, n0), (g1, n1) = s4_block(blk), s4_block(builder.add(blk, const64(1)))
-        xg = builder.shuffle_vector(g0, g1, lanes(*range(16), *range(32, 48), *range(16, 32), *range(48, 64)))
-        q = _nibbles(builder, _rd._concat(builder, n0, n1))
-        return scaled(_isum_nibbles(builder, q, xg), s, [2 * i, 2 * i + 2, 2 * i + 1, 2 * i + 3])
+        """Blocks blk, blk + 1 (the step's i-th, i+1-th; blk even, a stored pair): the x values they keep
+        gathered in the pair's slot order, which its nibbles split in; lane l (slots 4l..4l+3) is block
+        (l // 2) % 2's, half l // 8."""
+        at = builder.mul(blk, const64(size))
+        codes = _rd._load(builder, qrow, at, I64, 2)
+        q = _nibbles(builder, _rd._load(builder, qrow, builder.add(at, const64(2 * MASK_BYTES)), I8, 32))
+        x0 = _rd._load(builder, xq, builder.mul(blk, const64(64)), I8, 64)
+        x1 = _rd._load(builder, xq, builder.mul(builder.add(blk, const64(1)), const64(64)), I8, 64)
+        return scaled(_isum_nibbles(builder, q, _gather_pair(builder, x0, x1, codes)), s,
+                      [2 * (i + (l // 2) % 2) + l // 8 for l in range(16)])
 
     def s4_single(blk, s):
-        xg, nib = s4_block(blk)
-        return scaled(_isum_nibbles(builder, _nibbles(builder, nib), xg), s, [0, 1])
+        """The last block of a row with an odd count, stored alone: codes, then nibbles in the Q4 order."""
+        at = builder.mul(blk, const64(size))
+        xg = _gather_block(builder, _rd._load(builder, xq, builder.mul(blk, const64(64)), I8, 64),
+                           _word(builder, qrow, at))
+        q = _nibbles(builder, _rd._load(builder, qrow, builder.add(at, const64(MASK_BYTES)), I8, 16))
+        return scaled(_isum_nibbles(builder, q, xg), s, [l // 4 for l in range(8)])
 
     def add(vs):
         acc = vs[0]
@@ -237,17 +295,25 @@ def step(form, builder, qrow, xq, xc, drow, dx, f16):
     return run
 
 
-def _dense_block(builder, form, qrow, blk):
-    """<64 x i8>: block blk of a row (qrow its i8 pointer) as the unsigned bytes the lane tile reads: S8
-    values with the sign bit flipped (w + 128; pruned lanes 128), S4 nibbles 0..15 (pruned lanes 8,
-    meaning zero)."""
+def _dense_block(builder, form, qrow, blk, nb):
+    """<64 x i8>: block blk of a row of nb blocks (qrow its i8 pointer) as the unsigned bytes the lane tile
+    reads: S8 values with the sign bit flipped (w + 128; pruned lanes 128), S4 nibbles 0..15 (pruned
+    lanes 8, meaning zero)."""
     at = builder.mul(blk, const64(BLOCK_BYTES[form]))
-    bits = _mask(builder, qrow, at)
-    src = builder.gep(qrow, [builder.add(at, const64(MASK_BYTES))])
     if form == "s8":
-        return _expand_mem(builder, src, bits, fill=-128)
-    nib = builder.load(builder.bitcast(src, vec(I8, 16).as_pointer()), align=1)
-    return _expand_reg(builder, _nibbles(builder, nib), bits, fill=8)
+        return _expand_mem(builder, builder.gep(qrow, [builder.add(at, const64(MASK_BYTES))]),
+                           _word(builder, qrow, at), fill=-128)
+    # S4: the h-th block of a pair has its codes 8h bytes past the pair's start and its nibble bytes in
+    # two runs of 8, 16 + 8h and 32 + 8h past it; the last block of an odd count is stored alone
+    h = builder.and_(blk, const64(1))
+    start = builder.sub(at, builder.mul(h, const64(BLOCK_BYTES[form])))
+    paired = builder.icmp_signed("<", blk, builder.and_(nb, const64(-2)))
+    h8 = builder.mul(h, const64(8))
+    run0 = builder.select(paired, builder.add(start, builder.add(h8, const64(16))), builder.add(at, const64(8)))
+    run1 = builder.select(paired, builder.add(start, builder.add(h8, const64(32))), builder.add(at, const64(16)))
+    nib = _rd._concat(builder, _rd._load(builder, qrow, run0, I8, 8), _rd._load(builder, qrow, run1, I8, 8))
+    codes = _word(builder, qrow, builder.add(start, h8))
+    return _expand_reg(builder, _nibbles(builder, nib), _mask_of_codes(builder, codes), fill=8)
 
 
 def _transpose16(builder, rows):
@@ -292,7 +358,7 @@ def _pack_intrinsic():
             out = builder.bitcast(data(context, builder, sig.args[2], vals[2]), vec(I32, 16).as_pointer())
 
             def body(blk):
-                dense = [builder.bitcast(_dense_block(builder, form, q, blk), vec(I32, 16)) for q in qrows]
+                dense = [builder.bitcast(_dense_block(builder, form, q, blk, nb), vec(I32, 16)) for q in qrows]
                 for c, col in enumerate(_transpose16(builder, dense)):
                     builder.store(col, builder.gep(out, [builder.add(builder.mul(blk, const64(16)), const64(c))]), align=1)
 

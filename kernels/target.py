@@ -16,6 +16,8 @@ portable code is then chosen, which runs everywhere.
                process crashes: kernels/llvm_ir.half_to_f32 converts with integer arithmetic there.
   AVX2         x86 AVX2: pmaddubsw + pmaddwd integer dot products (kernels/rowdot.py)
   VNNI512      x86 AVX-512 F, BW and VNNI: vpdpbusd over 64 bytes
+  VBMI         x86 AVX-512 VBMI: vpermb, vpermt2b and vpmultishiftqb, the S4 rows' gather of the x values
+               a block keeps (kernels/rowdot24.py)
   VBMI2        x86 AVX-512 VBMI2: vpexpandb, the 2:4 layouts' expansion in registers (kernels/rowdot24.py)
   DOTPROD      AArch64's dot-product extension (sdot/udot). Known for completeness: no kernel has an
                sdot path yet, so AArch64 runs the generic vector IR, which LLVM lowers to NEON.
@@ -27,7 +29,7 @@ from kernels.backend import NUMBA
 
 ARCH = "other"
 FEATURES: frozenset = frozenset()    # the enabled LLVM feature names ("avx2", "f16c", "dotprod", ...)
-NATIVE_HALF = AVX2 = VNNI512 = VBMI2 = DOTPROD = False
+NATIVE_HALF = AVX2 = VNNI512 = VBMI = VBMI2 = DOTPROD = False
 
 
 def arch_of(triple: str) -> str:
@@ -56,6 +58,7 @@ if NUMBA:
     _x86 = ARCH == "x86_64"
     AVX2 = _x86 and "avx2" in FEATURES
     VNNI512 = _x86 and {"avx512f", "avx512bw", "avx512vnni"} <= FEATURES
+    VBMI = _x86 and {"avx512f", "avx512bw", "avx512vbmi"} <= FEATURES
     VBMI2 = _x86 and {"avx512f", "avx512bw", "avx512vbmi2"} <= FEATURES
     NATIVE_HALF = ARCH == "aarch64" or (_x86 and "f16c" in FEATURES)
     DOTPROD = ARCH == "aarch64" and "dotprod" in FEATURES

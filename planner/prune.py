@@ -116,7 +116,7 @@ class PruneResult:
                     np.lib.format.write_array(f, np.ascontiguousarray(a), allow_pickle=False)
 
     def as_dict(self) -> dict:
-        return {"pattern": "2:4", "method": self.method, "file": FILE,
+        return {"pattern": "2:4", "layout": sparse24.LAYOUT, "method": self.method, "file": FILE,
                 "matrices": [{"layer": u.layer, "group": u.group, "form": u.form, "dense_bytes": u.dense_bytes,
                               "bytes": u.pruned_bytes} for u in self.units],
                 "pruned_units": len(self.units), "total_units": self.total_units,

@@ -22,8 +22,8 @@ def stories_dir():
 @pytest.fixture(params=["vnni512", "avx2", "generic", "generic-softhalf"])
 def simd_code(request, monkeypatch):
     """Force the hand-written IR's code by setting kernels/target.py's flags, which an intrinsic reads
-    when it generates its IR, i.e. when the test's functions compile: AVX-512 VNNI (with VBMI2 where the
-    CPU has it), AVX2, the generic
+    when it generates its IR, i.e. when the test's functions compile: AVX-512 VNNI (with VBMI and VBMI2 where
+    the CPU has them), AVX2, the generic
     vector IR other targets get (AArch64's code, halves converted as this target does), or the generic
     IR with halves converted by integer operations (kernels/llvm_ir.half_to_f32: x86 without F16C and
     AVX2, other architectures). Skipped where this CPU lacks the code. Returns its name."""
@@ -33,6 +33,7 @@ def simd_code(request, monkeypatch):
     if (code == "avx2" and not target.AVX2) or (code == "vnni512" and not target.VNNI512):
         pytest.skip(f"numba's compile target has no {code}")
     monkeypatch.setattr(target, "AVX2", code in ("vnni512", "avx2"))
+    monkeypatch.setattr(target, "VBMI", target.VBMI and code == "vnni512")
     monkeypatch.setattr(target, "VBMI2", target.VBMI2 and code == "vnni512")
     monkeypatch.setattr(target, "VNNI512", code == "vnni512")
     if code == "generic-softhalf":

@@ -165,10 +165,15 @@ def test_cli_reports_one_line(source, tmp_path, capsys):
 
 
 def test_bad_sparsity_section(source, tmp_path):
-    """A plan whose sparsity section names a bad group, or a deploy missing its file, fails at load with a
-    message naming the field or the file."""
+    """A plan whose sparsity section names a bad group or another byte layout, or a deploy missing its
+    file, fails at load with a message naming the field or the file."""
     res = _deploy(source, tmp_path / "d", method="magnitude")
     plan = json.loads((res.path / "plan.json").read_text())
+    plan["sparsity"]["layout"] = 1
+    (res.path / "plan.json").write_text(json.dumps(plan))
+    with pytest.raises(ModelFormatError, match=r"sparsity.layout is 1: .* re-run `pocketinfer prune`"):
+        load(res.path, threads=1)
+    plan["sparsity"]["layout"] = 2
     plan["sparsity"]["matrices"][0]["group"] = "ffn"
     (res.path / "plan.json").write_text(json.dumps(plan))
     with pytest.raises(ModelFormatError, match=r"sparsity.matrices\[0\]"):

@@ -106,7 +106,12 @@ def test_numba_equals_twin_on_every_code(simd_code):
             for rows, cols in SHAPES:
                 qs, d, m = _packed(rng, form, rows, cols, scales)
                 raw = qs.view(np.uint8).reshape(rows, -1)
-                raw[0, 8:8 + (32 if form == "s8" else 16)] = 0x01 if form == "s8" else 0x0F     # -127 (v + 128), 15
+                if form == "s8":
+                    raw[0, 8:40] = 0x01                     # -127 (v + 128)
+                elif cols >= 128:                           # nibbles 15: a pair's follow its two code words
+                    raw[0, 16:48] = 0x0F
+                else:
+                    raw[0, 8:24] = 0x0F
                 x = rng.standard_normal((3, cols)).astype(np.float32)
                 x[1] = np.sign(x[1])
                 for t in range(3):

@@ -2,13 +2,14 @@
 and the file holding the matrices, which replace the weights file's at load.
 
 plan.json:
-  "sparsity": {"pattern": "2:4", "method": ..., "file": "sparse24.npz",
+  "sparsity": {"pattern": "2:4", "layout": 2, "method": ..., "file": "sparse24.npz",
                "matrices": [{"layer": i, "group": "qkv" | "o" | "gate_up" | "down", "form": F}, ...], ...}
 Every matrix of a listed (layer, group) is in the file (a group's matrices share their input, and fuse):
   form "s8" or "s4": layers.<i>.<field>.qs and .d, the 2:4 layouts (kernels/sparse24.py);
   form "f32": layers.<i>.<field>.w, the pruned matrix as float32 with its zeros (float32 models).
 <field> is our name (wq, wk, wv, wo, w_gate, w_up, w_down), rows in Hugging Face's order. The loader leaves
-those matrices of the weights file unloaded (Plan.unloaded) and puts these in their place.
+those matrices of the weights file unloaded (Plan.unloaded) and puts these in their place. "layout" is
+kernels/sparse24.LAYOUT, the version of the byte layouts the file was packed in.
 """
 
 from __future__ import annotations
@@ -47,6 +48,9 @@ def read_section(plan_path: Path, section, n_layers: int) -> PrunedPlan | None:
     where = f"{plan_path}: sparsity"
     if not isinstance(section, dict) or section.get("pattern") != "2:4":
         raise ModelFormatError(f"{where}.pattern must be \"2:4\"; re-run `pocketinfer prune`")
+    if section.get("layout") != sparse24.LAYOUT:
+        raise ModelFormatError(f"{where}.layout is {section.get('layout')!r}: this pocketinfer reads 2:4 layout "
+                               f"{sparse24.LAYOUT}, and the bytes differ; re-run `pocketinfer prune`")
     name = section.get("file")
     if not isinstance(name, str) or Path(name).is_absolute() or ".." in Path(name).parts:
         raise ModelFormatError(f"{where}.file is {name!r}, expected a file name inside the deploy; re-run "
