@@ -153,9 +153,24 @@ def _compress(builder, v, bits):
     return _rd._half(builder, builder.call(fn, [v, _lanes_of(builder, bits), ir.Constant(t, [0] * 64)]), 0, 32)
 
 
+# A group's two codes (4 bits) and a column j within it (bits 4-5) -> 1 when j is one of the two.
+_KEPT = [int(j == (i & 3) or j == (i >> 2 & 3)) for j in range(4) for i in range(16)]
+
+
 def _mask_of_codes(builder, codes):
-    """i64: the mask (bit c: column c kept) of an S4 block's codes."""
-    return builder.bitcast(_per_byte(builder, codes, "s24.codemask", I8, _CODE_MASK), I64)
+    """i64: the mask (bit c: column c kept) of an S4 block's codes (i64). VBMI: one vpmultishiftqb puts
+    each column's group codes in its byte, one vpermb looks up whether the column is one of them; else
+    a mask byte looked up per code byte."""
+    if not target.VBMI:
+        return builder.bitcast(_per_byte(builder, codes, "s24.codemask", I8, _CODE_MASK), I64)
+    t = vec(I8, 64)
+    one = builder.insert_element(ir.Constant(vec(I64, 1), ir.Undefined), codes, ir.Constant(I32, 0))
+    words = builder.bitcast(builder.shuffle_vector(one, one, lanes(*[0] * 8)), t)
+    pair = _rd._x86(builder, "llvm.x86.avx512.pmultishift.qb.512", t, ir.Constant(t, [4 * (c // 4) for c in range(64)]),
+                    words)
+    look = builder.or_(builder.and_(pair, splat(I8, 64, 15)), ir.Constant(t, [(c % 4) << 4 for c in range(64)]))
+    kept = _rd._x86(builder, "llvm.x86.avx512.permvar.qi.512", t, ir.Constant(t, _KEPT), look)
+    return builder.bitcast(builder.icmp_unsigned("!=", kept, ir.Constant(t, [0] * 64)), I64)
 
 
 def _gather_block(builder, x, codes):
