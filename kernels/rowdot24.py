@@ -153,24 +153,10 @@ def _compress(builder, v, bits):
     return _rd._half(builder, builder.call(fn, [v, _lanes_of(builder, bits), ir.Constant(t, [0] * 64)]), 0, 32)
 
 
-# A group's two codes (4 bits) and a column j within it (bits 4-5) -> 1 when j is one of the two.
-_KEPT = [int(j == (i & 3) or j == (i >> 2 & 3)) for j in range(4) for i in range(16)]
-
-
 def _mask_of_codes(builder, codes):
-    """i64: the mask (bit c: column c kept) of an S4 block's codes (i64). VBMI: one vpmultishiftqb puts
-    each column's group codes in its byte, one vpermb looks up whether the column is one of them; else
-    a mask byte looked up per code byte."""
-    if not target.VBMI:
-        return builder.bitcast(_per_byte(builder, codes, "s24.codemask", I8, _CODE_MASK), I64)
-    t = vec(I8, 64)
-    one = builder.insert_element(ir.Constant(vec(I64, 1), ir.Undefined), codes, ir.Constant(I32, 0))
-    words = builder.bitcast(builder.shuffle_vector(one, one, lanes(*[0] * 8)), t)
-    pair = _rd._x86(builder, "llvm.x86.avx512.pmultishift.qb.512", t, ir.Constant(t, [4 * (c // 4) for c in range(64)]),
-                    words)
-    look = builder.or_(builder.and_(pair, splat(I8, 64, 15)), ir.Constant(t, [(c % 4) << 4 for c in range(64)]))
-    kept = _rd._x86(builder, "llvm.x86.avx512.permvar.qi.512", t, ir.Constant(t, _KEPT), look)
-    return builder.bitcast(builder.icmp_unsigned("!=", kept, ir.Constant(t, [0] * 64)), I64)
+    """i64: the mask (bit c: column c kept) of an S4 block's codes (i64), a mask byte looked up per code
+    byte."""
+    return builder.bitcast(_per_byte(builder, codes, "s24.codemask", I8, _CODE_MASK), I64)
 
 
 def _gather_block(builder, x, codes):
@@ -310,25 +296,55 @@ def step(form, builder, qrow, xq, xc, drow, dx, f16):
     return run
 
 
-def _dense_block(builder, form, qrow, blk, nb):
-    """<64 x i8>: block blk of a row of nb blocks (qrow its i8 pointer) as the unsigned bytes the lane tile
-    reads: S8 values with the sign bit flipped (w + 128; pruned lanes 128), S4 nibbles 0..15 (pruned
-    lanes 8, meaning zero)."""
-    at = builder.mul(blk, const64(BLOCK_BYTES[form]))
-    if form == "s8":
-        return _expand_mem(builder, builder.gep(qrow, [builder.add(at, const64(MASK_BYTES))]),
-                           _word(builder, qrow, at), fill=-128)
-    # S4: the h-th block of a pair has its codes 8h bytes past the pair's start and its nibble bytes in
-    # two runs of 8, 16 + 8h and 32 + 8h past it; the last block of an odd count is stored alone
-    h = builder.and_(blk, const64(1))
-    start = builder.sub(at, builder.mul(h, const64(BLOCK_BYTES[form])))
-    paired = builder.icmp_signed("<", blk, builder.and_(nb, const64(-2)))
-    h8 = builder.mul(h, const64(8))
-    run0 = builder.select(paired, builder.add(start, builder.add(h8, const64(16))), builder.add(at, const64(8)))
-    run1 = builder.select(paired, builder.add(start, builder.add(h8, const64(32))), builder.add(at, const64(16)))
-    nib = _rd._concat(builder, _rd._load(builder, qrow, run0, I8, 8), _rd._load(builder, qrow, run1, I8, 8))
-    codes = _word(builder, qrow, builder.add(start, h8))
-    return _expand_reg(builder, _nibbles(builder, nib), _mask_of_codes(builder, codes), fill=8)
+def _dense_s8(builder, qrow, blk):
+    """<64 x i8>: S8 block blk of a row (qrow its i8 pointer) as the unsigned bytes the lane tile reads,
+    the values as stored (w + 128), 128 where pruned."""
+    at = builder.mul(blk, const64(BLOCK_BYTES["s8"]))
+    return _expand_mem(builder, builder.gep(qrow, [builder.add(at, const64(MASK_BYTES))]), _word(builder, qrow, at),
+                       fill=-128)
+
+
+# Which of its group's two kept values (0 or 1) column j of a group holds, or 64 when it is pruned (with
+# the block's base added, an index into vpermt2b's second table, all 8), by the group's codes (bits 0-3)
+# and j (bits 4-5).
+_WHICH = [0 if j == (i & 3) else 1 if j == (i >> 2 & 3) else 64 for j in range(4) for i in range(16)]
+
+
+def _dense_s4(builder, q, codes, rank_lane: list):
+    """<64 x i8>: an S4 block's nibbles (0..15) at their columns, 8 (zero) where pruned: the block's 32
+    values are lanes rank_lane[r] of q (<64 x i8>, kept value r; 2g and 2g + 1 adjacent), codes (i64)
+    its code word. VBMI: per column, one vpmultishiftqb puts its group's codes in its byte, one vpermb
+    looks up which kept value it holds, one vpermt2b picks it (or an 8). Elsewhere the values in order,
+    expanded by the mask the codes make."""
+    t = vec(I8, 64)
+    if not target.VBMI:
+        kept = builder.shuffle_vector(q, q, lanes(*rank_lane))
+        return _expand_reg(builder, kept, _mask_of_codes(builder, codes), fill=8)
+    one = builder.insert_element(ir.Constant(vec(I64, 1), ir.Undefined), codes, ir.Constant(I32, 0))
+    words = builder.bitcast(builder.shuffle_vector(one, one, lanes(*[0] * 8)), t)
+    group = _rd._x86(builder, "llvm.x86.avx512.pmultishift.qb.512", t,
+                     ir.Constant(t, [4 * (c // 4) for c in range(64)]), words)
+    look = builder.or_(builder.and_(group, splat(I8, 64, 15)), ir.Constant(t, [(c % 4) << 4 for c in range(64)]))
+    which = _rd._x86(builder, "llvm.x86.avx512.permvar.qi.512", t, ir.Constant(t, _WHICH), look)
+    idx = builder.add(which, ir.Constant(t, [rank_lane[2 * (c // 4)] for c in range(64)]))   # >= 64 where pruned
+    return _rd._x86(builder, "llvm.x86.avx512.vpermi2var.qi.512", t, q, idx, splat(I8, 64, 8))
+
+
+def _dense_s4_paired(builder, qrow, pair, h):
+    """Block h (0, 1) of the S4 pair number pair of a row: its code word, and the pair's nibbles split
+    into the 64 slots (kernels/sparse24.py's pair layout; slot 16(r // 8) + 8h + r % 8 holds rank r)."""
+    at = builder.mul(pair, const64(2 * BLOCK_BYTES["s4"]))
+    q = _nibbles(builder, _rd._load(builder, qrow, builder.add(at, const64(2 * MASK_BYTES)), I8, 32))
+    return _dense_s4(builder, q, _word(builder, qrow, builder.add(at, const64(MASK_BYTES * h))),
+                     [16 * (r // 8) + 8 * h + r % 8 for r in range(32)])
+
+
+def _dense_s4_single(builder, qrow, blk):
+    """The last S4 block of a row with an odd number, stored alone (codes, 16 nibble bytes)."""
+    at = builder.mul(blk, const64(BLOCK_BYTES["s4"]))
+    nib = _rd._load(builder, qrow, builder.add(at, const64(MASK_BYTES)), I8, 16)
+    q = builder.shuffle_vector(_nibbles(builder, nib), ir.Constant(vec(I8, 32), ir.Undefined), lanes(*range(64)))
+    return _dense_s4(builder, q, _word(builder, qrow, at), list(range(32)))
 
 
 def _transpose16(builder, rows):
@@ -350,7 +366,7 @@ def _transpose16(builder, rows):
 def _pack_intrinsic():
     """pack_rows(qs, r0, ws): rows r0..r0+15 of a 2:4 weight (qs int16 S8 or int32 S4) into one group of
     the prefill GEMM's lane layout (kernels/lanetile.py: ws (16 * cols,) uint8, chunk c of row i at
-    64c + 4i): each block of the 16 rows expanded to dense bytes (_dense_block), transposed as a 16x16
+    64c + 4i): each block of the 16 rows expanded to dense bytes (_dense_s8, _dense_s4), transposed as a 16x16
     matrix of 4-byte chunks in registers, and stored as 16 vectors."""
     from numba import types
     from numba.core.extending import intrinsic
@@ -372,12 +388,25 @@ def _pack_intrinsic():
             nb = builder.sdiv(builder.mul(n, const64(2 if form == "s8" else 4)), const64(BLOCK_BYTES[form]))
             out = builder.bitcast(data(context, builder, sig.args[2], vals[2]), vec(I32, 16).as_pointer())
 
-            def body(blk):
-                dense = [builder.bitcast(_dense_block(builder, form, q, blk, nb), vec(I32, 16)) for q in qrows]
+            def store(blk, dense):
+                dense = [builder.bitcast(v, vec(I32, 16)) for v in dense]
                 for c, col in enumerate(_transpose16(builder, dense)):
                     builder.store(col, builder.gep(out, [builder.add(builder.mul(blk, const64(16)), const64(c))]), align=1)
 
-            counted_loop(builder, nb, [], body, "pack24")
+            if form == "s8":
+                counted_loop(builder, nb, [], lambda blk: store(blk, [_dense_s8(builder, q, blk) for q in qrows]),
+                             "pack24")
+                return context.get_dummy_value()
+
+            def pair(p):          # S4: pairs of blocks, then a last single one
+                for h in (0, 1):
+                    store(builder.add(builder.mul(p, const64(2)), const64(h)),
+                          [_dense_s4_paired(builder, q, p, h) for q in qrows])
+
+            counted_loop(builder, builder.ashr(nb, const64(1)), [], pair, "pack24")
+            last = builder.sub(nb, const64(1))
+            with builder.if_then(builder.icmp_signed("!=", builder.and_(nb, const64(1)), const64(0))):
+                store(last, [_dense_s4_single(builder, q, last) for q in qrows])
             return context.get_dummy_value()
 
         return types.none(qs, r0, ws), codegen

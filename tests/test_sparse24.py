@@ -138,11 +138,19 @@ def test_gemm_equals_twin(form):
 
 
 @pytest.mark.parametrize("form", FORMS)
-def test_lane_packing_equals_twin(form):
-    """The 2:4 rows expanded and transposed in registers (rowdot24.pack_rows) equal the numpy packing."""
+@pytest.mark.parametrize("vbmi", [True, False])
+def test_lane_packing_equals_twin(form, vbmi, monkeypatch):
+    """The 2:4 rows expanded and transposed in registers (rowdot24.pack_rows) equal the numpy packing,
+    with the CPU's VBMI instructions and without them (AVX-512 VNNI CPUs without VBMI)."""
     if not backend.NUMBA:
         pytest.skip("numba only")
     from numba import njit
+
+    from kernels import target
+    if vbmi and not target.VBMI:
+        pytest.skip("numba's compile target has no VBMI")
+    monkeypatch.setattr(target, "VBMI", vbmi)
+    monkeypatch.setattr(target, "VBMI2", target.VBMI2 and vbmi)
 
     @njit(cache=False)
     def pack(w, d, m, r0, ws, sw, mw):
