@@ -42,6 +42,9 @@ def pack_numpy(w, d, m, r0, ws, sw, mw, flip):
     16,) (module doc)."""
     if w.dtype in (np.int16, np.int32):                                     # 2:4 (kernels/sparse24.py)
         values = sparse24.dense_bytes_numpy(w[r0:r0 + LANES], d[r0:r0 + LANES])     # (16, cols) uint8
+        if w.dtype == np.int32:             # S4: the Q4 layout's nibbles, element j and j + 16 of a block of 32
+            v = values.reshape(LANES, -1, 2, 16)
+            values = np.ascontiguousarray(v[:, :, 0] | (v[:, :, 1] << 4)).reshape(LANES, -1)   # (16, cols/2)
         ws.view(np.uint32)[:] = values.view(np.uint32).T.reshape(-1)
         dd = np.repeat(scales_f32_numpy(d[r0:r0 + LANES]), 2, axis=1)       # (16, cols/32)
         sw[:] = dd.T.reshape(-1)
@@ -72,10 +75,12 @@ def pack_numpy(w, d, m, r0, ws, sw, mw, flip):
 
 
 def packed_bytes(w, nb: int) -> int:
-    """Bytes of one packed row (nb: d.shape[1]): cols/2 for Q4 nibbles, cols for I8, and for Q5, Q6 and the
-    2:4 layouts (unpacked to bytes; a 2:4 scale block is 64 columns)."""
-    if w.dtype in (np.int16, np.int32):
+    """Bytes of one packed row (nb: d.shape[1]): cols/2 for Q4 nibbles and S4 (packed as Q4), cols for I8,
+    and for Q5, Q6 and S8 (unpacked to bytes); a 2:4 scale block is 64 columns."""
+    if w.dtype == np.int16:
         return 64 * nb
+    if w.dtype == np.int32:
+        return 32 * nb
     return 16 * nb if w.dtype == np.uint8 else 32 * nb
 
 
@@ -182,9 +187,10 @@ def _pack_words(w, d, m, r0, ws, sw, mw, flip):
 
 @jit(inline=True)
 def _pack_s24(w, d, m, r0, ws, sw, mw, flip):
-    """A 2:4 layout (kernels/sparse24.py: w int16 S8, int32 S4) into the I8 form, expanded to dense bytes
-    in registers and transposed there (rowdot24.pack_rows): S8 values flipped (q + 128; pruned 128), min coefficient -128d;
-    S4 nibbles (pruned 8), min coefficient -8d. One f16 scale per 64 columns serves two blocks of 32."""
+    """A 2:4 layout (kernels/sparse24.py: w int16 S8, int32 S4), expanded to dense values in registers
+    and transposed there (rowdot24.pack_rows): S8 into the I8 form, values flipped (q + 128; pruned 128),
+    min coefficient -128d; S4 into the Q4 form, nibbles (pruned 8), min coefficient -8d. One f16 scale per
+    64 columns serves two blocks of 32."""
     nb = d.shape[1]
     base = np.float32(-128.0) if w.itemsize == 2 else np.float32(-8.0)     # int16 rows: S8
     rowdot24.pack_rows(w, r0, ws)
@@ -342,9 +348,10 @@ if NUMBA:
 
     def _dispatch(q4, i8, q6):
         def ov(w, ws, sw, mw, xq, dx, xsum, t, out, col):
-            # Q5 and Q6 pack into bytes (_pack_q5, _pack_q6): the I8 form reads them, Q6's in blocks of 16.
+            # Q5, Q6 and S8 pack into bytes (_pack_q5, _pack_q6, _pack_s24): the I8 form reads them, Q6's in
+            # blocks of 16; S4 packs into the Q4 layout's nibbles.
             form = {types.uint8: q4, types.int8: i8, types.uint32: i8, types.uint64: q6,
-                    types.int16: i8, types.int32: i8}.get(w.dtype)
+                    types.int16: i8, types.int32: q4}.get(w.dtype)
             if form is None:
                 return None
             return lambda w, ws, sw, mw, xq, dx, xsum, t, out, col: form(ws, sw, mw, xq, dx, xsum, t, out, col)

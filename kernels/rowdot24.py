@@ -330,6 +330,14 @@ def _dense_s4(builder, q, codes, rank_lane: list):
     return _rd._x86(builder, "llvm.x86.avx512.vpermi2var.qi.512", t, q, idx, splat(I8, 64, 8))
 
 
+def _q4_bytes(builder, dense):
+    """<32 x i8>: 64 nibble values (<64 x i8>, 0..15) in the Q4 layout, per block of 32: byte j holds
+    element j in its low nibble and element j + 16 in its high one."""
+    lo = builder.shuffle_vector(dense, dense, lanes(*range(16), *range(32, 48)))
+    hi = builder.shuffle_vector(dense, dense, lanes(*range(16, 32), *range(48, 64)))
+    return builder.or_(lo, builder.shl(hi, splat(I8, 32, 4)))
+
+
 def _dense_s4_paired(builder, qrow, pair, h):
     """Block h (0, 1) of the S4 pair number pair of a row: its code word, and the pair's nibbles split
     into the 64 slots (kernels/sparse24.py's pair layout; slot 16(r // 8) + 8h + r % 8 holds rank r)."""
@@ -365,9 +373,10 @@ def _transpose16(builder, rows):
 
 def _pack_intrinsic():
     """pack_rows(qs, r0, ws): rows r0..r0+15 of a 2:4 weight (qs int16 S8 or int32 S4) into one group of
-    the prefill GEMM's lane layout (kernels/lanetile.py: ws (16 * cols,) uint8, chunk c of row i at
-    64c + 4i): each block of the 16 rows expanded to dense bytes (_dense_s8, _dense_s4), transposed as a 16x16
-    matrix of 4-byte chunks in registers, and stored as 16 vectors."""
+    the prefill GEMM's lane layout (kernels/lanetile.py: ws (16 * packed_bytes,) uint8, chunk c of row i
+    at 64c + 4i): the 16 rows' blocks expanded to dense values (_dense_s8, _dense_s4; S4 then as Q4
+    nibbles, two blocks at a time), transposed as a 16x16 matrix of 4-byte chunks in registers, and
+    stored as 16 vectors."""
     from numba import types
     from numba.core.extending import intrinsic
 
@@ -398,15 +407,22 @@ def _pack_intrinsic():
                              "pack24")
                 return context.get_dummy_value()
 
-            def pair(p):          # S4: pairs of blocks, then a last single one
-                for h in (0, 1):
-                    store(builder.add(builder.mul(p, const64(2)), const64(h)),
-                          [_dense_s4_paired(builder, q, p, h) for q in qrows])
+            # S4 into the Q4 layout's nibbles: a pair of blocks is 16 chunks per row, stored as S8 stores a
+            # block; a last single block 8, transposed with 8 zero chunks beside and stored in half
+            def pair(p):
+                rows = [_rd._concat(builder, _q4_bytes(builder, _dense_s4_paired(builder, q, p, 0)),
+                                    _q4_bytes(builder, _dense_s4_paired(builder, q, p, 1))) for q in qrows]
+                store(p, rows)
 
             counted_loop(builder, builder.ashr(nb, const64(1)), [], pair, "pack24")
-            last = builder.sub(nb, const64(1))
             with builder.if_then(builder.icmp_signed("!=", builder.and_(nb, const64(1)), const64(0))):
-                store(last, [_dense_s4_single(builder, q, last) for q in qrows])
+                last = builder.sub(nb, const64(1))
+                zero = ir.Constant(vec(I8, 32), [0] * 32)
+                rows = [_rd._concat(builder, _q4_bytes(builder, _dense_s4_single(builder, q, last)), zero) for q in qrows]
+                cols = _transpose16(builder, [builder.bitcast(v, vec(I32, 16)) for v in rows])
+                for c, col in enumerate(cols[:8]):
+                    builder.store(col, builder.gep(out, [builder.add(builder.mul(last, const64(8)), const64(c))]),
+                                  align=1)
             return context.get_dummy_value()
 
         return types.none(qs, r0, ws), codegen
