@@ -174,6 +174,8 @@ def _gather_block(builder, x, codes):
 _SLOT_BLOCK = [(j // 8) % 2 for j in range(64)]
 _SLOT_RANK = [(j // 16) * 8 + j % 8 for j in range(64)]
 _SLOT_BASE = [64 * b + 4 * (r // 2) for b, r in zip(_SLOT_BLOCK, _SLOT_RANK)]    # column of the group's first
+_SLOT_OF = {(b, r): j for j, (b, r) in enumerate(zip(_SLOT_BLOCK, _SLOT_RANK))}
+_RANK_SLOT = [[_SLOT_OF[h, r] for r in range(32)] for h in (0, 1)]           # block h's kept value r: its slot
 
 
 def _gather_pair(builder, x0, x1, codes):
@@ -257,15 +259,15 @@ def step(form, builder, qrow, xq, xc, drow, dx, f16):
 
     def s4_pair(blk, s, i):
         """Blocks blk, blk + 1 (the step's i-th, i+1-th; blk even, a stored pair): the x values they keep
-        gathered in the pair's slot order, which its nibbles split in; lane l (slots 4l..4l+3) is block
-        (l // 2) % 2's, half l // 8."""
+        gathered in the pair's slot order, which its nibbles split in; lane l (slots 4l..4l+3) is scaled
+        as its slots' block and half (ranks 0..15 or 16..31)."""
         at = builder.mul(blk, const64(size))
         codes = _rd._load(builder, qrow, at, I64, 2)
         q = _nibbles(builder, _rd._load(builder, qrow, builder.add(at, const64(2 * MASK_BYTES)), I8, 32))
         x0 = _rd._load(builder, xq, builder.mul(blk, const64(64)), I8, 64)
         x1 = _rd._load(builder, xq, builder.mul(builder.add(blk, const64(1)), const64(64)), I8, 64)
         return scaled(_isum_nibbles(builder, q, _gather_pair(builder, x0, x1, codes)), s,
-                      [2 * (i + (l // 2) % 2) + l // 8 for l in range(16)])
+                      [2 * (i + _SLOT_BLOCK[4 * l]) + _SLOT_RANK[4 * l] // 16 for l in range(16)])
 
     def s4_single(blk, s):
         """The last block of a row with an odd count, stored alone: codes, then nibbles in the Q4 order."""
@@ -338,13 +340,13 @@ def _q4_bytes(builder, dense):
     return builder.or_(lo, builder.shl(hi, splat(I8, 32, 4)))
 
 
-def _dense_s4_paired(builder, qrow, pair, h):
-    """Block h (0, 1) of the S4 pair number pair of a row: its code word, and the pair's nibbles split
-    into the 64 slots (kernels/sparse24.py's pair layout; slot 16(r // 8) + 8h + r % 8 holds rank r)."""
+def _dense_s4_pair(builder, qrow, pair):
+    """The two blocks of the S4 pair number pair of a row (_dense_s4 each), from the pair's nibbles split
+    once into the 64 slots and each block's code word."""
     at = builder.mul(pair, const64(2 * BLOCK_BYTES["s4"]))
     q = _nibbles(builder, _rd._load(builder, qrow, builder.add(at, const64(2 * MASK_BYTES)), I8, 32))
-    return _dense_s4(builder, q, _word(builder, qrow, builder.add(at, const64(MASK_BYTES * h))),
-                     [16 * (r // 8) + 8 * h + r % 8 for r in range(32)])
+    return [_dense_s4(builder, q, _word(builder, qrow, builder.add(at, const64(MASK_BYTES * h))), _RANK_SLOT[h])
+            for h in (0, 1)]
 
 
 def _dense_s4_single(builder, qrow, blk):
@@ -397,32 +399,32 @@ def _pack_intrinsic():
             nb = builder.sdiv(builder.mul(n, const64(2 if form == "s8" else 4)), const64(BLOCK_BYTES[form]))
             out = builder.bitcast(data(context, builder, sig.args[2], vals[2]), vec(I32, 16).as_pointer())
 
-            def store(blk, dense):
-                dense = [builder.bitcast(v, vec(I32, 16)) for v in dense]
-                for c, col in enumerate(_transpose16(builder, dense)):
-                    builder.store(col, builder.gep(out, [builder.add(builder.mul(blk, const64(16)), const64(c))]), align=1)
+            def store(first, rows, count=16):
+                """rows: 16 vectors <64 x i8> of 16 chunks; their first `count` chunks, transposed, from
+                chunk `first` on."""
+                cols = _transpose16(builder, [builder.bitcast(v, vec(I32, 16)) for v in rows])
+                for c, col in enumerate(cols[:count]):
+                    builder.store(col, builder.gep(out, [builder.add(first, const64(c))]), align=1)
 
-            if form == "s8":
-                counted_loop(builder, nb, [], lambda blk: store(blk, [_dense_s8(builder, q, blk) for q in qrows]),
-                             "pack24")
+            if form == "s8":         # a block is 16 chunks per row
+                counted_loop(builder, nb, [], lambda blk: store(builder.mul(blk, const64(16)),
+                                                                [_dense_s8(builder, q, blk) for q in qrows]), "pack24")
                 return context.get_dummy_value()
 
-            # S4 into the Q4 layout's nibbles: a pair of blocks is 16 chunks per row, stored as S8 stores a
-            # block; a last single block 8, transposed with 8 zero chunks beside and stored in half
+            # S4 into the Q4 layout's nibbles: a pair of blocks is 16 chunks per row; a last single block
+            # 8, transposed with 8 zero chunks beside
             def pair(p):
-                rows = [_rd._concat(builder, _q4_bytes(builder, _dense_s4_paired(builder, q, p, 0)),
-                                    _q4_bytes(builder, _dense_s4_paired(builder, q, p, 1))) for q in qrows]
-                store(p, rows)
+                store(builder.mul(p, const64(16)),
+                      [_rd._concat(builder, *(_q4_bytes(builder, v) for v in _dense_s4_pair(builder, q, p)))
+                       for q in qrows])
 
             counted_loop(builder, builder.ashr(nb, const64(1)), [], pair, "pack24")
             with builder.if_then(builder.icmp_signed("!=", builder.and_(nb, const64(1)), const64(0))):
                 last = builder.sub(nb, const64(1))
                 zero = ir.Constant(vec(I8, 32), [0] * 32)
-                rows = [_rd._concat(builder, _q4_bytes(builder, _dense_s4_single(builder, q, last)), zero) for q in qrows]
-                cols = _transpose16(builder, [builder.bitcast(v, vec(I32, 16)) for v in rows])
-                for c, col in enumerate(cols[:8]):
-                    builder.store(col, builder.gep(out, [builder.add(builder.mul(last, const64(8)), const64(c))]),
-                                  align=1)
+                store(builder.mul(last, const64(8)),
+                      [_rd._concat(builder, _q4_bytes(builder, _dense_s4_single(builder, q, last)), zero) for q in qrows],
+                      count=8)
             return context.get_dummy_value()
 
         return types.none(qs, r0, ws), codegen

@@ -81,12 +81,12 @@ def s4_order(nb: int):
     """(24 * nb,) int: byte i of a stored S4 row is byte s4_order(nb)[i] of the row in block order (each
     block's 8 code bytes, then its 16 nibble bytes): pairs of blocks, the codes of both, then the nibble
     bytes in runs of 8 alternating between the two; a last odd block as it is."""
+    size, run = BLOCK_BYTES["s4"], MASK_BYTES          # a run: a code word, or 8 nibble bytes
     order = []
-    for a in range(0, 24 * (nb - nb % 2), 48):
-        b = a + 24
-        order += [*range(a, a + 8), *range(b, b + 8), *range(a + 8, a + 16), *range(b + 8, b + 16),
-                  *range(a + 16, a + 24), *range(b + 16, b + 24)]
-    order += range(24 * (nb - nb % 2), 24 * nb)
+    for a in range(0, size * (nb - nb % 2), 2 * size):
+        for start in range(0, size, run):               # run k of the first block, then of the second
+            order += [*range(a + start, a + start + run), *range(a + size + start, a + size + start + run)]
+    order += range(size * (nb - nb % 2), size * nb)
     return np.array(order, dtype=np.int64)
 
 
