@@ -16,8 +16,16 @@ Fairness to a noisy machine: repetitions run in blocks of 5; in each block every
 pair runs in a fresh random order, so slow spells hit all formats alike, and the median is taken per
 pair. With 2+ threads the F32 reference (OpenBLAS) is timed as its own group, with a pause after
 each group: OpenBLAS's and numba's thread pools both spin for a while after a call, and interleaving
-them call by call on 2 cores made 2-thread calls of either take milliseconds. The load average before
-and after is printed: compare runs only when it was low, and read ratios rather than absolute GB/s.
+them call by call on 2 cores made 2-thread calls of either take milliseconds. After the pause each group
+first makes WARM_CALLS untimed calls: on this VM the first two calls after an idle pause wait
+milliseconds for the sleeping pool's thread (and its vCPU) to wake, whichever the format, and a group of
+five F32 calls would otherwise count two such calls per block. The load average before and after is
+printed: compare runs only when it was low, and read ratios rather than absolute GB/s.
+
+READ (--formats READ, numba only) is a floor, not a format: a Q4_0 weight's bytes (qs and d) read and
+summed, nothing else, in one numba parallel call split by rows as the kernels split them. It pays what
+any per-call Q4_0 kernel pays (the call, the thread team's fork and join, each thread's stream starting
+cold), so its "vs f32" is the most a Q4_0 kernel could show at that shape in that run.
 
 By default each format cycles through enough copies of its weight that its working set exceeds
 --cold-mb (more than the last-level cache), so every call reads its weight from DRAM as decode does;
@@ -40,6 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from engine.formats import gguf_quants as gq  # noqa: E402
 from kernels import backend  # noqa: E402
+from kernels.backend import NUMBA  # noqa: E402
 
 FORMATS = ["F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q5_0", "Q5_1", "Q5_K", "Q6_K"]
 TYPE_IDS = {"F32": gq.F32, "F16": gq.F16, "BF16": gq.BF16, "Q4_0": gq.Q4_0, "Q4_1": gq.Q4_1,
@@ -51,6 +60,51 @@ SHAPES = [(576, 1536), (1536, 576), (2048, 5632), (4096, 11008)]
 # the target: Q8_0 and the 4-, 5- and 6-bit formats reach this share of the f32 GEMV bandwidth
 TARGET = 0.6
 TARGETED = ("Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q5_0", "Q5_1", "Q5_K", "Q6_K")
+# untimed calls that open every group of calls after a pause (2+ threads): the pool wakes during them
+WARM_CALLS = 4
+
+
+if NUMBA:
+    from numba import get_num_threads, njit, prange
+
+    @njit(parallel=True)                                  # uncached: numba declines to cache this tool kernel
+    def _read_rows(qs, d, sums):
+        """qs (rows, cols/2) uint8 and d (rows, cols/32) uint16, both C-contiguous, read and summed; sums
+        (threads,) uint32 gets each thread's sum over its contiguous half of the rows, read as one run of
+        bytes per array (short rows cost no per-row loop)."""
+        rows = qs.shape[0]
+        q1 = qs.reshape(-1)                               # (rows * cols/2,) uint8
+        d1 = d.reshape(-1)                                # (rows * cols/32,) uint16
+        nq, nd = qs.shape[1], d.shape[1]
+        nt = get_num_threads()
+        for t in prange(nt):
+            r0, r1 = rows * t // nt, rows * (t + 1) // nt
+            qt, dt = q1[r0 * nq:r1 * nq], d1[r0 * nd:r1 * nd]     # slices: their loops vectorize
+            acc = np.uint32(0)
+            for k in range(qt.shape[0]):
+                acc += np.uint32(qt[k])
+            for k in range(dt.shape[0]):
+                acc += np.uint32(dt[k])
+            sums[t] = acc
+
+
+class ReadFloor:
+    """The READ row: a Q4_0 weight's arrays, read by _read_rows instead of multiplied."""
+
+    def __init__(self, qs, d, m):
+        self.qs, self.d, self.m = qs, d, m
+        self.sums = np.zeros(64, dtype=np.uint32)        # (threads,) uint32, one sum per thread
+
+    @property
+    def nbytes(self):
+        return self.qs.nbytes + self.d.nbytes
+
+    def _arrays(self):
+        return (self.qs, self.d, self.m)
+
+    def _matvec(self, x, out):
+        _read_rows(self.qs, self.d, self.sums)
+        return out
 
 
 def gguf_bytes(fmt: str, rows: int, cols: int, rng: np.random.Generator) -> np.ndarray:
@@ -73,7 +127,7 @@ def gguf_bytes(fmt: str, rows: int, cols: int, rng: np.random.Generator) -> np.n
 
 
 def supported(fmt: str, cols: int) -> bool:
-    return cols % gq.block_size(TYPE_IDS[fmt])[0] == 0
+    return cols % gq.block_size(TYPE_IDS["Q4_0" if fmt == "READ" else fmt])[0] == 0
 
 
 def copies_for(nbytes: int, cold_mb: float) -> int:
@@ -86,8 +140,11 @@ def bench_shape(rows, cols, formats, threads, reps, cold_mb, rng, blas_limit, se
     for fmt in formats:
         if not supported(fmt, cols):
             continue
-        raw = gguf_bytes(fmt, rows, cols, rng)
-        w = gq.weight_from_gguf(TYPE_IDS[fmt], raw, (rows, cols), fmt, "bench")
+        raw = gguf_bytes("Q4_0" if fmt == "READ" else fmt, rows, cols, rng)
+        if fmt == "READ":
+            w = ReadFloor(*gq.weight_from_gguf(gq.Q4_0, raw, (rows, cols), fmt, "bench")._arrays())
+        else:
+            w = gq.weight_from_gguf(TYPE_IDS[fmt], raw, (rows, cols), fmt, "bench")
         file_bytes[fmt] = raw.nbytes
         del raw
         n = copies_for(w.nbytes, cold_mb)
@@ -121,6 +178,10 @@ def bench_shape(rows, cols, formats, threads, reps, cold_mb, rng, blas_limit, se
             for gi in rng.permutation(len(groups)):
                 group = groups[gi]
                 with blas_limit(t):
+                    if len(groups) > 1:
+                        for i in range(WARM_CALLS):
+                            fmt = group[i % len(group)]       # the copy timed last: the next reuse is the furthest
+                            weights[fmt][(turn[fmt] - 1) % len(weights[fmt])]._matvec(x, out)
                     for _ in range(n):
                         for i in rng.permutation(len(group)):
                             fmt = group[i]
@@ -174,9 +235,11 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     formats = [f.strip().upper() for f in args.formats.split(",") if f.strip()]
-    bad = [f for f in formats if f not in TYPE_IDS]
+    bad = [f for f in formats if f not in TYPE_IDS and f != "READ"]
     if bad:
-        ap.error(f"unknown formats {bad}; known: {FORMATS}")
+        ap.error(f"unknown formats {bad}; known: {FORMATS} and READ")
+    if "READ" in formats and not NUMBA:
+        ap.error("READ times a numba kernel: install numba, or leave READ out of --formats")
     if "F32" not in formats:
         formats.insert(0, "F32")                       # the reference every ratio needs
     shapes = [tuple(int(v) for v in s.lower().split("x")) for s in args.shapes.split(",") if s]
