@@ -29,7 +29,10 @@ cold), so its "vs f32" is the most a Q4_0 kernel could show at that shape in tha
 
 By default each format cycles through enough copies of its weight that its working set exceeds
 --cold-mb (more than the last-level cache), so every call reads its weight from DRAM as decode does;
---hot times one copy (cache-resident for small shapes). K-quants are skipped at shapes whose row
+--hot times one copy (cache-resident for small shapes). --arena puts each format's copies side by side in
+one allocation, which numpy backs with transparent huge pages where the kernel offers them (as it backs
+the engine's stacked layer weights); by default each copy is an allocation of its own, on 4 KiB pages
+below numpy's 4 MiB threshold. K-quants are skipped at shapes whose row
 length is not a multiple of their 256-value super-block (e.g. 1536x576).
 """
 
@@ -134,7 +137,27 @@ def copies_for(nbytes: int, cold_mb: float) -> int:
     return 1 if cold_mb <= 0 else max(1, -(-int(cold_mb * 2**20) // nbytes))
 
 
-def bench_shape(rows, cols, formats, threads, reps, cold_mb, rng, blas_limit, settle=0.25):
+def copies_of(w, n: int, arena: bool) -> list:
+    """w and n - 1 copies of it: each its own allocation, or (arena) all n side by side in one, every array
+    starting on a 64-byte line."""
+    if not arena:
+        return [w] + [type(w)(*[a.copy() for a in w._arrays()]) for _ in range(n - 1)]
+    arrays = w._arrays()
+    sizes = [-(-a.nbytes // 64) * 64 for a in arrays]
+    block = np.empty(n * sum(sizes), dtype=np.uint8)     # (n * bytes per copy,) uint8
+    copies, off = [], 0
+    for _ in range(n):
+        views = []
+        for a, size in zip(arrays, sizes):
+            v = block[off:off + a.nbytes].view(a.dtype).reshape(a.shape)
+            v[...] = a
+            views.append(v)
+            off += size
+        copies.append(type(w)(*views))
+    return copies
+
+
+def bench_shape(rows, cols, formats, threads, reps, cold_mb, rng, blas_limit, settle=0.25, arena=False):
     """{(fmt, threads): stats} for one shape."""
     weights, file_bytes = {}, {}
     for fmt in formats:
@@ -148,7 +171,7 @@ def bench_shape(rows, cols, formats, threads, reps, cold_mb, rng, blas_limit, se
         file_bytes[fmt] = raw.nbytes
         del raw
         n = copies_for(w.nbytes, cold_mb)
-        weights[fmt] = [w] + [type(w)(*[a.copy() for a in w._arrays()]) for _ in range(n - 1)]
+        weights[fmt] = copies_of(w, n, arena)
     x = rng.standard_normal(cols, dtype=np.float32)
     out = np.empty(rows, dtype=np.float32)
     times = {(f, t): [] for f in weights for t in threads}
@@ -230,6 +253,8 @@ def main(argv=None) -> int:
     ap.add_argument("--cold-mb", type=float, default=96.0,
                     help="cycle weight copies so each format's working set is at least this (MiB)")
     ap.add_argument("--hot", action="store_true", help="one copy per format (cache-resident when small)")
+    ap.add_argument("--arena", action="store_true",
+                    help="each format's copies in one allocation (huge pages where available)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", metavar="PATH", help="also write the results as JSON ('-' for stdout)")
     args = ap.parse_args(argv)
@@ -255,16 +280,16 @@ def main(argv=None) -> int:
     load_before = os.getloadavg()[0]
     results = []
     for rows, cols in shapes:
-        results += bench_shape(rows, cols, formats, threads, args.reps, cold_mb, rng, blas_limit)
+        results += bench_shape(rows, cols, formats, threads, args.reps, cold_mb, rng, blas_limit, arena=args.arena)
         print(f"# {rows}x{cols} done", file=sys.stderr, flush=True)
 
     load_after = os.getloadavg()[0]
     print(f"numba: {backend.NUMBA}; median of {args.reps} calls; "
-          f"{'hot (one copy)' if args.hot else f'cold (copies cycled, >= {cold_mb:g} MiB per format)'}; "
-          f"load average {load_before:.2f} before, {load_after:.2f} after")
+          f"{'hot (one copy)' if args.hot else f'cold (copies cycled, >= {cold_mb:g} MiB per format)'}"
+          f"{'; copies in one arena' if args.arena else ''}; load average {load_before:.2f} before, {load_after:.2f} after")
     print(markdown(results))
     if args.json:
-        meta = dict(numba=backend.NUMBA, reps=args.reps, cold_mb=cold_mb, load_before=load_before,
+        meta = dict(numba=backend.NUMBA, reps=args.reps, cold_mb=cold_mb, arena=args.arena, load_before=load_before,
                     load_after=load_after, cpus=os.cpu_count())
         text = json.dumps(dict(meta, results=results), indent=1)
         if args.json == "-":
