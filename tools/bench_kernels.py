@@ -51,7 +51,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from engine.formats import gguf_quants as gq  # noqa: E402
 from kernels import backend  # noqa: E402
-from kernels.backend import NUMBA  # noqa: E402
 
 FORMATS = ["F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q5_0", "Q5_1", "Q5_K", "Q6_K"]
 TYPE_IDS = {"F32": gq.F32, "F16": gq.F16, "BF16": gq.BF16, "Q4_0": gq.Q4_0, "Q4_1": gq.Q4_1,
@@ -67,8 +66,8 @@ TARGETED = ("Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q5_0", "Q5_1", "Q5_K", "Q6_K")
 WARM_CALLS = 4
 
 
-if NUMBA:
-    from numba import get_num_threads, njit, prange
+if backend.NUMBA:
+    from numba import config, get_num_threads, njit, prange
 
     @njit(parallel=True)                                  # uncached: numba declines to cache this tool kernel
     def _read_rows(qs, d, sums):
@@ -96,7 +95,7 @@ class ReadFloor:
 
     def __init__(self, qs, d, m):
         self.qs, self.d, self.m = qs, d, m
-        self.sums = np.zeros(64, dtype=np.uint32)        # (threads,) uint32, one sum per thread
+        self.sums = np.zeros(config.NUMBA_NUM_THREADS, dtype=np.uint32)   # (threads,) uint32, one sum per thread
 
     @property
     def nbytes(self):
@@ -129,8 +128,13 @@ def gguf_bytes(fmt: str, rows: int, cols: int, rng: np.random.Generator) -> np.n
     return raw.reshape(-1)
 
 
+def gguf_format(fmt: str) -> str:
+    """The GGUF type whose blocks make fmt's weight: READ reads Q4_0's."""
+    return "Q4_0" if fmt == "READ" else fmt
+
+
 def supported(fmt: str, cols: int) -> bool:
-    return cols % gq.block_size(TYPE_IDS["Q4_0" if fmt == "READ" else fmt])[0] == 0
+    return cols % gq.block_size(TYPE_IDS[gguf_format(fmt)])[0] == 0
 
 
 def copies_for(nbytes: int, cold_mb: float) -> int:
@@ -163,11 +167,10 @@ def bench_shape(rows, cols, formats, threads, reps, cold_mb, rng, blas_limit, se
     for fmt in formats:
         if not supported(fmt, cols):
             continue
-        raw = gguf_bytes("Q4_0" if fmt == "READ" else fmt, rows, cols, rng)
+        raw = gguf_bytes(gguf_format(fmt), rows, cols, rng)
+        w = gq.weight_from_gguf(TYPE_IDS[gguf_format(fmt)], raw, (rows, cols), fmt, "bench")
         if fmt == "READ":
-            w = ReadFloor(*gq.weight_from_gguf(gq.Q4_0, raw, (rows, cols), fmt, "bench")._arrays())
-        else:
-            w = gq.weight_from_gguf(TYPE_IDS[fmt], raw, (rows, cols), fmt, "bench")
+            w = ReadFloor(*w._arrays())
         file_bytes[fmt] = raw.nbytes
         del raw
         n = copies_for(w.nbytes, cold_mb)
@@ -263,7 +266,7 @@ def main(argv=None) -> int:
     bad = [f for f in formats if f not in TYPE_IDS and f != "READ"]
     if bad:
         ap.error(f"unknown formats {bad}; known: {FORMATS} and READ")
-    if "READ" in formats and not NUMBA:
+    if "READ" in formats and not backend.NUMBA:
         ap.error("READ times a numba kernel: install numba, or leave READ out of --formats")
     if "F32" not in formats:
         formats.insert(0, "F32")                       # the reference every ratio needs
